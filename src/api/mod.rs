@@ -1,0 +1,558 @@
+//! The `LLMRoute` API (`llmroute.io/v1alpha1`): the types users write in Git, their schema, and the
+//! admission rules (OpenAPI + CEL) the API server enforces.
+//!
+//! Everything that can be checked without the cluster's state is expressed in the schema, so the API
+//! server rejects it at admission. The same schema is evaluated client-side by [`crate::validate`] for
+//! `llmroute render` and by the operator for objects stored before a rule existed.
+
+mod rules;
+mod schema;
+
+pub use rules::spec_rules;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every llmroute kind.
+pub const GROUP: &str = "llmroute.io";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// An LLMRoute declares which LLM providers the workloads of its namespace may use, in what order, and
+/// how they consume them. The operator turns it into a gateway route (an OpenAI-compatible endpoint
+/// at `http://llmroute-gateway.<namespace>.svc:8080/<route>/v1`) and a Secret the workloads mount.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "llmroute.io",
+    version = "v1alpha1",
+    kind = "LLMRoute",
+    plural = "llmroutes",
+    singular = "llmroute",
+    shortname = "llmr",
+    category = "llmroute",
+    namespaced,
+    status = "LLMRouteStatus",
+    doc = "An LLMRoute declares which LLM providers the workloads of its namespace may use, in what order and how they consume them: the operator publishes it on the namespace's llmroute gateway and writes a Secret for workloads to mount.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeBackend"}"#,
+    printcolumn = r#"{"name":"Strategy","type":"string","jsonPath":".spec.policy.strategy"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","priority":1,"jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::spec_rules_transform)]
+pub struct LLMRouteSpec {
+    /// Jurisdiction the workloads using this route run in, as a lower-case ISO 3166-1 alpha-2 code
+    /// (for example `cn`, `hk`, `us`). Backends whose provider does not serve this region are never
+    /// used. When unset, the operator's `--default-region` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}$"), length(max = 2))]
+    pub region: Option<String>,
+
+    /// Logical model name workloads get as `OPENAI_MODEL` in the workload Secret. Must be a key of at
+    /// least one backend's `models` map (or be passed through by a backend mapping `"*"`). Required
+    /// in `Direct` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub default_model: Option<String>,
+
+    /// The providers this route may use: 1 to 16 backends with unique names. Which one serves a
+    /// request is decided by `policy`.
+    #[schemars(length(min = 1, max = 16), schema_with = "schema::backend_list")]
+    pub backends: Vec<Backend>,
+
+    /// How the route chooses between its backends, when it fails over and how it checks health.
+    #[serde(default)]
+    pub policy: Policy,
+
+    /// The Secret the operator writes for workloads to mount (`OPENAI_BASE_URL`, `OPENAI_API_KEY`,
+    /// `OPENAI_MODEL`), so any OpenAI SDK works unchanged.
+    #[serde(default)]
+    pub workload_secret: WorkloadSecret,
+
+    /// Deployments to restart (through a pod-template annotation) when the workload Secret's content
+    /// changes in `Direct` mode, so that workloads reading it as environment variables pick it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// One provider account the route may send requests to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::backend_rules_transform)]
+pub struct Backend {
+    /// Name of the backend, unique within the route (a DNS label: lower-case letters, digits and
+    /// `-`, at most 63 characters). It names the backend in status, Events, metrics and logs.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub name: String,
+
+    /// Provider id from the llmroute provider catalog (see docs/providers.md), for example `openai`,
+    /// `azure-openai`, `zhipu`, `qianfan`, `deepseek` or `openai-compatible` for self-hosted
+    /// OpenAI-compatible servers (vLLM, Ollama, SGLang).
+    #[schemars(schema_with = "schema::provider_id")]
+    pub provider: String,
+
+    /// Base URL of the provider's OpenAI-compatible API, overriding the catalog's (for example a
+    /// proxy, a private endpoint or a regional host). Required for providers the catalog has no base
+    /// URL for (`azure-openai`: `https://<resource>.openai.azure.com`; `openai-compatible`). Must use
+    /// `https://`; `http://` is accepted only for `openai-compatible`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^https?://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[^?#\s]*)?$"),
+        length(min = 8, max = 2048)
+    )]
+    pub endpoint: Option<String>,
+
+    /// The Secret (in the route's namespace) and key holding this backend's API key. Optional only
+    /// for `openai-compatible` backends that need no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+
+    /// Logical model name (what workloads send as `model`) mapped to this provider's model name (for
+    /// `azure-openai`, the deployment name). The key `"*"` passes any requested model through unchanged.
+    /// At least one entry.
+    #[schemars(schema_with = "schema::model_map")]
+    pub models: BTreeMap<String, String>,
+
+    /// Preference order: lower is preferred. Backends of equal priority share traffic by `weight`
+    /// under the `Weighted` strategy. Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub priority: u32,
+
+    /// Relative share of traffic among backends of the best priority under the `Weighted` strategy.
+    /// At least 1. Default 1.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: u32,
+
+    /// Region codes (lower-case ISO 3166-1 alpha-2) where this backend may be used, overriding the
+    /// catalog's availability for the provider (for example for a private deployment of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), schema_with = "schema::region_list")]
+    pub regions: Option<Vec<String>>,
+
+    /// Price per million tokens, used by the `LowestCost` strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+
+    /// Settings that only apply to `azure-openai` backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureOptions>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A key of a Secret in the route's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the same namespace as the LLMRoute.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+    /// Key within the Secret's data whose value is the API key.
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Price per million tokens, as decimal strings in the currency the platform team chooses (use the
+/// same currency for every backend of a route).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Cost {
+    /// Price per million input (prompt) tokens, for example `"2.50"`.
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"), length(max = 19))]
+    pub input: String,
+    /// Price per million output (completion) tokens, for example `"10.00"`.
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"), length(max = 19))]
+    pub output: String,
+}
+
+/// Options of `azure-openai` backends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureOptions {
+    /// The `api-version` query parameter sent to Azure OpenAI. Default `2024-10-21`.
+    #[serde(default = "default_azure_api_version")]
+    #[schemars(regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$"), length(max = 32))]
+    pub api_version: String,
+}
+
+/// The Azure OpenAI GA API version used when a backend does not say.
+pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+
+fn default_azure_api_version() -> String {
+    DEFAULT_AZURE_API_VERSION.to_string()
+}
+
+/// How the route chooses between backends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// `Failover` (default): the preferred backend by priority serves, the next takes over when it fails.
+    /// `Weighted`: backends of the best priority share traffic by weight, the others are fallbacks.
+    /// `LowestCost`: the cheapest eligible backend by `cost` serves, the next cheapest is the fallback
+    /// (every backend needs `cost`).
+    #[serde(default)]
+    pub strategy: Strategy,
+
+    /// Failure classes that make a request move on to the next backend (and, with health checking,
+    /// take a backend out of rotation). A failure of a class not listed is returned to the client.
+    /// A permission 403 or a client error (400, 404, 413...) is never failed over. Default: all.
+    #[serde(default = "FailureClass::all")]
+    #[schemars(schema_with = "schema::failure_class_set")]
+    pub failover_on: Vec<FailureClass>,
+
+    /// Time limits for requests through the gateway.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+
+    /// Active health checking of the backends.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// When to move traffic back to a preferred backend that recovered.
+    #[serde(default)]
+    pub failback: Failback,
+
+    /// Jurisdictions (lower-case ISO 3166-1 alpha-2 codes) where request data may be processed. When
+    /// set, a backend whose provider hosts its service outside all of them is never used (data
+    /// residency). Unset: no restriction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), schema_with = "schema::region_list")]
+    pub data_residency: Option<Vec<String>>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            strategy: Strategy::default(),
+            failover_on: FailureClass::all(),
+            timeouts: Timeouts::default(),
+            health_check: HealthCheck::default(),
+            failback: Failback::default(),
+            data_residency: None,
+        }
+    }
+}
+
+/// Traffic strategy of a route.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Strategy {
+    /// Priority order; the next backend takes over on failure.
+    #[default]
+    Failover,
+    /// Weights within the best priority; lower priorities are fallbacks.
+    Weighted,
+    /// Cheapest eligible backend first, by `cost`.
+    LowestCost,
+}
+
+/// Why a backend failed, as llmroute classifies provider responses (status code *and* body).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+pub enum FailureClass {
+    /// The provider refuses the caller's country or region (OpenAI 403
+    /// `unsupported_country_region_territory`).
+    RegionBlocked,
+    /// The account's balance or quota is used up (OpenAI 429 `insufficient_quota`, DeepSeek 402,
+    /// Moonshot `exceeded_current_quota_error`, Zhipu 1113).
+    QuotaExhausted,
+    /// Temporary rate limiting (429 `rate_limit_exceeded` and the like).
+    RateLimited,
+    /// The key is missing, wrong or revoked (401, or 403 with an auth error).
+    AuthFailed,
+    /// The provider failed (5xx).
+    ServerError,
+    /// The provider could not be reached (connection refused or reset, DNS, TLS).
+    Unreachable,
+    /// No response, or no first byte, within the configured time.
+    Timeout,
+}
+
+impl FailureClass {
+    /// Every class, in declaration order.
+    pub const ALL: [FailureClass; 7] = [
+        FailureClass::RegionBlocked,
+        FailureClass::QuotaExhausted,
+        FailureClass::RateLimited,
+        FailureClass::AuthFailed,
+        FailureClass::ServerError,
+        FailureClass::Unreachable,
+        FailureClass::Timeout,
+    ];
+
+    /// Every class, as the default of `failoverOn`.
+    pub fn all() -> Vec<FailureClass> {
+        Self::ALL.to_vec()
+    }
+
+    /// The CamelCase name used in the API, status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::RegionBlocked => "RegionBlocked",
+            FailureClass::QuotaExhausted => "QuotaExhausted",
+            FailureClass::RateLimited => "RateLimited",
+            FailureClass::AuthFailed => "AuthFailed",
+            FailureClass::ServerError => "ServerError",
+            FailureClass::Unreachable => "Unreachable",
+            FailureClass::Timeout => "Timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Time limits, as Go-style durations (`30s`, `2m`, `1m30s`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Upper bound for a whole request, across every backend tried, including the full streamed
+    /// response. Default `300s`.
+    #[serde(default = "default_request_timeout")]
+    #[schemars(schema_with = "schema::duration")]
+    pub request: String,
+    /// Longest silence from one backend: before its first byte and between streamed chunks. When it
+    /// passes, the attempt counts as `Timeout` and the next backend is tried. Default `60s`.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(schema_with = "schema::duration")]
+    pub idle: String,
+}
+
+fn default_request_timeout() -> String {
+    "300s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { request: default_request_timeout(), idle: default_idle_timeout() }
+    }
+}
+
+/// Active health checking: the operator probes each backend and moves traffic away from failing
+/// ones before requests pay for a failed attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Whether the operator probes the backends. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Time between probes of a backend (jitter is added). Default `30s`.
+    #[serde(default = "default_probe_interval")]
+    #[schemars(schema_with = "schema::duration")]
+    pub interval: String,
+    /// Time a probe may take before it counts as `Timeout`. Default `10s`.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(schema_with = "schema::duration")]
+    pub timeout: String,
+    /// `ChatCompletion` (default): a minimal chat completion (`max_tokens: 1`) that reveals region
+    /// blocks and empty balances at a small cost. `ModelsList`: the free models-list call, which only
+    /// proves the key is valid.
+    #[serde(default)]
+    pub probe: ProbeKind,
+    /// Model (logical name) the chat-completion probe uses. Default: the backend's cheapest mapped model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub model: Option<String>,
+    /// Consecutive failed probes before a backend is taken out of rotation. Default 1 (a region
+    /// block or an empty balance is certain after one answer).
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successful probes before a backend counts as healthy again. Default 2.
+    #[serde(default = "default_two")]
+    #[schemars(range(min = 1, max = 100))]
+    pub healthy_threshold: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_probe_interval() -> String {
+    "30s".into()
+}
+fn default_probe_timeout() -> String {
+    "10s".into()
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_two() -> u32 {
+    2
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            enabled: true,
+            interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            probe: ProbeKind::default(),
+            model: None,
+            unhealthy_threshold: 1,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// What a health probe sends.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProbeKind {
+    /// A chat completion with `max_tokens: 1`.
+    #[default]
+    ChatCompletion,
+    /// The models-list call.
+    ModelsList,
+}
+
+/// Failing back to a preferred backend.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failback {
+    /// How long a recovered preferred backend must stay healthy before traffic moves back to it.
+    /// Default `60s`; `0s` fails back as soon as the healthy threshold is met.
+    #[serde(default = "default_failback_delay")]
+    #[schemars(schema_with = "schema::duration_or_zero")]
+    pub delay: String,
+}
+
+fn default_failback_delay() -> String {
+    "60s".into()
+}
+
+impl Default for Failback {
+    fn default() -> Self {
+        Failback { delay: default_failback_delay() }
+    }
+}
+
+/// The Secret workloads mount to reach the route.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSecret {
+    /// Name of the Secret. Default `<route>-llm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: Option<String>,
+    /// `Gateway` (default): workloads talk to the namespace's llmroute gateway with a route key; the
+    /// provider keys never leave the gateway and failover is per request. `Direct`: the Secret holds
+    /// the active backend's own base URL and key (no gateway hop; failover only when the operator
+    /// switches the Secret, see `rollout`). `Direct` needs `defaultModel`.
+    #[serde(default)]
+    pub mode: WorkloadMode,
+}
+
+/// How workloads reach the provider.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadMode {
+    /// Through the namespace's gateway.
+    #[default]
+    Gateway,
+    /// Straight to the active backend.
+    Direct,
+}
+
+/// Which workloads to restart when the workload Secret changes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Label selector of Deployments in the route's namespace.
+    pub selector: LabelSelector,
+}
+
+/// Observed state of an LLMRoute.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LLMRouteStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` (the spec is valid), `ResolvedRefs` (every referenced Secret key exists),
+    /// `Programmed` (the gateway configuration is published), `Ready` (workloads can use the route),
+    /// `Degraded` (serving from other than the preferred backend).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::condition_list")]
+    pub conditions: Vec<Condition>,
+    /// The backend that serves requests now (first in the failover chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_backend: Option<String>,
+    /// The base URL workloads use (`OPENAI_BASE_URL` of the workload Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// State of each backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::backend_status_list")]
+    pub backends: Vec<BackendStatus>,
+}
+
+/// Observed state of one backend.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStatus {
+    /// The backend's name.
+    pub name: String,
+    /// `Healthy`, `Unknown` (not probed yet), `Excluded` (not allowed in this region, by data
+    /// residency, or missing its key) or a failure class.
+    pub state: String,
+    /// CamelCase reason for the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the backend was last probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<Time>,
+    /// Latency of the last probe, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_latency_ms: Option<u32>,
+    /// When `state` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+impl LLMRoute {
+    /// The name of the workload Secret (`spec.workloadSecret.name`, default `<route>-llm`).
+    pub fn workload_secret_name(&self) -> String {
+        self.spec
+            .workload_secret
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-llm", kube::ResourceExt::name_any(self)))
+    }
+}
+
+/// Every CRD the operator serves, as applied by `kubectl apply -f crds/`.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    use kube::CustomResourceExt;
+    vec![LLMRoute::crd()]
+}
+
+/// Every CRD as one YAML stream (documents separated by `---`), byte-stable.
+pub fn crds_yaml() -> String {
+    crds()
+        .iter()
+        .map(|crd| serde_yaml_ng::to_string(crd).expect("a CRD serializes to YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
