@@ -1,4 +1,14 @@
 //! llmroute: a Kubernetes operator that routes in-cluster LLM traffic across providers.
+//!
+//! - [`api`]: the LLMRoute API and its admission rules.
+//! - [`catalog`]: what llmroute knows about each provider (data).
+//! - [`validate`]: the CRD's schema and CEL rules, evaluated client-side.
+//! - [`policy`]: which backends a route may use, in what order (pure).
+//! - [`gateway`]: the translation core: routes → IR → Envoy files and Kubernetes objects (pure).
+//! - [`render`]: offline rendering of route files (`llmroute render`).
 pub mod api;
 pub mod catalog;
+pub mod gateway;
+pub mod policy;
+pub mod render;
 pub mod validate;

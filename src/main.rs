@@ -1,10 +1,18 @@
 //! The `llmroute` command: `crd`, `render` and (later) `run`.
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use llmroute::gateway::envoy::EnvoyOptions;
+use llmroute::gateway::objects::GatewayDeploymentOptions;
+use llmroute::render::{self, RenderOptions};
 
 #[derive(Parser)]
-#[command(name = "llmroute", version, about = "Route in-cluster LLM traffic across providers, with failover")]
+#[command(
+    name = "llmroute",
+    version,
+    about = "Route in-cluster LLM traffic across providers, with failover"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,6 +22,134 @@ struct Cli {
 enum Command {
     /// Print every CustomResourceDefinition llmroute serves, as YAML (what `crds/` holds).
     Crd,
+    /// Render LLMRoute files offline: print the objects the operator would apply (Secret values
+    /// redacted), or with --out-dir write the gateway's Envoy files for a local Envoy.
+    Render(RenderArgs),
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// LLMRoute YAML files (multi-document streams allowed; other kinds are ignored).
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Namespace of routes whose metadata has none.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Region of routes whose spec has none (lower-case ISO 3166-1 alpha-2).
+    #[arg(long, default_value = "us", env = "LLMROUTE_DEFAULT_REGION")]
+    default_region: String,
+    /// Write the gateway's files into DIR (keys as placeholders in DIR/keys) instead of printing objects.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Port of the gateway listener (with --out-dir).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Address of the gateway listener (with --out-dir).
+    #[arg(long, default_value = "0.0.0.0")]
+    address: String,
+    /// Port of Envoy's admin interface, bound to 127.0.0.1.
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// Port of the readiness and metrics listener.
+    #[arg(long, default_value_t = 19003)]
+    health_port: u16,
+    /// CA bundle used to verify providers' TLS certificates.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    trusted_ca: String,
+    /// Envoy image of the gateway Deployment.
+    #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_ENVOY_IMAGE)]
+    envoy_image: String,
+}
+
+fn run_render(args: RenderArgs) -> ExitCode {
+    let routes = match render::load_files(&args.files) {
+        Ok(routes) => routes,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if routes.is_empty() {
+        eprintln!(
+            "error: no LLMRoute found in {}",
+            args.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return ExitCode::from(1);
+    }
+    let mut envoy = EnvoyOptions {
+        port: args.port,
+        address: args.address,
+        admin_port: args.admin_port,
+        health_port: args.health_port,
+        trusted_ca: args.trusted_ca,
+        ..Default::default()
+    };
+    let opts = RenderOptions {
+        namespace: args.namespace,
+        default_region: args.default_region,
+        envoy: envoy.clone(),
+        deployment: GatewayDeploymentOptions {
+            image: args.envoy_image,
+            ..Default::default()
+        },
+    };
+    let renders = render::translate_offline(&routes, &opts);
+    for ns in &renders {
+        for outcome in &ns.translation.routes {
+            if let Err(p) = &outcome.programmed {
+                eprintln!(
+                    "warning: namespace {:?}: LLMRoute {:?} is not programmed: {}: {}",
+                    ns.namespace, outcome.name, p.reason, p.message
+                );
+            }
+        }
+    }
+    let Some(dir) = args.out_dir else {
+        print!("{}", render::objects_yaml(&renders, &opts));
+        return ExitCode::SUCCESS;
+    };
+    if renders.len() != 1 {
+        eprintln!(
+            "error: --out-dir renders one gateway: the routes given span {} namespaces",
+            renders.len()
+        );
+        return ExitCode::from(2);
+    }
+    let dir = match std::fs::create_dir_all(&dir).and_then(|_| std::path::absolute(&dir)) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+    };
+    envoy.config_dir = dir.display().to_string();
+    envoy.keys_dir = dir.join("keys").display().to_string();
+    match render::write_gateway_dir(&renders[0], &dir, &envoy) {
+        Ok(route_keys) => {
+            eprintln!(
+                "wrote {}/bootstrap.yaml; run: envoy -c {}/bootstrap.yaml",
+                dir.display(),
+                dir.display()
+            );
+            for (route, key) in route_keys {
+                eprintln!(
+                    "route {route}: http://127.0.0.1:{}/{route}/v1 with OPENAI_API_KEY={key}",
+                    envoy.port
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: writing {}: {e}", dir.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -23,5 +159,6 @@ fn main() -> ExitCode {
             print!("{}", llmroute::api::crds_yaml());
             ExitCode::SUCCESS
         }
+        Command::Render(args) => run_render(args),
     }
 }

@@ -25,12 +25,19 @@ pub struct FieldError {
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
     }
 }
 
 fn err(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError { path: path.to_string(), message: message.into() }
+    FieldError {
+        path: path.to_string(),
+        message: message.into(),
+    }
 }
 
 /// The CRD's `openAPIV3Schema`, as JSON.
@@ -60,8 +67,14 @@ pub fn validate_route(object: &Value) -> Result<LLMRoute, Vec<FieldError>> {
     let want_api_version = format!("{GROUP}/{VERSION}");
     match object.get("apiVersion").and_then(Value::as_str) {
         Some(v) if v == want_api_version => {}
-        Some(v) => errors.push(err("apiVersion", format!("must be {want_api_version}, not {v:?}"))),
-        None => errors.push(err("apiVersion", format!("Required value: {want_api_version}"))),
+        Some(v) => errors.push(err(
+            "apiVersion",
+            format!("must be {want_api_version}, not {v:?}"),
+        )),
+        None => errors.push(err(
+            "apiVersion",
+            format!("Required value: {want_api_version}"),
+        )),
     }
     match object.get("kind").and_then(Value::as_str) {
         Some("LLMRoute") => {}
@@ -96,7 +109,8 @@ pub fn validate_route(object: &Value) -> Result<LLMRoute, Vec<FieldError>> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -109,7 +123,10 @@ fn check_cel(object: &Value) -> Vec<FieldError> {
             Ok(()) => Vec::new(),
             Err(errors) => errors
                 .iter()
-                .map(|e| FieldError { path: e.field_path.clone(), message: e.message.clone() })
+                .map(|e| FieldError {
+                    path: e.field_path.clone(),
+                    message: e.message.clone(),
+                })
                 .collect(),
         }
     })
@@ -143,7 +160,11 @@ fn regex_for(pattern: &str) -> Option<Regex> {
 }
 
 fn join(path: &str, field: &str) -> String {
-    if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
 }
 
 /// Checks `value` against an OpenAPI v3 structural schema as the API server does.
@@ -167,7 +188,13 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
         && !allowed.contains(value)
     {
         let list: Vec<String> = allowed.iter().map(|v| v.to_string()).collect();
-        errors.push(err(path, format!("Unsupported value: {value}: supported values: {}", list.join(", "))));
+        errors.push(err(
+            path,
+            format!(
+                "Unsupported value: {value}: supported values: {}",
+                list.join(", ")
+            ),
+        ));
     }
     match value {
         Value::String(s) => check_string(schema, s, path, errors),
@@ -188,7 +215,12 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
         Value::Object(map) => {
             let props = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties");
-            for field in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            for field in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(field) = field.as_str()
                     && !map.contains_key(field)
                 {
@@ -211,9 +243,14 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
                 }
                 let child_path = join(path, key);
                 match (props.and_then(|p| p.get(key)), additional) {
-                    (Some(child_schema), _) => check_schema(child_schema, child, &child_path, errors),
-                    (None, Some(add)) if add.is_object() => check_schema(add, child, &child_path, errors),
-                    _ if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) => {}
+                    (Some(child_schema), _) => {
+                        check_schema(child_schema, child, &child_path, errors)
+                    }
+                    (None, Some(add)) if add.is_object() => {
+                        check_schema(add, child, &child_path, errors)
+                    }
+                    _ if schema.get("x-kubernetes-preserve-unknown-fields")
+                        == Some(&Value::Bool(true)) => {}
                     _ => errors.push(err(&child_path, "unknown field")),
                 }
             }
@@ -232,7 +269,10 @@ fn check_string(schema: &Value, s: &str, path: &str, errors: &mut Vec<FieldError
     if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
         && len > max
     {
-        errors.push(err(path, format!("may not be more than {max} characters long")));
+        errors.push(err(
+            path,
+            format!("may not be more than {max} characters long"),
+        ));
     }
     if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
         && regex_for(pattern).is_some_and(|re| !re.is_match(s))
@@ -266,9 +306,15 @@ fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<Fie
                 .unwrap_or_default();
             let mut seen = HashSet::new();
             for (i, item) in items.iter().enumerate() {
-                let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(|v| v.to_string()).unwrap_or_default()).collect();
+                let key: Vec<String> = keys
+                    .iter()
+                    .map(|k| item.get(*k).map(|v| v.to_string()).unwrap_or_default())
+                    .collect();
                 if !seen.insert(key.clone()) {
-                    errors.push(err(&format!("{path}[{i}]"), format!("Duplicate value: {}", key.join(", "))));
+                    errors.push(err(
+                        &format!("{path}[{i}]"),
+                        format!("Duplicate value: {}", key.join(", ")),
+                    ));
                 }
             }
         }
@@ -276,7 +322,10 @@ fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<Fie
             let mut seen = HashSet::new();
             for (i, item) in items.iter().enumerate() {
                 if !seen.insert(item.to_string()) {
-                    errors.push(err(&format!("{path}[{i}]"), format!("Duplicate value: {item}")));
+                    errors.push(err(
+                        &format!("{path}[{i}]"),
+                        format!("Duplicate value: {item}"),
+                    ));
                 }
             }
         }
@@ -311,21 +360,37 @@ mod tests {
 
     #[test]
     fn cel_rules_from_the_schema_are_enforced_client_side() {
-        let errs = errors_of(json!({"workloadSecret": {"mode": "Direct"}, "backends": [{"name": "a",
-            "provider": "openai", "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}}]}));
-        assert_eq!(errs, vec!["spec.defaultModel: spec.defaultModel is required when spec.workloadSecret.mode is Direct"]);
-        let errs = errors_of(json!({"backends": [{"name": "a", "provider": "azure-openai",
-            "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}}]}));
+        let errs = errors_of(
+            json!({"workloadSecret": {"mode": "Direct"}, "backends": [{"name": "a",
+            "provider": "openai", "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}}]}),
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "spec.defaultModel: spec.defaultModel is required when spec.workloadSecret.mode is Direct"
+            ]
+        );
+        let errs = errors_of(
+            json!({"backends": [{"name": "a", "provider": "azure-openai",
+            "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}}]}),
+        );
         assert!(errs[0].contains("endpoint is required"), "{errs:?}");
     }
 
     #[test]
     fn schema_constraints_are_enforced_client_side() {
-        let errs = errors_of(json!({"backends": [{"name": "A_b", "provider": "nope", "weight": 0,
-            "models": {}, "bogus": 1}]}));
+        let errs = errors_of(
+            json!({"backends": [{"name": "A_b", "provider": "nope", "weight": 0,
+            "models": {}, "bogus": 1}]}),
+        );
         let text = errs.join("\n");
-        for needle in ["spec.backends[0].name", "spec.backends[0].provider: Unsupported value", "spec.backends[0].weight",
-            "spec.backends[0].models: must have at least 1", "spec.backends[0].bogus: unknown field"] {
+        for needle in [
+            "spec.backends[0].name",
+            "spec.backends[0].provider: Unsupported value",
+            "spec.backends[0].weight",
+            "spec.backends[0].models: must have at least 1",
+            "spec.backends[0].bogus: unknown field",
+        ] {
             assert!(text.contains(needle), "{needle} not in {text}");
         }
     }

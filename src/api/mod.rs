@@ -88,7 +88,10 @@ pub struct LLMRouteSpec {
 pub struct Backend {
     /// Name of the backend, unique within the route (a DNS label: lower-case letters, digits and
     /// `-`, at most 63 characters). It names the backend in status, Events, metrics and logs.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
     pub name: String,
 
     /// Provider id from the llmroute provider catalog (see docs/providers.md), for example `openai`,
@@ -103,7 +106,9 @@ pub struct Backend {
     /// `https://`; `http://` is accepted only for `openai-compatible`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
-        regex(pattern = r"^https?://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[^?#\s]*)?$"),
+        regex(
+            pattern = r"^https?://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[^?#\s]*)?$"
+        ),
         length(min = 8, max = 2048)
     )]
     pub endpoint: Option<String>,
@@ -151,7 +156,9 @@ fn default_weight() -> u32 {
 }
 
 /// A key of a Secret in the route's namespace.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the same namespace as the LLMRoute.
     #[schemars(
@@ -182,7 +189,10 @@ pub struct Cost {
 pub struct AzureOptions {
     /// The `api-version` query parameter sent to Azure OpenAI. Default `2024-10-21`.
     #[serde(default = "default_azure_api_version")]
-    #[schemars(regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$"), length(max = 32))]
+    #[schemars(
+        regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$"),
+        length(max = 32)
+    )]
     pub api_version: String,
 }
 
@@ -341,7 +351,10 @@ fn default_idle_timeout() -> String {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { request: default_request_timeout(), idle: default_idle_timeout() }
+        Timeouts {
+            request: default_request_timeout(),
+            idle: default_idle_timeout(),
+        }
     }
 }
 
@@ -438,7 +451,9 @@ fn default_failback_delay() -> String {
 
 impl Default for Failback {
     fn default() -> Self {
-        Failback { delay: default_failback_delay() }
+        Failback {
+            delay: default_failback_delay(),
+        }
     }
 }
 
@@ -542,7 +557,8 @@ impl LLMRoute {
 }
 
 /// Every CRD the operator serves, as applied by `kubectl apply -f crds/`.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![LLMRoute::crd()]

@@ -59,8 +59,11 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
     let providers = catalog::providers();
     let mut rules = Vec::new();
 
-    let without_base_url: Vec<&str> =
-        providers.iter().filter(|p| p.base_url.is_none()).map(|p| p.id.as_str()).collect();
+    let without_base_url: Vec<&str> = providers
+        .iter()
+        .filter(|p| p.base_url.is_none())
+        .map(|p| p.id.as_str())
+        .collect();
     if !without_base_url.is_empty() {
         rules.push((
             format!("has(self.endpoint) || !(self.provider in {})", id_list(without_base_url.iter().copied())),
@@ -78,7 +81,10 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
         .map(|p| p.id.as_str())
         .collect();
     rules.push((
-        format!("has(self.credentialsSecretRef) || self.provider in {}", id_list(key_optional.iter().copied())),
+        format!(
+            "has(self.credentialsSecretRef) || self.provider in {}",
+            id_list(key_optional.iter().copied())
+        ),
         format!(
             "spec.backends[].credentialsSecretRef is required (only {} backends may omit it)",
             key_optional.join(", ")
@@ -86,7 +92,11 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
         ".credentialsSecretRef",
     ));
 
-    let plain_http: Vec<&str> = providers.iter().filter(|p| p.allow_http).map(|p| p.id.as_str()).collect();
+    let plain_http: Vec<&str> = providers
+        .iter()
+        .filter(|p| p.allow_http)
+        .map(|p| p.id.as_str())
+        .collect();
     rules.push((
         format!(
             "!has(self.endpoint) || self.endpoint.startsWith('https://') || \
@@ -117,7 +127,10 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
         ));
         rules.push((
             format!("!has(self.azure) || self.provider in {ids}"),
-            format!("spec.backends[].azure is only valid for {}", deployment_style.join(", ")),
+            format!(
+                "spec.backends[].azure is only valid for {}",
+                deployment_style.join(", ")
+            ),
             ".azure",
         ));
     }
@@ -126,8 +139,13 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
 
 fn apply(schema: &mut Schema, rules: Vec<(String, String, &'static str)>) {
     for (rule, message, field_path) in rules {
-        add_rule(schema, Rule::new(rule).message(kube::core::Message::Message(message)).field_path(field_path))
-            .expect("a CEL rule serializes to JSON");
+        add_rule(
+            schema,
+            Rule::new(rule)
+                .message(kube::core::Message::Message(message))
+                .field_path(field_path),
+        )
+        .expect("a CEL rule serializes to JSON");
     }
 }
 

@@ -67,7 +67,12 @@ pub fn model_map(_: &mut SchemaGenerator) -> Schema {
         "type": "object",
         "minProperties": 1,
         "maxProperties": 64,
-        "additionalProperties": { "type": "string", "minLength": 1, "maxLength": 256 },
+        "additionalProperties": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 256,
+            "pattern": "^[A-Za-z0-9][-A-Za-z0-9._:/@+]*$",
+        },
         "x-kubernetes-validations": [{
             "rule": "self.all(k, k == '*' || (k.size() <= 128 && k.matches('^[A-Za-z0-9][-A-Za-z0-9._:/@+]*$')))",
             "message": "model names (keys) must be 1-128 characters of letters, digits and -._:/@+, or exactly \"*\"",

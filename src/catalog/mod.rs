@@ -45,7 +45,10 @@ pub struct ErrorRule {
 impl ErrorRule {
     fn matches(&self, status: u16, body: &str) -> bool {
         (self.status == 0 || self.status == status)
-            && self.body_contains.as_deref().is_none_or(|needle| body.contains(needle))
+            && self
+                .body_contains
+                .as_deref()
+                .is_none_or(|needle| body.contains(needle))
     }
 }
 
@@ -93,7 +96,9 @@ impl Provider {
     /// Whether the provider processes data inside one of `allowed` jurisdictions. A provider hosted
     /// wherever the user runs it (`*`) is allowed anywhere.
     pub fn hosted_within(&self, allowed: &[String]) -> bool {
-        self.hosted_in.iter().any(|h| h == "*" || allowed.contains(h))
+        self.hosted_in
+            .iter()
+            .any(|h| h == "*" || allowed.contains(h))
     }
 
     /// The rules that classify this provider's error responses: its own first, then the common ones.
@@ -107,7 +112,9 @@ impl Provider {
         if status < 400 {
             return None;
         }
-        self.error_rules().find(|rule| rule.matches(status, body)).map(|rule| rule.class)
+        self.error_rules()
+            .find(|rule| rule.matches(status, body))
+            .map(|rule| rule.class)
     }
 }
 
@@ -180,9 +187,21 @@ mod tests {
                 assert!(url.starts_with("https://"), "{}: {url}", p.id);
                 assert!(!url.ends_with('/'), "{}: trailing slash", p.id);
             }
-            assert!(p.chat_path.starts_with('/') && p.models_path.starts_with('/'), "{}", p.id);
-            for r in p.unavailable_in.iter().chain(p.hosted_in.iter().filter(|h| *h != "*")) {
-                assert!(r.len() == 2 && r.chars().all(|c| c.is_ascii_lowercase()), "{}: {r}", p.id);
+            assert!(
+                p.chat_path.starts_with('/') && p.models_path.starts_with('/'),
+                "{}",
+                p.id
+            );
+            for r in p
+                .unavailable_in
+                .iter()
+                .chain(p.hosted_in.iter().filter(|h| *h != "*"))
+            {
+                assert!(
+                    r.len() == 2 && r.chars().all(|c| c.is_ascii_lowercase()),
+                    "{}: {r}",
+                    p.id
+                );
             }
         }
     }
@@ -200,11 +219,17 @@ mod tests {
     fn classification_tells_region_block_from_permission_and_quota_from_rate_limit() {
         let openai = provider("openai").unwrap();
         let region = r#"{"error":{"code":"unsupported_country_region_territory","message":"Country, region, or territory not supported","param":null,"type":"request_forbidden"}}"#;
-        assert_eq!(openai.classify(403, region), Some(FailureClass::RegionBlocked));
+        assert_eq!(
+            openai.classify(403, region),
+            Some(FailureClass::RegionBlocked)
+        );
         let permission = r#"{"error":{"message":"You are not allowed to access this model","type":"invalid_request_error","code":"model_not_found"}}"#;
         assert_eq!(openai.classify(403, permission), None);
         let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
-        assert_eq!(openai.classify(429, quota), Some(FailureClass::QuotaExhausted));
+        assert_eq!(
+            openai.classify(429, quota),
+            Some(FailureClass::QuotaExhausted)
+        );
         let rate = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
         assert_eq!(openai.classify(429, rate), Some(FailureClass::RateLimited));
         assert_eq!(openai.classify(401, "{}"), Some(FailureClass::AuthFailed));
@@ -222,13 +247,25 @@ mod tests {
         );
         let moonshot = provider("moonshot").unwrap();
         let no_money = r#"{"error":{"message":"quota","type":"exceeded_current_quota_error"}}"#;
-        assert_eq!(moonshot.classify(429, no_money), Some(FailureClass::QuotaExhausted));
+        assert_eq!(
+            moonshot.classify(429, no_money),
+            Some(FailureClass::QuotaExhausted)
+        );
         let busy = r#"{"error":{"message":"busy","type":"engine_overloaded_error"}}"#;
-        assert_eq!(moonshot.classify(429, busy), Some(FailureClass::ServerError));
+        assert_eq!(
+            moonshot.classify(429, busy),
+            Some(FailureClass::ServerError)
+        );
         let zhipu = provider("zhipu").unwrap();
         let arrears = r#"{"error":{"code":"1113","message":"您的账户已欠费"}}"#;
-        assert_eq!(zhipu.classify(429, arrears), Some(FailureClass::QuotaExhausted));
+        assert_eq!(
+            zhipu.classify(429, arrears),
+            Some(FailureClass::QuotaExhausted)
+        );
         let concurrency = r#"{"error":{"code":"1302","message":"并发数过高"}}"#;
-        assert_eq!(zhipu.classify(429, concurrency), Some(FailureClass::RateLimited));
+        assert_eq!(
+            zhipu.classify(429, concurrency),
+            Some(FailureClass::RateLimited)
+        );
     }
 }

@@ -1,0 +1,672 @@
+//! Gateway IR → Envoy 1.40 files: a bootstrap with file-based LDS/CDS, one RDS file for the front
+//! listener and one per backend listener, and one SDS file per provider key (naming a file in the
+//! mounted keys Secret; no key material is ever written here).
+//!
+//! Layout (see docs/architecture.md): the front listener `gateway` checks the route key and the
+//! model, then routes `/<route>/v1/...` to a failover chain (an aggregate cluster retried with
+//! `previous_priorities`). Each chain member is an internal listener per (route, backend) that
+//! injects the provider's key, maps the model, rewrites path and Host, and classifies failures.
+//! Every attempt is a fresh request into the next backend's listener, so nothing of one provider
+//! leaks into another's attempt.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::ir::{BackendIr, ChainIr, GatewayIr, RouteIr, UpstreamIr};
+use crate::catalog::PathStyle;
+
+/// Where the gateway finds its files and what it listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvoyOptions {
+    /// Directory the configuration files are mounted at (the ConfigMap).
+    pub config_dir: String,
+    /// Directory the keys are mounted at (the keys Secret).
+    pub keys_dir: String,
+    /// Port of the front listener.
+    pub port: u16,
+    /// Address of the front listener.
+    pub address: String,
+    /// Port of the admin interface (bound to 127.0.0.1 only).
+    pub admin_port: u16,
+    /// Port of the readiness/metrics listener (proxies `/ready` and `/stats/prometheus` of admin).
+    pub health_port: u16,
+    /// CA bundle that upstream TLS certificates are verified against.
+    pub trusted_ca: String,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            config_dir: "/etc/llmroute/config".into(),
+            keys_dir: "/etc/llmroute/keys".into(),
+            port: 8080,
+            address: "0.0.0.0".into(),
+            admin_port: 9901,
+            health_port: 19003,
+            trusted_ca: "/etc/ssl/certs/ca-certificates.crt".into(),
+        }
+    }
+}
+
+/// File names inside the configuration directory.
+pub const BOOTSTRAP: &str = "bootstrap.yaml";
+pub const LISTENERS: &str = "listeners.yaml";
+pub const CLUSTERS: &str = "clusters.yaml";
+pub const ROUTES: &str = "routes.yaml";
+/// Name of the front listener and its route configuration.
+pub const FRONT: &str = "gateway";
+
+/// Largest request body buffered for model checks and retries.
+pub const REQUEST_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
+
+const LUA_COMMON: &str = include_str!("lua/common.lua");
+const LUA_FRONT: &str = include_str!("lua/front.lua");
+const LUA_BACKEND: &str = include_str!("lua/backend.lua");
+
+/// RDS file of a backend listener.
+pub fn backend_routes_file(route: &str, backend: &str) -> String {
+    format!("backend.{route}.{backend}.yaml")
+}
+
+/// SDS file of a provider key.
+pub fn key_sds_file(entry: &str) -> String {
+    format!("key.{entry}.yaml")
+}
+
+/// Envoy resources of a gateway, before they are laid out in files.
+struct Resources {
+    listeners: Vec<Value>,
+    clusters: Vec<Value>,
+    /// (file, RouteConfiguration)
+    route_configs: Vec<(String, Value)>,
+    /// (file, Secret)
+    secrets: Vec<(String, Value)>,
+}
+
+fn resources(gw: &GatewayIr, opts: &EnvoyOptions) -> Resources {
+    let mut listeners = vec![front_listener(opts)];
+    let mut clusters: Vec<Value> = Vec::new();
+    let mut route_configs = vec![(ROUTES.to_string(), front_route_config(gw, opts))];
+    for route in &gw.routes {
+        for backend in &route.backends {
+            listeners.push(backend_listener(route, backend, opts));
+            clusters.push(internal_cluster(backend));
+            route_configs.push((
+                backend_routes_file(&route.name, &backend.name),
+                backend_route_config(route, backend),
+            ));
+        }
+        for chain in &route.chains {
+            clusters.push(chain_cluster(chain, route));
+        }
+    }
+    clusters.extend(gw.upstreams.iter().map(|u| upstream_cluster(u, opts)));
+    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let secrets = gw
+        .provider_keys
+        .iter()
+        .map(|k| (key_sds_file(&k.entry), generic_secret(&k.entry, opts)))
+        .collect();
+    Resources {
+        listeners: listeners
+            .into_iter()
+            .map(|l| typed("envoy.config.listener.v3.Listener", l))
+            .collect(),
+        clusters: clusters
+            .into_iter()
+            .map(|c| typed("envoy.config.cluster.v3.Cluster", c))
+            .collect(),
+        route_configs,
+        secrets,
+    }
+}
+
+/// Envoy's files for a gateway: file name → content. Deterministic: the same IR gives the same bytes.
+pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
+    let r = resources(gw, opts);
+    let mut files = BTreeMap::new();
+    files.insert(BOOTSTRAP.to_string(), to_yaml(&bootstrap(opts)));
+    files.insert(LISTENERS.to_string(), to_yaml(&discovery(r.listeners)));
+    files.insert(CLUSTERS.to_string(), to_yaml(&discovery(r.clusters)));
+    for (file, config) in r.route_configs.into_iter().chain(r.secrets) {
+        files.insert(file, to_yaml(&discovery(vec![config])));
+    }
+    files
+}
+
+/// The same gateway as one static bootstrap (route configurations inlined, keys as static secrets),
+/// for `envoy --mode validate`, which checks the bootstrap but does not load file-based xDS.
+pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
+    let r = resources(gw, opts);
+    let routes: BTreeMap<String, Value> = r
+        .route_configs
+        .into_iter()
+        .map(|(_, c)| (c["name"].as_str().unwrap_or_default().to_string(), c))
+        .collect();
+    let untyped = |mut v: Value| {
+        v.as_object_mut()
+            .expect("resources are objects")
+            .remove("@type");
+        v
+    };
+    let mut listeners: Vec<Value> = r.listeners.into_iter().map(untyped).collect();
+    for listener in &mut listeners {
+        inline_discovery(listener, &routes);
+    }
+    let mut boot = bootstrap(opts);
+    boot.as_object_mut()
+        .expect("bootstrap is an object")
+        .remove("dynamic_resources");
+    let statics = &mut boot["static_resources"];
+    statics["listeners"]
+        .as_array_mut()
+        .expect("listeners")
+        .extend(listeners);
+    statics["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .extend(r.clusters.into_iter().map(untyped));
+    statics["secrets"] = Value::Array(r.secrets.into_iter().map(|(_, s)| untyped(s)).collect());
+    to_yaml(&boot)
+}
+
+/// Replaces `rds` by the inline route configuration, and SDS file sources by static secret names.
+fn inline_discovery(v: &mut Value, routes: &BTreeMap<String, Value>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(rds) = map.remove("rds") {
+                let name = rds["route_config_name"].as_str().unwrap_or_default();
+                let mut config = routes
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| json!({ "name": name }));
+                config
+                    .as_object_mut()
+                    .expect("route config is an object")
+                    .remove("@type");
+                map.insert("route_config".into(), config);
+            }
+            map.remove("sds_config");
+            for child in map.values_mut() {
+                inline_discovery(child, routes);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| inline_discovery(i, routes)),
+        _ => {}
+    }
+}
+
+fn to_yaml(v: &Value) -> String {
+    serde_yaml_ng::to_string(v).expect("JSON values serialize to YAML")
+}
+
+fn discovery(resources: Vec<Value>) -> Value {
+    json!({ "resources": resources })
+}
+
+fn file_source(opts: &EnvoyOptions, file: &str) -> Value {
+    json!({
+        "path_config_source": {
+            "path": format!("{}/{file}", opts.config_dir),
+            "watched_directory": { "path": opts.config_dir },
+        },
+        "resource_api_version": "V3",
+    })
+}
+
+fn seconds(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}.{:03}s", ms / 1000, ms % 1000)
+    }
+}
+
+fn typed(type_name: &str, mut body: Value) -> Value {
+    body["@type"] = json!(format!("type.googleapis.com/{type_name}"));
+    body
+}
+
+fn lua_filter(source: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": typed("envoy.extensions.filters.http.lua.v3.Lua", json!({
+            "default_source_code": { "inline_string": format!("{LUA_COMMON}\n{source}") },
+        })),
+    })
+}
+
+fn router_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", json!({
+            "suppress_envoy_headers": true,
+        })),
+    })
+}
+
+fn bootstrap(opts: &EnvoyOptions) -> Value {
+    json!({
+        "node": { "id": "llmroute-gateway", "cluster": "llmroute-gateway" },
+        "admin": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } },
+        },
+        "dynamic_resources": {
+            "lds_config": file_source(opts, LISTENERS),
+            "cds_config": file_source(opts, CLUSTERS),
+        },
+        "bootstrap_extensions": [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": typed("envoy.extensions.bootstrap.internal_listener.v3.InternalListener", json!({})),
+        }],
+        "overload_manager": {
+            "resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": typed(
+                    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    json!({ "max_active_downstream_connections": 100000 }),
+                ),
+            }],
+        },
+        "static_resources": {
+            "listeners": [health_listener(opts)],
+            "clusters": [{
+                "name": "admin",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "admin",
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                        "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port },
+                    } } }] }],
+                },
+            }],
+        },
+    })
+}
+
+/// Exposes only `/ready` and `/stats/prometheus` of the admin interface, for kubelet probes and
+/// Prometheus; admin itself stays on localhost.
+fn health_listener(opts: &EnvoyOptions) -> Value {
+    let route = |path: &str| json!({ "match": { "path": path }, "route": { "cluster": "admin" } });
+    json!({
+        "name": "health",
+        "address": { "socket_address": { "address": opts.address, "port_value": opts.health_port } },
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
+                "stat_prefix": "health",
+                "route_config": {
+                    "name": "health",
+                    "virtual_hosts": [{
+                        "name": "health",
+                        "domains": ["*"],
+                        "routes": [route("/ready"), route("/stats/prometheus")],
+                    }],
+                },
+                "http_filters": [router_filter()],
+            })),
+        }] }],
+    })
+}
+
+/// Access log of the front listener: no request or response headers that could carry keys.
+fn access_log() -> Value {
+    json!([{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", json!({
+            "log_format": { "json_format": {
+                "time": "%START_TIME%",
+                "route": "%ROUTE_NAME%",
+                "method": "%REQ(:METHOD)%",
+                "path": "%REQ(:PATH)%",
+                "status": "%RESPONSE_CODE%",
+                "backend": "%RESP(X-LLMROUTE-BACKEND)%",
+                "failure": "%RESP(X-LLMROUTE-FAILURE)%",
+                "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+                "duration_ms": "%DURATION%",
+                "flags": "%RESPONSE_FLAGS%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+            } },
+        })),
+    }])
+}
+
+fn front_listener(opts: &EnvoyOptions) -> Value {
+    json!({
+        "name": FRONT,
+        "address": { "socket_address": { "address": opts.address, "port_value": opts.port } },
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
+                "stat_prefix": FRONT,
+                "codec_type": "AUTO",
+                "rds": { "route_config_name": FRONT, "config_source": file_source(opts, ROUTES) },
+                "http_filters": [lua_filter(LUA_FRONT), router_filter()],
+                "access_log": access_log(),
+                // Route timeouts bound requests; streams may legitimately stay open for minutes.
+                "stream_idle_timeout": "0s",
+            })),
+        }] }],
+    })
+}
+
+fn backend_listener(route: &RouteIr, backend: &BackendIr, opts: &EnvoyOptions) -> Value {
+    let mut filters = vec![lua_filter(LUA_BACKEND)];
+    if let Some(entry) = &backend.key_entry {
+        filters.push(json!({
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": typed("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector", json!({
+                "overwrite": true,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": typed("envoy.extensions.http.injected_credentials.generic.v3.Generic", json!({
+                        "credential": {
+                            "name": format!("key:{entry}"),
+                            "sds_config": file_source(opts, &key_sds_file(entry)),
+                        },
+                        "header": backend.provider.auth.header,
+                        "header_value_prefix": backend.provider.auth.prefix,
+                    })),
+                },
+            })),
+        }));
+    }
+    filters.push(router_filter());
+    json!({
+        "name": backend.listener,
+        "internal_listener": {},
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
+                "stat_prefix": format!("backend.{}.{}", route.name, backend.name),
+                "rds": { "route_config_name": backend.listener, "config_source": file_source(opts, &backend_routes_file(&route.name, &backend.name)) },
+                "http_filters": filters,
+                "stream_idle_timeout": "0s",
+                // Local replies for failures that never reached the provider carry their class.
+                "local_reply_config": { "mappers": [
+                    local_failure(&["UF", "UH", "URX", "UC", "UR", "NR", "DF"], "Unreachable"),
+                    local_failure(&["UT", "SI"], "Timeout"),
+                ] },
+            })),
+        }] }],
+    })
+}
+
+fn local_failure(flags: &[&str], class: &str) -> Value {
+    json!({
+        "filter": { "response_flag_filter": { "flags": flags } },
+        "headers_to_add": [{ "header": { "key": "x-llmroute-failure", "value": class }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" }],
+    })
+}
+
+/// Route metadata the backend listener's Lua reads.
+fn backend_metadata(route: &RouteIr, backend: &BackendIr) -> Value {
+    let errors: Vec<Value> = backend
+        .provider
+        .error_rules()
+        .map(|r| {
+            let mut rule = json!({ "status": r.status, "class": r.class.as_str() });
+            if let Some(m) = &r.body_contains {
+                rule["match"] = json!(m);
+            }
+            rule
+        })
+        .collect();
+    let failover_on: serde_json::Map<String, Value> = route
+        .failover_on
+        .iter()
+        .map(|c| (c.as_str().to_string(), json!(true)))
+        .collect();
+    let mut md = json!({
+        "route": route.name,
+        "backend": backend.name,
+        "basePath": backend.base_path,
+        "pathStyle": match backend.path_style { PathStyle::OpenAI => "OpenAI", PathStyle::AzureDeployment => "AzureDeployment" },
+        "models": backend.models,
+        "passthrough": backend.passthrough,
+        "errors": errors,
+        // A model a backend does not map always moves on to the next backend.
+        "failoverOn": Value::Object({ let mut m = failover_on; m.insert("ModelNotMapped".into(), json!(true)); m }),
+    });
+    if let Some(v) = &backend.api_version {
+        md["apiVersion"] = json!(v);
+    }
+    json!({ "filter_metadata": { "envoy.filters.http.lua": md } })
+}
+
+fn backend_route_config(route: &RouteIr, backend: &BackendIr) -> Value {
+    let headers: Vec<Value> = backend
+        .provider
+        .headers
+        .iter()
+        .map(|(k, v)| json!({ "header": { "key": k, "value": v }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" }))
+        .collect();
+    let mut r = json!({
+        "name": backend.listener,
+        "match": { "prefix": "/" },
+        "route": {
+            "cluster": backend.upstream,
+            "host_rewrite_literal": backend.authority,
+            // The front route bounds the whole request; this bounds silence from this provider.
+            "timeout": "0s",
+            "retry_policy": { "num_retries": 0, "per_try_idle_timeout": seconds(route.idle_timeout_ms) },
+        },
+        "metadata": backend_metadata(route, backend),
+        "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
+    });
+    if !headers.is_empty() {
+        r["request_headers_to_add"] = json!(headers);
+    }
+    json!(typed_route_config(&backend.listener, vec![r]))
+}
+
+fn typed_route_config(name: &str, routes: Vec<Value>) -> Value {
+    typed(
+        "envoy.config.route.v3.RouteConfiguration",
+        json!({
+            "name": name,
+            // Clusters may arrive after routes within one update; never reject a route for that.
+            "validate_clusters": false,
+            "virtual_hosts": [{ "name": name, "domains": ["*"], "routes": routes }],
+        }),
+    )
+}
+
+fn front_metadata(route: &RouteIr, opts: &EnvoyOptions) -> Value {
+    json!({ "filter_metadata": { "envoy.filters.http.lua": {
+        "route": route.name,
+        "keyFile": format!("{}/{}", opts.keys_dir, route.key_entry),
+        "models": route.models,
+        "passthrough": route.passthrough,
+    } } })
+}
+
+fn models_list_body(route: &RouteIr) -> String {
+    let data: Vec<Value> = route
+        .models
+        .iter()
+        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": format!("llmroute/{}", route.name) }))
+        .collect();
+    json!({ "object": "list", "data": data }).to_string()
+}
+
+fn front_routes(route: &RouteIr, opts: &EnvoyOptions) -> Vec<Value> {
+    let prefix = format!("/{}/v1/", route.name);
+    let retries = route
+        .chains
+        .iter()
+        .map(|c| c.members.len())
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1);
+    let retry_policy = json!({
+        "retry_on": "retriable-headers,reset,connect-failure,refused-stream",
+        "num_retries": retries,
+        "per_try_timeout": "0s",
+        "retriable_headers": [{ "name": "x-llmroute-retry", "string_match": { "exact": "1" } }],
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": typed("envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", json!({ "update_frequency": 1 })),
+        },
+        "retry_back_off": { "base_interval": "0.001s", "max_interval": "0.002s" },
+    });
+    let mut action = json!({
+        "timeout": seconds(route.request_timeout_ms),
+        "retry_policy": retry_policy,
+    });
+    if route.chains.len() == 1 {
+        action["cluster"] = json!(route.chains[0].cluster);
+    } else {
+        let clusters: Vec<Value> = route
+            .chains
+            .iter()
+            .map(|c| json!({ "name": c.cluster, "weight": c.weight }))
+            .collect();
+        action["weighted_clusters"] = json!({ "clusters": clusters });
+    }
+    vec![
+        json!({
+            "name": format!("{}/models", route.name),
+            "match": { "path": format!("/{}/v1/models", route.name) },
+            "direct_response": { "status": 200, "body": { "inline_string": models_list_body(route) } },
+            "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
+            "metadata": front_metadata(route, opts),
+        }),
+        json!({
+            "name": route.name,
+            "match": { "prefix": prefix },
+            "route": action,
+            "metadata": front_metadata(route, opts),
+            "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
+            "response_headers_to_remove": ["x-llmroute-retry"],
+        }),
+    ]
+}
+
+fn front_route_config(gw: &GatewayIr, opts: &EnvoyOptions) -> Value {
+    let mut routes: Vec<Value> = gw
+        .routes
+        .iter()
+        .flat_map(|r| front_routes(r, opts))
+        .collect();
+    let names: Vec<&str> = gw.routes.iter().map(|r| r.name.as_str()).collect();
+    let message = if names.is_empty() {
+        "No llmroute route is programmed on this gateway.".to_string()
+    } else {
+        format!(
+            "No llmroute route serves this path. Routes: /{}/v1.",
+            names.join("/v1, /")
+        )
+    };
+    routes.push(json!({
+        "name": "not-found",
+        "match": { "prefix": "/" },
+        "direct_response": { "status": 404, "body": { "inline_string":
+            json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": "route_not_found" } }).to_string()
+        } },
+        "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
+    }));
+    typed_route_config(FRONT, routes)
+}
+
+fn circuit_breakers() -> Value {
+    // Envoy's defaults (1024 requests, 3 concurrent retries) would turn failover under load into
+    // overflow errors; the gateway is bounded by its clients' concurrency instead.
+    json!({ "thresholds": [{
+        "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000, "max_retries": 100000,
+    }] })
+}
+
+fn internal_cluster(backend: &BackendIr) -> Value {
+    json!({
+        "name": backend.listener,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "circuit_breakers": circuit_breakers(),
+        "load_assignment": {
+            "cluster_name": backend.listener,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "envoy_internal_address": { "server_listener_name": backend.listener },
+            } } }] }],
+        },
+    })
+}
+
+fn chain_cluster(chain: &ChainIr, route: &RouteIr) -> Value {
+    let children: Vec<String> = chain
+        .members
+        .iter()
+        .map(|m| {
+            route
+                .backends
+                .iter()
+                .find(|b| &b.name == m)
+                .expect("chain members are programmed")
+                .listener
+                .clone()
+        })
+        .collect();
+    json!({
+        "name": chain.cluster,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "circuit_breakers": circuit_breakers(),
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": typed("envoy.extensions.clusters.aggregate.v3.ClusterConfig", json!({ "clusters": children })),
+        },
+    })
+}
+
+fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions) -> Value {
+    let is_ip = u.host.parse::<std::net::IpAddr>().is_ok();
+    let mut c = json!({
+        "name": u.cluster,
+        "type": if is_ip { "STATIC" } else { "LOGICAL_DNS" },
+        "connect_timeout": "5s",
+        "circuit_breakers": circuit_breakers(),
+        "load_assignment": {
+            "cluster_name": u.cluster,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": u.host, "port_value": u.port },
+            } } }] }],
+        },
+    });
+    if !is_ip {
+        c["dns_lookup_family"] = json!("V4_PREFERRED");
+    }
+    if u.tls {
+        let san = if is_ip { "IP_ADDRESS" } else { "DNS" };
+        let mut tls = json!({
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": { "filename": opts.trusted_ca },
+                    "match_typed_subject_alt_names": [{ "san_type": san, "matcher": { "exact": u.host } }],
+                },
+            },
+        });
+        if !is_ip {
+            tls["sni"] = json!(u.host);
+        }
+        c["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", tls),
+        });
+    }
+    c
+}
+
+fn generic_secret(entry: &str, opts: &EnvoyOptions) -> Value {
+    typed(
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        json!({
+            "name": format!("key:{entry}"),
+            "generic_secret": { "secret": {
+                "filename": format!("{}/{entry}", opts.keys_dir),
+                "watched_directory": { "path": opts.keys_dir },
+            } },
+        }),
+    )
+}

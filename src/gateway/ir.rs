@@ -1,0 +1,443 @@
+//! The intermediate model of one namespace's gateway: what each route serves, which backends it may
+//! try in what order, and which upstream hosts and keys that needs. Built from validated LLMRoutes and
+//! resolved inputs; rendered to Envoy files ([`super::envoy`]) and Kubernetes objects ([`super::objects`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::{Backend, FailureClass, LLMRoute, SecretKeyRef, Strategy};
+use crate::catalog::{self, PathStyle, Provider};
+
+/// The gateway of one namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayIr {
+    pub namespace: String,
+    /// Programmed routes, sorted by name.
+    pub routes: Vec<RouteIr>,
+    /// Upstream provider hosts, deduplicated and sorted by cluster name.
+    pub upstreams: Vec<UpstreamIr>,
+    /// Provider keys the configuration references, sorted by entry.
+    pub provider_keys: Vec<ProviderKeyIr>,
+}
+
+/// One route on the gateway (`/<route>/v1/...`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteIr {
+    pub name: String,
+    /// Entry of the route key in the gateway keys Secret.
+    pub key_entry: String,
+    /// Logical models the route serves (keys of every programmed backend's map, without `*`).
+    pub models: Vec<String>,
+    /// Whether some backend passes any model through (`*`).
+    pub passthrough: bool,
+    /// Backends the gateway may send to, sorted by name.
+    pub backends: Vec<BackendIr>,
+    /// Failover chains; one chain unless the strategy is Weighted.
+    pub chains: Vec<ChainIr>,
+    pub request_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub failover_on: BTreeSet<FailureClass>,
+}
+
+/// An ordered list of backends tried one after the other within one client request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainIr {
+    /// Envoy cluster name of the chain.
+    pub cluster: String,
+    /// Share of traffic (Weighted strategy); 1 otherwise.
+    pub weight: u32,
+    /// Backend names, first tried first.
+    pub members: Vec<String>,
+}
+
+/// A backend as the gateway programs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendIr {
+    pub name: String,
+    pub provider: &'static Provider,
+    /// Internal listener (and the cluster pointing at it) of this route's backend.
+    pub listener: String,
+    /// Upstream cluster name.
+    pub upstream: String,
+    /// `Host` sent to the provider (with the port when not the scheme's default).
+    pub authority: String,
+    /// Path prefix of the provider's API, without trailing slash (e.g. `/v1`, `/api/paas/v4`, ``).
+    pub base_path: String,
+    pub path_style: PathStyle,
+    pub api_version: Option<String>,
+    /// Entry of the provider key in the gateway keys Secret (None: no key).
+    pub key_entry: Option<String>,
+    pub models: BTreeMap<String, String>,
+    pub passthrough: bool,
+}
+
+/// An upstream host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UpstreamIr {
+    pub cluster: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// A provider key: where it comes from and where the gateway finds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProviderKeyIr {
+    pub entry: String,
+    pub source: SecretKeyRef,
+}
+
+/// Entry name of a provider key in the gateway keys Secret. Secret names cannot contain `_`, so
+/// `provider_<secret>_<key>` is unambiguous; overlong names are hashed.
+pub fn provider_key_entry(source: &SecretKeyRef) -> String {
+    let entry = format!("provider_{}_{}", source.name, source.key);
+    if entry.len() <= 200 {
+        entry
+    } else {
+        format!("provider_h{}", short_hash(&entry))
+    }
+}
+
+/// Entry name of a route's key in the gateway keys Secret.
+pub fn route_key_entry(route: &str) -> String {
+    format!("route_{route}")
+}
+
+fn short_hash(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(s.as_bytes());
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A parsed base URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl BaseUrl {
+    /// Parses `http(s)://host[:port][/path]`; the schema has already checked the shape.
+    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(format!("{url:?} must start with http:// or https://"));
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("{url:?} has an invalid port"))?,
+            ),
+            None => (hostport, if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        Ok(BaseUrl {
+            tls,
+            host: host.to_ascii_lowercase(),
+            port,
+            path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `Host` header value.
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Envoy cluster name of this upstream.
+    pub fn cluster(&self) -> String {
+        format!(
+            "upstream:{}:{}:{}",
+            if self.tls { "https" } else { "http" },
+            self.host,
+            self.port
+        )
+    }
+
+    /// The URL again, normalised.
+    pub fn to_url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            if self.tls { "https" } else { "http" },
+            self.authority(),
+            self.path
+        )
+    }
+}
+
+/// The base URL a backend uses: its `endpoint`, else the catalog's.
+pub fn backend_base_url(backend: &Backend, provider: &Provider) -> Result<BaseUrl, String> {
+    let url = backend
+        .endpoint
+        .as_deref()
+        .or(provider.base_url.as_deref())
+        .ok_or_else(|| {
+            format!(
+                "provider {} has no catalog base URL: set endpoint",
+                provider.id
+            )
+        })?;
+    BaseUrl::parse(url)
+}
+
+/// Which backends a route may use, in which order: the outcome of policy for one route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Chains as lists of indexes into `spec.backends`, with their weights.
+    pub chains: Vec<(u32, Vec<usize>)>,
+}
+
+impl RoutePlan {
+    /// The backend that serves first (head of the heaviest chain).
+    pub fn active(&self) -> Option<usize> {
+        self.chains
+            .iter()
+            .max_by_key(|(w, _)| *w)
+            .and_then(|(_, members)| members.first().copied())
+    }
+}
+
+/// Parses a Go-style duration already checked by the schema, in milliseconds.
+pub fn duration_ms(s: &str) -> Result<u64, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(std::time::Duration::from(d).as_millis() as u64)
+}
+
+/// Static ordering of eligible backends by the route's strategy. `eligible` is in `spec.backends`
+/// order. The policy engine decides eligibility; this only orders.
+pub fn order_by_strategy(route: &LLMRoute, eligible: &[usize]) -> RoutePlan {
+    let backends = &route.spec.backends;
+    let mut ordered: Vec<usize> = eligible.to_vec();
+    match route.spec.policy.strategy {
+        Strategy::Failover | Strategy::Weighted => {
+            ordered.sort_by_key(|&i| (backends[i].priority, i));
+        }
+        Strategy::LowestCost => {
+            ordered.sort_by(|&a, &b| {
+                blended_cost(&backends[a])
+                    .total_cmp(&blended_cost(&backends[b]))
+                    .then(backends[a].priority.cmp(&backends[b].priority))
+                    .then(a.cmp(&b))
+            });
+        }
+    }
+    if route.spec.policy.strategy != Strategy::Weighted || ordered.is_empty() {
+        return RoutePlan {
+            chains: vec![(1, ordered)],
+        };
+    }
+    // Weighted: each backend of the best priority heads a chain with its weight; the rest of the
+    // chain is every other eligible backend in priority order.
+    let best = backends[ordered[0]].priority;
+    let heads: Vec<usize> = ordered
+        .iter()
+        .copied()
+        .filter(|&i| backends[i].priority == best)
+        .collect();
+    let chains = heads
+        .iter()
+        .map(|&head| {
+            let mut members = vec![head];
+            members.extend(ordered.iter().copied().filter(|&i| i != head));
+            (backends[head].weight, members)
+        })
+        .collect();
+    RoutePlan { chains }
+}
+
+/// Cost of a typical chat request mix, per million tokens: three input tokens for each output token.
+pub fn blended_cost(backend: &Backend) -> f64 {
+    backend
+        .cost
+        .as_ref()
+        .map(|c| {
+            let input: f64 = c.input.parse().unwrap_or(f64::MAX / 8.0);
+            let output: f64 = c.output.parse().unwrap_or(f64::MAX / 8.0);
+            (3.0 * input + output) / 4.0
+        })
+        .unwrap_or(f64::MAX)
+}
+
+/// Builds a route's IR from its plan. Backends not in any chain are not programmed.
+pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<RouteIr, String> {
+    let name = kube::ResourceExt::name_any(route);
+    let mut programmed: BTreeSet<usize> = BTreeSet::new();
+    for (_, members) in &plan.chains {
+        programmed.extend(members.iter().copied());
+    }
+    let mut backends = Vec::new();
+    for &i in &programmed {
+        let b = &route.spec.backends[i];
+        let provider = catalog::provider(&b.provider)
+            .ok_or_else(|| format!("unknown provider {:?}", b.provider))?;
+        let base = backend_base_url(b, provider)?;
+        backends.push(BackendIr {
+            name: b.name.clone(),
+            provider,
+            listener: format!("backend:{name}:{}", b.name),
+            upstream: base.cluster(),
+            authority: base.authority(),
+            base_path: base.path.clone(),
+            path_style: provider.path_style,
+            api_version: match provider.path_style {
+                PathStyle::AzureDeployment => Some(
+                    b.azure
+                        .as_ref()
+                        .map(|a| a.api_version.clone())
+                        .unwrap_or_else(|| crate::api::DEFAULT_AZURE_API_VERSION.to_string()),
+                ),
+                PathStyle::OpenAI => None,
+            },
+            key_entry: b.credentials_secret_ref.as_ref().map(provider_key_entry),
+            models: b
+                .models
+                .iter()
+                .filter(|(k, _)| k.as_str() != "*")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            passthrough: b.models.contains_key("*"),
+        });
+    }
+    backends.sort_by(|a, b| a.name.cmp(&b.name));
+    let chains = plan
+        .chains
+        .iter()
+        .map(|(weight, members)| {
+            let members: Vec<String> = members
+                .iter()
+                .map(|&i| route.spec.backends[i].name.clone())
+                .collect();
+            ChainIr {
+                cluster: format!("chain:{name}:{}", members.join(",")),
+                weight: *weight,
+                members,
+            }
+        })
+        .collect();
+    let models: BTreeSet<String> = backends
+        .iter()
+        .flat_map(|b| b.models.keys().cloned())
+        .collect();
+    let timeouts = &route.spec.policy.timeouts;
+    Ok(RouteIr {
+        key_entry: route_key_entry(&name),
+        models: models.into_iter().collect(),
+        passthrough: backends.iter().any(|b| b.passthrough),
+        backends,
+        chains,
+        request_timeout_ms: duration_ms(&timeouts.request)?,
+        idle_timeout_ms: duration_ms(&timeouts.idle)?,
+        failover_on: route.spec.policy.failover_on.iter().copied().collect(),
+        name,
+    })
+}
+
+/// Assembles the namespace's gateway from its programmed routes.
+pub fn build_gateway(
+    namespace: &str,
+    routes: Vec<(RouteIr, Vec<ProviderKeyIr>, Vec<UpstreamIr>)>,
+) -> GatewayIr {
+    let mut upstreams = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    let mut route_irs = Vec::new();
+    for (route, route_keys, route_upstreams) in routes {
+        upstreams.extend(route_upstreams);
+        keys.extend(route_keys);
+        route_irs.push(route);
+    }
+    route_irs.sort_by(|a, b| a.name.cmp(&b.name));
+    GatewayIr {
+        namespace: namespace.to_string(),
+        routes: route_irs,
+        upstreams: upstreams.into_iter().collect(),
+        provider_keys: keys.into_iter().collect(),
+    }
+}
+
+/// The upstreams and keys a programmed route needs.
+pub fn route_dependencies(route: &LLMRoute, ir: &RouteIr) -> (Vec<ProviderKeyIr>, Vec<UpstreamIr>) {
+    let mut keys = Vec::new();
+    let mut upstreams = Vec::new();
+    for b in &ir.backends {
+        let spec = route
+            .spec
+            .backends
+            .iter()
+            .find(|s| s.name == b.name)
+            .expect("IR backends come from the spec");
+        if let Some(source) = &spec.credentials_secret_ref {
+            keys.push(ProviderKeyIr {
+                entry: provider_key_entry(source),
+                source: source.clone(),
+            });
+        }
+        let base = backend_base_url(spec, b.provider).expect("checked when the route was built");
+        upstreams.push(UpstreamIr {
+            cluster: base.cluster(),
+            host: base.host,
+            port: base.port,
+            tls: base.tls,
+        });
+    }
+    (keys, upstreams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_parse_and_normalise() {
+        let u = BaseUrl::parse("https://open.bigmodel.cn/api/paas/v4/").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "open.bigmodel.cn", 443, "/api/paas/v4")
+        );
+        assert_eq!(u.authority(), "open.bigmodel.cn");
+        let u = BaseUrl::parse("http://127.0.0.1:8000/v1").unwrap();
+        assert_eq!(u.authority(), "127.0.0.1:8000");
+        assert_eq!(u.cluster(), "upstream:http:127.0.0.1:8000");
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("http://h:99999").is_err());
+    }
+
+    #[test]
+    fn key_entries_are_unambiguous() {
+        let a = provider_key_entry(&SecretKeyRef {
+            name: "a.b".into(),
+            key: "c".into(),
+        });
+        let b = provider_key_entry(&SecretKeyRef {
+            name: "a".into(),
+            key: "b.c".into(),
+        });
+        assert_ne!(a, b);
+        let long = provider_key_entry(&SecretKeyRef {
+            name: "n".repeat(200),
+            key: "k".into(),
+        });
+        assert!(long.len() < 64 && long.starts_with("provider_h"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_ms("1m30s").unwrap(), 90_000);
+        assert_eq!(duration_ms("250ms").unwrap(), 250);
+    }
+}

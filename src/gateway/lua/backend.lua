@@ -1,0 +1,79 @@
+-- llmroute gateway, per-backend internal listener. Request: maps the logical model to the
+-- provider's, and rewrites the path to the provider's layout. Response: classifies failures from
+-- status *and* body with the catalog's rules for this provider, marks the ones listed in the route's
+-- failoverOn as retriable (the front route retries on x-llmroute-retry), and names the backend.
+-- Per-backend data comes from the route metadata: backend, basePath, pathStyle, apiVersion, models,
+-- passthrough, errors, failoverOn.
+
+function envoy_on_request(handle)
+  -- Handles (metadata, headers) taken before body() are invalid afterwards: read everything first.
+  local md = handle:metadata()
+  local backend = md:get("backend")
+  local models = md:get("models")
+  local passthrough = md:get("passthrough")
+  local base = md:get("basePath")
+  local azure = md:get("pathStyle") == "AzureDeployment"
+  local api_version = md:get("apiVersion")
+  local path = handle:headers():get(":path") or "/"
+  local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
+  if op == nil then
+    op = ""
+    query = ""
+  end
+  local provider_model = nil
+  if handle:headers():get(":method") == "POST" then
+    local raw, body = body_string(handle)
+    if raw ~= nil then
+      local first, last, model = raw:find('"model"%s*:%s*"([^"]*)"')
+      if model ~= nil then
+        provider_model = models[model]
+        if provider_model == nil and passthrough then provider_model = model end
+        if provider_model == nil then
+          handle:respond({ [":status"] = "404", ["content-type"] = "application/json",
+            ["x-llmroute-failure"] = "ModelNotMapped", ["x-llmroute-retry"] = "1",
+            ["x-llmroute-backend"] = backend },
+            openai_error("Backend '" .. backend .. "' does not map model '" .. model .. "'.",
+              "invalid_request_error", "model_not_found", "model"))
+          return
+        end
+        if provider_model ~= model then
+          body:setBytes(raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1))
+        end
+      end
+    end
+  end
+  -- A headers handle taken before body() is invalid afterwards: take it again.
+  local headers = handle:headers()
+  if azure then
+    headers:replace(":path", base .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..
+      "?api-version=" .. api_version)
+  else
+    headers:replace(":path", base .. "/" .. op .. query)
+  end
+end
+
+function envoy_on_response(handle)
+  local md = handle:metadata()
+  local rules = md:get("errors")
+  local failover_on = md:get("failoverOn")
+  local headers = handle:headers()
+  headers:replace("x-llmroute-backend", md:get("backend"))
+  local status = tonumber(headers:get(":status")) or 0
+  if status < 400 then return end
+  local class = headers:get("x-llmroute-failure")
+  if class == nil then
+    local raw = body_string(handle) or ""
+    for _, rule in ipairs(rules) do
+      if (rule.status == 0 or rule.status == status) and
+         (rule.match == nil or raw:find(rule.match, 1, true) ~= nil) then
+        class = rule.class
+        break
+      end
+    end
+    headers = handle:headers()
+    if class ~= nil then headers:replace("x-llmroute-failure", class) end
+  end
+  if class ~= nil and failover_on[class] then
+    headers:replace("x-llmroute-retry", "1")
+  end
+end

@@ -1,0 +1,58 @@
+-- llmroute gateway, front listener: admits a request only with its route's key, strips that key,
+-- and rejects models the route does not serve. Per-route data comes from the route's metadata
+-- (filter_metadata["envoy.filters.http.lua"]): route, keyFile, models, passthrough.
+
+-- Route keys live in the mounted keys Secret; read them at most once a second per worker so that a
+-- rotated key is honoured within about a second, without an Envoy restart.
+local key_cache = {}
+local function route_key(path)
+  local now = os.time()
+  local cached = key_cache[path]
+  if cached ~= nil and cached.at == now then return cached.key end
+  local key = nil
+  local f = io.open(path, "rb")
+  if f ~= nil then
+    key = f:read("*a")
+    f:close()
+  end
+  if key == "" then key = nil end
+  key_cache[path] = { key = key, at = now }
+  return key
+end
+
+local function reply(handle, status, body)
+  handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
+end
+
+function envoy_on_request(handle)
+  local md = handle:metadata()
+  local route = md:get("route")
+  if route == nil then return end
+  local headers = handle:headers()
+  local auth = headers:get("authorization")
+  local token = nil
+  if auth ~= nil then token = auth:match("^[Bb]earer%s+(.-)%s*$") end
+  local key = route_key(md:get("keyFile"))
+  if key == nil or token == nil or token ~= key then
+    reply(handle, 401, openai_error(
+      "Incorrect API key provided for llmroute route '" .. route ..
+      "'. Use OPENAI_API_KEY from the route's workload Secret.",
+      "invalid_request_error", "invalid_api_key", nil))
+    return
+  end
+  headers:remove("authorization")
+  if md:get("passthrough") or headers:get(":method") ~= "POST" then return end
+  -- Handles taken before body() are invalid afterwards: read what is needed first.
+  local models = md:get("models")
+  local raw = body_string(handle)
+  if raw == nil then return end
+  local model = raw:match('"model"%s*:%s*"([^"]*)"')
+  if model == nil then return end
+  for _, m in ipairs(models) do
+    if m == model then return end
+  end
+  reply(handle, 404, openai_error(
+    "The model '" .. model .. "' does not exist or is not served by llmroute route '" .. route ..
+    "'. Models: " .. table.concat(models, ", ") .. ".",
+    "invalid_request_error", "model_not_found", "model"))
+end

@@ -1,0 +1,438 @@
+//! Gateway IR → the Kubernetes objects the operator applies in a namespace: the ConfigMap with
+//! Envoy's files, the Secret with the keys those files point at, the gateway Deployment and Service,
+//! and one workload Secret per route. Pure: key material comes in as data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::envoy::EnvoyOptions;
+use super::ir::{BaseUrl, GatewayIr, backend_base_url};
+use crate::api::{LLMRoute, WorkloadMode};
+use crate::catalog;
+
+/// Name of the per-namespace gateway objects (ConfigMap, Deployment, Service).
+pub const GATEWAY_NAME: &str = "llmroute-gateway";
+/// Name of the Secret holding the gateway's keys.
+pub const KEYS_SECRET_NAME: &str = "llmroute-gateway-keys";
+/// The official Envoy image matching the configuration llmroute generates.
+pub const DEFAULT_ENVOY_IMAGE: &str = "docker.io/envoyproxy/envoy:v1.40.0";
+
+/// Environment variable names of the workload Secret (what OpenAI SDKs read).
+pub const ENV_BASE_URL: &str = "OPENAI_BASE_URL";
+pub const ENV_API_KEY: &str = "OPENAI_API_KEY";
+pub const ENV_MODEL: &str = "OPENAI_MODEL";
+
+/// How the gateway Deployment is run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayDeploymentOptions {
+    pub image: String,
+    pub replicas: i32,
+}
+
+impl Default for GatewayDeploymentOptions {
+    fn default() -> Self {
+        GatewayDeploymentOptions {
+            image: DEFAULT_ENVOY_IMAGE.to_string(),
+            replicas: 2,
+        }
+    }
+}
+
+/// Secret values the objects need: provider keys by gateway entry, and each route's key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyMaterial {
+    /// Gateway keys Secret entry → key value.
+    pub provider_keys: BTreeMap<String, Vec<u8>>,
+    /// Route name → route key.
+    pub route_keys: BTreeMap<String, String>,
+}
+
+/// Standard labels of everything the operator creates for a gateway.
+pub fn gateway_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            GATEWAY_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "gateway".to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "llmroute".to_string(),
+        ),
+    ])
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            GATEWAY_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+    ])
+}
+
+fn meta(name: &str, namespace: &str, owners: &[OwnerReference]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: Some(gateway_labels()),
+        owner_references: if owners.is_empty() {
+            None
+        } else {
+            Some(owners.to_vec())
+        },
+        ..Default::default()
+    }
+}
+
+/// The ConfigMap with Envoy's files. It never holds key material.
+pub fn config_map(
+    gw: &GatewayIr,
+    files: &BTreeMap<String, String>,
+    owners: &[OwnerReference],
+) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(GATEWAY_NAME, &gw.namespace, owners),
+        data: Some(files.clone()),
+        ..Default::default()
+    }
+}
+
+/// The Secret with the provider keys the SDS files name, and one key per route. Values are trimmed
+/// of surrounding whitespace (a trailing newline would corrupt the injected header).
+pub fn keys_secret(gw: &GatewayIr, keys: &KeyMaterial, owners: &[OwnerReference]) -> Secret {
+    let mut data = BTreeMap::new();
+    for k in &gw.provider_keys {
+        if let Some(value) = keys.provider_keys.get(&k.entry) {
+            data.insert(k.entry.clone(), ByteString(trim(value)));
+        }
+    }
+    for r in &gw.routes {
+        if let Some(value) = keys.route_keys.get(&r.name) {
+            data.insert(
+                r.key_entry.clone(),
+                ByteString(value.trim().as_bytes().to_vec()),
+            );
+        }
+    }
+    Secret {
+        metadata: meta(KEYS_SECRET_NAME, &gw.namespace, owners),
+        type_: Some("Opaque".to_string()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn trim(value: &[u8]) -> Vec<u8> {
+    let start = value
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    value[start..end].to_vec()
+}
+
+fn quantity(s: &str) -> Quantity {
+    Quantity(s.to_string())
+}
+
+/// The gateway Deployment: Envoy with the ConfigMap and keys Secret mounted as Envoy watches them.
+pub fn deployment(
+    namespace: &str,
+    envoy: &EnvoyOptions,
+    opts: &GatewayDeploymentOptions,
+    owners: &[OwnerReference],
+) -> Deployment {
+    let container = Container {
+        name: "envoy".to_string(),
+        image: Some(opts.image.clone()),
+        command: Some(vec!["envoy".to_string()]),
+        args: Some(vec![
+            "-c".to_string(),
+            format!("{}/{}", envoy.config_dir, super::envoy::BOOTSTRAP),
+            "--log-level".to_string(),
+            "info".to_string(),
+            "--disable-hot-restart".to_string(),
+            "--drain-time-s".to_string(),
+            "30".to_string(),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: envoy.port as i32,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: envoy.health_port as i32,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/ready".into()),
+                port: IntOrString::String("metrics".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), quantity("100m")),
+                ("memory".into(), quantity("128Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), quantity("1Gi"))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: envoy.config_dir.clone(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "keys".into(),
+                mount_path: envoy.keys_dir.clone(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    let mut labels = gateway_labels();
+    labels.extend(selector_labels());
+    Deployment {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(DeploymentSpec {
+            replicas: Some(opts.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(45),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(101),
+                        run_as_group: Some(101),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: GATEWAY_NAME.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "keys".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(KEYS_SECRET_NAME.into()),
+                                default_mode: Some(0o440),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "tmp".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway Service (port 8080).
+pub fn service(namespace: &str, owners: &[OwnerReference]) -> Service {
+    Service {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 8080,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway's in-cluster base URL for a route.
+pub fn gateway_base_url(namespace: &str, route: &str) -> String {
+    format!("http://{GATEWAY_NAME}.{namespace}.svc:8080/{route}/v1")
+}
+
+/// What the workload Secret of a route holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadEnv {
+    pub base_url: String,
+    pub api_key: Vec<u8>,
+    pub model: Option<String>,
+}
+
+/// The workload Secret's content: the gateway (Gateway mode) or the active backend (Direct mode).
+/// `None` when Direct mode has no usable active backend or key.
+pub fn workload_env(
+    route: &LLMRoute,
+    namespace: &str,
+    active: Option<&str>,
+    keys: &KeyMaterial,
+) -> Option<WorkloadEnv> {
+    let name = kube::ResourceExt::name_any(route);
+    match route.spec.workload_secret.mode {
+        WorkloadMode::Gateway => Some(WorkloadEnv {
+            base_url: gateway_base_url(namespace, &name),
+            api_key: keys.route_keys.get(&name)?.as_bytes().to_vec(),
+            model: route.spec.default_model.clone(),
+        }),
+        WorkloadMode::Direct => {
+            let backend = route
+                .spec
+                .backends
+                .iter()
+                .find(|b| Some(b.name.as_str()) == active)?;
+            let provider = catalog::provider(&backend.provider)?;
+            let base: BaseUrl = backend_base_url(backend, provider).ok()?;
+            let api_key = match &backend.credentials_secret_ref {
+                Some(r) => trim(keys.provider_keys.get(&super::ir::provider_key_entry(r))?),
+                None => Vec::new(),
+            };
+            let model = route
+                .spec
+                .default_model
+                .as_ref()
+                .map(|m| backend.models.get(m).cloned().unwrap_or_else(|| m.clone()));
+            Some(WorkloadEnv {
+                base_url: base.to_url(),
+                api_key,
+                model,
+            })
+        }
+    }
+}
+
+/// The workload Secret of a route, owned by the route.
+pub fn workload_secret(
+    route: &LLMRoute,
+    namespace: &str,
+    env: &WorkloadEnv,
+    owner: OwnerReference,
+) -> Secret {
+    let mut data = BTreeMap::from([
+        (
+            ENV_BASE_URL.to_string(),
+            ByteString(env.base_url.as_bytes().to_vec()),
+        ),
+        (ENV_API_KEY.to_string(), ByteString(env.api_key.clone())),
+    ]);
+    if let Some(m) = &env.model {
+        data.insert(ENV_MODEL.to_string(), ByteString(m.as_bytes().to_vec()));
+    }
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "llmroute.io/route".to_string(),
+            kube::ResourceExt::name_any(route),
+        ),
+    ]);
+    labels.insert(
+        "app.kubernetes.io/component".into(),
+        "workload-credentials".into(),
+    );
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(route.workload_secret_name()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(data),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,353 @@
+//! `llmroute render`: LLMRoute files → what the operator would apply, offline. Parsing, validation
+//! and translation are the same code the operator runs; only the inputs differ (no cluster: every
+//! referenced Secret key is assumed to exist, and keys are placeholders).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::LLMRoute;
+use crate::gateway::envoy::{self, EnvoyOptions};
+use crate::gateway::objects::{self, GatewayDeploymentOptions, KeyMaterial};
+use crate::gateway::{self, Translation};
+use crate::policy::Facts;
+use crate::validate::validate_route;
+
+/// A problem with the input, naming the file, the route (when known) and the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputError {
+    pub file: String,
+    pub route: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.route {
+            Some(r) => write!(f, "{}: LLMRoute {r:?}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// A route read from a file, valid against the CRD.
+#[derive(Clone, Debug)]
+pub struct LoadedRoute {
+    pub file: String,
+    pub route: LLMRoute,
+}
+
+/// Parses and validates every LLMRoute in `text` (a YAML stream). Documents of other kinds are
+/// ignored; an empty document is skipped.
+pub fn parse_routes(file: &str, text: &str) -> Result<Vec<LoadedRoute>, Vec<InputError>> {
+    let mut routes = Vec::new();
+    let mut errors = Vec::new();
+    let input_error = |route: Option<String>, message: String| InputError {
+        file: file.to_string(),
+        route,
+        message,
+    };
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = match Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(input_error(
+                    None,
+                    format!("document {}: invalid YAML: {e}", index + 1),
+                ));
+                // The stream cannot be resynchronised after a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        if !value.is_object() {
+            errors.push(input_error(
+                None,
+                format!(
+                    "document {}: expected a Kubernetes object (a mapping)",
+                    index + 1
+                ),
+            ));
+            continue;
+        }
+        if value.get("kind").and_then(Value::as_str) != Some("LLMRoute") {
+            continue;
+        }
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match validate_route(&value) {
+            Ok(route) => routes.push(LoadedRoute {
+                file: file.to_string(),
+                route,
+            }),
+            Err(field_errors) => errors.extend(
+                field_errors
+                    .into_iter()
+                    .map(|e| input_error(name.clone(), e.to_string())),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(routes)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Reads and validates route files; also rejects two routes with the same namespace and name.
+pub fn load_files(paths: &[PathBuf]) -> Result<Vec<LoadedRoute>, Vec<InputError>> {
+    let mut routes: Vec<LoadedRoute> = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => match parse_routes(&file, &text) {
+                Ok(mut r) => routes.append(&mut r),
+                Err(mut e) => errors.append(&mut e),
+            },
+            Err(e) => errors.push(InputError {
+                file,
+                route: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for r in &routes {
+        let key = (
+            namespace_of(&r.route, "default"),
+            kube::ResourceExt::name_any(&r.route),
+        );
+        if !seen.insert(key.clone()) {
+            errors.push(InputError {
+                file: r.file.clone(),
+                route: Some(key.1),
+                message: format!("metadata.name: Duplicate value: another LLMRoute in namespace {:?} has this name", key.0),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(routes)
+    } else {
+        Err(errors)
+    }
+}
+
+fn namespace_of(route: &LLMRoute, default: &str) -> String {
+    route
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Options of an offline render.
+#[derive(Clone, Debug)]
+pub struct RenderOptions {
+    pub namespace: String,
+    pub default_region: String,
+    pub envoy: EnvoyOptions,
+    pub deployment: GatewayDeploymentOptions,
+}
+
+/// One namespace's translation, with the facts assumed offline.
+pub struct NamespaceRender {
+    pub namespace: String,
+    pub translation: Translation,
+    pub routes: Vec<LLMRoute>,
+}
+
+/// Groups routes by namespace and translates each namespace, assuming every referenced key exists.
+pub fn translate_offline(routes: &[LoadedRoute], opts: &RenderOptions) -> Vec<NamespaceRender> {
+    let mut by_ns: BTreeMap<String, Vec<LLMRoute>> = BTreeMap::new();
+    for r in routes {
+        let mut route = r.route.clone();
+        let ns = namespace_of(&route, &opts.namespace);
+        route.metadata.namespace = Some(ns.clone());
+        by_ns.entry(ns).or_default().push(route);
+    }
+    by_ns
+        .into_iter()
+        .map(|(namespace, routes)| {
+            let mut facts = Facts {
+                default_region: opts.default_region.clone(),
+                ..Default::default()
+            };
+            for r in &routes {
+                for b in &r.spec.backends {
+                    if let Some(s) = &b.credentials_secret_ref {
+                        facts
+                            .secrets
+                            .entry(s.name.clone())
+                            .or_default()
+                            .insert(s.key.clone());
+                    }
+                }
+            }
+            let translation = gateway::translate(&namespace, &routes, &facts);
+            NamespaceRender {
+                namespace,
+                translation,
+                routes,
+            }
+        })
+        .collect()
+}
+
+/// Placeholder keys, for an offline gateway that really serves: provider keys are `placeholder`, a
+/// route's key is `llmroute-render-<route>`.
+pub fn placeholder_keys(t: &Translation) -> KeyMaterial {
+    KeyMaterial {
+        provider_keys: t
+            .gateway
+            .provider_keys
+            .iter()
+            .map(|k| (k.entry.clone(), b"placeholder".to_vec()))
+            .collect(),
+        route_keys: t
+            .gateway
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), format!("llmroute-render-{}", r.name)))
+            .collect(),
+    }
+}
+
+fn owner(route: &LLMRoute) -> OwnerReference {
+    OwnerReference {
+        api_version: format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
+        kind: "LLMRoute".into(),
+        name: kube::ResourceExt::name_any(route),
+        uid: route
+            .metadata
+            .uid
+            .clone()
+            .unwrap_or_else(|| "<assigned-by-the-api-server>".into()),
+        controller: Some(false),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn redact_secret(mut value: Value) -> Value {
+    if let Some(data) = value.get_mut("data").and_then(Value::as_object_mut) {
+        for v in data.values_mut() {
+            *v = Value::String("<redacted>".into());
+        }
+    }
+    value
+}
+
+/// The objects the operator would apply, as a YAML stream, with Secret values redacted.
+pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String {
+    let mut docs: Vec<Value> = Vec::new();
+    for ns in renders {
+        let t = &ns.translation;
+        let owners: Vec<OwnerReference> = ns.routes.iter().map(owner).collect();
+        let ns_envoy = opts.envoy.clone();
+        let files = envoy::render(&t.gateway, &ns_envoy);
+        let keys = placeholder_keys(t);
+        docs.push(typed_doc(
+            "v1",
+            "ConfigMap",
+            to_value(&objects::config_map(&t.gateway, &files, &owners)),
+        ));
+        docs.push(typed_doc(
+            "v1",
+            "Secret",
+            redact_secret(to_value(&objects::keys_secret(&t.gateway, &keys, &owners))),
+        ));
+        docs.push(typed_doc(
+            "apps/v1",
+            "Deployment",
+            to_value(&objects::deployment(
+                &ns.namespace,
+                &ns_envoy,
+                &opts.deployment,
+                &owners,
+            )),
+        ));
+        docs.push(typed_doc(
+            "v1",
+            "Service",
+            to_value(&objects::service(&ns.namespace, &owners)),
+        ));
+        for route in &ns.routes {
+            let name = kube::ResourceExt::name_any(route);
+            let outcome = t.routes.iter().find(|o| o.name == name);
+            let active = outcome.and_then(|o| o.active_backend.as_deref());
+            if let Some(env) = objects::workload_env(route, &ns.namespace, active, &keys) {
+                let mut o = owner(route);
+                o.controller = Some(true);
+                docs.push(typed_doc(
+                    "v1",
+                    "Secret",
+                    redact_secret(to_value(&objects::workload_secret(
+                        route,
+                        &ns.namespace,
+                        &env,
+                        o,
+                    ))),
+                ));
+            }
+        }
+    }
+    docs.iter()
+        .map(|d| serde_yaml_ng::to_string(d).expect("objects serialize"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn to_value<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).expect("Kubernetes objects serialize")
+}
+
+fn typed_doc(api_version: &str, kind: &str, mut v: Value) -> Value {
+    let mut doc = serde_json::Map::new();
+    doc.insert("apiVersion".into(), Value::String(api_version.into()));
+    doc.insert("kind".into(), Value::String(kind.into()));
+    if let Value::Object(map) = &mut v {
+        doc.append(map);
+    }
+    Value::Object(doc)
+}
+
+/// The static equivalent of the gateway, for `envoy --mode validate -c DIR/validate.yaml`.
+pub const VALIDATE_FILE: &str = "validate.yaml";
+
+/// Writes a namespace's gateway files for a local Envoy: configuration in `dir`, placeholder keys
+/// in `dir/keys`. Returns the route keys written, by route.
+pub fn write_gateway_dir(
+    render: &NamespaceRender,
+    dir: &Path,
+    envoy_opts: &EnvoyOptions,
+) -> std::io::Result<BTreeMap<String, String>> {
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir_all(&keys_dir)?;
+    let files = envoy::render(&render.translation.gateway, envoy_opts);
+    for (name, content) in &files {
+        std::fs::write(dir.join(name), content)?;
+    }
+    std::fs::write(
+        dir.join(VALIDATE_FILE),
+        envoy::render_static(&render.translation.gateway, envoy_opts),
+    )?;
+    let keys = placeholder_keys(&render.translation);
+    for (entry, value) in &keys.provider_keys {
+        std::fs::write(keys_dir.join(entry), value)?;
+    }
+    for r in &render.translation.gateway.routes {
+        std::fs::write(
+            keys_dir.join(&r.key_entry),
+            keys.route_keys[&r.name].as_bytes(),
+        )?;
+    }
+    Ok(keys.route_keys)
+}
