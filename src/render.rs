@@ -176,7 +176,8 @@ pub fn translate_offline(routes: &[LoadedRoute], opts: &RenderOptions) -> Vec<Na
     }
     by_ns
         .into_iter()
-        .map(|(namespace, routes)| {
+        .map(|(namespace, mut routes)| {
+            routes.sort_by_key(|r| kube::ResourceExt::name_any(r));
             let mut facts = Facts {
                 default_region: opts.default_region.clone(),
                 ..Default::default()

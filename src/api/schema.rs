@@ -71,7 +71,7 @@ pub fn model_map(_: &mut SchemaGenerator) -> Schema {
             "type": "string",
             "minLength": 1,
             "maxLength": 256,
-            "pattern": "^[A-Za-z0-9][-A-Za-z0-9._:/@+]*$",
+            "pattern": "^(\\*|[A-Za-z0-9][-A-Za-z0-9._:/@+]*)$",
         },
         "x-kubernetes-validations": [{
             "rule": "self.all(k, k == '*' || (k.size() <= 128 && k.matches('^[A-Za-z0-9][-A-Za-z0-9._:/@+]*$')))",

@@ -1,0 +1,478 @@
+//! `llmroute crd` and `llmroute render` as a user runs them, golden files of the translation, and
+//! the table of bad inputs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llmroute::gateway::envoy::{self, EnvoyOptions};
+use llmroute::render::{self, RenderOptions};
+use support::envoy::repo_root;
+
+fn llmroute(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(args)
+        .output()
+        .expect("run llmroute")
+}
+
+#[test]
+fn crds_dir_matches_llmroute_crd() {
+    let out = llmroute(&["crd"]);
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let stored =
+        std::fs::read_to_string(repo_root().join("crds/llmroute.io_llmroutes.yaml")).unwrap();
+    assert!(
+        printed == stored,
+        "crds/llmroute.io_llmroutes.yaml differs from `llmroute crd`: run `cargo run -- crd > crds/llmroute.io_llmroutes.yaml`"
+    );
+    for needle in [
+        "shortNames:\n    - llmr",
+        "subresources:\n      status: {}",
+        "name: Ready",
+        "name: Active",
+        "name: Strategy",
+        "name: Age",
+    ] {
+        assert!(printed.contains(needle), "CRD lacks {needle:?}");
+    }
+}
+
+#[test]
+fn providers_doc_lists_every_catalog_entry() {
+    let doc =
+        std::fs::read_to_string(repo_root().join("docs/providers.md")).expect("docs/providers.md");
+    for p in llmroute::catalog::providers() {
+        assert!(
+            doc.contains(&format!("`{}`", p.id)),
+            "docs/providers.md does not list `{}`",
+            p.id
+        );
+        if let Some(url) = &p.base_url {
+            assert!(
+                doc.contains(url.as_str()),
+                "docs/providers.md lacks the base URL of {}",
+                p.id
+            );
+        }
+    }
+}
+
+fn golden_dir() -> PathBuf {
+    repo_root().join("tests/golden")
+}
+
+/// Everything a golden case covers: every Envoy file and the objects, as name → content.
+fn render_case(input: &Path) -> BTreeMap<String, String> {
+    let routes = render::load_files(&[input.to_path_buf()]).unwrap_or_else(|e| panic!("{e:?}"));
+    let opts = RenderOptions {
+        namespace: "default".into(),
+        default_region: "us".into(),
+        envoy: EnvoyOptions::default(),
+        deployment: Default::default(),
+    };
+    let renders = render::translate_offline(&routes, &opts);
+    let mut out = BTreeMap::new();
+    for ns in &renders {
+        for (name, content) in envoy::render(&ns.translation.gateway, &opts.envoy) {
+            out.insert(format!("{}/{name}", ns.namespace), content);
+        }
+    }
+    out.insert("objects.yaml".into(), render::objects_yaml(&renders, &opts));
+    out
+}
+
+fn golden_cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .expect("tests/golden")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 5, "expected golden inputs in tests/golden");
+    cases
+}
+
+#[test]
+fn translation_matches_golden_files() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    for input in golden_cases() {
+        let expected_dir = input.with_extension("");
+        let actual = render_case(&input);
+        if update {
+            let _ = std::fs::remove_dir_all(&expected_dir);
+            for (name, content) in &actual {
+                let path = expected_dir.join(name);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, content).unwrap();
+            }
+            continue;
+        }
+        let mut expected = BTreeMap::new();
+        for ns in std::fs::read_dir(&expected_dir)
+            .unwrap_or_else(|_| panic!("{} missing: UPDATE_GOLDEN=1", expected_dir.display()))
+        {
+            let ns = ns.unwrap().path();
+            if ns.is_dir() {
+                for f in std::fs::read_dir(&ns).unwrap() {
+                    let f = f.unwrap().path();
+                    let key = format!(
+                        "{}/{}",
+                        ns.file_name().unwrap().to_str().unwrap(),
+                        f.file_name().unwrap().to_str().unwrap()
+                    );
+                    expected.insert(key, std::fs::read_to_string(f).unwrap());
+                }
+            } else {
+                expected.insert(
+                    ns.file_name().unwrap().to_str().unwrap().to_string(),
+                    std::fs::read_to_string(&ns).unwrap(),
+                );
+            }
+        }
+        assert_eq!(
+            expected.keys().collect::<Vec<_>>(),
+            actual.keys().collect::<Vec<_>>(),
+            "{}: file set differs (UPDATE_GOLDEN=1 cargo test --test render to accept)",
+            input.display()
+        );
+        for (name, content) in &actual {
+            assert!(
+                &expected[name] == content,
+                "{}: {name} differs from the golden file (UPDATE_GOLDEN=1 cargo test --test render to accept)",
+                input.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn translation_is_deterministic_and_independent_of_input_order() {
+    for input in golden_cases() {
+        assert!(
+            render_case(&input) == render_case(&input),
+            "{}: two renders differ",
+            input.display()
+        );
+    }
+    // Two routes in one namespace, given in either order, give byte-identical files.
+    let dir = tempfile::tempdir().unwrap();
+    let a = std::fs::read_to_string(golden_dir().join("failover-cn.yaml")).unwrap();
+    let b = a.replace("name: chat", "name: chat-two");
+    std::fs::write(dir.path().join("ab.yaml"), format!("{a}\n---\n{b}")).unwrap();
+    std::fs::write(dir.path().join("ba.yaml"), format!("{b}\n---\n{a}")).unwrap();
+    let (ab, ba) = (
+        render_case(&dir.path().join("ab.yaml")),
+        render_case(&dir.path().join("ba.yaml")),
+    );
+    for (name, content) in &ab {
+        assert!(
+            ba.get(name) == Some(content),
+            "{name} depends on the order of the input routes"
+        );
+    }
+}
+
+#[test]
+fn provider_keys_never_reach_the_config_map() {
+    for input in golden_cases() {
+        let files = render_case(&input);
+        for (name, content) in &files {
+            if name != "objects.yaml" {
+                assert!(
+                    !content.contains("placeholder"),
+                    "{name} embeds key material"
+                );
+                assert!(
+                    !content.contains("llmroute-render-"),
+                    "{name} embeds a route key"
+                );
+            }
+        }
+        assert!(
+            !files["objects.yaml"].contains("placeholder"),
+            "render printed a key"
+        );
+    }
+}
+
+const VALID_BACKEND: &str = r#"
+    - name: a
+      provider: openai
+      credentialsSecretRef: { name: k, key: api-key }
+      models: { gpt-4o: gpt-4o }"#;
+
+fn route_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
+    )
+}
+
+/// Bad inputs: each must exit 1 with lines naming the file, the route and the field, never panic.
+#[test]
+fn bad_inputs_are_rejected_with_one_precise_line() {
+    let with_backend =
+        |extra: &str| route_yaml("r", &format!("  backends:{VALID_BACKEND}\n{extra}"));
+    let backend = |fields: &str| route_yaml("r", &format!("  backends:\n    - name: a\n{fields}"));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "malformed YAML",
+            "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {name: r\nspec: [".into(),
+            "invalid YAML",
+        ),
+        (
+            "tab indentation",
+            "apiVersion: v1\n\tkind: LLMRoute\n".into(),
+            "invalid YAML",
+        ),
+        (
+            "not a mapping",
+            "- a\n- b\n".into(),
+            "expected a Kubernetes object",
+        ),
+        (
+            "wrong apiVersion",
+            route_yaml("r", &format!("  backends:{VALID_BACKEND}"))
+                .replace("llmroute.io/v1alpha1", "llmroute.io/v1"),
+            "apiVersion",
+        ),
+        (
+            "missing name",
+            "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {}\nspec: {}\n".into(),
+            "metadata.name",
+        ),
+        (
+            "name not a DNS label",
+            route_yaml("Bad_Name", &format!("  backends:{VALID_BACKEND}")),
+            "metadata.name",
+        ),
+        (
+            "missing spec.backends",
+            route_yaml("r", "  region: cn"),
+            "spec.backends: Required value",
+        ),
+        (
+            "empty backends",
+            route_yaml("r", "  backends: []"),
+            "spec.backends: must have at least 1",
+        ),
+        (
+            "unknown provider",
+            backend(
+                "      provider: openia\n      credentialsSecretRef: {name: k, key: x}\n      models: {m: m}",
+            ),
+            "spec.backends[0].provider: Unsupported value: \"openia\"",
+        ),
+        (
+            "missing provider",
+            backend("      credentialsSecretRef: {name: k, key: x}\n      models: {m: m}"),
+            "spec.backends[0].provider: Required value",
+        ),
+        (
+            "missing models",
+            backend("      provider: openai\n      credentialsSecretRef: {name: k, key: x}"),
+            "spec.backends[0].models: Required value",
+        ),
+        (
+            "model map maps nothing",
+            backend(
+                "      provider: openai\n      credentialsSecretRef: {name: k, key: x}\n      models: {}",
+            ),
+            "spec.backends[0].models: must have at least 1",
+        ),
+        (
+            "duplicate backend names",
+            route_yaml("r", &format!("  backends:{VALID_BACKEND}{VALID_BACKEND}")),
+            "spec.backends[1]: Duplicate value",
+        ),
+        (
+            "missing credentials",
+            backend("      provider: zhipu\n      models: {m: m}"),
+            "credentialsSecretRef is required",
+        ),
+        (
+            "azure without endpoint",
+            backend(
+                "      provider: azure-openai\n      credentialsSecretRef: {name: k, key: x}\n      models: {m: d}",
+            ),
+            "spec.backends[0].endpoint: spec.backends[].endpoint is required",
+        ),
+        (
+            "azure with wildcard",
+            backend(
+                "      provider: azure-openai\n      endpoint: https://x.openai.azure.com\n      credentialsSecretRef: {name: k, key: x}\n      models: {\"*\": \"*\"}",
+            ),
+            "spec.backends[0].models",
+        ),
+        (
+            "http endpoint for a cloud provider",
+            backend(
+                "      provider: deepseek\n      endpoint: http://proxy.local/v1\n      credentialsSecretRef: {name: k, key: x}\n      models: {m: m}",
+            ),
+            "must start with https://",
+        ),
+        (
+            "endpoint with a query",
+            backend(
+                "      provider: deepseek\n      endpoint: https://proxy.local/v1?x=1\n      credentialsSecretRef: {name: k, key: x}\n      models: {m: m}",
+            ),
+            "spec.backends[0].endpoint",
+        ),
+        (
+            "negative priority",
+            with_backend("").replace(
+                "models: { gpt-4o: gpt-4o }",
+                "models: { gpt-4o: gpt-4o }\n      priority: -1",
+            ),
+            "spec.backends[0].priority",
+        ),
+        (
+            "zero weight",
+            with_backend("").replace(
+                "models: { gpt-4o: gpt-4o }",
+                "models: { gpt-4o: gpt-4o }\n      weight: 0",
+            ),
+            "spec.backends[0].weight",
+        ),
+        (
+            "unknown strategy",
+            with_backend("  policy: { strategy: Random }"),
+            "spec.policy.strategy: Unsupported value",
+        ),
+        (
+            "unknown failure class",
+            with_backend("  policy: { failoverOn: [RegionBlocked, Teapot] }"),
+            "spec.policy.failoverOn[1]",
+        ),
+        (
+            "bad duration",
+            with_backend("  policy: { timeouts: { request: 5 minutes } }"),
+            "spec.policy.timeouts.request",
+        ),
+        (
+            "direct mode without defaultModel",
+            with_backend("  workloadSecret: { mode: Direct }"),
+            "spec.defaultModel: spec.defaultModel is required when spec.workloadSecret.mode is Direct",
+        ),
+        (
+            "defaultModel not mapped",
+            with_backend("  defaultModel: claude"),
+            "spec.defaultModel: spec.defaultModel must be a key",
+        ),
+        (
+            "LowestCost without cost",
+            with_backend("  policy: { strategy: LowestCost }"),
+            "spec.policy.strategy: spec.policy.strategy LowestCost needs",
+        ),
+        (
+            "region not a code",
+            with_backend("  region: china"),
+            "spec.region",
+        ),
+        (
+            "unknown field",
+            with_backend("  regoin: cn"),
+            "spec.regoin: unknown field",
+        ),
+        (
+            "too many backends",
+            route_yaml(
+                "r",
+                &format!(
+                    "  backends:{}",
+                    (0..17)
+                        .map(|i| VALID_BACKEND.replace("name: a", &format!("name: b{i}")))
+                        .collect::<String>()
+                ),
+            ),
+            "spec.backends: must have at most 16",
+        ),
+        (
+            "wrong type",
+            with_backend("  defaultModel: [a]"),
+            "spec.defaultModel: must be of type string",
+        ),
+    ];
+    assert!(cases.len() >= 20);
+    let dir = tempfile::tempdir().unwrap();
+    for (what, yaml, needle) in &cases {
+        let file = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&file, yaml).unwrap();
+        let out = llmroute(&["render", "-f", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: exit code; stderr: {stderr}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{what}: printed objects despite errors"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: panic: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(
+            !lines.is_empty() && lines.len() <= 2,
+            "{what}: expected one line (two at most), got {lines:?}"
+        );
+        let file_name = file.display().to_string();
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.starts_with(&format!("error: {file_name}: "))),
+            "{what}: line must name the file: {lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains(needle)),
+            "{what}: expected {needle:?} in {lines:?}"
+        );
+        if !what.contains("YAML")
+            && *what != "tab indentation"
+            && *what != "not a mapping"
+            && *what != "missing name"
+            && *what != "name not a DNS label"
+        {
+            assert!(
+                lines[0].contains("LLMRoute \"r\": "),
+                "{what}: line must name the route: {lines:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn render_prints_objects_with_secrets_redacted() {
+    let out = llmroute(&[
+        "render",
+        "-f",
+        repo_root()
+            .join("examples/failover-cn.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let kinds: Vec<&str> = text.lines().filter(|l| l.starts_with("kind: ")).collect();
+    assert_eq!(
+        kinds,
+        [
+            "kind: ConfigMap",
+            "kind: Secret",
+            "kind: Deployment",
+            "kind: Service",
+            "kind: Secret"
+        ]
+    );
+    assert!(
+        text.contains("OPENAI_BASE_URL: <redacted>") && text.contains("route_chat: <redacted>")
+    );
+    assert!(!text.contains("llmroute-render-chat") && !text.contains("placeholder"));
+    assert!(text.contains("name: chat-llm") && text.contains("namespace: team-a"));
+}

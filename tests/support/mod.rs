@@ -1,0 +1,5 @@
+//! Shared support of the integration tests. Each test crate uses the parts it needs.
+#![allow(dead_code)]
+
+pub mod envoy;
+pub mod sim;
