@@ -177,7 +177,7 @@ pub fn translate_offline(routes: &[LoadedRoute], opts: &RenderOptions) -> Vec<Na
     by_ns
         .into_iter()
         .map(|(namespace, mut routes)| {
-            routes.sort_by_key(|r| kube::ResourceExt::name_any(r));
+            routes.sort_by_key(kube::ResourceExt::name_any);
             let mut facts = Facts {
                 default_region: opts.default_region.clone(),
                 ..Default::default()
