@@ -56,8 +56,8 @@ pub fn route_schema() -> &'static Value {
 }
 
 thread_local! {
-    // Compiled CEL programs are not Send; compile once per thread.
-    static COMPILED: RefCell<Option<CompiledSchema>> = const { RefCell::new(None) };
+    // Compiled CEL programs are not Send; compile (and register CEL functions) once per thread.
+    static COMPILED: RefCell<Option<(Validator, CompiledSchema)>> = const { RefCell::new(None) };
 }
 
 /// Validates an LLMRoute object (as parsed from YAML or JSON) the way the API server would admit it,
@@ -118,8 +118,9 @@ fn is_dns_label(s: &str) -> bool {
 fn check_cel(object: &Value) -> Vec<FieldError> {
     COMPILED.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let compiled = cell.get_or_insert_with(|| compile_schema(route_schema()));
-        match Validator::new().validate_compiled(compiled, object, None) {
+        let (validator, compiled) =
+            cell.get_or_insert_with(|| (Validator::new(), compile_schema(route_schema())));
+        match validator.validate_compiled(compiled, object, None) {
             Ok(()) => Vec::new(),
             Err(errors) => errors
                 .iter()

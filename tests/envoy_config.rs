@@ -125,7 +125,7 @@ fn every_example_loads_from_files_with_nothing_rejected() {
             .unwrap()
             .filter(|e| {
                 let n = e.as_ref().unwrap().file_name().into_string().unwrap();
-                n == "routes.yaml" || n.starts_with("backend.")
+                n == "routes.json" || n.starts_with("account.")
             })
             .count();
         assert_eq!(

@@ -4,16 +4,16 @@
 //!
 //! Layout (see docs/architecture.md): the front listener `gateway` checks the route key and the
 //! model, then routes `/<route>/v1/...` to a failover chain (an aggregate cluster retried with
-//! `previous_priorities`). Each chain member is an internal listener per (route, backend) that
-//! injects the provider's key, maps the model, rewrites path and Host, and classifies failures.
-//! Every attempt is a fresh request into the next backend's listener, so nothing of one provider
-//! leaks into another's attempt.
+//! `previous_priorities`). Each chain member is an internal listener per provider account (provider,
+//! base URL, key) that injects the provider's key, maps the model for the route, rewrites path and
+//! Host, and classifies failures. Every attempt is a fresh request into the next account's
+//! listener, so nothing of one provider leaks into another's attempt.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::ir::{BackendIr, ChainIr, GatewayIr, RouteIr, UpstreamIr};
+use super::ir::{AccountIr, BackendIr, ChainIr, GatewayIr, RouteIr, UpstreamIr};
 use crate::catalog::PathStyle;
 
 /// Where the gateway finds its files and what it listens on.
@@ -51,11 +51,16 @@ impl Default for EnvoyOptions {
 
 /// File names inside the configuration directory.
 pub const BOOTSTRAP: &str = "bootstrap.yaml";
-pub const LISTENERS: &str = "listeners.yaml";
-pub const CLUSTERS: &str = "clusters.yaml";
-pub const ROUTES: &str = "routes.yaml";
+// xDS files are JSON (which Envoy reads by extension): several times faster to produce than YAML
+// and smaller in the ConfigMap, where size is bounded (1 MiB).
+pub const LISTENERS: &str = "listeners.json";
+pub const CLUSTERS: &str = "clusters.json";
+pub const ROUTES: &str = "routes.json";
 /// Name of the front listener and its route configuration.
 pub const FRONT: &str = "gateway";
+
+/// Request header naming the route, set by the front route for the account listeners.
+pub const ROUTE_HEADER: &str = "x-llmroute-route";
 
 /// Largest request body buffered for model checks and retries.
 pub const REQUEST_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
@@ -64,14 +69,14 @@ const LUA_COMMON: &str = include_str!("lua/common.lua");
 const LUA_FRONT: &str = include_str!("lua/front.lua");
 const LUA_BACKEND: &str = include_str!("lua/backend.lua");
 
-/// RDS file of a backend listener.
-pub fn backend_routes_file(route: &str, backend: &str) -> String {
-    format!("backend.{route}.{backend}.yaml")
+/// RDS file of an account's listener.
+pub fn account_routes_file(account: &AccountIr) -> String {
+    format!("account.{}.{}.json", account.provider.id, account.id)
 }
 
 /// SDS file of a provider key.
 pub fn key_sds_file(entry: &str) -> String {
-    format!("key.{entry}.yaml")
+    format!("key.{entry}.json")
 }
 
 /// Envoy resources of a gateway, before they are laid out in files.
@@ -88,19 +93,29 @@ fn resources(gw: &GatewayIr, opts: &EnvoyOptions) -> Resources {
     let mut listeners = vec![front_listener(opts)];
     let mut clusters: Vec<Value> = Vec::new();
     let mut route_configs = vec![(ROUTES.to_string(), front_route_config(gw, opts))];
+    // Which (route, backend) pairs each account serves.
+    let mut served: BTreeMap<&str, Vec<(&RouteIr, &BackendIr)>> = BTreeMap::new();
     for route in &gw.routes {
         for backend in &route.backends {
-            listeners.push(backend_listener(route, backend, opts));
-            clusters.push(internal_cluster(backend));
-            route_configs.push((
-                backend_routes_file(&route.name, &backend.name),
-                backend_route_config(route, backend),
-            ));
-        }
-        for chain in &route.chains {
-            clusters.push(chain_cluster(chain, route));
+            served
+                .entry(backend.account.as_str())
+                .or_default()
+                .push((route, backend));
         }
     }
+    for account in &gw.accounts {
+        listeners.push(account_listener(account, opts));
+        clusters.push(internal_cluster(&account.name));
+        let entries = served
+            .get(account.name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        route_configs.push((
+            account_routes_file(account),
+            account_route_config(account, entries),
+        ));
+    }
+    clusters.extend(gw.chains.iter().map(chain_cluster));
     clusters.extend(gw.upstreams.iter().map(|u| upstream_cluster(u, opts)));
     clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     let secrets = gw
@@ -127,10 +142,10 @@ pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
     let r = resources(gw, opts);
     let mut files = BTreeMap::new();
     files.insert(BOOTSTRAP.to_string(), to_yaml(&bootstrap(opts)));
-    files.insert(LISTENERS.to_string(), to_yaml(&discovery(r.listeners)));
-    files.insert(CLUSTERS.to_string(), to_yaml(&discovery(r.clusters)));
+    files.insert(LISTENERS.to_string(), to_json(&discovery(r.listeners)));
+    files.insert(CLUSTERS.to_string(), to_json(&discovery(r.clusters)));
     for (file, config) in r.route_configs.into_iter().chain(r.secrets) {
-        files.insert(file, to_yaml(&discovery(vec![config])));
+        files.insert(file, to_json(&discovery(vec![config])));
     }
     files
 }
@@ -199,6 +214,12 @@ fn inline_discovery(v: &mut Value, routes: &BTreeMap<String, Value>) {
 
 fn to_yaml(v: &Value) -> String {
     serde_yaml_ng::to_string(v).expect("JSON values serialize to YAML")
+}
+
+fn to_json(v: &Value) -> String {
+    let mut s = serde_json::to_string(v).expect("JSON values serialize");
+    s.push('\n');
+    s
 }
 
 fn discovery(resources: Vec<Value>) -> Value {
@@ -352,9 +373,59 @@ fn front_listener(opts: &EnvoyOptions) -> Value {
     })
 }
 
-fn backend_listener(route: &RouteIr, backend: &BackendIr, opts: &EnvoyOptions) -> Value {
-    let mut filters = vec![lua_filter(LUA_BACKEND)];
-    if let Some(entry) = &backend.key_entry {
+/// A Lua string literal.
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push_str(&format!("\\{}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The account's constants for the backend Lua code: base path, path style and the provider's
+/// classification rules from the catalog.
+fn account_lua_prelude(account: &AccountIr) -> String {
+    let rules: Vec<String> = account
+        .provider
+        .error_rules()
+        .map(|r| {
+            let matcher = r
+                .body_contains
+                .as_deref()
+                .map(|m| format!(", match = {}", lua_string(m)))
+                .unwrap_or_default();
+            format!(
+                "  {{ status = {}{matcher}, class = {} }},",
+                r.status,
+                lua_string(r.class.as_str())
+            )
+        })
+        .collect();
+    format!(
+        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal RULES = {{\n{}\n}}\n",
+        account.name,
+        account.provider.id,
+        lua_string(&account.base_path),
+        matches!(account.path_style, PathStyle::AzureDeployment),
+        lua_string(account.api_version.as_deref().unwrap_or_default()),
+        rules.join("\n")
+    )
+}
+
+fn account_listener(account: &AccountIr, opts: &EnvoyOptions) -> Value {
+    let mut filters = vec![lua_filter(&format!(
+        "{}\n{LUA_BACKEND}",
+        account_lua_prelude(account)
+    ))];
+    if let Some(entry) = &account.key_entry {
         filters.push(json!({
             "name": "envoy.filters.http.credential_injector",
             "typed_config": typed("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector", json!({
@@ -366,8 +437,8 @@ fn backend_listener(route: &RouteIr, backend: &BackendIr, opts: &EnvoyOptions) -
                             "name": format!("key:{entry}"),
                             "sds_config": file_source(opts, &key_sds_file(entry)),
                         },
-                        "header": backend.provider.auth.header,
-                        "header_value_prefix": backend.provider.auth.prefix,
+                        "header": account.provider.auth.header,
+                        "header_value_prefix": account.provider.auth.prefix,
                     })),
                 },
             })),
@@ -375,13 +446,13 @@ fn backend_listener(route: &RouteIr, backend: &BackendIr, opts: &EnvoyOptions) -
     }
     filters.push(router_filter());
     json!({
-        "name": backend.listener,
+        "name": account.name,
         "internal_listener": {},
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
-                "stat_prefix": format!("backend.{}.{}", route.name, backend.name),
-                "rds": { "route_config_name": backend.listener, "config_source": file_source(opts, &backend_routes_file(&route.name, &backend.name)) },
+                "stat_prefix": format!("account.{}.{}", account.provider.id, account.id),
+                "rds": { "route_config_name": account.name, "config_source": file_source(opts, &account_routes_file(account)) },
                 "http_filters": filters,
                 "stream_idle_timeout": "0s",
                 // Local replies for failures that never reached the provider carry their class.
@@ -401,65 +472,61 @@ fn local_failure(flags: &[&str], class: &str) -> Value {
     })
 }
 
-/// Route metadata the backend listener's Lua reads.
+/// Route metadata the account listener's Lua reads for one route's backend.
 fn backend_metadata(route: &RouteIr, backend: &BackendIr) -> Value {
-    let errors: Vec<Value> = backend
-        .provider
-        .error_rules()
-        .map(|r| {
-            let mut rule = json!({ "status": r.status, "class": r.class.as_str() });
-            if let Some(m) = &r.body_contains {
-                rule["match"] = json!(m);
-            }
-            rule
-        })
-        .collect();
-    let failover_on: serde_json::Map<String, Value> = route
+    // ",RegionBlocked,Timeout," — a model a backend does not map always moves on to the next backend.
+    let classes: Vec<&str> = route
         .failover_on
         .iter()
-        .map(|c| (c.as_str().to_string(), json!(true)))
+        .map(|c| c.as_str())
+        .chain(["ModelNotMapped"])
         .collect();
-    let mut md = json!({
+    let failover_on = format!(",{},", classes.join(","));
+    json!({ "filter_metadata": { "envoy.filters.http.lua": {
         "route": route.name,
         "backend": backend.name,
-        "basePath": backend.base_path,
-        "pathStyle": match backend.path_style { PathStyle::OpenAI => "OpenAI", PathStyle::AzureDeployment => "AzureDeployment" },
         "models": backend.models,
         "passthrough": backend.passthrough,
-        "errors": errors,
-        // A model a backend does not map always moves on to the next backend.
-        "failoverOn": Value::Object({ let mut m = failover_on; m.insert("ModelNotMapped".into(), json!(true)); m }),
-    });
-    if let Some(v) = &backend.api_version {
-        md["apiVersion"] = json!(v);
-    }
-    json!({ "filter_metadata": { "envoy.filters.http.lua": md } })
+        "failoverOn": failover_on,
+    } } })
 }
 
-fn backend_route_config(route: &RouteIr, backend: &BackendIr) -> Value {
-    let headers: Vec<Value> = backend
+fn account_route_config(account: &AccountIr, served: &[(&RouteIr, &BackendIr)]) -> Value {
+    let headers: Vec<Value> = account
         .provider
         .headers
         .iter()
         .map(|(k, v)| json!({ "header": { "key": k, "value": v }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" }))
         .collect();
-    let mut r = json!({
-        "name": backend.listener,
-        "match": { "prefix": "/" },
-        "route": {
-            "cluster": backend.upstream,
-            "host_rewrite_literal": backend.authority,
-            // The front route bounds the whole request; this bounds silence from this provider.
-            "timeout": "0s",
-            "retry_policy": { "num_retries": 0, "per_try_idle_timeout": seconds(route.idle_timeout_ms) },
-        },
-        "metadata": backend_metadata(route, backend),
-        "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
-    });
-    if !headers.is_empty() {
-        r["request_headers_to_add"] = json!(headers);
-    }
-    json!(typed_route_config(&backend.listener, vec![r]))
+    let routes: Vec<Value> = served
+        .iter()
+        .map(|(route, backend)| {
+            let mut r = json!({
+                "name": format!("{}/{}", route.name, backend.name),
+                // Matched by the route header the front route sets, not by path: the Lua filter
+                // rewrites the path to the provider's, which makes Envoy match the route again.
+                "match": {
+                    "prefix": "/",
+                    "headers": [{ "name": ROUTE_HEADER, "string_match": { "exact": route.name } }],
+                },
+                "request_headers_to_remove": [ROUTE_HEADER],
+                "route": {
+                    "cluster": account.upstream,
+                    "host_rewrite_literal": account.authority,
+                    // The front route bounds the whole request; this bounds silence from this provider.
+                    "timeout": "0s",
+                    "retry_policy": { "num_retries": 0, "per_try_idle_timeout": seconds(route.idle_timeout_ms) },
+                },
+                "metadata": backend_metadata(route, backend),
+                "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
+            });
+            if !headers.is_empty() {
+                r["request_headers_to_add"] = json!(headers);
+            }
+            r
+        })
+        .collect();
+    typed_route_config(&account.name, routes)
 }
 
 fn typed_route_config(name: &str, routes: Vec<Value>) -> Value {
@@ -483,24 +550,9 @@ fn front_metadata(route: &RouteIr, opts: &EnvoyOptions) -> Value {
     } } })
 }
 
-fn models_list_body(route: &RouteIr) -> String {
-    let data: Vec<Value> = route
-        .models
-        .iter()
-        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": format!("llmroute/{}", route.name) }))
-        .collect();
-    json!({ "object": "list", "data": data }).to_string()
-}
-
 fn front_routes(route: &RouteIr, opts: &EnvoyOptions) -> Vec<Value> {
     let prefix = format!("/{}/v1/", route.name);
-    let retries = route
-        .chains
-        .iter()
-        .map(|c| c.members.len())
-        .max()
-        .unwrap_or(1)
-        .saturating_sub(1);
+    let retries = route.max_attempts.saturating_sub(1);
     let retry_policy = json!({
         "retry_on": "retriable-headers,reset,connect-failure,refused-stream",
         "num_retries": retries,
@@ -517,32 +569,27 @@ fn front_routes(route: &RouteIr, opts: &EnvoyOptions) -> Vec<Value> {
         "retry_policy": retry_policy,
     });
     if route.chains.len() == 1 {
-        action["cluster"] = json!(route.chains[0].cluster);
+        action["cluster"] = json!(route.chains[0].0);
     } else {
         let clusters: Vec<Value> = route
             .chains
             .iter()
-            .map(|c| json!({ "name": c.cluster, "weight": c.weight }))
+            .map(|(cluster, weight)| json!({ "name": cluster, "weight": weight }))
             .collect();
         action["weighted_clusters"] = json!({ "clusters": clusters });
     }
-    vec![
-        json!({
-            "name": format!("{}/models", route.name),
-            "match": { "path": format!("/{}/v1/models", route.name) },
-            "direct_response": { "status": 200, "body": { "inline_string": models_list_body(route) } },
-            "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
-            "metadata": front_metadata(route, opts),
-        }),
-        json!({
-            "name": route.name,
-            "match": { "prefix": prefix },
-            "route": action,
-            "metadata": front_metadata(route, opts),
-            "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
-            "response_headers_to_remove": ["x-llmroute-retry"],
-        }),
-    ]
+    vec![json!({
+        "name": route.name,
+        "match": { "prefix": prefix },
+        "route": action,
+        "metadata": front_metadata(route, opts),
+        "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
+        "request_headers_to_add": [{
+            "header": { "key": ROUTE_HEADER, "value": route.name },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }],
+        "response_headers_to_remove": ["x-llmroute-retry"],
+    })]
 }
 
 fn front_route_config(gw: &GatewayIr, opts: &EnvoyOptions) -> Value {
@@ -579,35 +626,22 @@ fn circuit_breakers() -> Value {
     }] })
 }
 
-fn internal_cluster(backend: &BackendIr) -> Value {
+fn internal_cluster(account: &str) -> Value {
     json!({
-        "name": backend.listener,
+        "name": account,
         "type": "STATIC",
         "connect_timeout": "1s",
         "circuit_breakers": circuit_breakers(),
         "load_assignment": {
-            "cluster_name": backend.listener,
+            "cluster_name": account,
             "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
-                "envoy_internal_address": { "server_listener_name": backend.listener },
+                "envoy_internal_address": { "server_listener_name": account },
             } } }] }],
         },
     })
 }
 
-fn chain_cluster(chain: &ChainIr, route: &RouteIr) -> Value {
-    let children: Vec<String> = chain
-        .members
-        .iter()
-        .map(|m| {
-            route
-                .backends
-                .iter()
-                .find(|b| &b.name == m)
-                .expect("chain members are programmed")
-                .listener
-                .clone()
-        })
-        .collect();
+fn chain_cluster(chain: &ChainIr) -> Value {
     json!({
         "name": chain.cluster,
         "connect_timeout": "1s",
@@ -615,7 +649,7 @@ fn chain_cluster(chain: &ChainIr, route: &RouteIr) -> Value {
         "circuit_breakers": circuit_breakers(),
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
-            "typed_config": typed("envoy.extensions.clusters.aggregate.v3.ClusterConfig", json!({ "clusters": children })),
+            "typed_config": typed("envoy.extensions.clusters.aggregate.v3.ClusterConfig", json!({ "clusters": chain.accounts })),
         },
     })
 }

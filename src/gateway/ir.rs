@@ -13,6 +13,10 @@ pub struct GatewayIr {
     pub namespace: String,
     /// Programmed routes, sorted by name.
     pub routes: Vec<RouteIr>,
+    /// Provider accounts (provider, base URL, key): one internal listener each, sorted by name.
+    pub accounts: Vec<AccountIr>,
+    /// Failover chains, deduplicated across routes, sorted by cluster name.
+    pub chains: Vec<ChainIr>,
     /// Upstream provider hosts, deduplicated and sorted by cluster name.
     pub upstreams: Vec<UpstreamIr>,
     /// Provider keys the configuration references, sorted by entry.
@@ -31,31 +35,45 @@ pub struct RouteIr {
     pub passthrough: bool,
     /// Backends the gateway may send to, sorted by name.
     pub backends: Vec<BackendIr>,
-    /// Failover chains; one chain unless the strategy is Weighted.
-    pub chains: Vec<ChainIr>,
+    /// The route's failover chains as (chain cluster, weight); one unless the strategy is Weighted.
+    pub chains: Vec<(String, u32)>,
+    /// Longest chain: the number of backends one request may try.
+    pub max_attempts: usize,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub failover_on: BTreeSet<FailureClass>,
 }
 
-/// An ordered list of backends tried one after the other within one client request.
-#[derive(Clone, Debug, PartialEq)]
+/// An ordered list of provider accounts tried one after the other within one client request.
+/// Routes whose backends resolve to the same accounts in the same order share a chain.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChainIr {
     /// Envoy cluster name of the chain.
     pub cluster: String,
-    /// Share of traffic (Weighted strategy); 1 otherwise.
-    pub weight: u32,
-    /// Backend names, first tried first.
-    pub members: Vec<String>,
+    /// Account names, first tried first.
+    pub accounts: Vec<String>,
 }
 
-/// A backend as the gateway programs it.
+/// A backend of a route as the gateway programs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendIr {
     pub name: String,
+    /// The account (internal listener) serving it.
+    pub account: String,
+    pub models: BTreeMap<String, String>,
+    pub passthrough: bool,
+}
+
+/// A provider account: one provider at one base URL with one key. It is one internal listener (and
+/// the cluster pointing at it) shared by every route that uses it; what differs per route (model
+/// map, failover classes) is in the per-route entries of its route configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountIr {
+    /// Internal listener and cluster name.
+    pub name: String,
+    /// Short stable id, used in file names.
+    pub id: String,
     pub provider: &'static Provider,
-    /// Internal listener (and the cluster pointing at it) of this route's backend.
-    pub listener: String,
     /// Upstream cluster name.
     pub upstream: String,
     /// `Host` sent to the provider (with the port when not the scheme's default).
@@ -66,8 +84,6 @@ pub struct BackendIr {
     pub api_version: Option<String>,
     /// Entry of the provider key in the gateway keys Secret (None: no key).
     pub key_entry: Option<String>,
-    pub models: BTreeMap<String, String>,
-    pub passthrough: bool,
 }
 
 /// An upstream host.
@@ -274,37 +290,107 @@ pub fn blended_cost(backend: &Backend) -> f64 {
         .unwrap_or(f64::MAX)
 }
 
+/// The identity of an account: provider, base URL, key, API version, and an index that keeps two
+/// backends of one route apart when they share the rest.
+fn account_for(
+    backend: &Backend,
+    provider: &'static Provider,
+    dup: usize,
+) -> Result<AccountIr, String> {
+    let base = backend_base_url(backend, provider)?;
+    let key_entry = backend
+        .credentials_secret_ref
+        .as_ref()
+        .map(provider_key_entry);
+    let api_version = match provider.path_style {
+        PathStyle::AzureDeployment => Some(
+            backend
+                .azure
+                .as_ref()
+                .map(|a| a.api_version.clone())
+                .unwrap_or_else(|| crate::api::DEFAULT_AZURE_API_VERSION.to_string()),
+        ),
+        PathStyle::OpenAI => None,
+    };
+    let mut name = format!(
+        "account:{}:{}:{}",
+        provider.id,
+        base.to_url(),
+        key_entry.as_deref().unwrap_or("-")
+    );
+    if let Some(v) = &api_version {
+        name.push_str(&format!(":{v}"));
+    }
+    if dup > 0 {
+        name.push_str(&format!(":{dup}"));
+    }
+    Ok(AccountIr {
+        id: short_hash(&name),
+        name,
+        provider,
+        upstream: base.cluster(),
+        authority: base.authority(),
+        base_path: base.path.clone(),
+        path_style: provider.path_style,
+        api_version,
+        key_entry,
+    })
+}
+
+/// Name of the chain cluster trying `accounts` in order.
+fn chain_cluster(accounts: &[String]) -> String {
+    format!("chain:{}", short_hash(&accounts.join("\n")))
+}
+
+/// A route's IR plus what it needs from the namespace: accounts, chains, keys and upstreams.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuiltRoute {
+    pub route: RouteIr,
+    pub accounts: Vec<AccountIr>,
+    pub chains: Vec<ChainIr>,
+    pub keys: Vec<ProviderKeyIr>,
+    pub upstreams: Vec<UpstreamIr>,
+}
+
 /// Builds a route's IR from its plan. Backends not in any chain are not programmed.
-pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<RouteIr, String> {
+pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, String> {
     let name = kube::ResourceExt::name_any(route);
     let mut programmed: BTreeSet<usize> = BTreeSet::new();
     for (_, members) in &plan.chains {
         programmed.extend(members.iter().copied());
     }
     let mut backends = Vec::new();
+    let mut accounts: BTreeMap<usize, AccountIr> = BTreeMap::new();
+    let mut keys = Vec::new();
+    let mut upstreams = Vec::new();
     for &i in &programmed {
         let b = &route.spec.backends[i];
         let provider = catalog::provider(&b.provider)
             .ok_or_else(|| format!("unknown provider {:?}", b.provider))?;
+        let mut dup = 0;
+        let account = loop {
+            let candidate = account_for(b, provider, dup)?;
+            if accounts.values().all(|a| a.name != candidate.name) {
+                break candidate;
+            }
+            dup += 1;
+        };
+        if let Some(source) = &b.credentials_secret_ref {
+            keys.push(ProviderKeyIr {
+                entry: provider_key_entry(source),
+                source: source.clone(),
+            });
+        }
         let base = backend_base_url(b, provider)?;
+        upstreams.push(UpstreamIr {
+            cluster: base.cluster(),
+            host: base.host,
+            port: base.port,
+            tls: base.tls,
+        });
         backends.push(BackendIr {
             name: b.name.clone(),
-            provider,
-            listener: format!("backend:{name}:{}", b.name),
-            upstream: base.cluster(),
-            authority: base.authority(),
-            base_path: base.path.clone(),
-            path_style: provider.path_style,
-            api_version: match provider.path_style {
-                PathStyle::AzureDeployment => Some(
-                    b.azure
-                        .as_ref()
-                        .map(|a| a.api_version.clone())
-                        .unwrap_or_else(|| crate::api::DEFAULT_AZURE_API_VERSION.to_string()),
-                ),
-                PathStyle::OpenAI => None,
-            },
-            key_entry: b.credentials_secret_ref.as_ref().map(provider_key_entry),
+            account: account.name.clone(),
             models: b
                 .models
                 .iter()
@@ -313,89 +399,72 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<RouteIr, String
                 .collect(),
             passthrough: b.models.contains_key("*"),
         });
+        accounts.insert(i, account);
     }
     backends.sort_by(|a, b| a.name.cmp(&b.name));
-    let chains = plan
-        .chains
-        .iter()
-        .map(|(weight, members)| {
-            let members: Vec<String> = members
-                .iter()
-                .map(|&i| route.spec.backends[i].name.clone())
-                .collect();
-            ChainIr {
-                cluster: format!("chain:{name}:{}", members.join(",")),
-                weight: *weight,
-                members,
-            }
-        })
-        .collect();
+    let mut chains = Vec::new();
+    let mut route_chains = Vec::new();
+    for (weight, members) in &plan.chains {
+        let chain_accounts: Vec<String> =
+            members.iter().map(|i| accounts[i].name.clone()).collect();
+        let cluster = chain_cluster(&chain_accounts);
+        route_chains.push((cluster.clone(), *weight));
+        chains.push(ChainIr {
+            cluster,
+            accounts: chain_accounts,
+        });
+    }
     let models: BTreeSet<String> = backends
         .iter()
         .flat_map(|b| b.models.keys().cloned())
         .collect();
     let timeouts = &route.spec.policy.timeouts;
-    Ok(RouteIr {
+    let route_ir = RouteIr {
         key_entry: route_key_entry(&name),
         models: models.into_iter().collect(),
         passthrough: backends.iter().any(|b| b.passthrough),
         backends,
-        chains,
+        max_attempts: plan.chains.iter().map(|(_, m)| m.len()).max().unwrap_or(0),
+        chains: route_chains,
         request_timeout_ms: duration_ms(&timeouts.request)?,
         idle_timeout_ms: duration_ms(&timeouts.idle)?,
         failover_on: route.spec.policy.failover_on.iter().copied().collect(),
         name,
+    };
+    Ok(BuiltRoute {
+        route: route_ir,
+        accounts: accounts.into_values().collect(),
+        chains,
+        keys,
+        upstreams,
     })
 }
 
-/// Assembles the namespace's gateway from its programmed routes.
-pub fn build_gateway(
-    namespace: &str,
-    routes: Vec<(RouteIr, Vec<ProviderKeyIr>, Vec<UpstreamIr>)>,
-) -> GatewayIr {
+/// Assembles the namespace's gateway from its programmed routes, deduplicating what they share.
+pub fn build_gateway(namespace: &str, built: Vec<BuiltRoute>) -> GatewayIr {
     let mut upstreams = BTreeSet::new();
     let mut keys = BTreeSet::new();
-    let mut route_irs = Vec::new();
-    for (route, route_keys, route_upstreams) in routes {
-        upstreams.extend(route_upstreams);
-        keys.extend(route_keys);
-        route_irs.push(route);
+    let mut chains = BTreeSet::new();
+    let mut accounts: BTreeMap<String, AccountIr> = BTreeMap::new();
+    let mut routes = Vec::new();
+    for b in built {
+        upstreams.extend(b.upstreams);
+        keys.extend(b.keys);
+        chains.extend(b.chains);
+        for a in b.accounts {
+            accounts.entry(a.name.clone()).or_insert(a);
+        }
+        routes.push(b.route);
     }
-    route_irs.sort_by(|a, b| a.name.cmp(&b.name));
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
     GatewayIr {
         namespace: namespace.to_string(),
-        routes: route_irs,
+        routes,
+        accounts: accounts.into_values().collect(),
+        chains: chains.into_iter().collect(),
         upstreams: upstreams.into_iter().collect(),
         provider_keys: keys.into_iter().collect(),
     }
-}
-
-/// The upstreams and keys a programmed route needs.
-pub fn route_dependencies(route: &LLMRoute, ir: &RouteIr) -> (Vec<ProviderKeyIr>, Vec<UpstreamIr>) {
-    let mut keys = Vec::new();
-    let mut upstreams = Vec::new();
-    for b in &ir.backends {
-        let spec = route
-            .spec
-            .backends
-            .iter()
-            .find(|s| s.name == b.name)
-            .expect("IR backends come from the spec");
-        if let Some(source) = &spec.credentials_secret_ref {
-            keys.push(ProviderKeyIr {
-                entry: provider_key_entry(source),
-                source: source.clone(),
-            });
-        }
-        let base = backend_base_url(spec, b.provider).expect("checked when the route was built");
-        upstreams.push(UpstreamIr {
-            cluster: base.cluster(),
-            host: base.host,
-            port: base.port,
-            tls: base.tls,
-        });
-    }
-    (keys, upstreams)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ pub mod objects;
 
 use crate::api::LLMRoute;
 use crate::policy::{self, Decision, Facts};
-use ir::{GatewayIr, build_gateway, build_route, route_dependencies};
+use ir::{GatewayIr, build_gateway, build_route};
 
 /// A condition's verdict: a CamelCase reason and a precise message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,9 +85,8 @@ pub fn translate(namespace: &str, routes: &[LLMRoute], facts: &Facts) -> Transla
             ))
         } else {
             match build_route(route, &decision.plan) {
-                Ok(ir) => {
-                    let (keys, upstreams) = route_dependencies(route, &ir);
-                    programmed.push((ir, keys, upstreams));
+                Ok(built) => {
+                    programmed.push(built);
                     Ok(())
                 }
                 Err(message) => Err(Problem::new("InvalidBackend", message)),

@@ -2,8 +2,9 @@
 -- provider's, and rewrites the path to the provider's layout. Response: classifies failures from
 -- status *and* body with the catalog's rules for this provider, marks the ones listed in the route's
 -- failoverOn as retriable (the front route retries on x-llmroute-retry), and names the backend.
--- Per-backend data comes from the route metadata: backend, basePath, pathStyle, apiVersion, models,
--- passthrough, errors, failoverOn.
+-- One such listener serves a provider account for every route using it. The account's data (BASE_PATH,
+-- AZURE, API_VERSION, RULES) is generated above this code; per-route data comes from the route
+-- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,").
 
 function envoy_on_request(handle)
   -- Handles (metadata, headers) taken before body() are invalid afterwards: read everything first.
@@ -11,9 +12,6 @@ function envoy_on_request(handle)
   local backend = md:get("backend")
   local models = md:get("models")
   local passthrough = md:get("passthrough")
-  local base = md:get("basePath")
-  local azure = md:get("pathStyle") == "AzureDeployment"
-  local api_version = md:get("apiVersion")
   local path = handle:headers():get(":path") or "/"
   local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
   if op == nil then
@@ -44,26 +42,27 @@ function envoy_on_request(handle)
   end
   -- A headers handle taken before body() is invalid afterwards: take it again.
   local headers = handle:headers()
-  if azure then
-    headers:replace(":path", base .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..
-      "?api-version=" .. api_version)
+  if AZURE then
+    headers:replace(":path", BASE_PATH .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..
+      "?api-version=" .. API_VERSION)
   else
-    headers:replace(":path", base .. "/" .. op .. query)
+    headers:replace(":path", BASE_PATH .. "/" .. op .. query)
   end
 end
 
 function envoy_on_response(handle)
   local md = handle:metadata()
-  local rules = md:get("errors")
   local failover_on = md:get("failoverOn")
+  local backend = md:get("backend")
+  if backend == nil then return end -- no route matched: Envoy's own 404
   local headers = handle:headers()
-  headers:replace("x-llmroute-backend", md:get("backend"))
+  headers:replace("x-llmroute-backend", backend)
   local status = tonumber(headers:get(":status")) or 0
   if status < 400 then return end
   local class = headers:get("x-llmroute-failure")
   if class == nil then
     local raw = body_string(handle) or ""
-    for _, rule in ipairs(rules) do
+    for _, rule in ipairs(RULES) do
       if (rule.status == 0 or rule.status == status) and
          (rule.match == nil or raw:find(rule.match, 1, true) ~= nil) then
         class = rule.class
@@ -73,7 +72,7 @@ function envoy_on_response(handle)
     headers = handle:headers()
     if class ~= nil then headers:replace("x-llmroute-failure", class) end
   end
-  if class ~= nil and failover_on[class] then
+  if class ~= nil and failover_on:find("," .. class .. ",", 1, true) ~= nil then
     headers:replace("x-llmroute-retry", "1")
   end
 end

@@ -41,7 +41,18 @@ function envoy_on_request(handle)
     return
   end
   headers:remove("authorization")
-  if md:get("passthrough") or headers:get(":method") ~= "POST" then return end
+  local method = headers:get(":method")
+  local path = headers:get(":path") or ""
+  if method == "GET" and (path:match("/v1/models$") or path:match("/v1/models%?")) then
+    local data = {}
+    for _, m in ipairs(md:get("models")) do
+      data[#data + 1] = '{"id":"' .. json_escape(m) .. '","object":"model","created":0,"owned_by":"llmroute/' ..
+        json_escape(route) .. '"}'
+    end
+    reply(handle, 200, '{"object":"list","data":[' .. table.concat(data, ",") .. ']}')
+    return
+  end
+  if md:get("passthrough") or method ~= "POST" then return end
   -- Handles taken before body() are invalid afterwards: read what is needed first.
   local models = md:get("models")
   local raw = body_string(handle)
