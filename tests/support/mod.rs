@@ -1,5 +1,6 @@
 //! Shared support of the integration tests. Each test crate uses the parts it needs.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod envoy;
 pub mod sim;
