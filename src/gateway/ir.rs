@@ -45,7 +45,6 @@ pub struct RouteIr {
 }
 
 /// An ordered list of provider accounts tried one after the other within one client request.
-/// Routes whose backends resolve to the same accounts in the same order share a chain.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChainIr {
     /// Envoy cluster name of the chain.
@@ -337,9 +336,15 @@ fn account_for(
     })
 }
 
-/// Name of the chain cluster trying `accounts` in order.
-fn chain_cluster(accounts: &[String]) -> String {
-    format!("chain:{}", short_hash(&accounts.join("\n")))
+/// Name of a route's chain cluster. It is stable (the route, and for Weighted routes the backend
+/// heading the chain), so that reordering backends updates an existing cluster in place and the
+/// route configuration does not change: a running Envoy never sees a route naming a cluster it has
+/// not loaded yet.
+fn chain_cluster(route: &str, head: Option<&str>) -> String {
+    match head {
+        None => format!("chain:{route}"),
+        Some(head) => format!("chain:{route}:{head}"),
+    }
 }
 
 /// A route's IR plus what it needs from the namespace: accounts, chains, keys and upstreams.
@@ -407,7 +412,8 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
     for (weight, members) in &plan.chains {
         let chain_accounts: Vec<String> =
             members.iter().map(|i| accounts[i].name.clone()).collect();
-        let cluster = chain_cluster(&chain_accounts);
+        let head = (plan.chains.len() > 1).then(|| route.spec.backends[members[0]].name.as_str());
+        let cluster = chain_cluster(&name, head);
         route_chains.push((cluster.clone(), *weight));
         chains.push(ChainIr {
             cluster,
