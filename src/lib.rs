@@ -9,6 +9,8 @@
 pub mod api;
 pub mod catalog;
 pub mod gateway;
+pub mod operator;
 pub mod policy;
 pub mod render;
+pub mod status;
 pub mod validate;

@@ -25,6 +25,92 @@ enum Command {
     /// Render LLMRoute files offline: print the objects the operator would apply (Secret values
     /// redacted), or with --out-dir write the gateway's Envoy files for a local Envoy.
     Render(RenderArgs),
+    /// Run the operator: reconcile LLMRoutes into per-namespace gateways (uses KUBECONFIG or the
+    /// in-cluster service account).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "LLMROUTE_NAMESPACE")]
+    namespace: Option<String>,
+    /// Region of routes whose spec has none (lower-case ISO 3166-1 alpha-2).
+    #[arg(long, default_value = "us", env = "LLMROUTE_DEFAULT_REGION")]
+    default_region: String,
+    /// Envoy image of the gateway Deployments.
+    #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_ENVOY_IMAGE, env = "LLMROUTE_ENVOY_IMAGE")]
+    envoy_image: String,
+    /// Replicas of each gateway Deployment.
+    #[arg(long, default_value_t = 2, env = "LLMROUTE_GATEWAY_REPLICAS")]
+    gateway_replicas: i32,
+    /// Time a new key is given to reach the gateway's Secret volume before configuration uses it
+    /// (Go-style duration; the kubelet refreshes Secret volumes within about a minute).
+    #[arg(long, default_value = "60s", env = "LLMROUTE_KEY_PROPAGATION_DELAY")]
+    key_propagation_delay: String,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", env = "LLMROUTE_LOG_FORMAT")]
+    log_format: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or llmroute=debug.
+    #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
+    log_level: String,
+}
+
+fn init_logging(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn run_operator(args: RunArgs) -> ExitCode {
+    init_logging(&args.log_format, &args.log_level);
+    let delay = match llmroute::gateway::ir::duration_ms(&args.key_propagation_delay) {
+        Ok(ms) => std::time::Duration::from_millis(ms),
+        Err(e) => {
+            eprintln!("error: --key-propagation-delay {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a Kubernetes client (KUBECONFIG or in-cluster config)");
+                return ExitCode::from(1);
+            }
+        };
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("llmroute-{}", std::process::id()));
+        let opts = llmroute::operator::Options {
+            namespace: args.namespace,
+            default_region: args.default_region,
+            gateway: GatewayDeploymentOptions { image: args.envoy_image, replicas: args.gateway_replicas },
+            key_propagation_delay: delay,
+            identity,
+        };
+        tracing::info!(namespace = ?opts.namespace, region = %opts.default_region, "starting llmroute operator");
+        let writes = std::sync::Arc::new(llmroute::operator::apply::WriteCounter::default());
+        llmroute::operator::run(client, opts, writes, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
 }
 
 #[derive(Args)]
@@ -160,5 +246,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
+        Command::Run(args) => run_operator(args),
     }
 }

@@ -25,6 +25,16 @@ pub struct Exclusion {
     pub message: String,
 }
 
+impl Exclusion {
+    /// Excluded by the route's own rules (region, data residency) rather than by a fault.
+    pub fn is_by_design(&self) -> bool {
+        matches!(
+            self.reason,
+            "RegionUnavailable" | "DataResidency" | "UnknownProvider"
+        )
+    }
+}
+
 /// The policy's verdict on one backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendVerdict {
@@ -37,6 +47,9 @@ pub struct BackendVerdict {
 pub struct Decision {
     pub region: String,
     pub plan: RoutePlan,
+    /// The backend that would serve if nothing were failing: the head of the order among backends
+    /// allowed by design (region, data residency). Serving from another one is degraded.
+    pub preferred: Option<usize>,
     /// One verdict per `spec.backends` entry, in spec order.
     pub backends: Vec<BackendVerdict>,
 }
@@ -77,6 +90,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         .unwrap_or_else(|| facts.default_region.clone());
     let residency = route.spec.policy.data_residency.as_deref();
     let mut eligible = Vec::new();
+    let mut allowed = Vec::new();
     let mut backends = Vec::new();
     for (i, b) in route.spec.backends.iter().enumerate() {
         let excluded = match catalog::provider(&b.provider) {
@@ -115,6 +129,9 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         if excluded.is_none() {
             eligible.push(i);
         }
+        if excluded.as_ref().is_none_or(|e| !e.is_by_design()) {
+            allowed.push(i);
+        }
         backends.push(BackendVerdict {
             name: b.name.clone(),
             excluded,
@@ -123,6 +140,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
     Decision {
         region,
         plan: order_by_strategy(route, &eligible),
+        preferred: order_by_strategy(route, &allowed).active(),
         backends,
     }
 }

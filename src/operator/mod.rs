@@ -1,0 +1,197 @@
+//! `llmroute run`: the operator. Thin glue around the pure core: reflectors feed caches and the
+//! controller; the reconciler ([`reconcile`]) translates a namespace and applies the result.
+
+pub mod apply;
+pub mod keys;
+pub mod reconcile;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::LLMRoute;
+use crate::gateway::objects::{GATEWAY_NAME, GatewayDeploymentOptions, KEYS_SECRET_NAME};
+use apply::WriteCounter;
+use reconcile::{Context, error_policy, reconcile};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespace to watch; None: all namespaces.
+    pub namespace: Option<String>,
+    /// Region of routes whose spec has none.
+    pub default_region: String,
+    /// The gateway Deployment's image and replicas.
+    pub gateway: GatewayDeploymentOptions,
+    /// How long a new key is given to reach the gateway's volume before configuration uses it (and
+    /// an unused key is kept before it is pruned). The kubelet refreshes Secret volumes within about
+    /// a minute.
+    pub key_propagation_delay: Duration,
+    /// Name of this instance (events, leader election).
+    pub identity: String,
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Routes of a namespace, as controller triggers.
+fn routes_in(store: &Store<LLMRoute>, ns: &str) -> Vec<ObjectRef<LLMRoute>> {
+    store
+        .state()
+        .iter()
+        .filter(|r| r.namespace().as_deref() == Some(ns))
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves. Returns the write counter (for tests/benchmarks).
+pub async fn run(
+    client: Client,
+    opts: Options,
+    writes: Arc<WriteCounter>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=llmroute");
+    // Secrets: every Secret a route may reference, but not the large kinds no route references.
+    let secrets_cfg = watcher::Config::default()
+        .fields("type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1,type!=kubernetes.io/dockerconfigjson");
+
+    let (routes, routes_writer) = reflector::store::<LLMRoute>();
+    let (secrets, secrets_writer) = reflector::store::<Secret>();
+    let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
+    let (deployments, dep_writer) = reflector::store::<Deployment>();
+    let (services, svc_writer) = reflector::store::<Service>();
+
+    let route_stream = watcher(
+        api::<LLMRoute>(&client, &opts.namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(routes_writer)
+    .touched_objects();
+    let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
+        .default_backoff()
+        .reflect(secrets_writer)
+        .touched_objects();
+    let cm_stream = watcher(api::<ConfigMap>(&client, &opts.namespace), managed.clone())
+        .default_backoff()
+        .reflect(cm_writer)
+        .touched_objects();
+    let dep_stream = watcher(api::<Deployment>(&client, &opts.namespace), managed.clone())
+        .default_backoff()
+        .reflect(dep_writer)
+        .touched_objects();
+    let svc_stream = watcher(api::<Service>(&client, &opts.namespace), managed)
+        .default_backoff()
+        .reflect(svc_writer)
+        .touched_objects();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "llmroute".into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        routes.clone(),
+        secrets,
+        config_maps,
+        deployments,
+        services,
+        opts,
+        recorder,
+        writes,
+    ));
+
+    let by_ns = {
+        let routes = routes.clone();
+        move |ns: Option<String>| ns.map(|ns| routes_in(&routes, &ns)).unwrap_or_default()
+    };
+    let secret_mapper = {
+        let routes = routes.clone();
+        move |secret: Secret| {
+            let ns = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            let owned = name == KEYS_SECRET_NAME
+                || secret
+                    .labels()
+                    .get("app.kubernetes.io/managed-by")
+                    .map(String::as_str)
+                    == Some("llmroute");
+            routes
+                .state()
+                .iter()
+                .filter(|r| r.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|r| {
+                    owned
+                        || r.spec.backends.iter().any(|b| {
+                            b.credentials_secret_ref
+                                .as_ref()
+                                .is_some_and(|s| s.name == name)
+                        })
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (m1, m2, m3) = (by_ns.clone(), by_ns.clone(), by_ns);
+    Controller::for_stream(route_stream, routes)
+        .watches_stream(secret_stream, secret_mapper)
+        .watches_stream(cm_stream, move |o: ConfigMap| {
+            if o.name_any() == GATEWAY_NAME {
+                m1(o.namespace())
+            } else {
+                vec![]
+            }
+        })
+        .watches_stream(dep_stream, move |o: Deployment| {
+            if o.name_any() == GATEWAY_NAME {
+                m2(o.namespace())
+            } else {
+                vec![]
+            }
+        })
+        .watches_stream(svc_stream, move |o: Service| {
+            if o.name_any() == GATEWAY_NAME {
+                m3(o.namespace())
+            } else {
+                vec![]
+            }
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(route = %obj.name, "reconciled"),
+                Err(kube::runtime::controller::Error::ReconcilerFailed(e, obj)) => {
+                    warn!(route = %obj.name, error = %e, "reconcile failed")
+                }
+                Err(e) => warn!(error = %e, "controller"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+}

@@ -1,0 +1,447 @@
+//! The reconciler: read (from caches), translate (pure core), apply in the safe order, write status.
+//! The unit of work is a namespace: its routes share one gateway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::Options;
+use super::apply::{FIELD_MANAGER, WriteCounter, apply};
+use super::keys::KeyClock;
+use crate::api::{LLMRoute, LLMRouteStatus};
+use crate::gateway::objects::{self, GATEWAY_NAME, KEYS_SECRET_NAME, KeyMaterial};
+use crate::gateway::{self, Problem, envoy};
+use crate::policy::Facts;
+use crate::status::{self, RouteState};
+
+/// Errors of one reconciliation; they are retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub client: Client,
+    pub routes: Store<LLMRoute>,
+    pub secrets: Store<Secret>,
+    pub config_maps: Store<ConfigMap>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub opts: Options,
+    pub recorder: Recorder,
+    pub writes: Arc<WriteCounter>,
+    /// One reconciliation per namespace at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    keys: Mutex<HashMap<String, KeyClock>>,
+    /// Route keys generated or read, by (namespace, route uid).
+    route_keys: Mutex<HashMap<(String, String), String>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        routes: Store<LLMRoute>,
+        secrets: Store<Secret>,
+        config_maps: Store<ConfigMap>,
+        deployments: Store<Deployment>,
+        services: Store<Service>,
+        opts: Options,
+        recorder: Recorder,
+        writes: Arc<WriteCounter>,
+    ) -> Context {
+        Context {
+            client,
+            routes,
+            secrets,
+            config_maps,
+            deployments,
+            services,
+            opts,
+            recorder,
+            writes,
+            locks: Mutex::default(),
+            keys: Mutex::default(),
+            route_keys: Mutex::default(),
+        }
+    }
+
+    fn namespace_lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("lock map")
+            .entry(ns.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn secret(&self, ns: &str, name: &str) -> Option<Arc<Secret>> {
+        self.secrets.get(&ObjectRef::new(name).within(ns))
+    }
+}
+
+fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn owner_ref(route: &LLMRoute, controller: bool) -> Option<OwnerReference> {
+    let mut o = route.controller_owner_ref(&())?;
+    o.controller = Some(controller);
+    o.block_owner_deletion = Some(true);
+    Some(o)
+}
+
+fn new_route_key() -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+    let suffix: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    format!("sk-llmroute-{suffix}")
+}
+
+/// Reconciles the namespace of `route`.
+pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = route.namespace().unwrap_or_default();
+    let lock = ctx.namespace_lock(&ns);
+    let _guard = lock.lock().await;
+    reconcile_namespace(&ns, &ctx).await
+}
+
+async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
+    let mut routes: Vec<Arc<LLMRoute>> = ctx
+        .routes
+        .state()
+        .into_iter()
+        .filter(|r| r.namespace().as_deref() == Some(ns) && r.meta().deletion_timestamp.is_none())
+        .collect();
+    routes.sort_by_key(|r| r.name_any());
+    if routes.is_empty() {
+        // The gateway objects are owned by the routes: the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+
+    // Validate with the CRD's own rules (a route stored before a rule existed may break one).
+    let mut valid = Vec::new();
+    let mut invalid = BTreeMap::new();
+    for r in &routes {
+        let mut value = serde_json::to_value(r.as_ref()).expect("routes serialize");
+        value.as_object_mut().map(|o| o.remove("status"));
+        match crate::validate::validate_route(&value) {
+            Ok(_) => valid.push(r.as_ref().clone()),
+            Err(errors) => {
+                let message = errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                invalid.insert(r.name_any(), Problem::new("InvalidSpec", message));
+            }
+        }
+    }
+
+    // Facts: which referenced Secret keys exist (non-empty).
+    let mut facts = Facts {
+        default_region: ctx.opts.default_region.clone(),
+        ..Default::default()
+    };
+    for r in &valid {
+        for b in &r.spec.backends {
+            if let Some(s) = &b.credentials_secret_ref
+                && let Some(secret) = ctx.secret(ns, &s.name)
+            {
+                let keys = facts.secrets.entry(s.name.clone()).or_default();
+                for (k, v) in secret_data(&secret) {
+                    if !v.iter().all(u8::is_ascii_whitespace) {
+                        keys.insert(k);
+                    }
+                }
+            }
+        }
+    }
+    let translation = gateway::translate(ns, &valid, &facts);
+
+    // Key material: provider keys from the referenced Secrets, route keys kept stable.
+    let current_keys = ctx.secret(ns, KEYS_SECRET_NAME);
+    let current_key_data = current_keys.as_deref().map(secret_data);
+    let mut material = KeyMaterial::default();
+    for k in &translation.gateway.provider_keys {
+        if let Some(v) = ctx
+            .secret(ns, &k.source.name)
+            .and_then(|s| secret_data(&s).remove(&k.source.key))
+        {
+            material.provider_keys.insert(k.entry.clone(), v);
+        }
+    }
+    for r in &valid {
+        let entry = crate::gateway::ir::route_key_entry(&r.name_any());
+        let id = (ns.to_string(), r.uid().unwrap_or_default());
+        let key = {
+            let mut cache = ctx.route_keys.lock().expect("route key cache");
+            cache
+                .entry(id)
+                .or_insert_with(|| {
+                    current_key_data
+                        .as_ref()
+                        .and_then(|d| d.get(&entry))
+                        .and_then(|v| String::from_utf8(v.clone()).ok())
+                        .filter(|k| !k.is_empty())
+                        .unwrap_or_else(new_route_key)
+                })
+                .clone()
+        };
+        material.route_keys.insert(r.name_any(), key);
+    }
+
+    let owners: Vec<OwnerReference> = routes.iter().filter_map(|r| owner_ref(r, false)).collect();
+    let envoy_opts = envoy::EnvoyOptions::default();
+    let files = envoy::render(&translation.gateway, &envoy_opts);
+    let desired_cm = objects::config_map(&translation.gateway, &files, &owners);
+    let desired_keys = objects::keys_secret(&translation.gateway, &material, &owners);
+    let current_cm = ctx
+        .config_maps
+        .get(&ObjectRef::new(GATEWAY_NAME).within(ns));
+
+    // 1. Keys before the configuration that uses them.
+    let plan = {
+        let mut clocks = ctx.keys.lock().expect("key clocks");
+        let desired_data: BTreeMap<String, Vec<u8>> = desired_keys
+            .data
+            .as_ref()
+            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+            .unwrap_or_default();
+        clocks.entry(ns.to_string()).or_default().plan(
+            current_key_data.as_ref(),
+            &desired_data,
+            current_cm.is_some(),
+            ctx.opts.key_propagation_delay,
+            Instant::now(),
+        )
+    };
+    let mut keys_secret = desired_keys.clone();
+    keys_secret.data = Some(
+        plan.data
+            .iter()
+            .map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.clone())))
+            .collect(),
+    );
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    apply(
+        &secrets_api,
+        &keys_secret,
+        current_keys.as_deref(),
+        &["data"],
+        &ctx.writes,
+    )
+    .await?;
+
+    // 2. The configuration, once its keys have had time to reach the gateway's volume.
+    let mut published: Result<(), Problem> = Ok(());
+    if plan.config_ready {
+        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+        if apply(
+            &cms,
+            &desired_cm,
+            current_cm.as_deref(),
+            &["data"],
+            &ctx.writes,
+        )
+        .await?
+        {
+            info!(
+                namespace = ns,
+                routes = translation.gateway.routes.len(),
+                "published gateway configuration"
+            );
+        }
+    } else {
+        published = Err(Problem::new(
+            "KeysPropagating",
+            "waiting for new keys to reach the gateway before publishing",
+        ));
+    }
+
+    // 3. The gateway Deployment and Service.
+    let deployment = objects::deployment(ns, &envoy_opts, &ctx.opts.gateway, &owners);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let current = ctx
+        .deployments
+        .get(&ObjectRef::new(GATEWAY_NAME).within(ns));
+    apply(
+        &deployments,
+        &deployment,
+        current.as_deref(),
+        &[],
+        &ctx.writes,
+    )
+    .await?;
+    let service = objects::service(ns, &owners);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let current = ctx.services.get(&ObjectRef::new(GATEWAY_NAME).within(ns));
+    apply(&services, &service, current.as_deref(), &[], &ctx.writes).await?;
+
+    // 4. Workload Secrets, once the configuration serving them is published; 5. status and events.
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    for route in &routes {
+        let name = route.name_any();
+        let state = match invalid.get(&name) {
+            Some(problem) => RouteState::Invalid(problem.clone()),
+            None => {
+                let outcome = translation
+                    .routes
+                    .iter()
+                    .find(|o| o.name == name)
+                    .expect("one outcome per valid route");
+                if published.is_ok()
+                    && outcome.programmed.is_ok()
+                    && let Some(env) = objects::workload_env(
+                        route,
+                        ns,
+                        outcome.active_backend.as_deref(),
+                        &material,
+                    )
+                    && let Some(owner) = owner_ref(route, true)
+                {
+                    let desired = objects::workload_secret(route, ns, &env, owner);
+                    let current = ctx.secret(ns, &route.workload_secret_name());
+                    apply(
+                        &secrets_api,
+                        &desired,
+                        current.as_deref(),
+                        &["data"],
+                        &ctx.writes,
+                    )
+                    .await?;
+                }
+                RouteState::Translated {
+                    outcome,
+                    endpoint: match route.spec.workload_secret.mode {
+                        crate::api::WorkloadMode::Gateway => objects::gateway_base_url(ns, &name),
+                        crate::api::WorkloadMode::Direct => objects::workload_env(
+                            route,
+                            ns,
+                            outcome.active_backend.as_deref(),
+                            &material,
+                        )
+                        .map(|e| e.base_url)
+                        .unwrap_or_default(),
+                    },
+                    published: published.clone(),
+                }
+            }
+        };
+        write_status(ctx, route, &state, now.clone()).await?;
+    }
+
+    Ok(match plan.recheck_after {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+async fn write_status(
+    ctx: &Context,
+    route: &LLMRoute,
+    state: &RouteState<'_>,
+    now: Time,
+) -> Result<(), Error> {
+    let previous = route.status.as_ref();
+    let new = status::route_status(state, route.meta().generation, previous, now);
+    if !status::status_changed(previous, &new) {
+        return Ok(());
+    }
+    publish_events(ctx, route, previous, &new).await;
+    let api: Api<LLMRoute> =
+        Api::namespaced(ctx.client.clone(), &route.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "apiVersion": "llmroute.io/v1alpha1", "kind": "LLMRoute", "status": new });
+    api.patch_status(
+        &route.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.writes.add();
+    Ok(())
+}
+
+/// Events for what a user should notice: transitions only, so a steady state emits nothing.
+async fn publish_events(
+    ctx: &Context,
+    route: &LLMRoute,
+    previous: Option<&LLMRouteStatus>,
+    new: &LLMRouteStatus,
+) {
+    let old_condition = |t: &str| previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == t));
+    let mut events = Vec::new();
+    for c in &new.conditions {
+        let old = old_condition(&c.type_);
+        if old.is_some_and(|o| o.status == c.status && o.reason == c.reason) {
+            continue;
+        }
+        let event = match (c.type_.as_str(), c.status.as_str()) {
+            (status::PROGRAMMED, "True") => Some((EventType::Normal, "Published".to_string())),
+            (status::ACCEPTED | status::RESOLVED_REFS | status::PROGRAMMED, "False") => {
+                Some((EventType::Warning, c.reason.clone()))
+            }
+            _ => None,
+        };
+        if let Some((type_, reason)) = event {
+            events.push(Event {
+                type_,
+                reason,
+                note: Some(c.message.chars().take(1000).collect()),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    for b in &new.backends {
+        let old = previous.and_then(|p| p.backends.iter().find(|o| o.name == b.name));
+        if b.state == "Excluded"
+            && old.is_none_or(|o| o.state != "Excluded" || o.reason != b.reason)
+        {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: "BackendExcluded".into(),
+                note: Some(format!(
+                    "backend {:?}: {}",
+                    b.name,
+                    b.message.clone().unwrap_or_default()
+                )),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    for event in events {
+        if let Err(e) = ctx.recorder.publish(&event, &route.object_ref(&())).await {
+            warn!(route = %route.name_any(), error = %e, "could not publish event");
+        } else {
+            ctx.writes.add();
+        }
+    }
+}
+
+/// Retry failed reconciliations with a short delay (conflicts, transient API errors).
+pub fn error_policy(route: Arc<LLMRoute>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(route = %route.name_any(), namespace = %route.namespace().unwrap_or_default(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}

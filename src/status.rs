@@ -1,0 +1,241 @@
+//! Status of an LLMRoute from the translation's outcome: conditions following the Kubernetes API
+//! conventions and kstatus (`Accepted`, `ResolvedRefs`, `Programmed`, `Ready`, `Degraded`), the
+//! active backend, the endpoint and per-backend states. Pure: the reconciler writes what this builds.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{BackendStatus, LLMRouteStatus};
+use crate::gateway::{Problem, RouteOutcome};
+
+pub const ACCEPTED: &str = "Accepted";
+pub const RESOLVED_REFS: &str = "ResolvedRefs";
+pub const PROGRAMMED: &str = "Programmed";
+pub const READY: &str = "Ready";
+pub const DEGRADED: &str = "Degraded";
+
+/// What the reconciler knows about one route.
+#[derive(Clone, Debug)]
+pub enum RouteState<'a> {
+    /// The spec failed validation: (reason, message).
+    Invalid(Problem),
+    /// Translated; `published` is false when the gateway configuration could not be written.
+    Translated {
+        outcome: &'a RouteOutcome,
+        endpoint: String,
+        published: Result<(), Problem>,
+    },
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
+/// The status a route should have. `previous` supplies `lastTransitionTime`s: a condition whose
+/// status did not change keeps its time.
+pub fn route_status(
+    state: &RouteState,
+    generation: Option<i64>,
+    previous: Option<&LLMRouteStatus>,
+    now: Time,
+) -> LLMRouteStatus {
+    let mut conditions = Vec::new();
+    let mut status = LLMRouteStatus {
+        observed_generation: generation,
+        ..Default::default()
+    };
+    match state {
+        RouteState::Invalid(p) => {
+            conditions.push(condition(
+                ACCEPTED,
+                false,
+                &p.reason,
+                p.message.clone(),
+                generation,
+                &now,
+            ));
+            conditions.push(condition(
+                READY,
+                false,
+                &p.reason,
+                format!("the route is not served: {}", p.message),
+                generation,
+                &now,
+            ));
+        }
+        RouteState::Translated {
+            outcome,
+            endpoint,
+            published,
+        } => {
+            conditions.push(condition(
+                ACCEPTED,
+                true,
+                ACCEPTED,
+                "the spec is valid".into(),
+                generation,
+                &now,
+            ));
+            match &outcome.resolved_refs {
+                Ok(()) => conditions.push(condition(
+                    RESOLVED_REFS,
+                    true,
+                    RESOLVED_REFS,
+                    "every referenced Secret key exists".into(),
+                    generation,
+                    &now,
+                )),
+                Err(p) => conditions.push(condition(
+                    RESOLVED_REFS,
+                    false,
+                    &p.reason,
+                    p.message.clone(),
+                    generation,
+                    &now,
+                )),
+            }
+            let programmed = outcome.programmed.clone().and(published.clone());
+            match &programmed {
+                Ok(()) => conditions.push(condition(
+                    PROGRAMMED,
+                    true,
+                    PROGRAMMED,
+                    "the gateway configuration is published".into(),
+                    generation,
+                    &now,
+                )),
+                Err(p) => conditions.push(condition(
+                    PROGRAMMED,
+                    false,
+                    &p.reason,
+                    p.message.clone(),
+                    generation,
+                    &now,
+                )),
+            }
+            let preferred = outcome
+                .decision
+                .preferred
+                .map(|i| outcome.decision.backends[i].name.clone());
+            match (&programmed, &outcome.active_backend) {
+                (Ok(()), Some(active)) => {
+                    conditions.push(condition(
+                        READY,
+                        true,
+                        READY,
+                        format!("serving from backend {active:?}"),
+                        generation,
+                        &now,
+                    ));
+                    let degraded = preferred.as_deref() != Some(active.as_str());
+                    let message = if degraded {
+                        let preferred = preferred.clone().unwrap_or_default();
+                        let why = outcome
+                            .decision
+                            .backends
+                            .iter()
+                            .find(|b| b.name == preferred)
+                            .and_then(|b| b.excluded.as_ref())
+                            .map(|e| e.message.clone())
+                            .unwrap_or_default();
+                        format!(
+                            "serving from {active:?} instead of the preferred backend {preferred:?}: {why}"
+                        )
+                    } else {
+                        "serving from the preferred backend".into()
+                    };
+                    let reason = if degraded {
+                        "NotPreferredBackend"
+                    } else {
+                        "PreferredBackend"
+                    };
+                    conditions.push(condition(
+                        DEGRADED, degraded, reason, message, generation, &now,
+                    ));
+                    status.active_backend = Some(active.clone());
+                    status.endpoint = Some(endpoint.clone());
+                }
+                (Err(p), _) => conditions.push(condition(
+                    READY,
+                    false,
+                    &p.reason,
+                    p.message.clone(),
+                    generation,
+                    &now,
+                )),
+                (Ok(()), None) => conditions.push(condition(
+                    READY,
+                    false,
+                    "NoEligibleBackend",
+                    "no backend can serve".into(),
+                    generation,
+                    &now,
+                )),
+            }
+            status.backends = outcome
+                .decision
+                .backends
+                .iter()
+                .map(|b| {
+                    let (state, reason, message) = match &b.excluded {
+                        None if Some(&b.name) == outcome.active_backend.as_ref() => {
+                            ("Active".to_string(), None, None)
+                        }
+                        None => ("Standby".to_string(), None, None),
+                        Some(e) => (
+                            "Excluded".to_string(),
+                            Some(e.reason.to_string()),
+                            Some(e.message.clone()),
+                        ),
+                    };
+                    let previous_backend =
+                        previous.and_then(|p| p.backends.iter().find(|pb| pb.name == b.name));
+                    let last_transition_time = match previous_backend {
+                        Some(pb) if pb.state == state && pb.reason == reason => {
+                            pb.last_transition_time.clone()
+                        }
+                        _ => Some(now.clone()),
+                    };
+                    BackendStatus {
+                        name: b.name.clone(),
+                        state,
+                        reason,
+                        message,
+                        last_probe_time: previous_backend.and_then(|pb| pb.last_probe_time.clone()),
+                        last_probe_latency_ms: previous_backend
+                            .and_then(|pb| pb.last_probe_latency_ms),
+                        last_transition_time,
+                    }
+                })
+                .collect();
+        }
+    }
+    // Keep lastTransitionTime where the status of a condition did not change.
+    for c in &mut conditions {
+        if let Some(old) = previous.and_then(|p| p.conditions.iter().find(|o| o.type_ == c.type_))
+            && old.status == c.status
+        {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    status.conditions = conditions;
+    status
+}
+
+/// Whether two statuses differ in anything but timestamps that only move on change.
+pub fn status_changed(old: Option<&LLMRouteStatus>, new: &LLMRouteStatus) -> bool {
+    old != Some(new)
+}
