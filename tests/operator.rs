@@ -1,0 +1,446 @@
+//! The operator on the real control plane: routes and Secrets in, gateway objects, workload Secrets,
+//! status and events out. Each test runs its own operator scoped to its own namespace.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use llmroute::api::LLMRoute;
+use llmroute::gateway::objects::GatewayDeploymentOptions;
+use llmroute::operator::{self, Options, apply::WriteCounter};
+use support::cluster::{TestNamespace, eventually};
+
+const ZHIPU_KEY: &str = "zhipu-test-key-4f1c9a7e";
+const QIANFAN_KEY: &str = "bce-v3/qianfan-test-key-77aa";
+
+struct Running {
+    writes: Arc<WriteCounter>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+async fn start_operator(ns: &TestNamespace) -> Running {
+    let client = ns.cluster().client().await;
+    let opts = Options {
+        namespace: Some(ns.name.clone()),
+        default_region: "cn".into(),
+        gateway: GatewayDeploymentOptions::default(),
+        key_propagation_delay: Duration::from_secs(1),
+        identity: "test".into(),
+    };
+    let writes = Arc::new(WriteCounter::default());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(operator::run(client, opts, writes.clone(), async move {
+        let _ = rx.await;
+    }));
+    Running {
+        writes,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn secret(name: &str, key: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\nstringData: {{ {key}: \"{value}\" }}\n"
+    )
+}
+
+const ROUTE: &str = r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: { name: chat }
+spec:
+  region: cn
+  defaultModel: gpt-4o
+  backends:
+    - name: openai
+      provider: openai
+      credentialsSecretRef: { name: openai-key, key: api-key }
+      models: { gpt-4o: gpt-4o }
+    - name: zhipu
+      provider: zhipu
+      priority: 1
+      credentialsSecretRef: { name: zhipu-key, key: api-key }
+      models: { gpt-4o: glm-4-plus }
+    - name: qianfan
+      provider: qianfan
+      priority: 2
+      credentialsSecretRef: { name: qianfan-key, key: api-key }
+      models: { gpt-4o: ernie-4.0-8k }
+"#;
+
+fn apply(ns: &TestNamespace, yaml: &str) {
+    let out = ns.cluster().kubectl_as(
+        &ns.cluster().kubeconfig(),
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(yaml),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn condition(route: &LLMRoute, type_: &str) -> Option<(String, String, String)> {
+    route
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_condition(api: &Api<LLMRoute>, name: &str, type_: &str, status: &str) -> LLMRoute {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{name}: {type_}={status}"),
+        || {
+            let api = api.clone();
+            async move {
+                let r = api.get_opt(name).await.ok()??;
+                let gen_ok = r.status.as_ref()?.observed_generation == r.metadata.generation;
+                (gen_ok && condition(&r, type_).is_some_and(|c| c.0 == status)).then_some(r)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
+    let ns = TestNamespace::new("op").await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let op = start_operator(&ns).await;
+    // The zhipu key is missing at first.
+    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
+    apply(&ns, ROUTE);
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+
+    let r = wait_condition(&routes, "chat", "ResolvedRefs", "False").await;
+    let (_, reason, message) = condition(&r, "ResolvedRefs").unwrap();
+    assert_eq!(reason, "SecretNotFound");
+    assert_eq!(
+        message,
+        format!(
+            "secret \"zhipu-key\" not found in namespace \"{}\"",
+            ns.name
+        )
+    );
+    // It still serves, from qianfan, and says it is degraded.
+    let r = wait_condition(&routes, "chat", "Ready", "True").await;
+    let st = r.status.clone().unwrap();
+    assert_eq!(st.active_backend.as_deref(), Some("qianfan"));
+    assert_eq!(condition(&r, "Degraded").unwrap().0, "True");
+    let openai = st.backends.iter().find(|b| b.name == "openai").unwrap();
+    assert_eq!(
+        (openai.state.as_str(), openai.reason.as_deref()),
+        ("Excluded", Some("RegionUnavailable"))
+    );
+
+    // The Secret appears: refs resolve, zhipu (preferred among those allowed in cn) takes over.
+    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    let r = wait_condition(&routes, "chat", "ResolvedRefs", "True").await;
+    let r = eventually(Duration::from_secs(30), "zhipu active", || {
+        let routes = routes.clone();
+        let _ = &r;
+        async move {
+            let r = routes.get("chat").await.ok()?;
+            (r.status.as_ref()?.active_backend.as_deref() == Some("zhipu")).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(
+        condition(&r, "Degraded").unwrap().0,
+        "False",
+        "openai is excluded by design in cn, not a fault"
+    );
+    assert_eq!(condition(&r, "Programmed").unwrap().0, "True");
+    assert_eq!(
+        r.status.as_ref().unwrap().endpoint.as_deref(),
+        Some(format!("http://llmroute-gateway.{}.svc:8080/chat/v1", ns.name).as_str())
+    );
+
+    // Gateway objects.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let cm = cms.get("llmroute-gateway").await.unwrap();
+    let data = cm.data.clone().unwrap();
+    assert!(
+        data.contains_key("bootstrap.yaml")
+            && data.contains_key("listeners.json")
+            && data.contains_key("routes.json")
+    );
+    let all = serde_json::to_string(&data).unwrap();
+    assert!(
+        !all.contains(ZHIPU_KEY) && !all.contains(QIANFAN_KEY),
+        "key material in the ConfigMap"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys = secrets.get("llmroute-gateway-keys").await.unwrap();
+    let keys = keys.data.unwrap();
+    assert_eq!(keys["provider_zhipu-key_api-key"].0, ZHIPU_KEY.as_bytes());
+    assert_eq!(
+        keys["provider_qianfan-key_api-key"].0,
+        QIANFAN_KEY.as_bytes()
+    );
+    let route_key = String::from_utf8(keys["route_chat"].0.clone()).unwrap();
+    assert!(route_key.starts_with("sk-llmroute-") && route_key.len() > 40);
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = dep.get("llmroute-gateway").await.unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
+    assert!(c.readiness_probe.is_some());
+    let svc: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(
+        svc.get("llmroute-gateway")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()[0]
+            .port,
+        8080
+    );
+
+    // The workload Secret: what any OpenAI SDK reads.
+    let w = secrets.get("chat-llm").await.unwrap().data.unwrap();
+    assert_eq!(
+        String::from_utf8(w["OPENAI_BASE_URL"].0.clone()).unwrap(),
+        format!("http://llmroute-gateway.{}.svc:8080/chat/v1", ns.name)
+    );
+    assert_eq!(
+        String::from_utf8(w["OPENAI_API_KEY"].0.clone()).unwrap(),
+        route_key
+    );
+    assert_eq!(
+        String::from_utf8(w["OPENAI_MODEL"].0.clone()).unwrap(),
+        "gpt-4o"
+    );
+
+    // Events say what happened.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let reasons: Vec<String> = eventually(Duration::from_secs(10), "events", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+            (reasons.contains(&"SecretNotFound".to_string())
+                && reasons.contains(&"Published".to_string()))
+            .then_some(reasons)
+        }
+    })
+    .await;
+    assert!(
+        reasons.contains(&"BackendExcluded".to_string()),
+        "{reasons:?}"
+    );
+
+    // Rotation: a new key value reaches the gateway keys Secret within seconds.
+    apply(
+        &ns,
+        &secret("zhipu-key", "api-key", "zhipu-rotated-key-0001"),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "rotated key in the gateway Secret",
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let k = secrets.get("llmroute-gateway-keys").await.ok()?.data?;
+                (k.get("provider_zhipu-key_api-key")?.0 == b"zhipu-rotated-key-0001").then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Steady state: no writes at all.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = op.writes.get();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(op.writes.get(), before, "writes in a steady state");
+
+    // Restart: a new operator converges to the same objects without writing anything.
+    op.stop().await;
+    let op2 = start_operator(&ns).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        op2.writes.get(),
+        0,
+        "a restarted operator rewrote objects that were already right"
+    );
+    let keys_after = secrets
+        .get("llmroute-gateway-keys")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(keys_after["route_chat"].0.clone()).unwrap(),
+        route_key,
+        "route key kept across restarts"
+    );
+    op2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_isolated_and_cleaned_up() {
+    let ns = TestNamespace::new("iso").await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let op = start_operator(&ns).await;
+    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
+    apply(&ns, ROUTE);
+    // A second route that cannot serve in cn: not programmed, with its own condition; chat unaffected.
+    apply(
+        &ns,
+        r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: { name: legacy }
+spec:
+  region: cn
+  backends:
+    - name: openai
+      provider: openai
+      credentialsSecretRef: { name: openai-key, key: api-key }
+      models: { gpt-4o: gpt-4o }
+"#,
+    );
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    let legacy = wait_condition(&routes, "legacy", "Programmed", "False").await;
+    let (_, reason, message) = condition(&legacy, "Programmed").unwrap();
+    assert_eq!(reason, "NoEligibleBackend");
+    assert!(
+        message.contains("provider openai does not serve region \"cn\""),
+        "{message}"
+    );
+    assert_eq!(condition(&legacy, "Ready").unwrap().0, "False");
+    wait_condition(&routes, "chat", "Ready", "True").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let routes_json =
+        cms.get("llmroute-gateway").await.unwrap().data.unwrap()["routes.json"].clone();
+    assert!(routes_json.contains("/chat/v1/") && !routes_json.contains("/legacy/v1/"));
+
+    // Deleting a route removes its workload Secret and its part of the configuration.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    assert!(secrets.get_opt("chat-llm").await.unwrap().is_some());
+    routes
+        .delete("chat", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "chat-llm garbage-collected and chat's config removed",
+        || {
+            let (secrets, cms) = (secrets.clone(), cms.clone());
+            async move {
+                let gone = secrets.get_opt("chat-llm").await.ok()?.is_none();
+                let cm = cms.get_opt("llmroute-gateway").await.ok()??;
+                let config_clean = !cm.data?.get("routes.json")?.contains("/chat/v1/");
+                (gone && config_clean).then_some(())
+            }
+        },
+    )
+    .await;
+    // Deleting the last route removes the gateway (garbage collector).
+    routes
+        .delete("legacy", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(30),
+        "gateway objects garbage-collected",
+        || {
+            let (deps, cms, secrets) = (deps.clone(), cms.clone(), secrets.clone());
+            async move {
+                let none = deps.get_opt("llmroute-gateway").await.ok()?.is_none()
+                    && cms.get_opt("llmroute-gateway").await.ok()?.is_none()
+                    && secrets
+                        .get_opt("llmroute-gateway-keys")
+                        .await
+                        .ok()?
+                        .is_none();
+                none.then_some(())
+            }
+        },
+    )
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_leak_into_config_status_or_events() {
+    let ns = TestNamespace::new("leak").await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let op = start_operator(&ns).await;
+    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
+    apply(&ns, ROUTE);
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&routes, "chat", "Ready", "True").await;
+    // Break a ref so that error paths run too.
+    let patch = serde_json::json!({ "spec": { "backends": [
+        { "name": "openai", "provider": "openai", "credentialsSecretRef": { "name": "openai-key", "key": "api-key" }, "models": { "gpt-4o": "gpt-4o" } },
+        { "name": "zhipu", "provider": "zhipu", "priority": 1, "credentialsSecretRef": { "name": "zhipu-key", "key": "wrong-key" }, "models": { "gpt-4o": "glm-4-plus" } },
+        { "name": "qianfan", "provider": "qianfan", "priority": 2, "credentialsSecretRef": { "name": "qianfan-key", "key": "api-key" }, "models": { "gpt-4o": "ernie-4.0-8k" } },
+    ] } });
+    routes
+        .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let r = wait_condition(&routes, "chat", "ResolvedRefs", "False").await;
+    assert_eq!(
+        condition(&r, "ResolvedRefs").unwrap().1,
+        "SecretKeyNotFound"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let mut haystack = String::new();
+    for cm in cms.list(&ListParams::default()).await.unwrap() {
+        haystack.push_str(&serde_json::to_string(&cm).unwrap());
+    }
+    for r in routes.list(&ListParams::default()).await.unwrap() {
+        haystack.push_str(&serde_json::to_string(&r.status).unwrap());
+    }
+    for e in events.list(&ListParams::default()).await.unwrap() {
+        haystack.push_str(&serde_json::to_string(&e).unwrap());
+    }
+    assert!(haystack.len() > 1000);
+    for key in [ZHIPU_KEY, QIANFAN_KEY] {
+        assert!(
+            !haystack.contains(key),
+            "a provider key leaked into a ConfigMap, status or Event"
+        );
+    }
+    op.stop().await;
+}
