@@ -48,6 +48,15 @@ struct RunArgs {
     /// (Go-style duration; the kubelet refreshes Secret volumes within about a minute).
     #[arg(long, default_value = "60s", env = "LLMROUTE_KEY_PROPAGATION_DELAY")]
     key_propagation_delay: String,
+    /// Run the controller only while holding the leader Lease (for more than one replica).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "LLMROUTE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease.
+    #[arg(long, default_value = "llmroute-system", env = "POD_NAMESPACE")]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "llmroute-operator")]
+    leader_election_name: String,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "LLMROUTE_LOG_FORMAT")]
     log_format: String,
@@ -108,8 +117,29 @@ fn run_operator(args: RunArgs) -> ExitCode {
         };
         tracing::info!(namespace = ?opts.namespace, region = %opts.default_region, "starting llmroute operator");
         let writes = std::sync::Arc::new(llmroute::operator::apply::WriteCounter::default());
-        llmroute::operator::run(client, opts, writes, shutdown_signal()).await;
-        ExitCode::SUCCESS
+        if !args.leader_elect {
+            llmroute::operator::run(client, opts, writes, shutdown_signal()).await;
+            return ExitCode::SUCCESS;
+        }
+        let lease = llmroute::operator::leader::LeaseConfig {
+            namespace: args.leader_election_namespace,
+            name: args.leader_election_name,
+            identity: opts.identity.clone(),
+            duration: std::time::Duration::from_secs(15),
+            renew_every: std::time::Duration::from_secs(5),
+        };
+        let work = |stop: tokio::sync::oneshot::Receiver<()>| {
+            llmroute::operator::run(client.clone(), opts, writes, async move {
+                let _ = stop.await;
+            })
+        };
+        match llmroute::operator::leader::lead(client.clone(), lease, shutdown_signal(), work).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "stepping down; exiting so that a fresh process rejoins as a follower");
+                ExitCode::from(1)
+            }
+        }
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod keys;
+pub mod leader;
 pub mod reconcile;
 
 use std::sync::Arc;

@@ -1,0 +1,206 @@
+//! `llmroute run` as a process, as it runs in a cluster: leader election between two replicas
+//! (only the Lease holder reconciles; the standby takes over when the leader stops), and no provider
+//! key in the operator's log output.
+
+mod support;
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use llmroute::api::LLMRoute;
+use support::cluster::{TestNamespace, eventually};
+
+const ZHIPU_KEY: &str = "zhipu-process-key-9c2e51";
+
+struct Operator {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    fn start(ns: &TestNamespace, identity: &str, dir: &std::path::Path) -> Operator {
+        let log = dir.join(format!("{identity}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+            .args([
+                "run",
+                "--namespace",
+                &ns.name,
+                "--default-region",
+                "cn",
+                "--key-propagation-delay",
+                "1s",
+            ])
+            .args([
+                "--leader-election-namespace",
+                &ns.name,
+                "--log-level",
+                "llmroute=debug,info",
+                "--log-format",
+                "json",
+            ])
+            .env("KUBECONFIG", ns.cluster().kubeconfig())
+            .env("POD_NAME", identity)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start llmroute run");
+        Operator { child, log }
+    }
+
+    /// SIGTERM, as the kubelet stops a pod.
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("llmroute run did not stop within 10 s of SIGTERM");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("llmroute-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_reconciles_a_standby_takes_over_and_logs_hold_no_keys() {
+    let ns = TestNamespace::new("lead").await;
+    let c = ns.cluster();
+    c.install_crds();
+    let client = c.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let apply = |yaml: &str| {
+        let out = c.kubectl_as(
+            &c.kubeconfig(),
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some(yaml),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY} }}\n"
+    ));
+    apply(
+        r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: { name: chat }
+spec:
+  backends:
+    - name: zhipu
+      provider: zhipu
+      credentialsSecretRef: { name: zhipu-key, key: api-key }
+      models: { gpt-4o: glm-4-plus }
+    - name: broken
+      provider: deepseek
+      credentialsSecretRef: { name: missing, key: api-key }
+      models: { gpt-4o: deepseek-chat }
+"#,
+    );
+
+    let mut a = Operator::start(&ns, "replica-a", dir.path());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(30), "replica-a to lead", || {
+        let leases = leases.clone();
+        async move { (holder(&leases).await.as_deref() == Some("replica-a")).then_some(()) }
+    })
+    .await;
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(30), "the route to be Ready", || {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get("chat").await.ok()?;
+            r.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+
+    let mut b = Operator::start(&ns, "replica-b", dir.path());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        holder(&leases).await.as_deref(),
+        Some("replica-a"),
+        "the standby must not take a held Lease"
+    );
+    assert!(
+        b.log_text().contains("waiting for leadership"),
+        "{}",
+        b.log_text()
+    );
+    assert!(
+        !b.log_text().contains("published gateway configuration"),
+        "the standby wrote"
+    );
+
+    // The leader stops (SIGTERM): it releases the Lease and the standby takes over and reconciles.
+    a.terminate();
+    eventually(Duration::from_secs(20), "replica-b to lead", || {
+        let leases = leases.clone();
+        async move { (holder(&leases).await.as_deref() == Some("replica-b")).then_some(()) }
+    })
+    .await;
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY}-rotated }}\n"
+    ));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let rotated = format!("{ZHIPU_KEY}-rotated");
+    eventually(
+        Duration::from_secs(20),
+        "the new leader to publish the rotated key",
+        || {
+            let (secrets, rotated) = (secrets.clone(), rotated.clone());
+            async move {
+                let data = secrets.get("llmroute-gateway-keys").await.ok()?.data?;
+                (data.get("provider_zhipu-key_api-key")?.0 == rotated.as_bytes()).then_some(())
+            }
+        },
+    )
+    .await;
+    b.terminate();
+
+    // Neither replica ever logged a key.
+    let logs = a.log_text() + &b.log_text();
+    assert!(
+        logs.contains("acquired leadership") && logs.lines().count() > 5,
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(ZHIPU_KEY),
+        "a provider key appeared in the operator's log"
+    );
+    assert!(
+        !logs.contains("sk-llmroute-"),
+        "a route key appeared in the operator's log"
+    );
+}
