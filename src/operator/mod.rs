@@ -56,6 +56,11 @@ where
     }
 }
 
+/// Cached objects do not need their managedFields (often the largest part of small objects).
+fn drop_managed_fields<K: kube::Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
 /// Routes of a namespace, as controller triggers.
 fn routes_in(store: &Store<LLMRoute>, ns: &str) -> Vec<ObjectRef<LLMRoute>> {
     store
@@ -89,22 +94,27 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(drop_managed_fields)
     .reflect(routes_writer)
     .touched_objects();
     let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(secrets_writer)
         .touched_objects();
     let cm_stream = watcher(api::<ConfigMap>(&client, &opts.namespace), managed.clone())
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(cm_writer)
         .touched_objects();
     let dep_stream = watcher(api::<Deployment>(&client, &opts.namespace), managed.clone())
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(dep_writer)
         .touched_objects();
     let svc_stream = watcher(api::<Service>(&client, &opts.namespace), managed)
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(svc_writer)
         .touched_objects();
 

@@ -2,6 +2,8 @@
 //! The unit of work is a namespace: its routes share one gateway.
 
 use std::collections::{BTreeMap, HashMap};
+
+use futures::{StreamExt, TryStreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +80,18 @@ impl Context {
         }
     }
 
+    /// Waits until every cache has its initial list: reconciling against a partial cache would
+    /// rewrite objects that already exist.
+    pub async fn caches_synced(&self) {
+        let _ = tokio::join!(
+            self.routes.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready(),
+        );
+    }
+
     fn namespace_lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
@@ -120,6 +134,7 @@ fn new_route_key() -> String {
 
 /// Reconciles the namespace of `route`.
 pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.caches_synced().await;
     let ns = route.namespace().unwrap_or_default();
     let lock = ctx.namespace_lock(&ns);
     let _guard = lock.lock().await;
@@ -299,62 +314,90 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     apply(&services, &service, current.as_deref(), &[], &ctx.writes).await?;
 
     // 4. Workload Secrets, once the configuration serving them is published; 5. status and events.
+    // Routes are independent here: write them a few at a time.
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut per_route = Vec::new();
     for route in &routes {
-        let name = route.name_any();
-        let state = match invalid.get(&name) {
-            Some(problem) => RouteState::Invalid(problem.clone()),
-            None => {
-                let outcome = translation
-                    .routes
-                    .iter()
-                    .find(|o| o.name == name)
-                    .expect("one outcome per valid route");
-                if published.is_ok()
-                    && outcome.programmed.is_ok()
-                    && let Some(env) = objects::workload_env(
-                        route,
-                        ns,
-                        outcome.active_backend.as_deref(),
-                        &material,
-                    )
-                    && let Some(owner) = owner_ref(route, true)
-                {
-                    let desired = objects::workload_secret(route, ns, &env, owner);
-                    let current = ctx.secret(ns, &route.workload_secret_name());
-                    apply(
-                        &secrets_api,
-                        &desired,
-                        current.as_deref(),
-                        &["data"],
-                        &ctx.writes,
-                    )
-                    .await?;
-                }
-                RouteState::Translated {
-                    outcome,
-                    endpoint: match route.spec.workload_secret.mode {
-                        crate::api::WorkloadMode::Gateway => objects::gateway_base_url(ns, &name),
-                        crate::api::WorkloadMode::Direct => objects::workload_env(
-                            route,
-                            ns,
-                            outcome.active_backend.as_deref(),
-                            &material,
-                        )
-                        .map(|e| e.base_url)
-                        .unwrap_or_default(),
-                    },
-                    published: published.clone(),
-                }
-            }
-        };
-        write_status(ctx, route, &state, now.clone()).await?;
+        per_route.push(write_route(
+            ctx,
+            ns,
+            route,
+            &translation,
+            &material,
+            &invalid,
+            &published,
+            &secrets_api,
+            now.clone(),
+        ));
     }
+    futures::stream::iter(per_route)
+        .buffer_unordered(8)
+        .try_collect::<Vec<()>>()
+        .await?;
 
     Ok(match plan.recheck_after {
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// Writes one route's workload Secret and status.
+#[allow(clippy::too_many_arguments)]
+async fn write_route(
+    ctx: &Context,
+    ns: &str,
+    route: &LLMRoute,
+    translation: &gateway::Translation,
+    material: &KeyMaterial,
+    invalid: &BTreeMap<String, Problem>,
+    published: &Result<(), Problem>,
+    secrets_api: &Api<Secret>,
+    now: Time,
+) -> Result<(), Error> {
+    let name = route.name_any();
+    let state = match invalid.get(&name) {
+        Some(problem) => RouteState::Invalid(problem.clone()),
+        None => {
+            let outcome = translation
+                .routes
+                .iter()
+                .find(|o| o.name == name)
+                .expect("one outcome per valid route");
+            if published.is_ok()
+                && outcome.programmed.is_ok()
+                && let Some(env) =
+                    objects::workload_env(route, ns, outcome.active_backend.as_deref(), material)
+                && let Some(owner) = owner_ref(route, true)
+            {
+                let desired = objects::workload_secret(route, ns, &env, owner);
+                let current = ctx.secret(ns, &route.workload_secret_name());
+                apply(
+                    secrets_api,
+                    &desired,
+                    current.as_deref(),
+                    &["data"],
+                    &ctx.writes,
+                )
+                .await?;
+            }
+            RouteState::Translated {
+                outcome,
+                endpoint: match route.spec.workload_secret.mode {
+                    crate::api::WorkloadMode::Gateway => objects::gateway_base_url(ns, &name),
+                    crate::api::WorkloadMode::Direct => objects::workload_env(
+                        route,
+                        ns,
+                        outcome.active_backend.as_deref(),
+                        material,
+                    )
+                    .map(|e| e.base_url)
+                    .unwrap_or_default(),
+                },
+                published: published.clone(),
+            }
+        }
+    };
+    write_status(ctx, route, &state, now).await
 }
 
 async fn write_status(
