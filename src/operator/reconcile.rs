@@ -479,6 +479,7 @@ async fn publish_events(
             warn!(route = %route.name_any(), error = %e, "could not publish event");
         } else {
             ctx.writes.add();
+            tracing::debug!(target: "llmroute::write", kind = "Event", reason = %event.reason, name = %route.name_any(), "applied");
         }
     }
 }
