@@ -2,7 +2,7 @@
 //! listener and one per backend listener, and one SDS file per provider key (naming a file in the
 //! mounted keys Secret; no key material is ever written here).
 //!
-//! Layout (see docs/architecture.md): the front listener `gateway` checks the route key and the
+//! Layout (see the README's architecture picture): the front listener `gateway` checks the route key and the
 //! model, then routes `/<route>/v1/...` to a failover chain (an aggregate cluster retried with
 //! `previous_priorities`). Each chain member is an internal listener per provider account (provider,
 //! base URL, key) that injects the provider's key, maps the model for the route, rewrites path and
