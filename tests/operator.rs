@@ -97,6 +97,18 @@ fn apply(ns: &TestNamespace, yaml: &str) {
     );
 }
 
+/// A namespace with both provider keys, the `chat` route, and an operator watching it.
+async fn operator_with_chat_route(prefix: &str) -> (TestNamespace, kube::Client, Running) {
+    let ns = TestNamespace::new(prefix).await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let op = start_operator(&ns).await;
+    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
+    apply(&ns, ROUTE);
+    (ns, client, op)
+}
+
 fn condition(route: &LLMRoute, type_: &str) -> Option<(String, String, String)> {
     route
         .status
@@ -309,13 +321,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_isolated_and_cleaned_up() {
-    let ns = TestNamespace::new("iso").await;
-    ns.cluster().install_crds();
-    let client = ns.cluster().client().await;
-    let op = start_operator(&ns).await;
-    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
-    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
-    apply(&ns, ROUTE);
+    let (ns, client, op) = operator_with_chat_route("iso").await;
     // A second route that cannot serve in cn: not programmed, with its own condition; chat unaffected.
     apply(
         &ns,
@@ -397,13 +403,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_leak_into_config_status_or_events() {
-    let ns = TestNamespace::new("leak").await;
-    ns.cluster().install_crds();
-    let client = ns.cluster().client().await;
-    let op = start_operator(&ns).await;
-    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
-    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
-    apply(&ns, ROUTE);
+    let (ns, client, op) = operator_with_chat_route("leak").await;
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
     wait_condition(&routes, "chat", "Ready", "True").await;
     // Break a ref so that error paths run too.
