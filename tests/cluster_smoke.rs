@@ -39,7 +39,20 @@ async fn crd_is_established_and_explained() {
     ] {
         assert!(ns_list.contains(ns), "{ns_list}");
     }
-    let explain = c.kubectl_ok(&["explain", "llmroute.spec.backends"]);
+    // The API server publishes a new CRD's OpenAPI a few seconds after it is established.
+    let explain = eventually(
+        Duration::from_secs(60),
+        "kubectl explain to know llmroutes",
+        || {
+            let out = c.kubectl(&["explain", "llmroute.spec.backends"]);
+            async move {
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        },
+    )
+    .await;
     assert!(
         explain.contains("The providers this route may use"),
         "{explain}"
