@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::ir::{AccountIr, BackendIr, ChainIr, GatewayIr, RouteIr, UpstreamIr};
+use super::ir::{AccountIr, BackendIr, GatewayIr, RouteIr, UpstreamIr};
+use super::xds;
 use crate::catalog::PathStyle;
 
 /// Where the gateway finds its files and what it listens on.
@@ -79,20 +80,46 @@ pub fn key_sds_file(entry: &str) -> String {
     format!("key.{entry}.json")
 }
 
+/// A route of the front listener: a route's entry, or the catch-all.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // one catch-all among the route entries
+enum FrontEntry<'a> {
+    Route(xds::FrontRoute<'a>),
+    Other(Value),
+}
+
+/// A cluster: a route's failover chain, or another one.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ClusterEntry<'a> {
+    Chain(xds::ChainCluster<'a>),
+    Other(Value),
+}
+
+impl ClusterEntry<'_> {
+    fn name(&self) -> &str {
+        match self {
+            ClusterEntry::Chain(c) => c.name,
+            ClusterEntry::Other(v) => v["name"].as_str().unwrap_or_default(),
+        }
+    }
+}
+
 /// Envoy resources of a gateway, before they are laid out in files.
-struct Resources {
+struct Resources<'a> {
     listeners: Vec<Value>,
-    clusters: Vec<Value>,
-    /// (file, RouteConfiguration)
-    route_configs: Vec<(String, Value)>,
+    clusters: Vec<ClusterEntry<'a>>,
+    front: xds::RouteConfig<'a, FrontEntry<'a>>,
+    /// (file, RouteConfiguration) of each account listener.
+    accounts: Vec<(String, xds::RouteConfig<'a, xds::AccountRoute<'a>>)>,
     /// (file, Secret)
     secrets: Vec<(String, Value)>,
 }
 
-fn resources(gw: &GatewayIr, opts: &EnvoyOptions) -> Resources {
+fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
     let mut listeners = vec![front_listener(opts)];
-    let mut clusters: Vec<Value> = Vec::new();
-    let mut route_configs = vec![(ROUTES.to_string(), front_route_config(gw, opts))];
+    let mut clusters: Vec<ClusterEntry> = Vec::new();
     // Which (route, backend) pairs each account serves.
     let mut served: BTreeMap<&str, Vec<(&RouteIr, &BackendIr)>> = BTreeMap::new();
     for route in &gw.routes {
@@ -103,21 +130,35 @@ fn resources(gw: &GatewayIr, opts: &EnvoyOptions) -> Resources {
                 .push((route, backend));
         }
     }
+    let mut accounts = Vec::new();
     for account in &gw.accounts {
         listeners.push(account_listener(account, opts));
-        clusters.push(internal_cluster(&account.name));
+        clusters.push(ClusterEntry::Other(internal_cluster(&account.name)));
         let entries = served
             .get(account.name.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        route_configs.push((
+        accounts.push((
             account_routes_file(account),
             account_route_config(account, entries),
         ));
     }
-    clusters.extend(gw.chains.iter().map(chain_cluster));
-    clusters.extend(gw.upstreams.iter().map(|u| upstream_cluster(u, opts)));
-    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    clusters.extend(
+        gw.chains
+            .iter()
+            .map(|c| ClusterEntry::Chain(xds::ChainCluster::new(&c.cluster, &c.accounts))),
+    );
+    clusters.extend(
+        gw.upstreams
+            .iter()
+            .map(|u| ClusterEntry::Other(upstream_cluster(u, opts))),
+    );
+    clusters.sort_by(|a, b| a.name().cmp(b.name()));
+    for c in &mut clusters {
+        if let ClusterEntry::Other(v) = c {
+            *v = typed("envoy.config.cluster.v3.Cluster", std::mem::take(v));
+        }
+    }
     let secrets = gw
         .provider_keys
         .iter()
@@ -128,13 +169,25 @@ fn resources(gw: &GatewayIr, opts: &EnvoyOptions) -> Resources {
             .into_iter()
             .map(|l| typed("envoy.config.listener.v3.Listener", l))
             .collect(),
-        clusters: clusters
-            .into_iter()
-            .map(|c| typed("envoy.config.cluster.v3.Cluster", c))
-            .collect(),
-        route_configs,
+        clusters,
+        front: front_route_config(gw, opts),
+        accounts,
         secrets,
     }
+}
+
+fn file_json<T: serde::Serialize>(resources: &[T]) -> String {
+    #[derive(serde::Serialize)]
+    struct Discovery<'a, T: serde::Serialize> {
+        resources: &'a [T],
+    }
+    let mut s = serde_json::to_string(&Discovery { resources }).expect("resources serialize");
+    s.push('\n');
+    s
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("resources serialize")
 }
 
 /// Envoy's files for a gateway: file name → content. Deterministic: the same IR gives the same bytes.
@@ -142,10 +195,17 @@ pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
     let r = resources(gw, opts);
     let mut files = BTreeMap::new();
     files.insert(BOOTSTRAP.to_string(), to_yaml(&bootstrap(opts)));
-    files.insert(LISTENERS.to_string(), to_json(&discovery(r.listeners)));
-    files.insert(CLUSTERS.to_string(), to_json(&discovery(r.clusters)));
-    for (file, config) in r.route_configs.into_iter().chain(r.secrets) {
-        files.insert(file, to_json(&discovery(vec![config])));
+    files.insert(LISTENERS.to_string(), file_json(&r.listeners));
+    files.insert(CLUSTERS.to_string(), file_json(&r.clusters));
+    files.insert(
+        ROUTES.to_string(),
+        file_json(std::slice::from_ref(&r.front)),
+    );
+    for (file, config) in &r.accounts {
+        files.insert(file.clone(), file_json(std::slice::from_ref(config)));
+    }
+    for (file, secret) in &r.secrets {
+        files.insert(file.clone(), file_json(std::slice::from_ref(secret)));
     }
     files
 }
@@ -154,11 +214,11 @@ pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
 /// for `envoy --mode validate`, which checks the bootstrap but does not load file-based xDS.
 pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
     let r = resources(gw, opts);
-    let routes: BTreeMap<String, Value> = r
-        .route_configs
-        .into_iter()
-        .map(|(_, c)| (c["name"].as_str().unwrap_or_default().to_string(), c))
-        .collect();
+    let mut routes: BTreeMap<String, Value> = BTreeMap::new();
+    for c in std::iter::once(to_value(&r.front)).chain(r.accounts.iter().map(|(_, c)| to_value(c)))
+    {
+        routes.insert(c["name"].as_str().unwrap_or_default().to_string(), c);
+    }
     let untyped = |mut v: Value| {
         v.as_object_mut()
             .expect("resources are objects")
@@ -181,7 +241,7 @@ pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
     statics["clusters"]
         .as_array_mut()
         .expect("clusters")
-        .extend(r.clusters.into_iter().map(untyped));
+        .extend(r.clusters.iter().map(|c| untyped(to_value(c))));
     statics["secrets"] = Value::Array(r.secrets.into_iter().map(|(_, s)| untyped(s)).collect());
     to_yaml(&boot)
 }
@@ -214,16 +274,6 @@ fn inline_discovery(v: &mut Value, routes: &BTreeMap<String, Value>) {
 
 fn to_yaml(v: &Value) -> String {
     serde_yaml_ng::to_string(v).expect("JSON values serialize to YAML")
-}
-
-fn to_json(v: &Value) -> String {
-    let mut s = serde_json::to_string(v).expect("JSON values serialize");
-    s.push('\n');
-    s
-}
-
-fn discovery(resources: Vec<Value>) -> Value {
-    json!({ "resources": resources })
 }
 
 fn file_source(opts: &EnvoyOptions, file: &str) -> Value {
@@ -472,131 +522,109 @@ fn local_failure(flags: &[&str], class: &str) -> Value {
     })
 }
 
-/// Route metadata the account listener's Lua reads for one route's backend.
-fn backend_metadata(route: &RouteIr, backend: &BackendIr) -> Value {
-    // ",RegionBlocked,Timeout," — a model a backend does not map always moves on to the next backend.
-    let classes: Vec<&str> = route
-        .failover_on
-        .iter()
-        .map(|c| c.as_str())
-        .chain(["ModelNotMapped"])
-        .collect();
-    let failover_on = format!(",{},", classes.join(","));
-    json!({ "filter_metadata": { "envoy.filters.http.lua": {
-        "route": route.name,
-        "backend": backend.name,
-        "models": backend.models,
-        "passthrough": backend.passthrough,
-        "failoverOn": failover_on,
-    } } })
+/// ",RegionBlocked,Timeout," — a model a backend does not map always moves on to the next backend.
+fn failover_classes(route: &RouteIr) -> String {
+    let mut out = String::from(",");
+    for c in &route.failover_on {
+        out.push_str(c.as_str());
+        out.push(',');
+    }
+    out.push_str("ModelNotMapped,");
+    out
 }
 
-fn account_route_config(account: &AccountIr, served: &[(&RouteIr, &BackendIr)]) -> Value {
-    let headers: Vec<Value> = account
-        .provider
-        .headers
+fn account_route_config<'a>(
+    account: &'a AccountIr,
+    served: &[(&'a RouteIr, &'a BackendIr)],
+) -> xds::RouteConfig<'a, xds::AccountRoute<'a>> {
+    let routes = served
         .iter()
-        .map(|(k, v)| json!({ "header": { "key": k, "value": v }, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD" }))
-        .collect();
-    let routes: Vec<Value> = served
-        .iter()
-        .map(|(route, backend)| {
-            let mut r = json!({
-                "name": format!("{}/{}", route.name, backend.name),
-                // Matched by the route header the front route sets, not by path: the Lua filter
-                // rewrites the path to the provider's, which makes Envoy match the route again.
-                "match": {
-                    "prefix": "/",
-                    "headers": [{ "name": ROUTE_HEADER, "string_match": { "exact": route.name } }],
+        .map(|&(route, backend)| xds::AccountRoute {
+            name: format!("{}/{}", route.name, backend.name),
+            match_: xds::HeaderMatch {
+                prefix: "/",
+                headers: [xds::NamedExact {
+                    name: ROUTE_HEADER,
+                    string_match: xds::ExactMatch { exact: &route.name },
+                }],
+            },
+            request_headers_to_remove: [ROUTE_HEADER],
+            request_headers_to_add: account
+                .provider
+                .headers
+                .iter()
+                .map(|(k, v)| xds::HeaderToAdd::overwrite(k, v))
+                .collect(),
+            route: xds::AccountAction {
+                cluster: &account.upstream,
+                host_rewrite_literal: &account.authority,
+                timeout: "0s",
+                retry_policy: xds::IdleOnly {
+                    num_retries: 0,
+                    per_try_idle_timeout: seconds(route.idle_timeout_ms),
                 },
-                "request_headers_to_remove": [ROUTE_HEADER],
-                "route": {
-                    "cluster": account.upstream,
-                    "host_rewrite_literal": account.authority,
-                    // The front route bounds the whole request; this bounds silence from this provider.
-                    "timeout": "0s",
-                    "retry_policy": { "num_retries": 0, "per_try_idle_timeout": seconds(route.idle_timeout_ms) },
-                },
-                "metadata": backend_metadata(route, backend),
-                "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
-            });
-            if !headers.is_empty() {
-                r["request_headers_to_add"] = json!(headers);
-            }
-            r
+            },
+            metadata: xds::LuaMetadata::new(xds::AccountMetadata {
+                route: &route.name,
+                backend: &backend.name,
+                models: &backend.models,
+                passthrough: backend.passthrough,
+                failover_on: failover_classes(route),
+            }),
+            request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         })
         .collect();
-    typed_route_config(&account.name, routes)
+    xds::RouteConfig::new(&account.name, routes)
 }
 
-fn typed_route_config(name: &str, routes: Vec<Value>) -> Value {
-    typed(
-        "envoy.config.route.v3.RouteConfiguration",
-        json!({
-            "name": name,
-            // Clusters may arrive after routes within one update; never reject a route for that.
-            "validate_clusters": false,
-            "virtual_hosts": [{ "name": name, "domains": ["*"], "routes": routes }],
-        }),
-    )
-}
-
-fn front_metadata(route: &RouteIr, opts: &EnvoyOptions) -> Value {
-    json!({ "filter_metadata": { "envoy.filters.http.lua": {
-        "route": route.name,
-        "keyFile": format!("{}/{}", opts.keys_dir, route.key_entry),
-        "models": route.models,
-        "passthrough": route.passthrough,
-    } } })
-}
-
-fn front_routes(route: &RouteIr, opts: &EnvoyOptions) -> Vec<Value> {
-    let prefix = format!("/{}/v1/", route.name);
-    let retries = route.max_attempts.saturating_sub(1);
-    let retry_policy = json!({
-        "retry_on": "retriable-headers,reset,connect-failure,refused-stream",
-        "num_retries": retries,
-        "per_try_timeout": "0s",
-        "retriable_headers": [{ "name": "x-llmroute-retry", "string_match": { "exact": "1" } }],
-        "retry_priority": {
-            "name": "envoy.retry_priorities.previous_priorities",
-            "typed_config": typed("envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", json!({ "update_frequency": 1 })),
-        },
-        "retry_back_off": { "base_interval": "0.001s", "max_interval": "0.002s" },
-    });
-    let mut action = json!({
-        "timeout": seconds(route.request_timeout_ms),
-        "retry_policy": retry_policy,
-    });
-    if route.chains.len() == 1 {
-        action["cluster"] = json!(route.chains[0].0);
+fn front_route<'a>(route: &'a RouteIr, opts: &EnvoyOptions) -> xds::FrontRoute<'a> {
+    let (cluster, weighted_clusters) = if route.chains.len() == 1 {
+        (Some(route.chains[0].0.as_str()), None)
     } else {
-        let clusters: Vec<Value> = route
+        let clusters = route
             .chains
             .iter()
-            .map(|(cluster, weight)| json!({ "name": cluster, "weight": weight }))
+            .map(|(name, weight)| xds::WeightedCluster {
+                name,
+                weight: *weight,
+            })
             .collect();
-        action["weighted_clusters"] = json!({ "clusters": clusters });
+        (None, Some(xds::WeightedClusters { clusters }))
+    };
+    xds::FrontRoute {
+        name: &route.name,
+        match_: xds::PrefixMatch {
+            prefix: format!("/{}/v1/", route.name),
+        },
+        route: xds::FrontAction {
+            cluster,
+            weighted_clusters,
+            timeout: seconds(route.request_timeout_ms),
+            retry_policy: xds::RetryPolicy::failover(
+                route.max_attempts.saturating_sub(1),
+                "x-llmroute-retry",
+            ),
+        },
+        metadata: xds::LuaMetadata::new(xds::FrontMetadata {
+            route: &route.name,
+            key_file: format!("{}/{}", opts.keys_dir, route.key_entry),
+            models: &route.models,
+            passthrough: route.passthrough,
+        }),
+        request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
+        request_headers_to_add: [xds::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],
+        response_headers_to_remove: ["x-llmroute-retry"],
     }
-    vec![json!({
-        "name": route.name,
-        "match": { "prefix": prefix },
-        "route": action,
-        "metadata": front_metadata(route, opts),
-        "request_body_buffer_limit": REQUEST_BUFFER_LIMIT,
-        "request_headers_to_add": [{
-            "header": { "key": ROUTE_HEADER, "value": route.name },
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-        }],
-        "response_headers_to_remove": ["x-llmroute-retry"],
-    })]
 }
 
-fn front_route_config(gw: &GatewayIr, opts: &EnvoyOptions) -> Value {
-    let mut routes: Vec<Value> = gw
+fn front_route_config<'a>(
+    gw: &'a GatewayIr,
+    opts: &EnvoyOptions,
+) -> xds::RouteConfig<'a, FrontEntry<'a>> {
+    let mut routes: Vec<FrontEntry> = gw
         .routes
         .iter()
-        .flat_map(|r| front_routes(r, opts))
+        .map(|r| FrontEntry::Route(front_route(r, opts)))
         .collect();
     let names: Vec<&str> = gw.routes.iter().map(|r| r.name.as_str()).collect();
     let message = if names.is_empty() {
@@ -607,23 +635,19 @@ fn front_route_config(gw: &GatewayIr, opts: &EnvoyOptions) -> Value {
             names.join("/v1, /")
         )
     };
-    routes.push(json!({
+    routes.push(FrontEntry::Other(json!({
         "name": "not-found",
         "match": { "prefix": "/" },
         "direct_response": { "status": 404, "body": { "inline_string":
             json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": "route_not_found" } }).to_string()
         } },
         "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
-    }));
-    typed_route_config(FRONT, routes)
+    })));
+    xds::RouteConfig::new(FRONT, routes)
 }
 
 fn circuit_breakers() -> Value {
-    // Envoy's defaults (1024 requests, 3 concurrent retries) would turn failover under load into
-    // overflow errors; the gateway is bounded by its clients' concurrency instead.
-    json!({ "thresholds": [{
-        "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000, "max_retries": 100000,
-    }] })
+    serde_json::to_value(xds::CircuitBreakers::generous()).expect("circuit breakers serialize")
 }
 
 fn internal_cluster(account: &str) -> Value {
@@ -637,19 +661,6 @@ fn internal_cluster(account: &str) -> Value {
             "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
                 "envoy_internal_address": { "server_listener_name": account },
             } } }] }],
-        },
-    })
-}
-
-fn chain_cluster(chain: &ChainIr) -> Value {
-    json!({
-        "name": chain.cluster,
-        "connect_timeout": "1s",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "circuit_breakers": circuit_breakers(),
-        "cluster_type": {
-            "name": "envoy.clusters.aggregate",
-            "typed_config": typed("envoy.extensions.clusters.aggregate.v3.ClusterConfig", json!({ "clusters": chain.accounts })),
         },
     })
 }

@@ -6,6 +6,7 @@
 pub mod envoy;
 pub mod ir;
 pub mod objects;
+pub mod xds;
 
 use crate::api::LLMRoute;
 use crate::policy::{self, Decision, Facts};
