@@ -48,6 +48,24 @@ struct RunArgs {
     /// (Go-style duration; the kubelet refreshes Secret volumes within about a minute).
     #[arg(long, default_value = "60s", env = "LLMROUTE_KEY_PROPAGATION_DELAY")]
     key_propagation_delay: String,
+    /// Where the gateway Pods mount the configuration ConfigMap.
+    #[arg(long, default_value = "/etc/llmroute/config")]
+    gateway_config_dir: String,
+    /// Where the gateway Pods mount the keys Secret.
+    #[arg(long, default_value = "/etc/llmroute/keys")]
+    gateway_keys_dir: String,
+    /// Port of the gateway listener inside the Pod (the Service always exposes 8080).
+    #[arg(long, default_value_t = 8080)]
+    gateway_port: u16,
+    /// Port of the gateway's readiness and metrics listener.
+    #[arg(long, default_value_t = 19003)]
+    gateway_health_port: u16,
+    /// Port of the gateway's admin interface (bound to 127.0.0.1).
+    #[arg(long, default_value_t = 9901)]
+    gateway_admin_port: u16,
+    /// CA bundle the gateway verifies providers' TLS certificates against.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    gateway_trusted_ca: String,
     /// Run the controller only while holding the leader Lease (for more than one replica).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "LLMROUTE_LEADER_ELECT")]
     leader_elect: bool,
@@ -113,6 +131,15 @@ fn run_operator(args: RunArgs) -> ExitCode {
             default_region: args.default_region,
             gateway: GatewayDeploymentOptions { image: args.envoy_image, replicas: args.gateway_replicas },
             key_propagation_delay: delay,
+            envoy: llmroute::gateway::envoy::EnvoyOptions {
+                config_dir: args.gateway_config_dir,
+                keys_dir: args.gateway_keys_dir,
+                port: args.gateway_port,
+                address: "0.0.0.0".into(),
+                admin_port: args.gateway_admin_port,
+                health_port: args.gateway_health_port,
+                trusted_ca: args.gateway_trusted_ca,
+            },
             identity,
         };
         tracing::info!(namespace = ?opts.namespace, region = %opts.default_region, "starting llmroute operator");

@@ -40,6 +40,7 @@ async fn start_operator(ns: &TestNamespace) -> Running {
         default_region: "cn".into(),
         gateway: GatewayDeploymentOptions::default(),
         key_propagation_delay: Duration::from_secs(1),
+        envoy: Default::default(),
         identity: "test".into(),
     };
     let writes = Arc::new(WriteCounter::default());

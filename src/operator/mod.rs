@@ -34,6 +34,8 @@ pub struct Options {
     pub default_region: String,
     /// The gateway Deployment's image and replicas.
     pub gateway: GatewayDeploymentOptions,
+    /// Where the gateway's Envoy finds its mounted files, and its ports.
+    pub envoy: crate::gateway::envoy::EnvoyOptions,
     /// How long a new key is given to reach the gateway's volume before configuration uses it (and
     /// an unused key is kept before it is pruned). The kubelet refreshes Secret volumes within about
     /// a minute.

@@ -227,8 +227,8 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     }
 
     let owners: Vec<OwnerReference> = routes.iter().filter_map(|r| owner_ref(r, false)).collect();
-    let envoy_opts = envoy::EnvoyOptions::default();
-    let files = envoy::render(&translation.gateway, &envoy_opts);
+    let envoy_opts = &ctx.opts.envoy;
+    let files = envoy::render(&translation.gateway, envoy_opts);
     let desired_cm = objects::config_map(&translation.gateway, &files, &owners);
     let desired_keys = objects::keys_secret(&translation.gateway, &material, &owners);
     let current_cm = ctx
@@ -295,7 +295,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     }
 
     // 3. The gateway Deployment and Service.
-    let deployment = objects::deployment(ns, &envoy_opts, &ctx.opts.gateway, &owners);
+    let deployment = objects::deployment(ns, envoy_opts, &ctx.opts.gateway, &owners);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let current = ctx
         .deployments

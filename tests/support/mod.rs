@@ -3,4 +3,5 @@
 
 pub mod cluster;
 pub mod envoy;
+pub mod kubelet;
 pub mod sim;

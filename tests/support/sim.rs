@@ -46,7 +46,7 @@ impl Received {
 }
 
 struct Inner {
-    key: String,
+    key: Mutex<String>,
     mode: Mutex<Mode>,
     received: Mutex<Vec<Received>>,
 }
@@ -62,7 +62,7 @@ impl Sim {
     /// Starts a simulator that accepts `key`.
     pub async fn start(key: &str) -> Sim {
         let inner = Arc::new(Inner {
-            key: key.to_string(),
+            key: Mutex::new(key.to_string()),
             mode: Mutex::new(Mode::Ok),
             received: Mutex::new(Vec::new()),
         });
@@ -73,6 +73,11 @@ impl Sim {
         let app = Router::new().fallback(handle).with_state(inner.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.expect("simulator serves") });
         Sim { inner, port }
+    }
+
+    /// Accept another key from now on (rotation).
+    pub fn set_key(&self, key: &str) {
+        *self.inner.key.lock().unwrap() = key.to_string();
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -106,7 +111,7 @@ async fn handle(
         headers: headers.clone(),
         body: json.clone(),
     });
-    let expected = format!("Bearer {}", inner.key);
+    let expected = format!("Bearer {}", inner.key.lock().unwrap());
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return error(
             StatusCode::UNAUTHORIZED,

@@ -1,0 +1,284 @@
+//! End to end: the operator on the real control plane writes the gateway's ConfigMap and keys
+//! Secret; they are materialised the way a kubelet does; the real Envoy 1.40 runs on them; requests
+//! are sent the way an OpenAI SDK sends them, with OPENAI_BASE_URL and OPENAI_API_KEY read from the
+//! workload Secret (only the Service host is replaced by 127.0.0.1:<port>, as there is no cluster DNS).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use llmroute::api::LLMRoute;
+use llmroute::gateway::envoy::EnvoyOptions;
+use llmroute::gateway::objects::GatewayDeploymentOptions;
+use llmroute::operator::{self, Options, apply::WriteCounter};
+use support::cluster::{TestNamespace, eventually};
+use support::envoy::{Envoy, free_port};
+use support::kubelet::Volumes;
+use support::sim::{Mode, Sim};
+
+fn apply(ns: &TestNamespace, yaml: &str) {
+    let out = ns.cluster().kubectl_as(
+        &ns.cluster().kubeconfig(),
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(yaml),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn secret(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\nstringData: {{ api-key: \"{value}\" }}\n"
+    )
+}
+
+fn route(name: &str, primary: &Sim, secondary: &Sim) -> String {
+    format!(
+        r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: {name} }}
+spec:
+  defaultModel: gpt-4o
+  backends:
+    - name: primary
+      provider: openai-compatible
+      endpoint: http://127.0.0.1:{}/v1
+      credentialsSecretRef: {{ name: primary-key, key: api-key }}
+      models: {{ gpt-4o: model-a }}
+    - name: secondary
+      provider: openai-compatible
+      endpoint: http://127.0.0.1:{}/api/paas/v4
+      priority: 1
+      credentialsSecretRef: {{ name: secondary-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-plus }}
+"#,
+        primary.port, secondary.port
+    )
+}
+
+/// The workload Secret's base URL with the Service host replaced by the local Envoy.
+async fn workload_env(secrets: &Api<Secret>, name: &str, port: u16) -> (String, String) {
+    let s = eventually(Duration::from_secs(30), "the workload Secret", || {
+        let secrets = secrets.clone();
+        let name = name.to_string();
+        async move { secrets.get_opt(&name).await.ok()? }
+    })
+    .await;
+    let data = s.data.unwrap();
+    let base = String::from_utf8(data["OPENAI_BASE_URL"].0.clone()).unwrap();
+    let key = String::from_utf8(data["OPENAI_API_KEY"].0.clone()).unwrap();
+    let path = base
+        .split_once(".svc:8080")
+        .expect("gateway URL")
+        .1
+        .to_string();
+    (format!("http://127.0.0.1:{port}{path}"), key)
+}
+
+async fn chat(base: &str, key: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .expect("request through the gateway")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes() {
+    let ns = TestNamespace::new("e2e").await;
+    let c = ns.cluster();
+    c.install_crds();
+    let client = c.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let envoy_opts = EnvoyOptions {
+        config_dir: dir.path().join("config").display().to_string(),
+        keys_dir: dir.path().join("keys").display().to_string(),
+        port: free_port(),
+        address: "127.0.0.1".into(),
+        admin_port: free_port(),
+        health_port: free_port(),
+        ..Default::default()
+    };
+    let writes = Arc::new(WriteCounter::default());
+    let opts = Options {
+        namespace: Some(ns.name.clone()),
+        default_region: "us".into(),
+        gateway: GatewayDeploymentOptions::default(),
+        envoy: envoy_opts.clone(),
+        key_propagation_delay: Duration::from_secs(2),
+        identity: "e2e".into(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let op = tokio::spawn(operator::run(client.clone(), opts, writes, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let primary = Sim::start("primary-key-1").await;
+    let secondary = Sim::start("secondary-key-1").await;
+    apply(&ns, &secret("primary-key", "primary-key-1"));
+    apply(&ns, &secret("secondary-key", "secondary-key-1"));
+    apply(&ns, &route("chat", &primary, &secondary));
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    eventually(Duration::from_secs(30), "chat Ready", || {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get("chat").await.ok()?;
+            r.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+
+    let volumes = Volumes::start(
+        client.clone(),
+        &ns.name,
+        "llmroute-gateway",
+        "llmroute-gateway-keys",
+        dir.path().join("config"),
+        dir.path().join("keys"),
+    );
+    eventually(Duration::from_secs(10), "volumes materialised", || {
+        let ok = dir.path().join("config/bootstrap.yaml").exists()
+            && dir.path().join("keys/route_chat").exists();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let envoy = Envoy::start(
+        &dir.path().join("config/bootstrap.yaml"),
+        envoy_opts.admin_port,
+        envoy_opts.health_port,
+        dir.path().join("envoy.log"),
+    );
+    let pid = envoy.pid();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let (base, key) = workload_env(&secrets, "chat-llm", envoy_opts.port).await;
+
+    // Served by the primary with its key, path and model; the route key never reaches it.
+    let resp = chat(&base, &key).await;
+    assert_eq!(resp.status(), 200, "{}", envoy.log_text());
+    assert_eq!(resp.headers()["x-llmroute-backend"], "primary");
+    let got = primary.received().pop().unwrap();
+    assert_eq!(got.path, "/v1/chat/completions");
+    assert_eq!(got.body["model"], "model-a");
+    assert!(!format!("{:?}", got.headers).contains(&key));
+
+    // The gateway admits only the route key; an unknown model gets the route's list.
+    assert_eq!(chat(&base, "sk-wrong").await.status(), 401);
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({ "model": "gpt-9", "messages": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.text().await.unwrap().contains("Models: gpt-4o."));
+
+    // Region block on the primary: the same request is answered by the secondary.
+    primary.set_mode(Mode::RegionBlocked);
+    let resp = chat(&base, &key).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-llmroute-backend"], "secondary");
+    assert_eq!(
+        secondary.received().pop().unwrap().body["model"],
+        "glm-4-plus"
+    );
+    primary.set_mode(Mode::Ok);
+
+    // Key rotation: the provider starts accepting the new key only; no request fails, Envoy is not
+    // restarted. Requests run continuously meanwhile.
+    let load = {
+        let (base, key) = (base.clone(), key.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+            while tokio::time::Instant::now() < deadline {
+                if chat(&base, &key).await.status() == 200 {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(&ns, &secret("primary-key", "primary-key-2"));
+    eventually(
+        Duration::from_secs(10),
+        "the rotated key in the gateway",
+        || {
+            let p = primary.clone();
+            async move {
+                p.received()
+                    .last()
+                    .and_then(|r| r.header("authorization"))
+                    .filter(|a| a == "Bearer primary-key-2")
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    primary.set_key("primary-key-2");
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "requests failed during key rotation ({ok} succeeded)"
+    );
+    assert!(ok > 50, "too few requests: {ok}");
+    assert_eq!(envoy.pid(), pid);
+
+    // A second route appears: served once published, the first one undisturbed.
+    apply(&ns, &route("chat-two", &primary, &secondary));
+    let (base2, key2) = workload_env(&secrets, "chat-two-llm", envoy_opts.port).await;
+    assert_ne!(key2, key, "each route has its own key");
+    let served = eventually(Duration::from_secs(20), "chat-two served", || {
+        let (base2, key2) = (base2.clone(), key2.clone());
+        async move { (chat(&base2, &key2).await.status() == 200).then_some(()) }
+    })
+    .await;
+    let _ = served;
+    assert_eq!(chat(&base, &key).await.status(), 200);
+    assert_eq!(
+        chat(&base2, &key).await.status(),
+        401,
+        "a route's key does not open another route"
+    );
+
+    let rejected: Vec<(String, u64)> = envoy
+        .stats_matching("update_rejected")
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    assert!(
+        rejected.is_empty(),
+        "Envoy rejected configuration: {rejected:?}"
+    );
+    assert!(volumes.swaps.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    let log = envoy.log_text();
+    for secret_value in [
+        "primary-key-1",
+        "primary-key-2",
+        "secondary-key-1",
+        key.as_str(),
+        key2.as_str(),
+    ] {
+        assert!(!log.contains(secret_value), "Envoy's log holds a key");
+    }
+    drop(volumes);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+}
