@@ -245,12 +245,11 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     apply(&ns, &route("chat-two", &primary, &secondary));
     let (base2, key2) = workload_env(&secrets, "chat-two-llm", envoy_opts.port).await;
     assert_ne!(key2, key, "each route has its own key");
-    let served = eventually(Duration::from_secs(20), "chat-two served", || {
+    eventually(Duration::from_secs(20), "chat-two served", || {
         let (base2, key2) = (base2.clone(), key2.clone());
         async move { (chat(&base2, &key2).await.status() == 200).then_some(()) }
     })
     .await;
-    let _ = served;
     assert_eq!(chat(&base, &key).await.status(), 200);
     assert_eq!(
         chat(&base2, &key).await.status(),
