@@ -445,3 +445,75 @@ async fn secrets_never_leak_into_config_status_or_events() {
     }
     op.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_gives_workloads_the_active_backend_itself() {
+    let ns = TestNamespace::new("direct").await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let op = start_operator(&ns).await;
+    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
+    apply(
+        &ns,
+        &ROUTE.replace(
+            "  defaultModel: gpt-4o\n",
+            "  defaultModel: gpt-4o\n  workloadSecret: { name: chat-direct, mode: Direct }\n",
+        ),
+    );
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    let r = wait_condition(&routes, "chat", "Ready", "True").await;
+    assert_eq!(
+        r.status.as_ref().unwrap().endpoint.as_deref(),
+        Some("https://open.bigmodel.cn/api/paas/v4")
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let w = eventually(
+        Duration::from_secs(20),
+        "the Direct workload Secret",
+        || {
+            let secrets = secrets.clone();
+            async move {
+                secrets
+                    .get_opt("chat-direct")
+                    .await
+                    .ok()?
+                    .and_then(|s| s.data)
+            }
+        },
+    )
+    .await;
+    let get = |k: &str| String::from_utf8(w[k].0.clone()).unwrap();
+    assert_eq!(
+        get("OPENAI_BASE_URL"),
+        "https://open.bigmodel.cn/api/paas/v4"
+    );
+    assert_eq!(get("OPENAI_API_KEY"), ZHIPU_KEY);
+    assert_eq!(
+        get("OPENAI_MODEL"),
+        "glm-4-plus",
+        "the provider's model name in Direct mode"
+    );
+
+    // The active backend's key goes away: the Secret follows the next backend.
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    secrets_api
+        .delete("zhipu-key", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the Direct Secret to follow qianfan",
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let d = secrets.get_opt("chat-direct").await.ok()??.data?;
+                (d["OPENAI_BASE_URL"].0 == b"https://qianfan.baidubce.com/v2"
+                    && d["OPENAI_API_KEY"].0 == QIANFAN_KEY.as_bytes())
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    op.stop().await;
+}
