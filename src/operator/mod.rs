@@ -194,6 +194,9 @@ pub async fn run(
                 vec![]
             }
         })
+        // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
+        // translation in memory at once; reconciles of one namespace are serialised anyway.
+        .with_config(kube::runtime::controller::Config::default().concurrency(8))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
