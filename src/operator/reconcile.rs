@@ -486,6 +486,14 @@ async fn publish_events(
 
 /// Retry failed reconciliations with a short delay (conflicts, transient API errors).
 pub fn error_policy(route: Arc<LLMRoute>, error: &Error, _ctx: Arc<Context>) -> Action {
+    // A namespace being deleted takes its routes with it: nothing to retry.
+    if let Error::Kube(kube::Error::Api(status)) = error
+        && status.code == 403
+        && status.message.contains("because it is being terminated")
+    {
+        tracing::debug!(route = %route.name_any(), "namespace is terminating; not retrying");
+        return Action::await_change();
+    }
     warn!(route = %route.name_any(), namespace = %route.namespace().unwrap_or_default(), %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
