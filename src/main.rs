@@ -32,9 +32,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "LLMROUTE_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag or separate with commas; default: all namespaces).
+    #[arg(long = "namespace", env = "LLMROUTE_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Region of routes whose spec has none (lower-case ISO 3166-1 alpha-2).
     #[arg(long, default_value = "us", env = "LLMROUTE_DEFAULT_REGION")]
     default_region: String,
@@ -128,7 +128,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             .or_else(|_| std::env::var("HOSTNAME"))
             .unwrap_or_else(|_| format!("llmroute-{}", std::process::id()));
         let opts = llmroute::operator::Options {
-            namespace: args.namespace,
+            namespace: None,
             default_region: args.default_region,
             gateway: GatewayDeploymentOptions { image: args.envoy_image, replicas: args.gateway_replicas },
             key_propagation_delay: delay,
@@ -143,10 +143,11 @@ fn run_operator(args: RunArgs) -> ExitCode {
             },
             identity,
         };
-        tracing::info!(namespace = ?opts.namespace, region = %opts.default_region, "starting llmroute operator");
+        let namespaces = args.namespaces;
+        tracing::info!(namespaces = ?namespaces, region = %opts.default_region, "starting llmroute operator");
         let writes = std::sync::Arc::new(llmroute::operator::apply::WriteCounter::default());
         if !args.leader_elect {
-            llmroute::operator::run(client, opts, writes, shutdown_signal()).await;
+            llmroute::operator::run_scoped(client, opts, namespaces, writes, shutdown_signal()).await;
             return ExitCode::SUCCESS;
         }
         let lease = llmroute::operator::leader::LeaseConfig {
@@ -157,7 +158,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             renew_every: std::time::Duration::from_secs(5),
         };
         let work = |stop: tokio::sync::oneshot::Receiver<()>| {
-            llmroute::operator::run(client.clone(), opts, writes, async move {
+            llmroute::operator::run_scoped(client.clone(), opts, namespaces, writes, async move {
                 let _ = stop.await;
             })
         };

@@ -204,3 +204,68 @@ spec:
         "a route key appeared in the operator's log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_serves_exactly_the_namespaces_given() {
+    let (a, b, other) = (
+        TestNamespace::new("nsa").await,
+        TestNamespace::new("nsb").await,
+        TestNamespace::new("nsc").await,
+    );
+    let c = a.cluster();
+    c.install_crds();
+    let route = "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: { name: chat }\nspec:\n  backends:\n    - { name: local, provider: openai-compatible, endpoint: \"http://vllm.ml.svc:8000/v1\", models: { \"*\": \"*\" } }\n";
+    for ns in [&a, &b, &other] {
+        let out = c.kubectl_as(
+            &c.kubeconfig(),
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some(route),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("op.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args([
+            "run",
+            "--leader-elect=false",
+            "--namespace",
+            &format!("{},{}", a.name, b.name),
+        ])
+        .env("KUBECONFIG", c.kubeconfig())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .expect("start llmroute run");
+    let client = c.client().await;
+    for ns in [&a, &b] {
+        let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+        eventually(
+            Duration::from_secs(30),
+            &format!("the route in {} Ready", ns.name),
+            || {
+                let routes = routes.clone();
+                async move {
+                    let r = routes.get("chat").await.ok()?;
+                    r.status?
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let others: Api<LLMRoute> = Api::namespaced(client.clone(), &other.name);
+    assert!(
+        others.get("chat").await.unwrap().status.is_none(),
+        "a namespace not given was reconciled"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

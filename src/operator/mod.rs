@@ -211,3 +211,41 @@ pub async fn run(
         .await;
     info!("controller stopped");
 }
+
+/// Runs one controller per namespace in `namespaces` (all namespaces when empty), until `shutdown`.
+/// Each namespace has its own watches, so the operator needs no cluster-wide read access when scoped.
+pub async fn run_scoped(
+    client: Client,
+    opts: Options,
+    namespaces: Vec<String>,
+    writes: Arc<WriteCounter>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let scopes = scopes.into_iter().map(|namespace| {
+        let opts = Options {
+            namespace,
+            ..opts.clone()
+        };
+        run(client.clone(), opts, writes.clone(), stopped(rx.clone()))
+    });
+    futures::future::join_all(scopes).await;
+}
+
+/// Resolves once the watch channel says stop.
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
