@@ -14,23 +14,10 @@ use llmroute::api::LLMRoute;
 use llmroute::gateway::envoy::EnvoyOptions;
 use llmroute::gateway::objects::GatewayDeploymentOptions;
 use llmroute::operator::{self, Options, apply::WriteCounter};
-use support::cluster::{TestNamespace, eventually};
+use support::cluster::{TestNamespace, eventually, wait_route_ready};
 use support::envoy::{Envoy, free_port};
 use support::kubelet::Volumes;
 use support::sim::{Mode, Sim};
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    let out = ns.cluster().kubectl_as(
-        &ns.cluster().kubeconfig(),
-        &["apply", "-n", &ns.name, "-f", "-"],
-        Some(yaml),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn secret(name: &str, value: &str) -> String {
     format!(
@@ -124,22 +111,11 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
 
     let primary = Sim::start("primary-key-1").await;
     let secondary = Sim::start("secondary-key-1").await;
-    apply(&ns, &secret("primary-key", "primary-key-1"));
-    apply(&ns, &secret("secondary-key", "secondary-key-1"));
-    apply(&ns, &route("chat", &primary, &secondary));
+    ns.apply(&secret("primary-key", "primary-key-1"));
+    ns.apply(&secret("secondary-key", "secondary-key-1"));
+    ns.apply(&route("chat", &primary, &secondary));
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(30), "chat Ready", || {
-        let routes = routes.clone();
-        async move {
-            let r = routes.get("chat").await.ok()?;
-            r.status?
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
+    wait_route_ready(&routes, "chat").await;
 
     let volumes = Volumes::start(
         client.clone(),
@@ -216,7 +192,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    apply(&ns, &secret("primary-key", "primary-key-2"));
+    ns.apply(&secret("primary-key", "primary-key-2"));
     eventually(
         Duration::from_secs(10),
         "the rotated key in the gateway",
@@ -242,7 +218,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     assert_eq!(envoy.pid(), pid);
 
     // A second route appears: served once published, the first one undisturbed.
-    apply(&ns, &route("chat-two", &primary, &secondary));
+    ns.apply(&route("chat-two", &primary, &secondary));
     let (base2, key2) = workload_env(&secrets, "chat-two-llm", envoy_opts.port).await;
     assert_ne!(key2, key, "each route has its own key");
     eventually(Duration::from_secs(20), "chat-two served", || {

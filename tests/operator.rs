@@ -85,28 +85,15 @@ spec:
       models: { gpt-4o: ernie-4.0-8k }
 "#;
 
-fn apply(ns: &TestNamespace, yaml: &str) {
-    let out = ns.cluster().kubectl_as(
-        &ns.cluster().kubeconfig(),
-        &["apply", "-n", &ns.name, "-f", "-"],
-        Some(yaml),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A namespace with both provider keys, the `chat` route, and an operator watching it.
 async fn operator_with_chat_route(prefix: &str) -> (TestNamespace, kube::Client, Running) {
     let ns = TestNamespace::new(prefix).await;
     ns.cluster().install_crds();
     let client = ns.cluster().client().await;
     let op = start_operator(&ns).await;
-    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
-    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
-    apply(&ns, ROUTE);
+    ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
+    ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(ROUTE);
     (ns, client, op)
 }
 
@@ -143,8 +130,8 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     let client = ns.cluster().client().await;
     let op = start_operator(&ns).await;
     // The zhipu key is missing at first.
-    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
-    apply(&ns, ROUTE);
+    ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(ROUTE);
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
 
     let r = wait_condition(&routes, "chat", "ResolvedRefs", "False").await;
@@ -169,7 +156,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     );
 
     // The Secret appears: refs resolve, zhipu (preferred among those allowed in cn) takes over.
-    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
+    ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
     let r = wait_condition(&routes, "chat", "ResolvedRefs", "True").await;
     let r = eventually(Duration::from_secs(30), "zhipu active", || {
         let routes = routes.clone();
@@ -274,10 +261,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     );
 
     // Rotation: a new key value reaches the gateway keys Secret within seconds.
-    apply(
-        &ns,
-        &secret("zhipu-key", "api-key", "zhipu-rotated-key-0001"),
-    );
+    ns.apply(&secret("zhipu-key", "api-key", "zhipu-rotated-key-0001"));
     eventually(
         Duration::from_secs(10),
         "rotated key in the gateway Secret",
@@ -324,8 +308,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
 async fn routes_are_isolated_and_cleaned_up() {
     let (ns, client, op) = operator_with_chat_route("iso").await;
     // A second route that cannot serve in cn: not programmed, with its own condition; chat unaffected.
-    apply(
-        &ns,
+    ns.apply(
         r#"
 apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
@@ -452,15 +435,12 @@ async fn direct_mode_gives_workloads_the_active_backend_itself() {
     ns.cluster().install_crds();
     let client = ns.cluster().client().await;
     let op = start_operator(&ns).await;
-    apply(&ns, &secret("zhipu-key", "api-key", ZHIPU_KEY));
-    apply(&ns, &secret("qianfan-key", "api-key", QIANFAN_KEY));
-    apply(
-        &ns,
-        &ROUTE.replace(
-            "  defaultModel: gpt-4o\n",
-            "  defaultModel: gpt-4o\n  workloadSecret: { name: chat-direct, mode: Direct }\n",
-        ),
-    );
+    ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
+    ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(&ROUTE.replace(
+        "  defaultModel: gpt-4o\n",
+        "  defaultModel: gpt-4o\n  workloadSecret: { name: chat-direct, mode: Direct }\n",
+    ));
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
     let r = wait_condition(&routes, "chat", "Ready", "True").await;
     assert_eq!(

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use llmroute::api::LLMRoute;
-use support::cluster::{TestNamespace, eventually};
+use support::cluster::{TestNamespace, eventually, wait_route_ready};
 
 const ZHIPU_KEY: &str = "zhipu-process-key-9c2e51";
 
@@ -92,22 +92,10 @@ async fn one_leader_reconciles_a_standby_takes_over_and_logs_hold_no_keys() {
     c.install_crds();
     let client = c.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let apply = |yaml: &str| {
-        let out = c.kubectl_as(
-            &c.kubeconfig(),
-            &["apply", "-n", &ns.name, "-f", "-"],
-            Some(yaml),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    apply(&format!(
+    ns.apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY} }}\n"
     ));
-    apply(
+    ns.apply(
         r#"
 apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
@@ -133,18 +121,7 @@ spec:
     })
     .await;
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(30), "the route to be Ready", || {
-        let routes = routes.clone();
-        async move {
-            let r = routes.get("chat").await.ok()?;
-            r.status?
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
+    wait_route_ready(&routes, "chat").await;
 
     let mut b = Operator::start(&ns, "replica-b", dir.path());
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -170,7 +147,7 @@ spec:
         async move { (holder(&leases).await.as_deref() == Some("replica-b")).then_some(()) }
     })
     .await;
-    apply(&format!(
+    ns.apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY}-rotated }}\n"
     ));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
@@ -216,16 +193,7 @@ async fn one_process_serves_exactly_the_namespaces_given() {
     c.install_crds();
     let route = "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: { name: chat }\nspec:\n  backends:\n    - { name: local, provider: openai-compatible, endpoint: \"http://vllm.ml.svc:8000/v1\", models: { \"*\": \"*\" } }\n";
     for ns in [&a, &b, &other] {
-        let out = c.kubectl_as(
-            &c.kubeconfig(),
-            &["apply", "-n", &ns.name, "-f", "-"],
-            Some(route),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ns.apply(route);
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("op.log");
@@ -244,22 +212,7 @@ async fn one_process_serves_exactly_the_namespaces_given() {
     let client = c.client().await;
     for ns in [&a, &b] {
         let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
-        eventually(
-            Duration::from_secs(30),
-            &format!("the route in {} Ready", ns.name),
-            || {
-                let routes = routes.clone();
-                async move {
-                    let r = routes.get("chat").await.ok()?;
-                    r.status?
-                        .conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                        .then_some(())
-                }
-            },
-        )
-        .await;
+        wait_route_ready(&routes, "chat").await;
     }
     let others: Api<LLMRoute> = Api::namespaced(client.clone(), &other.name);
     assert!(

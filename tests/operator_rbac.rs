@@ -77,27 +77,15 @@ where
 async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), String> {
     let ns = TestNamespace::new("rbac").await;
     let c = ns.cluster();
-    let apply = |yaml: &str| {
-        let out = c.kubectl_as(
-            &c.kubeconfig(),
-            &["apply", "-n", &ns.name, "-f", "-"],
-            Some(yaml),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let route = |model: &str| {
         format!(
             "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: chat }}\nspec:\n  backends:\n    - {{ name: zhipu, provider: zhipu, credentialsSecretRef: {{ name: zhipu-key, key: api-key }}, models: {{ m: {model} }} }}\n"
         )
     };
-    apply(
+    ns.apply(
         "apiVersion: v1\nkind: Secret\nmetadata: { name: zhipu-key }\nstringData: { api-key: rbac-test-key }\n",
     );
-    apply(&route("glm-4-plus"));
+    ns.apply(&route("glm-4-plus"));
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
         .args([
             "run",
@@ -143,7 +131,7 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
         if !ready {
             return Err("route Ready + workload Secret + Published event".to_string());
         }
-        apply("apiVersion: v1\nkind: Secret\nmetadata: { name: zhipu-key }\nstringData: { api-key: rbac-rotated-key }\n");
+        ns.apply("apiVersion: v1\nkind: Secret\nmetadata: { name: zhipu-key }\nstringData: { api-key: rbac-rotated-key }\n");
         let rotated = within(limit, || async {
             let data = secrets.get("llmroute-gateway-keys").await.ok().and_then(|s| s.data).unwrap_or_default();
             data.get("provider_zhipu-key_api-key").is_some_and(|v| v.0 == b"rbac-rotated-key")
@@ -152,7 +140,7 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
         if !rotated {
             return Err("a rotated key to reach the gateway".into());
         }
-        apply(&route("glm-4-air"));
+        ns.apply(&route("glm-4-air"));
         let edited = within(limit, || async {
             cms.get("llmroute-gateway").await.ok().and_then(|c| c.data).is_some_and(|d| d.values().any(|v| v.contains("glm-4-air")))
         })

@@ -211,6 +211,20 @@ impl TestNamespace {
         self.cluster
     }
 
+    /// `kubectl apply -n <namespace> -f -` with `yaml`, asserting success.
+    pub fn apply(&self, yaml: &str) {
+        let out = self.cluster.kubectl_as(
+            &self.cluster.kubeconfig(),
+            &["apply", "-n", &self.name, "-f", "-"],
+            Some(yaml),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Deletes the namespace now (also done on drop).
     pub async fn delete(&self) {
         let api: Api<Namespace> = Api::all(self.cluster.client().await);
@@ -234,6 +248,27 @@ impl Drop for TestNamespace {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Waits until the route `name` has `Ready=True`.
+pub async fn wait_route_ready(routes: &Api<llmroute::api::LLMRoute>, name: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("route {name} Ready"),
+        || {
+            let routes = routes.clone();
+            let name = name.to_string();
+            async move {
+                let r = routes.get(&name).await.ok()?;
+                r.status?
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 /// Polls `check` every 100 ms until it returns Some, or panics after `limit` with `what`.
