@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{BackendStatus, LLMRouteStatus};
 use crate::gateway::{Problem, RouteOutcome};
+use crate::policy::BackendVerdict;
 
 pub const ACCEPTED: &str = "Accepted";
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
@@ -148,8 +149,8 @@ pub fn route_status(
                             .backends
                             .iter()
                             .find(|b| b.name == preferred)
-                            .and_then(|b| b.excluded.as_ref())
-                            .map(|e| e.message.clone())
+                            .and_then(|b| b.excluded.as_ref().or(b.demoted.as_ref()))
+                            .map(|e| format!("{}: {}", e.reason, e.message))
                             .unwrap_or_default();
                         format!(
                             "serving from {active:?} instead of the preferred backend {preferred:?}: {why}"
@@ -189,37 +190,7 @@ pub fn route_status(
                 .decision
                 .backends
                 .iter()
-                .map(|b| {
-                    let (state, reason, message) = match &b.excluded {
-                        None if Some(&b.name) == outcome.active_backend.as_ref() => {
-                            ("Active".to_string(), None, None)
-                        }
-                        None => ("Standby".to_string(), None, None),
-                        Some(e) => (
-                            "Excluded".to_string(),
-                            Some(e.reason.to_string()),
-                            Some(e.message.clone()),
-                        ),
-                    };
-                    let previous_backend =
-                        previous.and_then(|p| p.backends.iter().find(|pb| pb.name == b.name));
-                    let last_transition_time = match previous_backend {
-                        Some(pb) if pb.state == state && pb.reason == reason => {
-                            pb.last_transition_time.clone()
-                        }
-                        _ => Some(now.clone()),
-                    };
-                    BackendStatus {
-                        name: b.name.clone(),
-                        state,
-                        reason,
-                        message,
-                        last_probe_time: previous_backend.and_then(|pb| pb.last_probe_time.clone()),
-                        last_probe_latency_ms: previous_backend
-                            .and_then(|pb| pb.last_probe_latency_ms),
-                        last_transition_time,
-                    }
-                })
+                .map(|b| backend_status(b, outcome.active_backend.as_deref(), previous, &now))
                 .collect();
         }
     }
@@ -233,6 +204,70 @@ pub fn route_status(
     }
     status.conditions = conditions;
     status
+}
+
+fn time_of(ms: u64) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+        .ok()
+        .map(Time)
+}
+
+/// One backend's status: `state` is `Excluded` (by the route's rules or a missing key) or what
+/// probing saw (`Unknown`, `Healthy`, a failure class); `reason` says how the policy uses it
+/// (`Active`, `Standby`, `Unhealthy`, `CoolingDown`, `Recovering`, `RegionBlocked`, or why it is
+/// excluded).
+fn backend_status(
+    b: &BackendVerdict,
+    active: Option<&str>,
+    previous: Option<&LLMRouteStatus>,
+    now: &Time,
+) -> BackendStatus {
+    let (state, reason, message) = match (&b.excluded, &b.demoted) {
+        (Some(e), _) if e.is_by_design() || e.reason.starts_with("Secret") => (
+            "Excluded".to_string(),
+            e.reason.to_string(),
+            Some(e.message.clone()),
+        ),
+        (Some(e), _) | (None, Some(e)) => (
+            b.health.to_string(),
+            e.reason.to_string(),
+            Some(e.message.clone()),
+        ),
+        (None, None) => (
+            b.health.to_string(),
+            if active == Some(b.name.as_str()) {
+                "Active"
+            } else {
+                "Standby"
+            }
+            .to_string(),
+            b.last_probe
+                .as_ref()
+                .filter(|p| p.failure.is_some())
+                .map(|p| {
+                    format!(
+                        "last probe failed (not counted by this route): {}",
+                        p.message
+                    )
+                }),
+        ),
+    };
+    let previous_backend = previous.and_then(|p| p.backends.iter().find(|pb| pb.name == b.name));
+    let last_transition_time = match previous_backend {
+        Some(pb) if pb.state == state && pb.reason.as_deref() == Some(reason.as_str()) => {
+            pb.last_transition_time.clone()
+        }
+        _ => Some(now.clone()),
+    };
+    BackendStatus {
+        name: b.name.clone(),
+        state,
+        reason: Some(reason),
+        message,
+        last_probe_time: b.last_probe.as_ref().and_then(|p| time_of(p.at_ms)),
+        last_probe_latency_ms: b.last_probe.as_ref().map(|p| p.latency_ms),
+        last_transition_time,
+    }
 }
 
 /// Whether two statuses differ in anything but timestamps that only move on change.
