@@ -9,8 +9,10 @@
 pub mod api;
 pub mod catalog;
 pub mod gateway;
+pub mod metrics;
 pub mod operator;
 pub mod policy;
+pub mod probe;
 pub mod render;
 pub mod status;
 pub mod validate;

@@ -1,4 +1,4 @@
-//! The `llmroute` command: `crd`, `render` and (later) `run`.
+//! The `llmroute` command: `crd`, `render` and `run`.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,6 +75,15 @@ struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "llmroute-operator")]
     leader_election_name: String,
+    /// Address of the operator's /metrics, /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "LLMROUTE_HTTP_ADDR")]
+    http_addr: std::net::SocketAddr,
+    /// Health probes in flight at most.
+    #[arg(long, default_value_t = 32)]
+    probe_concurrency: usize,
+    /// Extra CA certificates (PEM) the prober trusts besides the system's (private endpoints).
+    #[arg(long, env = "LLMROUTE_PROBE_CA_FILE")]
+    probe_ca_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "LLMROUTE_LOG_FORMAT")]
     log_format: String,
@@ -142,8 +151,25 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 trusted_ca: args.gateway_trusted_ca,
             },
             identity,
+            prober: llmroute::probe::ProberOptions {
+                concurrency: args.probe_concurrency,
+                extra_ca: args.probe_ca_file,
+            },
+            ..Default::default()
         };
         let namespaces = args.namespaces;
+        let http = tokio::spawn(llmroute::operator::http::serve(
+            args.http_addr,
+            opts.metrics.clone(),
+            opts.runtime.clone(),
+            args.leader_elect,
+            shutdown_signal(),
+        ));
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = http.await {
+                tracing::error!(error = %e, "the /metrics, /healthz and /readyz server stopped");
+            }
+        });
         tracing::info!(namespaces = ?namespaces, region = %opts.default_region, "starting llmroute operator");
         let writes = std::sync::Arc::new(llmroute::operator::apply::WriteCounter::default());
         if !args.leader_elect {
@@ -157,10 +183,16 @@ fn run_operator(args: RunArgs) -> ExitCode {
             duration: std::time::Duration::from_secs(15),
             renew_every: std::time::Duration::from_secs(5),
         };
-        let work = |stop: tokio::sync::oneshot::Receiver<()>| {
-            llmroute::operator::run_scoped(client.clone(), opts, namespaces, writes, async move {
+        let runtime = opts.runtime.clone();
+        let work_client = client.clone();
+        let work = |stop: tokio::sync::oneshot::Receiver<()>| async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            runtime.leading.store(true, SeqCst);
+            llmroute::operator::run_scoped(work_client, opts, namespaces, writes, async move {
                 let _ = stop.await;
             })
+            .await;
+            runtime.leading.store(false, SeqCst);
         };
         match llmroute::operator::leader::lead(client.clone(), lease, shutdown_signal(), work).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -103,6 +103,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         envoy: envoy_opts.clone(),
         key_propagation_delay: Duration::from_secs(2),
         identity: "e2e".into(),
+        ..Default::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let op = tokio::spawn(operator::run(client.clone(), opts, writes, async move {

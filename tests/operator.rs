@@ -42,6 +42,7 @@ async fn start_operator(ns: &TestNamespace) -> Running {
         key_propagation_delay: Duration::from_secs(1),
         envoy: Default::default(),
         identity: "test".into(),
+        ..Default::default()
     };
     let writes = Arc::new(WriteCounter::default());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

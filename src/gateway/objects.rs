@@ -436,3 +436,30 @@ pub fn workload_secret(
         ..Default::default()
     }
 }
+
+/// Pod-template annotation that restarts Direct-mode workloads when their Secret changes.
+pub const RESTARTED_AT_ANNOTATION: &str = "llmroute.io/restartedAt";
+/// Pod-template annotation saying why llmroute restarted a workload.
+pub const RESTART_REASON_ANNOTATION: &str = "llmroute.io/restartReason";
+
+/// A label selector in the API server's query syntax (`a=b,c in (d,e),!f`).
+pub fn selector_string(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}

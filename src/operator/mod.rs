@@ -2,6 +2,7 @@
 //! controller; the reconciler ([`reconcile`]) translates a namespace and applies the result.
 
 pub mod apply;
+pub mod http;
 pub mod keys;
 pub mod leader;
 pub mod reconcile;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::api::LLMRoute;
 use crate::gateway::objects::{GATEWAY_NAME, GatewayDeploymentOptions, KEYS_SECRET_NAME};
+use crate::probe::Prober;
 use apply::WriteCounter;
 use reconcile::{Context, error_policy, reconcile};
 
@@ -42,6 +44,49 @@ pub struct Options {
     pub key_propagation_delay: Duration,
     /// Name of this instance (events, leader election).
     pub identity: String,
+    /// How backends are probed.
+    pub prober: crate::probe::ProberOptions,
+    /// Where the operator records its metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Readiness, read by `/readyz`.
+    pub runtime: Arc<RuntimeState>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            namespace: None,
+            default_region: "us".into(),
+            gateway: GatewayDeploymentOptions::default(),
+            envoy: Default::default(),
+            key_propagation_delay: Duration::from_secs(60),
+            identity: "llmroute".into(),
+            prober: Default::default(),
+            metrics: Default::default(),
+            runtime: Default::default(),
+        }
+    }
+}
+
+/// What `/readyz` reads: the operator is ready when it stands by (another replica leads) or when
+/// every controller it runs has synced its caches.
+#[derive(Debug, Default)]
+pub struct RuntimeState {
+    pub leading: std::sync::atomic::AtomicBool,
+    pub scopes: std::sync::atomic::AtomicUsize,
+    pub scopes_synced: std::sync::atomic::AtomicUsize,
+}
+
+impl RuntimeState {
+    pub fn ready(&self, leader_election: bool) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let leading = self.leading.load(SeqCst);
+        if leader_election && !leading {
+            return true;
+        }
+        let scopes = self.scopes.load(SeqCst);
+        scopes > 0 && self.scopes_synced.load(SeqCst) >= scopes
+    }
 }
 
 fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -80,6 +125,23 @@ pub async fn run(
     writes: Arc<WriteCounter>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (prober, changes) = match Prober::new(&opts.prober, opts.metrics.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the prober");
+            return;
+        }
+    };
+    {
+        let prober = prober.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move { prober.run(stop).await });
+    }
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=llmroute");
     // Secrets: every Secret a route may reference, but not the large kinds no route references.
     let secrets_cfg = watcher::Config::default()
@@ -137,7 +199,28 @@ pub async fn run(
         opts,
         recorder,
         writes,
+        prober,
     ));
+    let runtime = ctx.opts.runtime.clone();
+    let synced_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        runtime.scopes.fetch_add(1, SeqCst);
+        let (ctx, synced_here) = (ctx.clone(), synced_here.clone());
+        tokio::spawn(async move {
+            ctx.caches_synced().await;
+            ctx.opts.runtime.scopes_synced.fetch_add(1, SeqCst);
+            synced_here.store(true, SeqCst);
+        });
+    }
+    // Probe results that matter re-reconcile their namespace (any route of it stands for all).
+    let probed = {
+        let routes = routes.clone();
+        futures::stream::unfold(changes, |mut rx| async move {
+            rx.recv().await.map(|ns| (ns, rx))
+        })
+        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+    };
 
     let by_ns = {
         let routes = routes.clone();
@@ -172,6 +255,7 @@ pub async fn run(
     };
     let (m1, m2, m3) = (by_ns.clone(), by_ns.clone(), by_ns);
     Controller::for_stream(route_stream, routes)
+        .reconcile_on(probed)
         .watches_stream(secret_stream, secret_mapper)
         .watches_stream(cm_stream, move |o: ConfigMap| {
             if o.name_any() == GATEWAY_NAME {
@@ -197,7 +281,7 @@ pub async fn run(
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
         .with_config(kube::runtime::controller::Config::default().concurrency(8))
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stopped(stop_rx))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -210,6 +294,13 @@ pub async fn run(
         })
         .await;
     info!("controller stopped");
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        runtime.scopes.fetch_sub(1, SeqCst);
+        if synced_here.load(SeqCst) {
+            runtime.scopes_synced.fetch_sub(1, SeqCst);
+        }
+    }
 }
 
 /// Runs one controller per namespace in `namespaces` (all namespaces when empty), until `shutdown`.

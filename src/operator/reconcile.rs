@@ -23,7 +23,10 @@ use super::keys::KeyClock;
 use crate::api::{LLMRoute, LLMRouteStatus};
 use crate::gateway::objects::{self, GATEWAY_NAME, KEYS_SECRET_NAME, KeyMaterial};
 use crate::gateway::{self, Problem, envoy};
+use crate::metrics::{BackendLabels, FailoverLabels, NamespaceLabels, ReasonLabels, ResultLabels};
 use crate::policy::Facts;
+use crate::policy::health::HealthView;
+use crate::probe::{self, Prober};
 use crate::status::{self, RouteState};
 
 /// Errors of one reconciliation; they are retried.
@@ -31,6 +34,18 @@ use crate::status::{self, RouteState};
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// A short label for metrics: the API status reason (`Conflict`, `Forbidden`...) or the kind of
+    /// failure.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => s.reason.clone(),
+            Error::Kube(kube::Error::Api(s)) => format!("HTTP{}", s.code),
+            Error::Kube(_) => "Transport".into(),
+        }
+    }
 }
 
 /// Shared state of the reconciler.
@@ -44,6 +59,7 @@ pub struct Context {
     pub opts: Options,
     pub recorder: Recorder,
     pub writes: Arc<WriteCounter>,
+    pub prober: Prober,
     /// One reconciliation per namespace at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     keys: Mutex<HashMap<String, KeyClock>>,
@@ -63,6 +79,7 @@ impl Context {
         opts: Options,
         recorder: Recorder,
         writes: Arc<WriteCounter>,
+        prober: Prober,
     ) -> Context {
         Context {
             client,
@@ -74,6 +91,7 @@ impl Context {
             opts,
             recorder,
             writes,
+            prober,
             locks: Mutex::default(),
             keys: Mutex::default(),
             route_keys: Mutex::default(),
@@ -138,7 +156,22 @@ pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action
     let ns = route.namespace().unwrap_or_default();
     let lock = ctx.namespace_lock(&ns);
     let _guard = lock.lock().await;
-    reconcile_namespace(&ns, &ctx).await
+    let started = Instant::now();
+    let result = reconcile_namespace(&ns, &ctx).await;
+    let m = &ctx.opts.metrics;
+    m.reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    m.reconciles
+        .get_or_create(&ResultLabels {
+            result: if result.is_ok() { "ok" } else { "error" },
+        })
+        .inc();
+    if let Err(e) = &result {
+        m.reconcile_errors
+            .get_or_create(&ReasonLabels { reason: e.reason() })
+            .inc();
+    }
+    result
 }
 
 async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
@@ -176,6 +209,11 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     // Facts: which referenced Secret keys exist (non-empty).
     let mut facts = Facts {
         default_region: ctx.opts.default_region.clone(),
+        health: ctx.prober.health(ns),
+        now_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
         ..Default::default()
     };
     for r in &valid {
@@ -192,7 +230,36 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
+    let seeds = seed_from_status(&valid, &mut facts);
     let translation = gateway::translate(ns, &valid, &facts);
+
+    // What to probe: every backend the route may use by design and has a key for (an observed
+    // failure is exactly what probing must keep watching).
+    let skip = |route: &LLMRoute, i: usize| {
+        translation
+            .routes
+            .iter()
+            .find(|o| o.name == route.name_any())
+            .and_then(|o| o.decision.backends.get(i))
+            .and_then(|b| b.excluded.as_ref())
+            .is_some_and(|e| e.is_by_design() || e.reason.starts_with("Secret"))
+    };
+    let key_of = |r: &crate::api::SecretKeyRef| {
+        ctx.secret(ns, &r.name)
+            .and_then(|s| secret_data(&s).remove(&r.key))
+            .and_then(|v| String::from_utf8(v).ok())
+            .map(|v| v.trim().to_string())
+    };
+    ctx.prober
+        .sync_namespace(ns, probe::targets(&valid, key_of, skip));
+    for (key, view) in seeds {
+        ctx.prober.seed(ns, &key, view);
+    }
+    let recheck_at_ms = translation
+        .routes
+        .iter()
+        .filter_map(|o| o.decision.recheck_at_ms)
+        .min();
 
     // Key material: provider keys from the referenced Secrets, route keys kept stable.
     let current_keys = ctx.secret(ns, KEYS_SECRET_NAME);
@@ -286,6 +353,13 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
                 routes = translation.gateway.routes.len(),
                 "published gateway configuration"
             );
+            ctx.opts
+                .metrics
+                .config_revisions
+                .get_or_create(&NamespaceLabels {
+                    namespace: ns.to_string(),
+                })
+                .inc();
         }
     } else {
         published = Err(Problem::new(
@@ -335,10 +409,52 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         .try_collect::<Vec<()>>()
         .await?;
 
-    Ok(match plan.recheck_after {
-        Some(after) => Action::requeue(after),
-        None => Action::await_change(),
-    })
+    let by_time = recheck_at_ms.map(|at| {
+        Duration::from_millis(at.saturating_sub(facts.now_ms)) + Duration::from_millis(50)
+    });
+    Ok(
+        match [plan.recheck_after, by_time].into_iter().flatten().min() {
+            Some(after) => Action::requeue(after),
+            None => Action::await_change(),
+        },
+    )
+}
+
+/// Backends probing has not seen yet (a new leader, a restart) start from what status says, so
+/// that decisions survive a hand-over instead of flapping back to backends known to fail.
+fn seed_from_status(routes: &[LLMRoute], facts: &mut Facts) -> Vec<(String, HealthView)> {
+    let ms = |t: &Option<Time>| t.as_ref().map(|t| t.0.as_millisecond().max(0) as u64);
+    let mut seeds = Vec::new();
+    for route in routes {
+        let Some(status) = &route.status else {
+            continue;
+        };
+        for b in &route.spec.backends {
+            let key = crate::policy::probe_key(route, b);
+            if facts.health.get(&key).is_some_and(|v| v.last.is_some()) {
+                continue;
+            }
+            let Some(view) = status
+                .backends
+                .iter()
+                .find(|s| s.name == b.name)
+                .and_then(|s| {
+                    HealthView::from_status(
+                        &s.state,
+                        ms(&s.last_probe_time),
+                        ms(&s.last_transition_time),
+                        s.last_probe_latency_ms,
+                        s.message.as_deref(),
+                    )
+                })
+            else {
+                continue;
+            };
+            facts.health.insert(key.clone(), view.clone());
+            seeds.push((key, view));
+        }
+    }
+    seeds
 }
 
 /// Writes one route's workload Secret and status.
@@ -371,7 +487,7 @@ async fn write_route(
             {
                 let desired = objects::workload_secret(route, ns, &env, owner);
                 let current = ctx.secret(ns, &route.workload_secret_name());
-                apply(
+                let changed = apply(
                     secrets_api,
                     &desired,
                     current.as_deref(),
@@ -379,6 +495,20 @@ async fn write_route(
                     &ctx.writes,
                 )
                 .await?;
+                if changed
+                    && current.is_some()
+                    && route.spec.workload_secret.mode == crate::api::WorkloadMode::Direct
+                    && let Some(rollout) = &route.spec.rollout
+                {
+                    restart_workloads(
+                        ctx,
+                        ns,
+                        route,
+                        &rollout.selector,
+                        outcome.active_backend.as_deref().unwrap_or_default(),
+                    )
+                    .await?;
+                }
             }
             RouteState::Translated {
                 outcome,
@@ -400,6 +530,31 @@ async fn write_route(
     write_status(ctx, route, &state, now).await
 }
 
+/// `llmroute_backend_state`: 1 for each backend's current state, 0 for the state it left.
+fn record_backend_states(
+    ctx: &Context,
+    route: &LLMRoute,
+    previous: Option<&LLMRouteStatus>,
+    new: &LLMRouteStatus,
+) {
+    let labels = |backend: &str, state: &str| BackendLabels {
+        namespace: route.namespace().unwrap_or_default(),
+        route: route.name_any(),
+        backend: backend.to_string(),
+        state: state.to_string(),
+    };
+    let m = &ctx.opts.metrics.backend_state;
+    for b in &new.backends {
+        if let Some(old) = previous
+            .and_then(|p| p.backends.iter().find(|o| o.name == b.name))
+            .filter(|o| o.state != b.state)
+        {
+            m.get_or_create(&labels(&b.name, &old.state)).set(0);
+        }
+        m.get_or_create(&labels(&b.name, &b.state)).set(1);
+    }
+}
+
 async fn write_status(
     ctx: &Context,
     route: &LLMRoute,
@@ -408,6 +563,7 @@ async fn write_status(
 ) -> Result<(), Error> {
     let previous = route.status.as_ref();
     let new = status::route_status(state, route.meta().generation, previous, now);
+    record_backend_states(ctx, route, previous, &new);
     if !status::status_changed(previous, &new) {
         return Ok(());
     }
@@ -424,6 +580,63 @@ async fn write_status(
     ctx.writes.add();
     Ok(())
 }
+
+/// Restarts the Deployments `selector` matches (as `kubectl rollout restart` does, through a
+/// pod-template annotation), so that workloads reading the Direct-mode Secret as environment
+/// variables pick up the new backend.
+async fn restart_workloads(
+    ctx: &Context,
+    ns: &str,
+    route: &LLMRoute,
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    backend: &str,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = objects::selector_string(selector);
+    let list = api
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    let at = k8s_openapi::jiff::Timestamp::now().to_string();
+    for d in list.items {
+        let name = d.name_any();
+        let patch = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": name },
+            "spec": { "template": { "metadata": { "annotations": {
+                objects::RESTARTED_AT_ANNOTATION: at,
+                objects::RESTART_REASON_ANNOTATION: format!(
+                    "LLMRoute {} switched its workload Secret to backend {backend}",
+                    route.name_any()
+                ),
+            } } } },
+        });
+        api.patch(
+            &name,
+            &PatchParams::apply(ROLLOUT_FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        ctx.writes.add();
+        info!(namespace = ns, route = %route.name_any(), deployment = %name, backend, "restarted workload for the new backend");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "WorkloadRestarted".into(),
+            note: Some(format!(
+                "restarted Deployment {name} to use backend {backend:?} (Direct mode)"
+            )),
+            action: "Rollout".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &route.object_ref(&())).await {
+            warn!(route = %route.name_any(), error = %e, "could not publish event");
+        }
+    }
+    Ok(())
+}
+
+/// Field manager of the restart annotations on users' Deployments (kept apart from the objects
+/// llmroute owns).
+const ROLLOUT_FIELD_MANAGER: &str = "llmroute-rollout";
 
 /// Events for what a user should notice: transitions only, so a steady state emits nothing.
 async fn publish_events(
@@ -473,6 +686,62 @@ async fn publish_events(
                 secondary: None,
             });
         }
+    }
+    if let (Some(from), Some(to)) = (
+        previous.and_then(|p| p.active_backend.as_deref()),
+        new.active_backend.as_deref(),
+    ) && from != to
+    {
+        let degraded = new
+            .conditions
+            .iter()
+            .any(|c| c.type_ == status::DEGRADED && c.status == "True");
+        let left = new.backends.iter().find(|b| b.name == from);
+        let (reason, why) = if degraded {
+            let class = left.map(|b| b.state.clone()).unwrap_or_default();
+            let detail = left
+                .and_then(|b| b.message.clone())
+                .unwrap_or_else(|| "it is no longer eligible".into());
+            (
+                "FailedOver",
+                format!("from backend {from:?} to {to:?}: {from} is {class}: {detail}"),
+            )
+        } else {
+            (
+                "FailedBack",
+                format!(
+                    "from backend {from:?} to the preferred backend {to:?}: {to} is healthy again"
+                ),
+            )
+        };
+        let class = if degraded {
+            left.map(|b| b.state.clone()).unwrap_or_default()
+        } else {
+            "FailedBack".into()
+        };
+        ctx.opts
+            .metrics
+            .failovers
+            .get_or_create(&FailoverLabels {
+                namespace: route.namespace().unwrap_or_default(),
+                route: route.name_any(),
+                from: from.to_string(),
+                to: to.to_string(),
+                reason: class,
+            })
+            .inc();
+        info!(route = %route.name_any(), namespace = %route.namespace().unwrap_or_default(), %reason, message = %why, "active backend changed");
+        events.push(Event {
+            type_: if degraded {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(why.chars().take(1000).collect()),
+            action: "Failover".into(),
+            secondary: None,
+        });
     }
     for event in events {
         if let Err(e) = ctx.recorder.publish(&event, &route.object_ref(&())).await {

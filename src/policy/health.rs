@@ -95,6 +95,52 @@ impl HealthView {
     }
 }
 
+impl HealthView {
+    /// A view restored from a backend's status as an earlier operator wrote it (`state`,
+    /// `lastProbeTime`, `lastTransitionTime`, `message`), so that a new leader starts from the
+    /// last decisions instead of forgetting every failure. `None` when status says nothing useful.
+    pub fn from_status(
+        state: &str,
+        last_probe_ms: Option<u64>,
+        since_ms: Option<u64>,
+        latency_ms: Option<u32>,
+        message: Option<&str>,
+    ) -> Option<HealthView> {
+        let at_ms = last_probe_ms?;
+        let failure = if state == "Healthy" {
+            None
+        } else {
+            Some(
+                FailureClass::ALL
+                    .into_iter()
+                    .find(|c| c.as_str() == state)?,
+            )
+        };
+        let mut view = HealthView {
+            last: Some(ProbeRecord {
+                at_ms,
+                latency_ms: latency_ms.unwrap_or(0),
+                failure,
+                message: message
+                    .and_then(|m| m.strip_prefix("probe failed: "))
+                    .unwrap_or("restored from status")
+                    .to_string(),
+                retry_after_ms: None,
+            }),
+            state_since_ms: since_ms.or(Some(at_ms)),
+            ..Default::default()
+        };
+        match failure {
+            Some(_) => {
+                view.failures = MAX_STREAK as u32;
+                view.failing_since_ms = view.state_since_ms;
+            }
+            None => view.successes = vec![at_ms; MAX_STREAK],
+        }
+        Some(view)
+    }
+}
+
 /// A route's reading of a backend's health.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Assessment {
@@ -128,10 +174,7 @@ pub fn assess(view: &HealthView, t: &Thresholds, now_ms: u64) -> (Assessment, Op
         if !counts(class) || view.failures < t.unhealthy {
             return (Assessment::Usable, None);
         }
-        let why = format!(
-            "{} consecutive failed probe(s): {}",
-            view.failures, last.message
-        );
+        let why = format!("probe failed: {}", last.message);
         return match class {
             FailureClass::RegionBlocked => (Assessment::Excluded(class, why), None),
             FailureClass::RateLimited => {
