@@ -611,7 +611,7 @@ async fn flap_alternates() {
         // Skip samples near a phase boundary.
         let within = at.as_millis() % 200;
         if (20..180).contains(&within) {
-            let expected = if (at.as_millis() / 200) % 2 == 0 {
+            let expected = if (at.as_millis() / 200).is_multiple_of(2) {
                 200
             } else {
                 403

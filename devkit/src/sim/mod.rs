@@ -158,7 +158,7 @@ impl Fault {
         match self {
             Fault::Flap { period, fault } => {
                 let phase = elapsed.as_nanos() / period.as_nanos().max(1);
-                if phase % 2 == 0 {
+                if phase.is_multiple_of(2) {
                     &Fault::None
                 } else {
                     fault.resolve(elapsed)
