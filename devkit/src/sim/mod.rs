@@ -1,0 +1,1024 @@
+//! LLM provider simulators on 127.0.0.1: one HTTP server per simulated provider, following that
+//! provider's contract (base path, auth header, models, error bodies; see [`provider`]), answering
+//! OpenAI-shaped chat completions (JSON or incrementally flushed SSE), with faults switchable at run
+//! time ([`Fault`]), per-request fault scripts, request recording, and an admin API under `/__sim/`
+//! on the same port for other processes:
+//!
+//! | method and path | body / answer |
+//! |---|---|
+//! | `GET /__sim/info` | `{"provider","port","base_url","request_count","fault"}` |
+//! | `GET /__sim/fault`, `PUT /__sim/fault` | a fault as JSON (see [`Fault::from_json`]); with `"next": N` it applies to the next N requests only |
+//! | `GET /__sim/requests`, `DELETE /__sim/requests` | the recorded requests (`at_ms` since start) / clear them |
+//! | `PUT /__sim/keys` | `{"keys":["k1","k2"]}` |
+
+pub mod provider;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use provider::Failure;
+pub use provider::{ALL_PROVIDERS, AuthStyle, OPENAI_REGION_BLOCKED, SimProvider};
+
+/// A failure mode of the simulated provider, switchable at run time ([`Sim::set_fault`]).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Normal answers.
+    #[default]
+    None,
+    /// The provider refuses the caller's region: OpenAI's 403 `unsupported_country_region_territory`,
+    /// Anthropic's 403 "not available in your region"; the OpenAI body for the others.
+    RegionBlocked,
+    /// 429 with a `retry-after` header and the provider's rate-limit body.
+    RateLimited { retry_after_secs: u64 },
+    /// No balance / quota: the provider's own status and body (429, 402, 400, 403...).
+    QuotaExhausted,
+    /// A 403 that is not a region block (no access to the model / operation).
+    PermissionDenied,
+    /// 500 with the provider's body.
+    ServerError,
+    /// 503 (Anthropic: 529 `overloaded_error`).
+    Unavailable,
+    /// Reads the request and never answers (until the simulator stops).
+    Hang,
+    /// Waits this long before the status line, then answers normally.
+    SlowFirstByte(Duration),
+    /// Connections are reset (RST) when a request arrives on them, new and kept-alive ones alike;
+    /// the port stays bound so `set_fault(Fault::None)` restores service. Admin requests pass.
+    ConnectionRefused,
+    /// Streams send `after_chunks` chunks then the connection is cut, without `[DONE]`; a
+    /// non-streaming answer is cut in the middle of its JSON body.
+    StreamBreak { after_chunks: usize },
+    /// Alternates every `period`: healthy first, then `fault`, then healthy... (counted from the
+    /// moment the fault is set).
+    Flap { period: Duration, fault: Box<Fault> },
+}
+
+impl Fault {
+    /// `Flap` between healthy and a region block.
+    pub fn flap(period: Duration) -> Fault {
+        Fault::Flap {
+            period,
+            fault: Box::new(Fault::RegionBlocked),
+        }
+    }
+
+    /// Parses the admin API's JSON: `{"fault":"none"|"region-blocked"|"quota-exhausted"|
+    /// "permission-denied"|"server-error"|"unavailable"|"hang"|"connection-refused"}`,
+    /// `{"fault":"rate-limited","retry_after_secs":N}` (default 1),
+    /// `{"fault":"slow-first-byte","ms":N}`, `{"fault":"stream-break","after_chunks":N}`,
+    /// `{"fault":"flap","period_ms":N,"inner":{...}}` (inner default region-blocked).
+    pub fn from_json(v: &Value) -> Result<Fault, String> {
+        let name = v
+            .get("fault")
+            .and_then(Value::as_str)
+            .ok_or("expected {\"fault\": \"<name>\", ...}")?;
+        let num = |k: &str| v.get(k).and_then(Value::as_u64);
+        Ok(match name {
+            "none" | "ok" => Fault::None,
+            "region-blocked" => Fault::RegionBlocked,
+            "rate-limited" => Fault::RateLimited {
+                retry_after_secs: num("retry_after_secs").unwrap_or(1),
+            },
+            "quota-exhausted" => Fault::QuotaExhausted,
+            "permission-denied" => Fault::PermissionDenied,
+            "server-error" => Fault::ServerError,
+            "unavailable" => Fault::Unavailable,
+            "hang" => Fault::Hang,
+            "slow-first-byte" => Fault::SlowFirstByte(Duration::from_millis(
+                num("ms").ok_or("slow-first-byte needs \"ms\"")?,
+            )),
+            "connection-refused" => Fault::ConnectionRefused,
+            "stream-break" => Fault::StreamBreak {
+                after_chunks: num("after_chunks").unwrap_or(1) as usize,
+            },
+            "flap" => Fault::Flap {
+                period: Duration::from_millis(num("period_ms").ok_or("flap needs \"period_ms\"")?),
+                fault: Box::new(match v.get("inner") {
+                    Some(inner) => Fault::from_json(inner)?,
+                    None => Fault::RegionBlocked,
+                }),
+            },
+            other => return Err(format!("unknown fault {other:?}")),
+        })
+    }
+
+    /// The admin API's JSON for this fault (inverse of [`Fault::from_json`]).
+    pub fn to_json(&self) -> Value {
+        match self {
+            Fault::None => json!({ "fault": "none" }),
+            Fault::RegionBlocked => json!({ "fault": "region-blocked" }),
+            Fault::RateLimited { retry_after_secs } => {
+                json!({ "fault": "rate-limited", "retry_after_secs": retry_after_secs })
+            }
+            Fault::QuotaExhausted => json!({ "fault": "quota-exhausted" }),
+            Fault::PermissionDenied => json!({ "fault": "permission-denied" }),
+            Fault::ServerError => json!({ "fault": "server-error" }),
+            Fault::Unavailable => json!({ "fault": "unavailable" }),
+            Fault::Hang => json!({ "fault": "hang" }),
+            Fault::SlowFirstByte(d) => {
+                json!({ "fault": "slow-first-byte", "ms": d.as_millis() as u64 })
+            }
+            Fault::ConnectionRefused => json!({ "fault": "connection-refused" }),
+            Fault::StreamBreak { after_chunks } => {
+                json!({ "fault": "stream-break", "after_chunks": after_chunks })
+            }
+            Fault::Flap { period, fault } => json!({
+                "fault": "flap", "period_ms": period.as_millis() as u64, "inner": fault.to_json()
+            }),
+        }
+    }
+
+    fn involves_connection(&self) -> bool {
+        match self {
+            Fault::ConnectionRefused => true,
+            Fault::Flap { fault, .. } => fault.involves_connection(),
+            _ => false,
+        }
+    }
+
+    /// The fault in force at `elapsed` since it was set (resolves `Flap`).
+    fn resolve(&self, elapsed: Duration) -> &Fault {
+        match self {
+            Fault::Flap { period, fault } => {
+                let phase = elapsed.as_nanos() / period.as_nanos().max(1);
+                if phase.is_multiple_of(2) {
+                    &Fault::None
+                } else {
+                    fault.resolve(elapsed)
+                }
+            }
+            f => f,
+        }
+    }
+}
+
+/// How to run a simulator. `SimConfig::new(provider)` gives the defaults; the builder methods set
+/// single fields.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub provider: SimProvider,
+    /// Accepted keys (any of them). Empty: `openai-compatible` needs no key; every other provider
+    /// then rejects every request, as a provider does without a valid key.
+    pub keys: Vec<String>,
+    /// Served models; `None`: the provider's catalog models.
+    pub models: Option<Vec<String>>,
+    /// Accept any model name (the response names the model received).
+    pub any_model: bool,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Serve under this base path instead of the provider's (e.g. a self-hosted server at `/api`).
+    pub base_path: Option<String>,
+    /// `false`: any path ending in `/chat/completions` or `/models` is served.
+    pub strict_paths: bool,
+    /// Content chunks of a streamed answer (then a finish chunk and `[DONE]`).
+    pub stream_chunks: usize,
+    /// Pause before each streamed chunk after the first.
+    pub stream_interval: Duration,
+    /// Record requests (turn off for benchmarks).
+    pub record: bool,
+}
+
+impl SimConfig {
+    pub fn new(provider: SimProvider) -> SimConfig {
+        SimConfig {
+            provider,
+            keys: Vec::new(),
+            models: None,
+            any_model: false,
+            port: 0,
+            base_path: None,
+            strict_paths: true,
+            stream_chunks: 3,
+            stream_interval: Duration::from_millis(10),
+            record: true,
+        }
+    }
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys = vec![key.into()];
+        self
+    }
+    pub fn keys(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+    pub fn models(mut self, models: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+    pub fn any_model(mut self) -> Self {
+        self.any_model = true;
+        self
+    }
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    pub fn base_path(mut self, path: impl Into<String>) -> Self {
+        self.base_path = Some(path.into().trim_end_matches('/').to_string());
+        self
+    }
+    pub fn lenient_paths(mut self) -> Self {
+        self.strict_paths = false;
+        self
+    }
+    pub fn stream(mut self, chunks: usize, interval: Duration) -> Self {
+        self.stream_chunks = chunks;
+        self.stream_interval = interval;
+        self
+    }
+    pub fn record(mut self, record: bool) -> Self {
+        self.record = record;
+        self
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig::new(SimProvider::OpenAI)
+    }
+}
+
+/// One request as the simulated provider saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    /// Path and query, as received.
+    pub path: String,
+    /// Lowercase header name → value (repeated headers joined with ", ").
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body (`Null` when empty or not JSON).
+    pub body: Value,
+    /// The model asked for: the body's `model`, or Azure's deployment.
+    pub model: Option<String>,
+    pub stream: bool,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    fn to_json(&self, start: Instant) -> Value {
+        json!({
+            "method": self.method, "path": self.path, "headers": self.headers, "body": self.body,
+            "model": self.model, "stream": self.stream,
+            "at_ms": self.at.saturating_duration_since(start).as_secs_f64() * 1000.0,
+        })
+    }
+}
+
+struct FaultState {
+    fault: Fault,
+    since: Instant,
+    script: VecDeque<Fault>,
+}
+
+struct Shared {
+    provider: SimProvider,
+    prefixes: Vec<String>,
+    strict_paths: bool,
+    models: Vec<String>,
+    any_model: bool,
+    stream_chunks: usize,
+    stream_interval: Duration,
+    record: bool,
+    port: u16,
+    base_url: String,
+    started: Instant,
+    keys: RwLock<Vec<String>>,
+    fault: Mutex<FaultState>,
+    /// Set when the fault or the script may reset connections (checked on every read).
+    conn_faults: AtomicBool,
+    records: Mutex<Vec<Received>>,
+    count: AtomicU64,
+    stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The fault for the next request: the script's head if any, else the standing fault.
+    fn take_fault(&self) -> Fault {
+        let mut st = self.fault.lock().unwrap();
+        let fault = match st.script.pop_front() {
+            Some(f) => f.resolve(st.since.elapsed()).clone(),
+            None => st.fault.resolve(st.since.elapsed()).clone(),
+        };
+        self.update_conn_faults(&st);
+        fault
+    }
+
+    /// Whether a request arriving now must have its connection reset (consumes a scripted
+    /// `ConnectionRefused`). Admin requests are never refused.
+    fn refuse_connection(&self) -> bool {
+        if !self.conn_faults.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut st = self.fault.lock().unwrap();
+        let elapsed = st.since.elapsed();
+        let refuse = match st.script.front() {
+            Some(f) if *f.resolve(elapsed) == Fault::ConnectionRefused => {
+                st.script.pop_front();
+                true
+            }
+            Some(_) => false,
+            None => *st.fault.resolve(elapsed) == Fault::ConnectionRefused,
+        };
+        self.update_conn_faults(&st);
+        refuse
+    }
+
+    fn update_conn_faults(&self, st: &FaultState) {
+        let any =
+            st.fault.involves_connection() || st.script.iter().any(Fault::involves_connection);
+        self.conn_faults.store(any, Ordering::Relaxed);
+    }
+}
+
+/// Stops the server when the last [`Sim`] clone is dropped.
+struct StopGuard(watch::Sender<bool>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// A running simulator. Clones share it; it stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Sim {
+    shared: Arc<Shared>,
+    _guard: Arc<StopGuard>,
+}
+
+impl Sim {
+    /// Binds 127.0.0.1:`config.port` (0: any free port) and serves until dropped.
+    pub async fn start(config: SimConfig) -> io::Result<Sim> {
+        let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
+        let port = listener.local_addr()?.port();
+        let provider = config.provider;
+        let prefixes: Vec<String> = match &config.base_path {
+            Some(p) => vec![p.clone()],
+            None => provider.prefixes().iter().map(|p| p.to_string()).collect(),
+        };
+        let base_path = config
+            .base_path
+            .clone()
+            .unwrap_or_else(|| provider.base_path().to_string());
+        let models = config.models.clone().unwrap_or_else(|| {
+            provider
+                .catalog_models()
+                .iter()
+                .map(|m| m.to_string())
+                .collect()
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            provider,
+            prefixes,
+            strict_paths: config.strict_paths,
+            models,
+            any_model: config.any_model,
+            stream_chunks: config.stream_chunks,
+            stream_interval: config.stream_interval,
+            record: config.record,
+            port,
+            base_url: format!("http://127.0.0.1:{port}{base_path}"),
+            started: Instant::now(),
+            keys: RwLock::new(config.keys.clone()),
+            fault: Mutex::new(FaultState {
+                fault: Fault::None,
+                since: Instant::now(),
+                script: VecDeque::new(),
+            }),
+            conn_faults: AtomicBool::new(false),
+            records: Mutex::new(Vec::new()),
+            count: AtomicU64::new(0),
+            stop: stop_rx.clone(),
+        });
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = SimListener { inner: listener };
+        let mut stop = stop_rx;
+        tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<ConnHandle>();
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        Ok(Sim {
+            shared,
+            _guard: Arc::new(StopGuard(stop_tx)),
+        })
+    }
+
+    pub fn provider(&self) -> SimProvider {
+        self.shared.provider
+    }
+    pub fn port(&self) -> u16 {
+        self.shared.port
+    }
+    /// `http://127.0.0.1:PORT` + the provider's base path (e.g. `/api/paas/v4`; nothing for Azure
+    /// and DeepSeek), as a backend's `endpoint` would be written.
+    pub fn base_url(&self) -> &str {
+        &self.shared.base_url
+    }
+    /// The models served (empty meaning nothing with `any_model`).
+    pub fn models(&self) -> &[String] {
+        &self.shared.models
+    }
+    /// Accept only `key` from now on (rotation).
+    pub fn set_key(&self, key: &str) {
+        *self.shared.keys.write().unwrap() = vec![key.to_string()];
+    }
+    /// Accept any of `keys` from now on (rotation with overlap).
+    pub fn set_keys(&self, keys: Vec<String>) {
+        *self.shared.keys.write().unwrap() = keys;
+    }
+    /// The standing fault; also clears the script.
+    pub fn set_fault(&self, fault: Fault) {
+        let mut st = self.shared.fault.lock().unwrap();
+        st.fault = fault;
+        st.since = Instant::now();
+        st.script.clear();
+        self.shared.update_conn_faults(&st);
+    }
+    pub fn fault(&self) -> Fault {
+        self.shared.fault.lock().unwrap().fault.clone()
+    }
+    /// The next requests get these faults, one each, in order; then the standing fault again.
+    pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
+        let mut st = self.shared.fault.lock().unwrap();
+        st.script.extend(faults);
+        self.shared.update_conn_faults(&st);
+    }
+    /// The next `n` requests get `fault`.
+    pub fn fail_next(&self, n: usize, fault: Fault) {
+        self.script(std::iter::repeat_n(fault, n));
+    }
+    /// The recorded requests, oldest first (admin requests excluded).
+    pub fn requests(&self) -> Vec<Received> {
+        self.shared.records.lock().unwrap().clone()
+    }
+    /// The most recent recorded request.
+    pub fn last_request(&self) -> Option<Received> {
+        self.shared.records.lock().unwrap().last().cloned()
+    }
+    pub fn clear_requests(&self) {
+        self.shared.records.lock().unwrap().clear();
+    }
+    /// Requests answered or failed at the HTTP level since start (counted even when not recorded;
+    /// connections reset by `ConnectionRefused` are not requests).
+    pub fn request_count(&self) -> u64 {
+        self.shared.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The listener: accepted connections are wrapped so `ConnectionRefused` can reset them.
+struct SimListener {
+    inner: TcpListener,
+}
+
+impl axum::serve::Listener for SimListener {
+    type Io = SimIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (SimIo, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        SimIo {
+                            inner: stream,
+                            kill: Arc::new(AtomicBool::new(false)),
+                        },
+                        addr,
+                    );
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection the handler can order reset (`ConnectionRefused`): its next read or write fails
+/// and the socket is closed with SO_LINGER 0, so the peer sees a reset.
+struct SimIo {
+    inner: TcpStream,
+    kill: Arc<AtomicBool>,
+}
+
+impl SimIo {
+    fn killed(&self) -> Option<io::Error> {
+        if !self.kill.load(Ordering::Relaxed) {
+            return None;
+        }
+        let _ = socket2::SockRef::from(&self.inner).set_linger(Some(Duration::ZERO));
+        Some(io::Error::from(io::ErrorKind::ConnectionReset))
+    }
+}
+
+/// The handler's handle on its connection.
+#[derive(Clone)]
+struct ConnHandle(Arc<AtomicBool>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, SimListener>>
+    for ConnHandle
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, SimListener>) -> Self {
+        ConnHandle(stream.io().kill.clone())
+    }
+}
+
+impl AsyncRead for SimIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What a request asks the provider for.
+enum Op<'a> {
+    Chat { deployment: Option<&'a str> },
+    Models,
+}
+
+fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'a>, Failure<'a>> {
+    if shared.provider == SimProvider::AzureOpenAI && shared.strict_paths {
+        let has_version = query
+            .unwrap_or_default()
+            .split('&')
+            .any(|kv| kv.starts_with("api-version=") && kv.len() > "api-version=".len());
+        let rest = path.strip_prefix(shared.prefixes.first().map_or("", |p| p.as_str()));
+        let op = match rest {
+            Some("/openai/models") => Some(Op::Models),
+            Some(rest) => rest
+                .strip_prefix("/openai/deployments/")
+                .and_then(|r| r.strip_suffix("/chat/completions"))
+                .filter(|d| !d.is_empty() && !d.contains('/'))
+                .map(|d| Op::Chat {
+                    deployment: Some(d),
+                }),
+            None => None,
+        };
+        return match op {
+            Some(_) if !has_version => Err(Failure::MissingApiVersion),
+            Some(op) => Ok(op),
+            None => Err(Failure::UnknownPath { method: "", path }),
+        };
+    }
+    if !shared.strict_paths {
+        if path.ends_with("/chat/completions") {
+            return Ok(Op::Chat { deployment: None });
+        }
+        if path.ends_with("/models") {
+            return Ok(Op::Models);
+        }
+    }
+    for prefix in &shared.prefixes {
+        match path.strip_prefix(prefix.as_str()) {
+            Some("/chat/completions") => return Ok(Op::Chat { deployment: None }),
+            Some("/models") => return Ok(Op::Models),
+            _ => {}
+        }
+    }
+    Err(Failure::UnknownPath { method: "", path })
+}
+
+/// The key the request carries, in the provider's header. `None`: no key at all.
+fn presented_key(provider: SimProvider, headers: &HeaderMap) -> Option<&str> {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match provider.auth() {
+        AuthStyle::Bearer => value("authorization").map(|v| v.strip_prefix("Bearer ").unwrap_or(v)),
+        AuthStyle::ApiKey => value("api-key"),
+        AuthStyle::XApiKey => value("x-api-key"),
+    }
+    .filter(|k| !k.is_empty())
+}
+
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+fn json_response(status: StatusCode, provider: SimProvider, body: String) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert("x-sim-provider", HeaderValue::from_static(provider.id()));
+    resp
+}
+
+fn failure(shared: &Shared, f: Failure<'_>) -> Response {
+    let (status, body) = shared.provider.failure(&f);
+    json_response(status, shared.provider, body.to_string())
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<ConnHandle>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path();
+    if path.starts_with("/__sim/") {
+        return admin(&shared, &method, path, &body);
+    }
+    if shared.refuse_connection() {
+        // The response is never written: the connection is reset instead.
+        conn.0.store(true, Ordering::Relaxed);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let n = shared.count.fetch_add(1, Ordering::Relaxed) + 1;
+
+    let (model, stream): (Option<Cow<'_, str>>, bool) = if shared.record {
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let model = json
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let mut hs = BTreeMap::new();
+        for (name, value) in &headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            hs.entry(name.as_str().to_string())
+                .and_modify(|v: &mut String| {
+                    v.push_str(", ");
+                    v.push_str(&value)
+                })
+                .or_insert_with(|| value.into_owned());
+        }
+        let deployment = match route(&shared, path, uri.query()) {
+            Ok(Op::Chat {
+                deployment: Some(d),
+            }) => Some(d.to_string()),
+            _ => None,
+        };
+        let received_model = deployment.or(model.clone());
+        shared.records.lock().unwrap().push(Received {
+            method: method.to_string(),
+            path: uri
+                .path_and_query()
+                .map_or(path, |p| p.as_str())
+                .to_string(),
+            headers: hs,
+            body: json,
+            model: received_model,
+            stream,
+            at: Instant::now(),
+        });
+        (model.map(Cow::Owned), stream)
+    } else {
+        match serde_json::from_slice::<Peek<'_>>(&body) {
+            Ok(p) => (p.model, p.stream.unwrap_or(false)),
+            Err(_) => (None, false),
+        }
+    };
+
+    let op = match route(&shared, path, uri.query()) {
+        Ok(op) => op,
+        Err(Failure::UnknownPath { path, .. }) => {
+            return failure(
+                &shared,
+                Failure::UnknownPath {
+                    method: method.as_str(),
+                    path,
+                },
+            );
+        }
+        Err(f) => return failure(&shared, f),
+    };
+
+    // Authentication.
+    {
+        let keys = shared.keys.read().unwrap();
+        let open = keys.is_empty() && shared.provider == SimProvider::OpenAICompatible;
+        if !open {
+            match presented_key(shared.provider, &headers) {
+                None => return failure(&shared, Failure::BadKey { missing: true }),
+                Some(k) if !keys.iter().any(|ok| ok == k) => {
+                    return failure(&shared, Failure::BadKey { missing: false });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if shared.provider == SimProvider::Anthropic && !headers.contains_key("anthropic-version") {
+        return failure(&shared, Failure::MissingAnthropicVersion);
+    }
+
+    let model: Cow<'_, str> = match op {
+        Op::Chat {
+            deployment: Some(d),
+        } => Cow::Borrowed(d),
+        Op::Chat { deployment: None } => model.unwrap_or_default(),
+        Op::Models => Cow::Borrowed(""),
+    };
+
+    // Faults.
+    let fault = shared.take_fault();
+    let mut break_after = None;
+    match fault {
+        Fault::None | Fault::ConnectionRefused => {}
+        Fault::RegionBlocked => return failure(&shared, Failure::RegionBlocked),
+        Fault::RateLimited { retry_after_secs } => {
+            let mut resp = failure(&shared, Failure::RateLimited);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            return resp;
+        }
+        Fault::QuotaExhausted => return failure(&shared, Failure::QuotaExhausted),
+        Fault::PermissionDenied => return failure(&shared, Failure::PermissionDenied(&model)),
+        Fault::ServerError => return failure(&shared, Failure::ServerError),
+        Fault::Unavailable => return failure(&shared, Failure::Unavailable),
+        Fault::Hang => {
+            let mut stop = shared.stop.clone();
+            let _ = stop.wait_for(|s| *s).await;
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Fault::SlowFirstByte(d) => tokio::time::sleep(d).await,
+        Fault::StreamBreak { after_chunks } => break_after = Some(after_chunks),
+        Fault::Flap { .. } => unreachable!("resolved"),
+    }
+
+    match op {
+        Op::Models => models_list(&shared),
+        Op::Chat { .. } => {
+            if !shared.any_model && !shared.models.iter().any(|m| **m == *model) {
+                return failure(&shared, Failure::UnknownModel(&model));
+            }
+            if stream {
+                sse(&shared, n, &model, break_after)
+            } else {
+                completion(&shared, n, &model, break_after)
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn models_list(shared: &Shared) -> Response {
+    let data: Vec<Value> = shared
+        .models
+        .iter()
+        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": shared.provider.id() }))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        shared.provider,
+        json!({ "object": "list", "data": data }).to_string(),
+    )
+}
+
+fn completion(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) -> Response {
+    let p = shared.provider.id();
+    let body = format!(
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}}}"#,
+        t = unix_now(),
+        m = Value::from(model),
+    );
+    if break_after.is_some() {
+        // Half the body, then the connection is cut (no content-length, chunked, never finished).
+        let half = Bytes::from(body).slice(..40);
+        let stream = futures::stream::unfold(Some(half), |half| async move {
+            match half {
+                Some(half) => Some((Ok(half), None)),
+                None => {
+                    // Let the half body reach the client before the cut.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "sim: stream break",
+                        )),
+                        None,
+                    ))
+                }
+            }
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut().insert(
+            "x-sim-provider",
+            HeaderValue::from_static(shared.provider.id()),
+        );
+        return resp;
+    }
+    json_response(StatusCode::OK, shared.provider, body)
+}
+
+/// The content of streamed chunk `i` of `total`: together "hello from <provider>", then " ." each.
+fn piece(provider: &str, i: usize, total: usize) -> String {
+    let words = [
+        "hello".to_string(),
+        " from".to_string(),
+        format!(" {provider}"),
+    ];
+    if total <= words.len() && i + 1 == total {
+        return words[i..].concat();
+    }
+    words.get(i).cloned().unwrap_or_else(|| " .".to_string())
+}
+
+fn sse(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) -> Response {
+    let total = shared.stream_chunks;
+    let interval = shared.stream_interval;
+    let provider = shared.provider.id();
+    let head = format!(
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion.chunk","created":{t},"model":{m},"choices":[{{"index":0,"#,
+        t = unix_now(),
+        m = Value::from(model),
+    );
+    // Events: content chunks 0..total, then the finish chunk, then [DONE].
+    let stream = futures::stream::unfold(0usize, move |i| {
+        let head = head.clone();
+        async move {
+            if i > total + 1 {
+                return None;
+            }
+            if break_after.is_some_and(|b| i >= b.min(total)) {
+                // Let the chunks sent so far reach the client before the cut.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "sim: stream break",
+                    )),
+                    usize::MAX,
+                ));
+            }
+            if i > 0 && i < total {
+                tokio::time::sleep(interval).await;
+            }
+            let event = if i < total {
+                let delta = if i == 0 {
+                    json!({ "role": "assistant", "content": piece(provider, i, total) })
+                } else {
+                    json!({ "content": piece(provider, i, total) })
+                };
+                format!("data: {head}\"delta\":{delta},\"finish_reason\":null}}]}}\n\n")
+            } else if i == total {
+                format!("data: {head}\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n")
+            } else {
+                "data: [DONE]\n\n".to_string()
+            };
+            Some((Ok::<_, io::Error>(Bytes::from(event)), i + 1))
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-sim-provider", HeaderValue::from_static(provider));
+    resp
+}
+
+fn admin(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response {
+    let ok = |v: Value| json_response(StatusCode::OK, shared.provider, v.to_string());
+    let bad = |m: String| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            shared.provider,
+            json!({ "error": m }).to_string(),
+        )
+    };
+    let parsed = || serde_json::from_slice::<Value>(body).map_err(|e| e.to_string());
+    match (method.as_str(), path) {
+        ("GET", "/__sim/info") => ok(json!({
+            "provider": shared.provider.id(), "port": shared.port, "base_url": shared.base_url,
+            "request_count": shared.count.load(Ordering::Relaxed),
+            "fault": shared.fault.lock().unwrap().fault.to_json(),
+        })),
+        ("GET", "/__sim/fault") => ok(shared.fault.lock().unwrap().fault.to_json()),
+        ("PUT" | "POST", "/__sim/fault") => {
+            let v = match parsed() {
+                Ok(v) => v,
+                Err(e) => return bad(e),
+            };
+            let fault = match Fault::from_json(&v) {
+                Ok(f) => f,
+                Err(e) => return bad(e),
+            };
+            let mut st = shared.fault.lock().unwrap();
+            match v.get("next").and_then(Value::as_u64) {
+                Some(n) => st.script.extend(std::iter::repeat_n(fault, n as usize)),
+                None => {
+                    st.fault = fault;
+                    st.since = Instant::now();
+                    st.script.clear();
+                }
+            }
+            shared.update_conn_faults(&st);
+            ok(st.fault.to_json())
+        }
+        ("GET", "/__sim/requests") => {
+            let records = shared.records.lock().unwrap();
+            ok(Value::Array(
+                records.iter().map(|r| r.to_json(shared.started)).collect(),
+            ))
+        }
+        ("DELETE", "/__sim/requests") => {
+            shared.records.lock().unwrap().clear();
+            ok(json!({}))
+        }
+        ("PUT" | "POST", "/__sim/keys") => {
+            let keys = parsed().and_then(|v| {
+                serde_json::from_value::<Vec<String>>(v.get("keys").cloned().unwrap_or_default())
+                    .map_err(|e| format!("expected {{\"keys\": [..]}}: {e}"))
+            });
+            match keys {
+                Ok(keys) => {
+                    *shared.keys.write().unwrap() = keys;
+                    ok(json!({}))
+                }
+                Err(e) => bad(e),
+            }
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            shared.provider,
+            json!({ "error": format!("no admin endpoint {method} {path}") }).to_string(),
+        ),
+    }
+}
