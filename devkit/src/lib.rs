@@ -8,3 +8,4 @@
 
 pub mod kubelet;
 pub mod sim;
+pub mod tls;

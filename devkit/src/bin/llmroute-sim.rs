@@ -28,6 +28,10 @@ struct Args {
     /// Port of --provider (default: any free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Serve every simulator over HTTPS (a TLS front per simulator, certificate for 127.0.0.1
+    /// from a fresh test CA) and write that CA's certificate (PEM) to FILE.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_out: Option<std::path::PathBuf>,
     /// List the provider ids and exit.
     #[arg(long)]
     list_providers: bool,
@@ -82,15 +86,32 @@ async fn main() -> anyhow::Result<()> {
     if configs.is_empty() {
         bail!("nothing to run: give --provider ID or --sim provider=ID,... (see --help)");
     }
+    let ca = match &args.tls_ca_out {
+        Some(path) => {
+            let ca = llmroute_devkit::tls::TestCa::new();
+            ca.write_ca(path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Some(ca)
+        }
+        None => None,
+    };
     let mut sims = Vec::new();
     for cfg in configs {
         let provider = cfg.provider;
-        let sim = Sim::start(cfg)
-            .await
-            .with_context(|| format!("starting the {provider} simulator"))?;
+        let sim = match &ca {
+            Some(ca) => Sim::start_tls(cfg, ca).await,
+            None => Sim::start(cfg).await,
+        }
+        .with_context(|| format!("starting the {provider} simulator"))?;
+        // `port` is where clients connect; `admin_url` reaches /__sim/ over plain HTTP.
         println!(
             "{}",
-            serde_json::json!({ "provider": provider.id(), "port": sim.port(), "base_url": sim.base_url() })
+            serde_json::json!({
+                "provider": provider.id(),
+                "port": sim.public_port(),
+                "base_url": sim.base_url(),
+                "admin_url": format!("http://127.0.0.1:{}/__sim", sim.port()),
+            })
         );
         sims.push(sim);
     }

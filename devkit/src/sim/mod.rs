@@ -367,6 +367,8 @@ impl Drop for StopGuard {
 pub struct Sim {
     shared: Arc<Shared>,
     _guard: Arc<StopGuard>,
+    /// With [`Sim::start_tls`]: the HTTPS front and its base URL.
+    tls: Option<(Arc<crate::tls::TlsFront>, String)>,
 }
 
 impl Sim {
@@ -428,7 +430,27 @@ impl Sim {
         Ok(Sim {
             shared,
             _guard: Arc::new(StopGuard(stop_tx)),
+            tls: None,
         })
+    }
+
+    /// Like [`Sim::start`], reached over HTTPS: a TLS front with `ca`'s server certificate
+    /// (`config.port` is the front's port; the simulator itself listens on a free port).
+    /// [`Sim::base_url`] is then `https://127.0.0.1:<front>/<base path>`.
+    pub async fn start_tls(config: SimConfig, ca: &crate::tls::TestCa) -> io::Result<Sim> {
+        let front_port = config.port;
+        let mut sim = Sim::start(SimConfig { port: 0, ..config }).await?;
+        let front = crate::tls::TlsFront::start(ca, sim.port(), front_port).await?;
+        let path = sim
+            .shared
+            .base_url
+            .trim_start_matches("http://")
+            .split_once('/')
+            .map(|(_, p)| format!("/{p}"))
+            .unwrap_or_default();
+        let url = format!("https://127.0.0.1:{}{path}", front.port);
+        sim.tls = Some((Arc::new(front), url));
+        Ok(sim)
     }
 
     pub fn provider(&self) -> SimProvider {
@@ -440,7 +462,17 @@ impl Sim {
     /// `http://127.0.0.1:PORT` + the provider's base path (e.g. `/api/paas/v4`; nothing for Azure
     /// and DeepSeek), as a backend's `endpoint` would be written.
     pub fn base_url(&self) -> &str {
-        &self.shared.base_url
+        match &self.tls {
+            Some((_, url)) => url,
+            None => &self.shared.base_url,
+        }
+    }
+    /// The port clients connect to: the TLS front's with [`Sim::start_tls`], else the simulator's.
+    pub fn public_port(&self) -> u16 {
+        match &self.tls {
+            Some((front, _)) => front.port,
+            None => self.shared.port,
+        }
     }
     /// The models served (empty meaning nothing with `any_model`).
     pub fn models(&self) -> &[String] {
