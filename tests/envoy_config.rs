@@ -174,7 +174,7 @@ spec:
 }
 
 async fn chat(port: u16, key: &str, model: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    llmroute_devkit::tls::http_client()
         .post(format!("http://127.0.0.1:{port}/chat/v1/chat/completions"))
         .bearer_auth(key)
         .json(&serde_json::json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] }))
@@ -286,7 +286,7 @@ async fn rendered_gateway_serves_and_fails_over() {
     assert_eq!(resp.status(), 401);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_api_key");
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .post(format!("http://127.0.0.1:{port}/chat/v1/chat/completions"))
         .json(&serde_json::json!({ "model": "gpt-4o", "messages": [] }))
         .send()
@@ -304,7 +304,7 @@ async fn rendered_gateway_serves_and_fails_over() {
     );
 
     // The models list answers from the gateway.
-    let models: serde_json::Value = reqwest::Client::new()
+    let models: serde_json::Value = llmroute_devkit::tls::http_client()
         .get(format!("http://127.0.0.1:{port}/chat/v1/models"))
         .bearer_auth(ROUTE_KEY)
         .send()

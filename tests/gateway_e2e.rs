@@ -70,7 +70,7 @@ async fn workload_env(secrets: &Api<Secret>, name: &str, port: u16) -> (String, 
 }
 
 async fn chat(base: &str, key: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    llmroute_devkit::tls::http_client()
         .post(format!("{base}/chat/completions"))
         .bearer_auth(key)
         .json(&serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }))
@@ -153,7 +153,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
 
     // The gateway admits only the route key; an unknown model gets the route's list.
     assert_eq!(chat(&base, "sk-wrong").await.status(), 401);
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .post(format!("{base}/chat/completions"))
         .bearer_auth(&key)
         .json(&serde_json::json!({ "model": "gpt-9", "messages": [] }))

@@ -120,3 +120,15 @@ impl Drop for TlsFront {
         let _ = self._stop.send(true);
     }
 }
+
+/// Installs rustls's *ring* provider as the process default (a no-op when one is installed), as
+/// HTTP clients built with reqwest's `rustls-no-provider` need.
+pub fn install_default_provider() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An HTTP client for tests and tools (installs the TLS provider first).
+pub fn http_client() -> reqwest::Client {
+    install_default_provider();
+    reqwest::Client::new()
+}

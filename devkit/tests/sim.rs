@@ -55,7 +55,7 @@ fn auth(
 
 async fn chat_with(sim: &Sim, key: Option<&str>, model: &str, stream: bool) -> reqwest::Response {
     auth(
-        reqwest::Client::new().post(chat_url(sim, model)),
+        llmroute_devkit::tls::http_client().post(chat_url(sim, model)),
         sim.provider(),
         key,
     )
@@ -136,7 +136,7 @@ async fn every_provider_serves_its_contract() {
 
         // A key in another provider's header is no key.
         if provider.auth() != AuthStyle::Bearer {
-            let resp = reqwest::Client::new()
+            let resp = llmroute_devkit::tls::http_client()
                 .post(chat_url(&sim, model))
                 .bearer_auth(KEY)
                 .header("anthropic-version", "2023-06-01")
@@ -157,7 +157,7 @@ async fn every_provider_serves_its_contract() {
 
         // Models list.
         let resp = auth(
-            reqwest::Client::new().get(models_url(&sim)),
+            llmroute_devkit::tls::http_client().get(models_url(&sim)),
             provider,
             Some(KEY),
         )
@@ -174,7 +174,7 @@ async fn every_provider_serves_its_contract() {
             .collect();
         assert_eq!(ids, provider.catalog_models(), "{id}");
         let resp = auth(
-            reqwest::Client::new().get(models_url(&sim)),
+            llmroute_devkit::tls::http_client().get(models_url(&sim)),
             provider,
             Some("bad"),
         )
@@ -185,7 +185,7 @@ async fn every_provider_serves_its_contract() {
 
         // Another provider's path is not served.
         let resp = auth(
-            reqwest::Client::new().post(format!(
+            llmroute_devkit::tls::http_client().post(format!(
                 "http://127.0.0.1:{}/v9/chat/completions",
                 sim.port()
             )),
@@ -205,7 +205,7 @@ async fn every_provider_serves_its_contract() {
 async fn provider_specifics() {
     // Azure: api-version required (Azure's 404), deployment is the model, api-key header.
     let azure = start(SimProvider::AzureOpenAI).await;
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .post(format!(
             "{}/openai/deployments/gpt-4o/chat/completions",
             azure.base_url()
@@ -233,7 +233,7 @@ async fn provider_specifics() {
     // DeepSeek: with and without /v1.
     let ds = start(SimProvider::DeepSeek).await;
     for path in ["/chat/completions", "/v1/chat/completions"] {
-        let resp = reqwest::Client::new()
+        let resp = llmroute_devkit::tls::http_client()
             .post(format!("http://127.0.0.1:{}{path}", ds.port()))
             .bearer_auth(KEY)
             .json(&json!({ "model": "deepseek-chat", "messages": [] }))
@@ -245,7 +245,7 @@ async fn provider_specifics() {
 
     // Anthropic: anthropic-version required.
     let an = start(SimProvider::Anthropic).await;
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .post(chat_url(&an, "claude-sonnet-4-5"))
         .header("x-api-key", KEY)
         .json(&json!({ "model": "claude-sonnet-4-5", "messages": [] }))
@@ -301,7 +301,7 @@ async fn provider_specifics() {
     )
     .await
     .unwrap();
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .post(format!(
             "http://127.0.0.1:{}/api/paas/v4/chat/completions",
             any.port()
@@ -525,6 +525,7 @@ async fn stream_break_cuts_without_done() {
 async fn hang_and_slow_first_byte() {
     let sim = start(SimProvider::DashScope).await;
     sim.set_fault(Fault::Hang);
+    llmroute_devkit::tls::install_default_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(400))
         .build()
@@ -554,7 +555,7 @@ async fn hang_and_slow_first_byte() {
 async fn connection_refused_then_recovery() {
     let sim = start(SimProvider::OpenAI).await;
     // One client with keep-alive: its pooled connection is reset too.
-    let client = reqwest::Client::new();
+    let client = llmroute_devkit::tls::http_client();
     let send = || {
         client
             .post(chat_url(&sim, "gpt-4o"))
@@ -569,7 +570,7 @@ async fn connection_refused_then_recovery() {
         assert!(send().await.is_err());
     }
     assert!(
-        reqwest::Client::new()
+        llmroute_devkit::tls::http_client()
             .post(chat_url(&sim, "gpt-4o"))
             .send()
             .await
@@ -583,7 +584,7 @@ async fn connection_refused_then_recovery() {
 
     // The admin API still answers, and lifts the fault.
     let admin = format!("http://127.0.0.1:{}/__sim/fault", sim.port());
-    let resp = reqwest::Client::new()
+    let resp = llmroute_devkit::tls::http_client()
         .put(&admin)
         .json(&json!({ "fault": "none" }))
         .send()
@@ -654,7 +655,7 @@ async fn scripts_fail_the_next_requests() {
 async fn admin_api_drives_the_simulator() {
     let sim = start(SimProvider::Zhipu).await;
     let admin = |p: &str| format!("http://127.0.0.1:{}/__sim/{p}", sim.port());
-    let client = reqwest::Client::new();
+    let client = llmroute_devkit::tls::http_client();
     assert_eq!(chat(&sim).await.status(), 200);
 
     let requests: Value = client
@@ -789,7 +790,7 @@ async fn fixed_port_and_stop_on_drop() {
     drop(clone);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        reqwest::Client::new()
+        llmroute_devkit::tls::http_client()
             .get(format!("http://127.0.0.1:{port}/v1/models"))
             .send()
             .await

@@ -610,10 +610,10 @@ fn front_route<'a>(route: &'a RouteIr, opts: &EnvoyOptions) -> xds::FrontRoute<'
             key_file: format!("{}/{}", opts.keys_dir, route.key_entry),
             models: &route.models,
             passthrough: route.passthrough,
+            chains: &route.chain_backends,
         }),
         request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         request_headers_to_add: [xds::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],
-        response_headers_to_remove: ["x-llmroute-retry"],
     }
 }
 
@@ -643,7 +643,9 @@ fn front_route_config<'a>(
         } },
         "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
     })));
-    xds::RouteConfig::new(FRONT, routes)
+    let mut config = xds::RouteConfig::new(FRONT, routes);
+    config.virtual_hosts[0].include_attempt_count_in_response = true;
+    config
 }
 
 fn circuit_breakers() -> Value {

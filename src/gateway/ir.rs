@@ -37,6 +37,8 @@ pub struct RouteIr {
     pub backends: Vec<BackendIr>,
     /// The route's failover chains as (chain cluster, weight); one unless the strategy is Weighted.
     pub chains: Vec<(String, u32)>,
+    /// The backend names of each chain, in `chains` order, first tried first.
+    pub chain_backends: Vec<Vec<String>>,
     /// Longest chain: the number of backends one request may try.
     pub max_attempts: usize,
     pub request_timeout_ms: u64,
@@ -409,7 +411,14 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
     backends.sort_by(|a, b| a.name.cmp(&b.name));
     let mut chains = Vec::new();
     let mut route_chains = Vec::new();
+    let mut chain_backends = Vec::new();
     for (weight, members) in &plan.chains {
+        chain_backends.push(
+            members
+                .iter()
+                .map(|&i| route.spec.backends[i].name.clone())
+                .collect(),
+        );
         let chain_accounts: Vec<String> =
             members.iter().map(|i| accounts[i].name.clone()).collect();
         let head = (plan.chains.len() > 1).then(|| route.spec.backends[members[0]].name.as_str());
@@ -432,6 +441,7 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
         backends,
         max_attempts: plan.chains.iter().map(|(_, m)| m.len()).max().unwrap_or(0),
         chains: route_chains,
+        chain_backends,
         request_timeout_ms: duration_ms(&timeouts.request)?,
         idle_timeout_ms: duration_ms(&timeouts.idle)?,
         failover_on: route.spec.policy.failover_on.iter().copied().collect(),

@@ -26,6 +26,10 @@ pub struct VirtualHost<'a, R: Serialize> {
     pub name: &'a str,
     pub domains: [&'static str; 1],
     pub routes: Vec<R>,
+    /// `x-envoy-attempt-count` on responses: the front listener's Lua reads it to say which
+    /// backends a failed request tried.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub include_attempt_count_in_response: bool,
 }
 
 impl<'a, R: Serialize> RouteConfig<'a, R> {
@@ -38,6 +42,7 @@ impl<'a, R: Serialize> RouteConfig<'a, R> {
                 name,
                 domains: ["*"],
                 routes,
+                include_attempt_count_in_response: false,
             }],
         }
     }
@@ -94,7 +99,6 @@ pub struct FrontRoute<'a> {
     pub metadata: LuaMetadata<FrontMetadata<'a>>,
     pub request_body_buffer_limit: u64,
     pub request_headers_to_add: [HeaderToAdd<'a>; 1],
-    pub response_headers_to_remove: [&'static str; 1],
 }
 
 #[derive(Serialize)]
@@ -197,6 +201,8 @@ pub struct FrontMetadata<'a> {
     pub key_file: String,
     pub models: &'a [String],
     pub passthrough: bool,
+    /// Backend names of each failover chain, first tried first.
+    pub chains: &'a [Vec<String>],
 }
 
 // ---- account listener routes ----

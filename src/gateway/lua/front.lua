@@ -67,3 +67,50 @@ function envoy_on_request(handle)
     "'. Models: " .. table.concat(models, ", ") .. ".",
     "invalid_request_error", "model_not_found", "model"))
 end
+
+-- When the answer is a failure the route fails over on (the backend listener marked it retriable)
+-- the whole chain has been tried: answer with one OpenAI-shaped error naming every backend tried,
+-- instead of only the last backend's own error. Earlier attempts' responses are gone by now (Envoy
+-- discards them when it retries), so for those the error says that they failed over.
+function envoy_on_response(handle)
+  local md = handle:metadata()
+  local route = md:get("route")
+  if route == nil then return end
+  local headers = handle:headers()
+  -- The marker is internal: it never reaches clients.
+  if headers:get("x-llmroute-retry") == nil then return end
+  headers:remove("x-llmroute-retry")
+  local status = headers:get(":status") or "502"
+  local last = headers:get("x-llmroute-backend") or "?"
+  local class = headers:get("x-llmroute-failure") or "Unknown"
+  local attempts = tonumber(headers:get("x-envoy-attempt-count") or "1") or 1
+  local tried = { last }
+  for _, chain in ipairs(md:get("chains") or {}) do
+    if chain[attempts] == last then
+      tried = {}
+      for i = 1, attempts do tried[i] = chain[i] end
+      break
+    end
+  end
+  local parts = {}
+  local items = {}
+  for i, name in ipairs(tried) do
+    if i == #tried then
+      parts[i] = name .. " (" .. class .. ", HTTP " .. status .. ")"
+      items[i] = '{"backend":"' .. json_escape(name) .. '","failure":"' .. json_escape(class) ..
+        '","status":' .. tonumber(status) .. '}'
+    else
+      parts[i] = name .. " (failed over)"
+      items[i] = '{"backend":"' .. json_escape(name) .. '","failure":"FailedOver"}'
+    end
+  end
+  local message = "All " .. #tried .. " backend(s) of llmroute route '" .. route ..
+    "' failed: " .. table.concat(parts, ", ") .. "."
+  local body = '{"error":{"message":"' .. json_escape(message) ..
+    '","type":"llmroute_backends_failed","param":null,"code":"all_backends_failed","backends":[' ..
+    table.concat(items, ",") .. ']}}'
+  local buffered = handle:body()
+  headers = handle:headers()
+  headers:replace("content-type", "application/json")
+  if buffered ~= nil then buffered:setBytes(body) end
+end
