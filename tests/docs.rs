@@ -52,7 +52,7 @@ fn is_object(schema: &Value) -> bool {
 
 /// The type column: scalars by name, objects and lists of objects linked to their section.
 fn type_of(schema: &Value, path: &str) -> String {
-    let base = match schema["type"].as_str().unwrap_or("any") {
+    match schema["type"].as_str().unwrap_or("any") {
         "array" => {
             let item_path = format!("{path}[]");
             format!("[]{}", type_of(&schema["items"], &item_path))
@@ -73,8 +73,7 @@ fn type_of(schema: &Value, path: &str) -> String {
             None => "string".into(),
         },
         other => other.to_string(),
-    };
-    base
+    }
 }
 
 /// The validation column: everything the API server checks about the field itself.
