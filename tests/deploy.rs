@@ -615,6 +615,45 @@ async fn the_kustomize_install_runs_the_operator_and_gitops_tools_read_its_statu
     }
 }
 
+/// The overlay shown in the README (region and image) builds on `deploy/` and changes what it says.
+#[test]
+fn the_readme_overlay_sets_region_and_image() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let overlay = yaml_blocks(&readme)
+        .into_iter()
+        .find(|b| b.contains("kind: Kustomization"))
+        .expect("the README's overlay");
+    // kustomize refuses absolute bases and overlays inside their base: build it from target/.
+    let dir = tempfile::Builder::new()
+        .prefix("overlay-")
+        .tempdir_in(repo_root().join("target"))
+        .unwrap();
+    let text = overlay.replace("../llmroute/deploy", "../../deploy");
+    assert_ne!(text, overlay, "the overlay's base path");
+    std::fs::write(dir.path().join("kustomization.yaml"), text).unwrap();
+    let out = Command::new(cluster().kubectl_path())
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("run kubectl kustomize");
+    let docs = yaml_docs(&stdout_of(out, "kubectl kustomize (README overlay)"));
+    let d = find(&docs, "Deployment");
+    let args = args_of(d);
+    assert!(
+        args.contains(&"--default-region=cn".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        !args.contains(&"--default-region=us".to_string()),
+        "{args:?}"
+    );
+    assert_eq!(
+        container(d)["image"],
+        "registry.example.com/platform/llmroute:0.1.0"
+    );
+    assert_eq!(kinds(&docs), kinds(&kustomize_build()));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helm
 
