@@ -67,6 +67,7 @@ fn render_dir(input: &Path) -> Rendered {
 fn every_golden_input_and_example_passes_envoy_validate() {
     let mut inputs = yaml_files("tests/golden");
     inputs.extend(yaml_files("examples"));
+    inputs.extend(yaml_files("examples/providers"));
     assert!(inputs.len() >= 10);
     for input in inputs {
         let r = render_dir(&input);
@@ -85,7 +86,10 @@ fn every_golden_input_and_example_passes_envoy_validate() {
 
 #[test]
 fn every_example_loads_from_files_with_nothing_rejected() {
-    for input in yaml_files("examples") {
+    for input in yaml_files("examples")
+        .into_iter()
+        .chain(yaml_files("examples/providers"))
+    {
         let r = render_dir(&input);
         let envoy = Envoy::start(
             &r.path().join("bootstrap.yaml"),

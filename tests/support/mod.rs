@@ -3,5 +3,7 @@
 
 pub mod cluster;
 pub mod envoy;
+pub mod gitops;
 pub mod kubelet;
 pub mod sim;
+pub mod tools;
