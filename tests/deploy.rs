@@ -279,7 +279,7 @@ fn condition_is(route: &Value, type_: &str, status: &str) -> bool {
 /// Prometheus text.
 async fn check_http_endpoints(op: &Operator) {
     let Some(addr) = &op.http else { return };
-    let client = reqwest::Client::new();
+    let client = llmroute_devkit::tls::http_client();
     for path in ["/healthz", "/readyz"] {
         let url = format!("http://{addr}{path}");
         eventually(Duration::from_secs(20), &format!("GET {url} = 200"), || {

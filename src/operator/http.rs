@@ -53,7 +53,14 @@ pub fn router(metrics: Arc<Metrics>, runtime: Arc<RuntimeState>, leader_election
                     if runtime.ready(leader_election) {
                         (StatusCode::OK, "ready\n").into_response()
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n").into_response()
+                        use std::sync::atomic::Ordering::SeqCst;
+                        let body = format!(
+                            "not ready: leading={} caches synced for {} of {} watch scopes\n",
+                            runtime.leading.load(SeqCst),
+                            runtime.scopes_synced.load(SeqCst),
+                            runtime.scopes.load(SeqCst)
+                        );
+                        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
                     }
                 }
             }),

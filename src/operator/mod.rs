@@ -208,7 +208,7 @@ pub async fn run(
         runtime.scopes.fetch_add(1, SeqCst);
         let (ctx, synced_here) = (ctx.clone(), synced_here.clone());
         tokio::spawn(async move {
-            ctx.caches_synced().await;
+            ctx.watch_caches().await;
             ctx.opts.runtime.scopes_synced.fetch_add(1, SeqCst);
             synced_here.store(true, SeqCst);
         });

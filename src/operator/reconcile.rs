@@ -60,6 +60,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub writes: Arc<WriteCounter>,
     pub prober: Prober,
+    /// Whether every cache has its initial list.
+    synced: tokio::sync::watch::Sender<bool>,
     /// One reconciliation per namespace at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     keys: Mutex<HashMap<String, KeyClock>>,
@@ -92,6 +94,7 @@ impl Context {
             recorder,
             writes,
             prober,
+            synced: tokio::sync::watch::Sender::new(false),
             locks: Mutex::default(),
             keys: Mutex::default(),
             route_keys: Mutex::default(),
@@ -99,8 +102,18 @@ impl Context {
     }
 
     /// Waits until every cache has its initial list: reconciling against a partial cache would
-    /// rewrite objects that already exist.
+    /// rewrite objects that already exist. Any number of reconciles may wait at once (see
+    /// [`Context::watch_caches`]).
     pub async fn caches_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// Marks the caches synced once every store has its initial list. One task waits on the
+    /// stores: kube-runtime's `Store::wait_until_ready` wakes only the most recent of several
+    /// concurrent waiters (its `DelayedInit` polls a oneshot receiver, which keeps one waker), so
+    /// reconciles waiting on it directly could hang forever, and a graceful shutdown with them.
+    pub async fn watch_caches(&self) {
         let _ = tokio::join!(
             self.routes.wait_until_ready(),
             self.secrets.wait_until_ready(),
@@ -108,6 +121,7 @@ impl Context {
             self.deployments.wait_until_ready(),
             self.services.wait_until_ready(),
         );
+        self.synced.send_replace(true);
     }
 
     fn namespace_lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {
