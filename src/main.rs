@@ -57,6 +57,9 @@ struct RunArgs {
     /// Port of the gateway listener inside the Pod (the Service always exposes 8080).
     #[arg(long, default_value_t = 8080)]
     gateway_port: u16,
+    /// Address the gateway's listeners bind inside the Pod.
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_address: String,
     /// Port of the gateway's readiness and metrics listener.
     #[arg(long, default_value_t = 19003)]
     gateway_health_port: u16,
@@ -145,7 +148,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 config_dir: args.gateway_config_dir,
                 keys_dir: args.gateway_keys_dir,
                 port: args.gateway_port,
-                address: "0.0.0.0".into(),
+                address: args.gateway_address,
                 admin_port: args.gateway_admin_port,
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,

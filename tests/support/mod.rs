@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod e2e;
 pub mod envoy;
 pub mod gitops;
 pub mod kubelet;

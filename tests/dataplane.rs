@@ -1,0 +1,570 @@
+//! End to end through the real Envoy running exactly what `llmroute run` stored in the API server
+//! (see tests/support/e2e.rs): per-provider routing and model mapping, the failover matrix, SSE,
+//! weights, the all-backends-failed error, route keys, route edits under load, and no key in any
+//! log. Health probing is off in these routes so that only in-request failover is under test
+//! (tests/policy_e2e.rs covers probing).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use llmroute_devkit::sim::{Fault, Sim, SimConfig, SimProvider};
+use support::e2e::{Stack, backend_of, key_secret};
+
+/// A backend entry for `sim` (HTTPS endpoint = the simulator's base URL).
+fn backend(name: &str, provider: &str, sim: &Sim, model: &str, extra: &str) -> String {
+    let endpoint = sim.base_url().to_string();
+    // Azure's endpoint is the resource root; the deployment path is the gateway's to add.
+    format!(
+        "    - name: {name}\n      provider: {provider}\n      endpoint: {endpoint}\n      credentialsSecretRef: {{ name: {name}-key, key: api-key }}\n      models: {{ chat: {model} }}\n{extra}"
+    )
+}
+
+fn route(name: &str, policy: &str, backends: &[String]) -> String {
+    format!(
+        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  defaultModel: chat\n  policy:\n    healthCheck: {{ enabled: false }}\n{policy}  backends:\n{}",
+        backends.concat()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provider_gets_its_own_key_path_host_and_model() {
+    let mut s = Stack::start("dp-providers", "us").await;
+    // (provider, backend name, its model)
+    let cases = [
+        (SimProvider::OpenAI, "openai", "gpt-4o-mini"),
+        (SimProvider::AzureOpenAI, "azure", "gpt-4o"),
+        (SimProvider::Zhipu, "zhipu", "glm-4-flash"),
+        (SimProvider::Qianfan, "qianfan", "ernie-speed-128k"),
+        (SimProvider::DashScope, "dashscope", "qwen-turbo"),
+    ];
+    let mut sims = Vec::new();
+    for (provider, name, model) in cases {
+        let key = format!("{name}-secret-key-0001");
+        let sim = s.sim(provider, &key).await;
+        s.ns.apply(&key_secret(&format!("{name}-key"), &key));
+        s.ns.apply(&route(
+            name,
+            "",
+            &[backend(name, provider.id(), &sim, model, "")],
+        ));
+        sims.push((name, model, key, sim));
+    }
+    // Self-hosted (vLLM-like) over plain HTTP, without a key.
+    let vllm = Sim::start(SimConfig::new(SimProvider::OpenAICompatible).models(["llama-3"]))
+        .await
+        .unwrap();
+    s.ns.apply(&format!(
+        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: vllm }}\nspec:\n  policy: {{ healthCheck: {{ enabled: false }} }}\n  backends:\n    - name: vllm\n      provider: openai-compatible\n      endpoint: {}\n      models: {{ chat: llama-3 }}\n",
+        vllm.base_url()
+    ));
+
+    for (name, model, key, sim) in &sims {
+        let w = s.serve(name).await;
+        let r = w.chat("chat").await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: {}", r.text().await.unwrap());
+        assert_eq!(backend_of(&r), *name);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["model"], *model, "{name}");
+        let got = sim.last_request().expect("the provider saw the request");
+        assert_eq!(got.model.as_deref(), Some(*model), "{name}: model mapped");
+        // Its own auth header with its own key, nothing of the route key or another provider's.
+        let (auth_header, expected) = if *name == "azure" {
+            ("api-key", key.clone())
+        } else {
+            ("authorization", format!("Bearer {key}"))
+        };
+        assert_eq!(got.header(auth_header), Some(expected.as_str()), "{name}");
+        if *name == "azure" {
+            assert_eq!(
+                got.header("authorization"),
+                None,
+                "azure gets no bearer token"
+            );
+            assert_eq!(
+                got.path,
+                format!("/openai/deployments/{model}/chat/completions?api-version=2024-10-21")
+            );
+        } else {
+            let base_path = sim.provider().base_path();
+            assert_eq!(got.path, format!("{base_path}/chat/completions"), "{name}");
+        }
+        assert_eq!(
+            got.header("host"),
+            Some(format!("127.0.0.1:{}", sim.public_port()).as_str()),
+            "{name}: Host is the provider's"
+        );
+        let all_headers = format!("{:?}", got.headers);
+        assert!(!all_headers.contains(&w.key), "{name} saw the route key");
+        for (other, _, other_key, _) in &sims {
+            if other != name {
+                assert!(
+                    !all_headers.contains(other_key.as_str()),
+                    "{name} saw {other}'s key"
+                );
+            }
+        }
+        assert!(
+            !got.headers.keys().any(|h| h.starts_with("x-llmroute")),
+            "{name}: internal headers leak: {all_headers}"
+        );
+    }
+    let w = s.serve("vllm").await;
+    let r = w.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let got = vllm.last_request().unwrap();
+    assert_eq!(got.path, "/v1/chat/completions");
+    assert_eq!(got.model.as_deref(), Some("llama-3"));
+    assert_eq!(
+        got.header("authorization"),
+        None,
+        "no key configured, none sent"
+    );
+
+    // Route keys: none or a wrong one → 401; an unknown model → 404 listing the route's models.
+    let w = s.workload("openai").await;
+    let no_key = w
+        .client
+        .post(format!("{}/chat/completions", w.base))
+        .json(&serde_json::json!({"model": "chat", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), 401);
+    let wrong = support::e2e::Workload {
+        key: "sk-wrong".into(),
+        ..w.clone()
+    };
+    let r = wrong.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let r = w.chat("gpt-5").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Models: chat"),
+        "{body}"
+    );
+    leak_check(&s, sims.iter().map(|(_, _, k, _)| k.as_str()));
+}
+
+/// No provider key and no route key in Envoy's or the operator's log.
+fn leak_check<'a>(s: &Stack, keys: impl IntoIterator<Item = &'a str>) {
+    let envoy = s.envoy_log();
+    let operator = s.operator_log();
+    assert!(!envoy.is_empty() && !operator.is_empty());
+    for key in keys {
+        assert!(!envoy.contains(key), "a key is in Envoy's log");
+        assert!(!operator.contains(key), "a key is in the operator's log");
+    }
+}
+
+const FAILOVER_POLICY: &str = "    timeouts: { idle: 2s }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failover_trigger_moves_on_and_the_rest_reach_the_client_unchanged() {
+    let mut s = Stack::start("dp-failover", "us").await;
+    let primary = s.sim(SimProvider::OpenAI, "primary-key-0001").await;
+    let backup = s.sim(SimProvider::Zhipu, "backup-key-0001").await;
+    s.ns.apply(&key_secret("primary-key", "primary-key-0001"));
+    s.ns.apply(&key_secret("backup-key", "backup-key-0001"));
+    let backends = [
+        backend("primary", "openai", &primary, "gpt-4o-mini", ""),
+        backend(
+            "backup",
+            "zhipu",
+            &backup,
+            "glm-4-flash",
+            "      priority: 1\n",
+        ),
+    ];
+    s.ns.apply(&route("all", FAILOVER_POLICY, &backends));
+    s.ns.apply(&route(
+        "regiononly",
+        &format!("{FAILOVER_POLICY}    failoverOn: [RegionBlocked]\n"),
+        &backends,
+    ));
+    let all = s.serve("all").await;
+    let region_only = s.serve("regiononly").await;
+
+    let r = all.chat("chat").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), backend_of(&r)),
+        (200, "primary".into())
+    );
+
+    // Each class in failoverOn: the client gets 200 from the next backend.
+    let triggers = [
+        ("RegionBlocked", Fault::RegionBlocked),
+        ("QuotaExhausted", Fault::QuotaExhausted),
+        (
+            "RateLimited",
+            Fault::RateLimited {
+                retry_after_secs: 1,
+            },
+        ),
+        ("ServerError", Fault::ServerError),
+        ("ServerError (503)", Fault::Unavailable),
+        ("Unreachable", Fault::ConnectionRefused),
+        ("Timeout", Fault::Hang),
+    ];
+    for (class, fault) in triggers {
+        primary.set_fault(fault);
+        let started = Instant::now();
+        let r = all.chat("chat").await.unwrap();
+        let status = r.status();
+        let from = backend_of(&r);
+        let text = r.text().await.unwrap();
+        assert_eq!(
+            (status.as_u16(), from.as_str()),
+            (200, "backup"),
+            "{class}: {text}"
+        );
+        assert!(text.contains("hello from zhipu"), "{class}: {text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{class} took {:?}",
+            started.elapsed()
+        );
+    }
+    // AuthFailed: the primary stops accepting its key.
+    primary.set_fault(Fault::None);
+    primary.set_key("another-key");
+    let r = all.chat("chat").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), backend_of(&r)),
+        (200, "backup".into()),
+        "AuthFailed"
+    );
+    primary.set_key("primary-key-0001");
+
+    // A permission 403 is never failed over: the client gets the provider's answer unchanged.
+    primary.set_fault(Fault::PermissionDenied);
+    let r = all.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(backend_of(&r), "primary");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+
+    // A class left out of failoverOn reaches the client unchanged (with its retry-after).
+    primary.set_fault(Fault::RateLimited {
+        retry_after_secs: 7,
+    });
+    let r = region_only.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "7");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    // ...while a listed one still moves on.
+    primary.set_fault(Fault::RegionBlocked);
+    let r = region_only.chat("chat").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), backend_of(&r)),
+        (200, "backup".into())
+    );
+
+    // Every backend failing: one OpenAI-shaped error naming each backend tried and why, promptly.
+    backup.set_fault(Fault::QuotaExhausted);
+    let started = Instant::now();
+    let r = all.chat("chat").await.unwrap();
+    let took = started.elapsed();
+    let status = r.status();
+    assert!(
+        r.headers().get("x-llmroute-retry").is_none(),
+        "internal marker leaked"
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 429, "the last backend's status: {body}");
+    assert_eq!(body["error"]["code"], "all_backends_failed", "{body}");
+    assert_eq!(body["error"]["type"], "llmroute_backends_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("primary") && message.contains("backup (QuotaExhausted, HTTP 429)"),
+        "{message}"
+    );
+    assert_eq!(body["error"]["backends"][0]["backend"], "primary");
+    assert_eq!(body["error"]["backends"][1]["failure"], "QuotaExhausted");
+    assert!(
+        took < Duration::from_secs(2),
+        "all-failed answer took {took:?}"
+    );
+    leak_check(&s, ["primary-key-0001", "backup-key-0001"]);
+}
+
+/// Reads an SSE body, returning (time of the first chunk, time of the last, chunk count).
+async fn read_stream(
+    r: reqwest::Response,
+    started: Instant,
+) -> (Duration, Duration, usize, String) {
+    let mut first = None;
+    let mut last = Duration::ZERO;
+    let mut n = 0;
+    let mut text = String::new();
+    let mut body = r.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("stream chunk");
+        let at = started.elapsed();
+        first.get_or_insert(at);
+        last = at;
+        n += 1;
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (first.unwrap_or_default(), last, n, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback() {
+    let mut s = Stack::start("dp-sse", "us").await;
+    let interval = Duration::from_millis(200);
+    let primary = s
+        .sim_with(
+            SimConfig::new(SimProvider::OpenAI)
+                .key("p-key-0001")
+                .stream(6, interval),
+        )
+        .await;
+    let backup = s
+        .sim_with(
+            SimConfig::new(SimProvider::Qianfan)
+                .key("b-key-0001")
+                .stream(6, interval),
+        )
+        .await;
+    s.ns.apply(&key_secret("primary-key", "p-key-0001"));
+    s.ns.apply(&key_secret("backup-key", "b-key-0001"));
+    s.ns.apply(&route(
+        "chat",
+        "",
+        &[
+            backend("primary", "openai", &primary, "gpt-4o-mini", ""),
+            backend(
+                "backup",
+                "qianfan",
+                &backup,
+                "ernie-speed-128k",
+                "      priority: 1\n",
+            ),
+        ],
+    ));
+    let w = s.serve("chat").await;
+    for (case, expect) in [
+        ("primary", "hello from openai"),
+        ("fallback", "hello from qianfan"),
+    ] {
+        if case == "fallback" {
+            primary.set_fault(Fault::RegionBlocked);
+        }
+        let started = Instant::now();
+        let r = w.chat_stream("chat").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let (first, last, n, text) = read_stream(r, started).await;
+        // The simulator produces its last chunk ~5 intervals after its first: the first must have
+        // arrived well before that.
+        assert!(n >= 3, "{case}: the stream arrived in {n} piece(s)");
+        assert!(
+            first + interval * 3 < last,
+            "{case}: first chunk at {first:?}, last at {last:?}"
+        );
+        assert!(text.contains("data: [DONE]"), "{case}: {text}");
+        let content: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert!(content.contains(expect), "{case}: {content}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_split_traffic_90_10() {
+    let mut s = Stack::start("dp-weights", "us").await;
+    let stable = s.sim(SimProvider::OpenAI, "s-key-0001").await;
+    let canary = s.sim(SimProvider::DeepSeek, "c-key-0001").await;
+    s.ns.apply(&key_secret("stable-key", "s-key-0001"));
+    s.ns.apply(&key_secret("canary-key", "c-key-0001"));
+    s.ns.apply(&route(
+        "chat",
+        "    strategy: Weighted\n",
+        &[
+            backend(
+                "stable",
+                "openai",
+                &stable,
+                "gpt-4o-mini",
+                "      weight: 90\n",
+            ),
+            backend(
+                "canary",
+                "deepseek",
+                &canary,
+                "deepseek-chat",
+                "      weight: 10\n",
+            ),
+        ],
+    ));
+    let w = s.serve("chat").await;
+    let n = 400;
+    let results = futures::stream::iter(0..n)
+        .map(|_| {
+            let w = w.clone();
+            async move {
+                let r = w.chat("chat").await.unwrap();
+                assert_eq!(r.status(), 200);
+                backend_of(&r)
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<String>>()
+        .await;
+    let canary_n = results.iter().filter(|b| *b == "canary").count();
+    let stable_n = results.iter().filter(|b| *b == "stable").count();
+    assert_eq!(canary_n + stable_n, n);
+    // Binomial(400, 0.1): mean 40, sd 6; ±3.5 sd.
+    assert!(
+        (19..=61).contains(&canary_n),
+        "canary got {canary_n} of {n}"
+    );
+    println!("weighted 90/10 over {n} requests: stable {stable_n}, canary {canary_n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_edits_under_continuous_load_fail_no_request() {
+    let mut s = Stack::start("dp-edits", "us").await;
+    let a = s.sim(SimProvider::OpenAI, "a-key-0001").await;
+    let b = s.sim(SimProvider::Zhipu, "b-key-0001").await;
+    let c = s.sim(SimProvider::Moonshot, "c-key-0001").await;
+    for (n, k) in [
+        ("a", "a-key-0001"),
+        ("b", "b-key-0001"),
+        ("c", "c-key-0001"),
+    ] {
+        s.ns.apply(&key_secret(&format!("{n}-key"), k));
+    }
+    let ba = |p: u32| {
+        backend(
+            "a",
+            "openai",
+            &a,
+            "gpt-4o-mini",
+            &format!("      priority: {p}\n"),
+        )
+    };
+    let bb = |p: u32| {
+        backend(
+            "b",
+            "zhipu",
+            &b,
+            "glm-4-flash",
+            &format!("      priority: {p}\n"),
+        )
+    };
+    let bc = |p: u32| {
+        backend(
+            "c",
+            "moonshot",
+            &c,
+            "moonshot-v1-8k",
+            &format!("      priority: {p}\n"),
+        )
+    };
+    s.ns.apply(&route("chat", "", &[ba(0), bb(1)]));
+    let w = s.serve("chat").await;
+
+    // Continuous load: 4 workers until told to stop (bounded to 90 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (w, stop, ok, failed) = (w.clone(), stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match w.chat("chat").await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        let line = format!("{} {}", r.status(), r.text().await.unwrap_or_default());
+                        failed.lock().unwrap().push(line);
+                    }
+                    Err(e) => failed.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    let served_by = |sim: &Sim| sim.request_count();
+    let wait_for = |what: &'static str, sim: Sim| async move {
+        let before = sim.request_count();
+        support::cluster::eventually(Duration::from_secs(30), what, || {
+            let sim = sim.clone();
+            async move { (sim.request_count() > before + 20).then_some(()) }
+        })
+        .await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 1. Reorder: b first.
+    s.ns.apply(&route("chat", "", &[ba(1), bb(0)]));
+    wait_for("traffic moved to b", b.clone()).await;
+    let a_before = served_by(&a);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        served_by(&a) - a_before < 5,
+        "a still serves after the reorder"
+    );
+    // 2. Add c first.
+    s.ns.apply(&route("chat", "", &[ba(2), bb(1), bc(0)]));
+    wait_for("traffic moved to the new backend c", c.clone()).await;
+    // 3. Remove c (the active one): traffic returns to b.
+    s.ns.apply(&route("chat", "", &[ba(1), bb(0)]));
+    wait_for("traffic back on b", b.clone()).await;
+    // 4. A second route on the same gateway.
+    s.ns.apply(&route("second", "", &[bb(0)]).replace("name: chat", "name: second"));
+    let w2 = s.serve("second").await;
+    assert_eq!(w2.chat("chat").await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in workers {
+        t.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    let ok = ok.load(Ordering::Relaxed);
+    println!(
+        "route edits under load: {ok} requests succeeded, {} failed",
+        failed.len()
+    );
+    assert!(ok > 200, "too little load to show anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let envoy = s.envoy.as_ref().unwrap();
+    let rejected: u64 = envoy
+        .stats_matching("update_rejected")
+        .iter()
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(rejected, 0, "Envoy rejected an update");
+    leak_check(&s, ["a-key-0001", "b-key-0001", "c-key-0001"]);
+}

@@ -1,0 +1,289 @@
+//! The end-to-end harness: `llmroute run` as a process against the test control plane (one
+//! namespace), the gateway's ConfigMap and keys Secret materialised the way a kubelet does, the real
+//! Envoy 1.40 started on them, HTTPS provider simulators with a run-time test CA (trusted by the
+//! gateway and the prober), and clients that read `OPENAI_BASE_URL` / `OPENAI_API_KEY` from the
+//! workload Secret as an OpenAI SDK would (only the Service host is replaced by 127.0.0.1:<port>:
+//! there is no cluster DNS here).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use llmroute::api::LLMRoute;
+use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
+use llmroute_devkit::tls::TestCa;
+
+use super::cluster::{TestNamespace, eventually};
+use super::envoy::{Envoy, free_port};
+use super::kubelet::Volumes;
+
+/// One namespace's whole system.
+pub struct Stack {
+    pub ns: TestNamespace,
+    pub client: kube::Client,
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub ca_file: PathBuf,
+    pub port: u16,
+    admin_port: u16,
+    health_port: u16,
+    pub http_addr: String,
+    operator: Option<Child>,
+    volumes: Option<Volumes>,
+    pub envoy: Option<Envoy>,
+}
+
+impl Stack {
+    /// A namespace and `llmroute run` for it (region `region` for routes without one).
+    pub async fn start(prefix: &str, region: &str) -> Stack {
+        let ns = TestNamespace::new(prefix).await;
+        let c = ns.cluster();
+        c.install_crds();
+        let client = c.client().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let ca_file = dir.path().join("ca.pem");
+        ca.write_ca(&ca_file).unwrap();
+        let mut stack = Stack {
+            ns,
+            client,
+            ca,
+            ca_file,
+            port: free_port(),
+            admin_port: free_port(),
+            health_port: free_port(),
+            http_addr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            operator: None,
+            volumes: None,
+            envoy: None,
+        };
+        stack.start_operator(region);
+        stack
+    }
+
+    fn start_operator(&mut self, region: &str) {
+        let d = self.dir.path();
+        let log = std::fs::File::create(d.join("operator.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+            .args(["run", "--leader-elect=false", "--log-format=json"])
+            .arg(format!("--namespace={}", self.ns.name))
+            .arg(format!("--default-region={region}"))
+            .arg(format!(
+                "--gateway-config-dir={}",
+                d.join("config").display()
+            ))
+            .arg(format!("--gateway-keys-dir={}", d.join("keys").display()))
+            .arg(format!("--gateway-port={}", self.port))
+            .arg("--gateway-address=127.0.0.1")
+            .arg(format!("--gateway-admin-port={}", self.admin_port))
+            .arg(format!("--gateway-health-port={}", self.health_port))
+            .arg(format!("--gateway-trusted-ca={}", self.ca_file.display()))
+            .arg(format!("--probe-ca-file={}", self.ca_file.display()))
+            .arg("--key-propagation-delay=1s")
+            .arg(format!("--http-addr={}", self.http_addr))
+            .env("KUBECONFIG", self.ns.cluster().kubeconfig())
+            .env("LLMROUTE_LOG", "info,llmroute=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start llmroute run");
+        self.operator = Some(child);
+    }
+
+    /// An HTTPS simulator of `provider` accepting `key`.
+    pub async fn sim(&self, provider: SimProvider, key: &str) -> Sim {
+        self.sim_with(SimConfig::new(provider).key(key)).await
+    }
+
+    pub async fn sim_with(&self, config: SimConfig) -> Sim {
+        Sim::start_tls(config, &self.ca)
+            .await
+            .expect("start simulator")
+    }
+
+    pub fn routes(&self) -> Api<LLMRoute> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    /// Waits for `route` to be Ready, materialises the gateway's volumes and starts Envoy on them
+    /// (once), and returns the workload's view of the route.
+    pub async fn serve(&mut self, route: &str) -> Workload {
+        super::cluster::wait_route_ready(&self.routes(), route).await;
+        let d = self.dir.path().to_path_buf();
+        if self.volumes.is_none() {
+            self.volumes = Some(Volumes::start(
+                self.client.clone(),
+                &self.ns.name,
+                "llmroute-gateway",
+                "llmroute-gateway-keys",
+                d.join("config"),
+                d.join("keys"),
+            ));
+        }
+        let key_file = d.join(format!("keys/route_{route}"));
+        eventually(Duration::from_secs(20), "volumes materialised", || {
+            let ok = d.join("config/bootstrap.yaml").exists() && key_file.exists();
+            async move { ok.then_some(()) }
+        })
+        .await;
+        if self.envoy.is_none() {
+            self.envoy = Some(Envoy::start(
+                &d.join("config/bootstrap.yaml"),
+                self.admin_port,
+                self.health_port,
+                d.join("envoy.log"),
+            ));
+        }
+        let w = self.workload(route).await;
+        // Served once the route answers its models list (the configuration reached Envoy).
+        eventually(Duration::from_secs(20), "the route served by Envoy", || {
+            let w = w.clone();
+            async move {
+                let r = w.get("/models").await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        w
+    }
+
+    /// `OPENAI_BASE_URL` and `OPENAI_API_KEY` from the route's workload Secret.
+    pub async fn workload(&self, route: &str) -> Workload {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns.name);
+        let name = format!("{route}-llm");
+        let s = eventually(Duration::from_secs(30), "the workload Secret", || {
+            let secrets = secrets.clone();
+            let name = name.clone();
+            async move { secrets.get_opt(&name).await.ok()? }
+        })
+        .await;
+        let data = s.data.unwrap();
+        let base = String::from_utf8(data["OPENAI_BASE_URL"].0.clone()).unwrap();
+        let key = String::from_utf8(data["OPENAI_API_KEY"].0.clone()).unwrap();
+        let path = base
+            .split_once(".svc:8080")
+            .expect("gateway URL")
+            .1
+            .to_string();
+        Workload {
+            base: format!("http://127.0.0.1:{}{path}", self.port),
+            key,
+            client: llmroute_devkit::tls::http_client(),
+        }
+    }
+
+    pub fn operator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    }
+
+    pub fn envoy_log(&self) -> String {
+        self.envoy
+            .as_ref()
+            .map(|e| e.log_text())
+            .unwrap_or_default()
+    }
+
+    /// The published gateway configuration file `name` (e.g. `clusters.json`) as Envoy sees it.
+    pub fn config_file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("config").join(name)).unwrap_or_default()
+    }
+
+    /// The operator's /metrics.
+    pub async fn metrics(&self) -> String {
+        llmroute_devkit::tls::http_client()
+            .get(format!("http://{}/metrics", self.http_addr))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Event reasons and notes for `route`.
+    pub async fn events(&self, route: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns.name);
+        let list = api.list(&Default::default()).await.unwrap();
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(route))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(mut op) = self.operator.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &op.id().to_string()])
+                .status();
+            for _ in 0..50 {
+                if op.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = op.kill();
+            let _ = op.wait();
+        }
+    }
+}
+
+/// What a workload has: the base URL and key of its route.
+#[derive(Clone)]
+pub struct Workload {
+    pub base: String,
+    pub key: String,
+    pub client: reqwest::Client,
+}
+
+impl Workload {
+    /// A chat completion as an OpenAI SDK sends it.
+    pub async fn chat(&self, model: &str) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .post(format!("{}/chat/completions", self.base))
+            .bearer_auth(&self.key)
+            .json(&serde_json::json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] }))
+            .send()
+            .await
+    }
+
+    /// A streamed chat completion.
+    pub async fn chat_stream(&self, model: &str) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .post(format!("{}/chat/completions", self.base))
+            .bearer_auth(&self.key)
+            .json(&serde_json::json!({ "model": model, "stream": true, "messages": [{ "role": "user", "content": "hi" }] }))
+            .send()
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+    }
+}
+
+/// The backend that answered (`x-llmroute-backend`).
+pub fn backend_of(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-llmroute-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A Secret with one key `api-key`.
+pub fn key_secret(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\nstringData: {{ api-key: \"{value}\" }}\n"
+    )
+}
