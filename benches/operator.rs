@@ -74,16 +74,8 @@ async fn operator_writes(client: &Client) -> u64 {
     total
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+mod common;
+use common::peak_rss_kib;
 
 #[tokio::main]
 async fn main() {
@@ -265,7 +257,7 @@ async fn main() {
     }
     let elapsed = start.elapsed();
     let writes_converge = operator_writes(&client).await - writes_before;
-    let rss_converge = peak_rss_kib(pid);
+    let rss_converge = peak_rss_kib(Some(pid));
     println!(
         "machine: {} cores; test control plane on the same machine",
         std::thread::available_parallelism()
@@ -290,7 +282,7 @@ async fn main() {
     let steady = operator_writes(&client).await - steady_start;
     println!(
         "  steady state, 60 s: {steady} writes (target 0); peak RSS now {:.1} MiB",
-        peak_rss_kib(pid) as f64 / 1024.0
+        peak_rss_kib(Some(pid)) as f64 / 1024.0
     );
 
     let _ = op.kill();

@@ -8,16 +8,8 @@ use llmroute::api::{Backend, LLMRoute, LLMRouteSpec, SecretKeyRef};
 use llmroute::gateway::{self, envoy};
 use llmroute::policy::Facts;
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+mod common;
+use common::peak_rss_kib;
 
 fn backend(name: &str, provider: &str, priority: u32, secret: &str, model: &str) -> Backend {
     Backend {
@@ -86,7 +78,7 @@ fn main() {
         }
     }
     let opts = envoy::EnvoyOptions::default();
-    let rss_before = peak_rss_kib();
+    let rss_before = peak_rss_kib(None);
 
     // Warm-up, then timed iterations.
     let files = envoy::render(&gateway::translate("bench", &routes, &facts).gateway, &opts);
@@ -101,7 +93,7 @@ fn main() {
         times.push(start.elapsed());
     }
     times.sort();
-    let rss_after = peak_rss_kib();
+    let rss_after = peak_rss_kib(None);
     let start = Instant::now();
     let t = gateway::translate("bench", &routes, &facts);
     let translate_only = start.elapsed();
