@@ -13,6 +13,12 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const PROGRAMMED: &str = "Programmed";
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
+/// kstatus' abnormal-true condition: present (True) only while the route cannot become Ready without
+/// a change by its owner, so that Flux and `kstatus` report it Failed instead of waiting.
+pub const STALLED: &str = "Stalled";
+
+/// Reasons of `Ready=False` that only a change by the user can clear.
+pub const TERMINAL_REASONS: [&str; 3] = ["InvalidSpec", "NoEligibleBackend", "InvalidBackend"];
 
 /// What the reconciler knows about one route.
 #[derive(Clone, Debug)]
@@ -193,6 +199,21 @@ pub fn route_status(
                 .map(|b| backend_status(b, outcome.active_backend.as_deref(), previous, &now))
                 .collect();
         }
+    }
+    if let Some(ready) = conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == "False")
+        .filter(|c| TERMINAL_REASONS.contains(&c.reason.as_str()))
+    {
+        let stalled = condition(
+            STALLED,
+            true,
+            &ready.reason,
+            ready.message.clone(),
+            generation,
+            &now,
+        );
+        conditions.push(stalled);
     }
     // Keep lastTransitionTime where the status of a condition did not change.
     for c in &mut conditions {

@@ -583,11 +583,11 @@ async fn the_kustomize_install_runs_the_operator_and_gitops_tools_read_its_statu
     let objects = [ready.clone(), edited.clone(), broken.clone()];
     let verdicts = kstatus(&objects);
     let statuses: Vec<&str> = verdicts.iter().map(|v| v.status.as_str()).collect();
-    // Ready False is InProgress for kstatus, never Failed: the operator writes no Stalled condition
-    // (docs/gitops.md).
+    // A route that cannot become Ready without a change (NoEligibleBackend) carries Stalled=True,
+    // which kstatus reads as Failed (docs/gitops.md).
     assert_eq!(
         statuses,
-        ["Current", "InProgress", "InProgress"],
+        ["Current", "InProgress", "Failed"],
         "{verdicts:?}"
     );
     for lua in lua_interpreters() {
@@ -1063,6 +1063,14 @@ async fn every_example_and_guide_manifest_applies_with_server_side_dry_run() {
     }
     let mut created = Vec::new();
     for ns in &namespaces {
+        // A namespace left terminating by an earlier run: wait for it to go (bounded).
+        for _ in 0..120 {
+            let phase = c.kubectl(&["get", "namespace", ns, "-o", "jsonpath={.status.phase}"]);
+            if String::from_utf8_lossy(&phase.stdout) != "Terminating" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let exists = c.kubectl(&["get", "namespace", ns]).status.success();
         if !exists && c.kubectl(&["create", "namespace", ns]).status.success() {
             created.push(ns.clone());

@@ -565,10 +565,20 @@ pub fn crds()
 }
 
 /// Every CRD as one YAML stream (documents separated by `---`), byte-stable.
+///
+/// Plain scalars that YAML 1.1 parsers (Go's yaml.v2 in kustomize, Flux, Argo CD) would read as
+/// timestamps (`default: 2024-10-21`) are quoted: they are strings in the schema, and a timestamp
+/// there breaks the CRD's own pattern when applied through kustomize.
 pub fn crds_yaml() -> String {
+    static DATE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let date = DATE.get_or_init(|| {
+        regex::Regex::new(r"(?m)^(\s*(?:- )?[A-Za-z0-9_-]+: |\s*- )(\d{4}-\d{2}-\d{2})$")
+            .expect("valid regex")
+    });
     crds()
         .iter()
         .map(|crd| serde_yaml_ng::to_string(crd).expect("a CRD serializes to YAML"))
+        .map(|yaml| date.replace_all(&yaml, "$1'$2'").into_owned())
         .collect::<Vec<_>>()
         .join("---\n")
 }
