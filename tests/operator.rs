@@ -69,6 +69,8 @@ metadata: { name: chat }
 spec:
   region: cn
   defaultModel: gpt-4o
+  # The providers' real hosts are unreachable here: probing is tested with simulators (policy_e2e).
+  policy: { healthCheck: { enabled: false } }
   backends:
     - name: openai
       provider: openai
