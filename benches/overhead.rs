@@ -21,7 +21,8 @@
 //! requests in flight = keep-alive connections per path, [8]), BENCH_FAILOVER_RATE ([50]),
 //! BENCH_FAILOVER_REQUESTS (per failover phase, [450]), BENCH_ENVOY_CONCURRENCY (Envoy worker
 //! threads, [2]), BENCH_LITELLM_WORKERS (LiteLLM processes, [2]), BENCH_SKIP_LITELLM ([0]; 1: without
-//! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference). LLMROUTE_BENCH_ENVOY and
+//! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference), BENCH_KEEP ([0]; 1: keep the
+//! scratch directory with the configurations and logs). LLMROUTE_BENCH_ENVOY and
 //! LLMROUTE_BENCH_LITELLM locate the binaries (default: under `.tools/`).
 
 use std::fmt::Write as _;
@@ -649,6 +650,10 @@ litellm_settings:
             .arg(&config_file)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--num_workers", &workers.to_string()])
+            // uvicorn's supervisor kills a worker that does not answer its health check within 5 s
+            // (the default); importing LiteLLM on a busy 2-core machine takes longer, and the restarts
+            // would overlap the measurements.
+            .args(["--timeout_worker_healthcheck", "120"])
             .env("LITELLM_MASTER_KEY", LITELLM_MASTER_KEY)
             .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             .env("LITELLM_TELEMETRY_DISABLED", "true")
@@ -666,19 +671,38 @@ litellm_settings:
         header: None,
         report_header: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Ready when every worker has started and a chat completion goes through.
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         proc.alive().unwrap_or_else(|e| panic!("{e}"));
+        let started = litellm_log_count(&proc, LITELLM_STARTED);
         match send(&probe, &target, request_body("gpt-4o")).await {
-            Ok(_) => break,
+            Ok(_) if started >= workers => break,
+            Ok(_) if Instant::now() > deadline => panic!(
+                "litellm: {started} of {workers} workers started in 180 s; its log ends with:\n{}",
+                proc.log_tail(40)
+            ),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             Err(e) if Instant::now() > deadline => panic!(
-                "litellm not ready in 120 s ({e}); its log ends with:\n{}",
+                "litellm not ready in 180 s ({e}); its log ends with:\n{}",
                 proc.log_tail(40)
             ),
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
     (proc, port)
+}
+
+/// What uvicorn logs when a worker has started, and when the supervisor finds one dead.
+const LITELLM_STARTED: &str = "Application startup complete.";
+const LITELLM_DIED: &str = "died";
+
+fn litellm_log_count(proc: &Proc, needle: &str) -> usize {
+    std::fs::read_to_string(&proc.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,6 +844,9 @@ async fn run(s: Settings) {
         None
     };
     let setup = started.elapsed();
+    let litellm_deaths_at_start = litellm
+        .as_ref()
+        .map_or(0, |(p, _)| litellm_log_count(p, LITELLM_DIED));
 
     let direct = Target {
         name: "direct".into(),
@@ -947,9 +974,13 @@ async fn run(s: Settings) {
         s.envoy_concurrency,
         if with_litellm {
             format!(
-                "LiteLLM {} (--num_workers {})",
+                "LiteLLM {} (--num_workers {}; workers restarted during the measurements: {})",
                 litellm_version(&litellm_bin),
-                s.litellm_workers
+                s.litellm_workers,
+                litellm
+                    .as_ref()
+                    .map_or(0, |(p, _)| litellm_log_count(p, LITELLM_DIED))
+                    - litellm_deaths_at_start
             )
         } else {
             "LiteLLM not measured".into()
@@ -1058,4 +1089,10 @@ async fn run(s: Settings) {
     drop(litellm);
     drop(plain);
     drop(gateway);
+    if knob::<String>("BENCH_KEEP", "0".into()) == "1" {
+        eprintln!(
+            "logs and configuration kept in {}",
+            scratch.keep().display()
+        );
+    }
 }
