@@ -8,7 +8,6 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use llmroute::api::LLMRoute;
 use llmroute::gateway::envoy::EnvoyOptions;
@@ -50,23 +49,10 @@ spec:
     )
 }
 
-/// The workload Secret's base URL with the Service host replaced by the local Envoy.
-async fn workload_env(secrets: &Api<Secret>, name: &str, port: u16) -> (String, String) {
-    let s = eventually(Duration::from_secs(30), "the workload Secret", || {
-        let secrets = secrets.clone();
-        let name = name.to_string();
-        async move { secrets.get_opt(&name).await.ok()? }
-    })
-    .await;
-    let data = s.data.unwrap();
-    let base = String::from_utf8(data["OPENAI_BASE_URL"].0.clone()).unwrap();
-    let key = String::from_utf8(data["OPENAI_API_KEY"].0.clone()).unwrap();
-    let path = base
-        .split_once(".svc:8080")
-        .expect("gateway URL")
-        .1
-        .to_string();
-    (format!("http://127.0.0.1:{port}{path}"), key)
+/// The workload Secret's base URL (Service host replaced by the local Envoy) and key.
+async fn workload_env(client: &kube::Client, ns: &str, route: &str, port: u16) -> (String, String) {
+    let w = support::e2e::workload_of(client, ns, route, port).await;
+    (w.base, w.key)
 }
 
 async fn chat(base: &str, key: &str) -> reqwest::Response {
@@ -139,8 +125,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         dir.path().join("envoy.log"),
     );
     let pid = envoy.pid();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    let (base, key) = workload_env(&secrets, "chat-llm", envoy_opts.port).await;
+    let (base, key) = workload_env(&client, &ns.name, "chat", envoy_opts.port).await;
 
     // Served by the primary with its key, path and model; the route key never reaches it.
     let resp = chat(&base, &key).await;
@@ -220,7 +205,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
 
     // A second route appears: served once published, the first one undisturbed.
     ns.apply(&route("chat-two", &primary, &secondary));
-    let (base2, key2) = workload_env(&secrets, "chat-two-llm", envoy_opts.port).await;
+    let (base2, key2) = workload_env(&client, &ns.name, "chat-two", envoy_opts.port).await;
     assert_ne!(key2, key, "each route has its own key");
     eventually(Duration::from_secs(20), "chat-two served", || {
         let (base2, key2) = (base2.clone(), key2.clone());

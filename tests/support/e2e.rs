@@ -152,27 +152,7 @@ impl Stack {
 
     /// `OPENAI_BASE_URL` and `OPENAI_API_KEY` from the route's workload Secret.
     pub async fn workload(&self, route: &str) -> Workload {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns.name);
-        let name = format!("{route}-llm");
-        let s = eventually(Duration::from_secs(30), "the workload Secret", || {
-            let secrets = secrets.clone();
-            let name = name.clone();
-            async move { secrets.get_opt(&name).await.ok()? }
-        })
-        .await;
-        let data = s.data.unwrap();
-        let base = String::from_utf8(data["OPENAI_BASE_URL"].0.clone()).unwrap();
-        let key = String::from_utf8(data["OPENAI_API_KEY"].0.clone()).unwrap();
-        let path = base
-            .split_once(".svc:8080")
-            .expect("gateway URL")
-            .1
-            .to_string();
-        Workload {
-            base: format!("http://127.0.0.1:{}{path}", self.port),
-            key,
-            client: llmroute_devkit::tls::http_client(),
-        }
+        workload_of(&self.client, &self.ns.name, route, self.port).await
     }
 
     pub fn operator_log(&self) -> String {
@@ -231,6 +211,32 @@ impl Drop for Stack {
             let _ = op.kill();
             let _ = op.wait();
         }
+    }
+}
+
+/// What a workload of `namespace` reads from the workload Secret of `route`, with the gateway
+/// Service's host replaced by the local Envoy on `port`.
+pub async fn workload_of(client: &kube::Client, namespace: &str, route: &str, port: u16) -> Workload {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let name = format!("{route}-llm");
+    let s = eventually(Duration::from_secs(30), "the workload Secret", || {
+        let secrets = secrets.clone();
+        let name = name.clone();
+        async move { secrets.get_opt(&name).await.ok()? }
+    })
+    .await;
+    let data = s.data.unwrap();
+    let base = String::from_utf8(data["OPENAI_BASE_URL"].0.clone()).unwrap();
+    let key = String::from_utf8(data["OPENAI_API_KEY"].0.clone()).unwrap();
+    let path = base
+        .split_once(".svc:8080")
+        .expect("gateway URL")
+        .1
+        .to_string();
+    Workload {
+        base: format!("http://127.0.0.1:{port}{path}"),
+        key,
+        client: llmroute_devkit::tls::http_client(),
     }
 }
 
