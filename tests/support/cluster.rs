@@ -253,7 +253,7 @@ impl Drop for TestNamespace {
 /// Waits until the route `name` has `Ready=True`.
 pub async fn wait_route_ready(routes: &Api<llmroute::api::LLMRoute>, name: &str) {
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         &format!("route {name} Ready"),
         || {
             let routes = routes.clone();

@@ -111,7 +111,31 @@ impl Stack {
     /// Waits for `route` to be Ready, materialises the gateway's volumes and starts Envoy on them
     /// (once), and returns the workload's view of the route.
     pub async fn serve(&mut self, route: &str) -> Workload {
-        super::cluster::wait_route_ready(&self.routes(), route).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(45);
+        let mut ready = false;
+        while !ready && std::time::Instant::now() < deadline {
+            ready = self
+                .routes()
+                .get(route)
+                .await
+                .ok()
+                .and_then(|r| r.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !ready {
+            let log = self.operator_log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let status = self.routes().get(route).await.ok().map(|r| r.status);
+            panic!(
+                "route {route} not Ready in 45 s; status {status:?}\noperator log (last 60 lines, newest first):\n{}",
+                tail.join("\n")
+            );
+        }
         let d = self.dir.path().to_path_buf();
         if self.volumes.is_none() {
             self.volumes = Some(Volumes::start(
@@ -216,7 +240,12 @@ impl Drop for Stack {
 
 /// What a workload of `namespace` reads from the workload Secret of `route`, with the gateway
 /// Service's host replaced by the local Envoy on `port`.
-pub async fn workload_of(client: &kube::Client, namespace: &str, route: &str, port: u16) -> Workload {
+pub async fn workload_of(
+    client: &kube::Client,
+    namespace: &str,
+    route: &str,
+    port: u16,
+) -> Workload {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let name = format!("{route}-llm");
     let s = eventually(Duration::from_secs(30), "the workload Secret", || {
