@@ -513,13 +513,24 @@ async fn route_edits_under_continuous_load_fail_no_request() {
         }));
     }
     let served_by = |sim: &Sim| sim.request_count();
-    let wait_for = |what: &'static str, sim: Sim| async move {
-        let before = sim.request_count();
-        support::cluster::eventually(Duration::from_secs(30), what, || {
-            let sim = sim.clone();
-            async move { (sim.request_count() > before + 20).then_some(()) }
-        })
-        .await;
+    let log_file = s.dir.path().join("operator.log");
+    let wait_for = |what: &'static str, sim: Sim| {
+        let log_file = log_file.clone();
+        async move {
+            let before = sim.request_count();
+            let deadline = Instant::now() + Duration::from_secs(45);
+            while sim.request_count() <= before + 20 {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                    panic!(
+                        "timed out waiting for {what}; operator log, newest first:\n{}",
+                        tail.join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     // 1. Reorder: b first.
