@@ -754,6 +754,7 @@ fn verdict(ok: bool) -> &'static str {
 
 fn main() {
     // cargo passes `--bench` (and filters) to harness = false benchmarks; none apply here.
+    llmroute_devkit::tls::install_default_provider();
     let settings = Settings::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -218,6 +218,10 @@ pub fn backend_base_url(backend: &Backend, provider: &Provider) -> Result<BaseUr
 pub struct RoutePlan {
     /// Chains as lists of indexes into `spec.backends`, with their weights.
     pub chains: Vec<(u32, Vec<usize>)>,
+    /// Backends kept on the gateway although in no chain (taken out by a probe result, e.g. a region
+    /// block): their provider account stays programmed, so that removing and restoring them only
+    /// reorders chains instead of draining and re-adding listeners and key files.
+    pub parked: Vec<usize>,
 }
 
 impl RoutePlan {
@@ -257,6 +261,7 @@ pub fn order_by_strategy(route: &LLMRoute, eligible: &[usize]) -> RoutePlan {
     if route.spec.policy.strategy != Strategy::Weighted || ordered.is_empty() {
         return RoutePlan {
             chains: vec![(1, ordered)],
+            parked: Vec::new(),
         };
     }
     // Weighted: each backend of the best priority heads a chain with its weight; the rest of the
@@ -275,7 +280,10 @@ pub fn order_by_strategy(route: &LLMRoute, eligible: &[usize]) -> RoutePlan {
             (backends[head].weight, members)
         })
         .collect();
-    RoutePlan { chains }
+    RoutePlan {
+        chains,
+        parked: Vec::new(),
+    }
 }
 
 /// Cost of a typical chat request mix, per million tokens: three input tokens for each output token.
@@ -362,7 +370,7 @@ pub struct BuiltRoute {
 /// Builds a route's IR from its plan. Backends not in any chain are not programmed.
 pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, String> {
     let name = kube::ResourceExt::name_any(route);
-    let mut programmed: BTreeSet<usize> = BTreeSet::new();
+    let mut programmed: BTreeSet<usize> = plan.parked.iter().copied().collect();
     for (_, members) in &plan.chains {
         programmed.extend(members.iter().copied());
     }

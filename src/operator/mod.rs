@@ -153,6 +153,9 @@ pub async fn run(
     let (deployments, dep_writer) = reflector::store::<Deployment>();
     let (services, svc_writer) = reflector::store::<Service>();
 
+    // The routes' initial list is seen here, not through `routes.wait_until_ready()`: the controller
+    // itself waits on that, and the store's readiness signal wakes only one waiter.
+    let (routes_listed_tx, routes_listed) = tokio::sync::watch::channel(false);
     let route_stream = watcher(
         api::<LLMRoute>(&client, &opts.namespace),
         watcher::Config::default(),
@@ -160,6 +163,11 @@ pub async fn run(
     .default_backoff()
     .modify(drop_managed_fields)
     .reflect(routes_writer)
+    .inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            routes_listed_tx.send_replace(true);
+        }
+    })
     .touched_objects();
     let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
         .default_backoff()
@@ -208,7 +216,7 @@ pub async fn run(
         runtime.scopes.fetch_add(1, SeqCst);
         let (ctx, synced_here) = (ctx.clone(), synced_here.clone());
         tokio::spawn(async move {
-            ctx.watch_caches().await;
+            ctx.watch_caches(routes_listed).await;
             ctx.opts.runtime.scopes_synced.fetch_add(1, SeqCst);
             synced_here.store(true, SeqCst);
         });

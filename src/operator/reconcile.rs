@@ -109,13 +109,17 @@ impl Context {
         let _ = rx.wait_for(|synced| *synced).await;
     }
 
-    /// Marks the caches synced once every store has its initial list. One task waits on the
-    /// stores: kube-runtime's `Store::wait_until_ready` wakes only the most recent of several
-    /// concurrent waiters (its `DelayedInit` polls a oneshot receiver, which keeps one waker), so
-    /// reconciles waiting on it directly could hang forever, and a graceful shutdown with them.
-    pub async fn watch_caches(&self) {
+    /// Marks the caches synced once every store has its initial list (`routes_listed` says when the
+    /// routes' has). Only this task waits on the stores' own readiness signals: kube-runtime's
+    /// `Store::wait_until_ready` wakes only the most recent of several concurrent waiters (its
+    /// `DelayedInit` polls a oneshot receiver, which keeps one waker), and the controller already
+    /// waits on the routes store; two waiters there could leave either asleep until some unrelated
+    /// event (reconciles and graceful shutdown hung that way).
+    pub async fn watch_caches(&self, mut routes_listed: tokio::sync::watch::Receiver<bool>) {
         let _ = tokio::join!(
-            self.routes.wait_until_ready(),
+            async move {
+                let _ = routes_listed.wait_for(|listed| *listed).await.map(|_| ());
+            },
             self.secrets.wait_until_ready(),
             self.config_maps.wait_until_ready(),
             self.deployments.wait_until_ready(),

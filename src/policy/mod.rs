@@ -188,6 +188,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
     let mut allowed = Vec::new();
     let mut backends = Vec::new();
     let mut recheck_at_ms: Option<u64> = None;
+    let mut parked = Vec::new();
     for (i, b) in route.spec.backends.iter().enumerate() {
         let mut excluded = match catalog::provider(&b.provider) {
             None => Some(Exclusion {
@@ -243,6 +244,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             match assessment {
                 Assessment::Usable => {}
                 Assessment::Excluded(class, why) => {
+                    parked.push(i);
                     excluded = Some(Exclusion {
                         reason: class.as_str(),
                         message: why,
@@ -279,9 +281,13 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             health_since_ms: view.and_then(|v| v.state_since_ms),
         });
     }
+    let mut plan = with_last_resorts(route, &usable, &demoted);
+    if !plan.chains.iter().all(|(_, m)| m.is_empty()) {
+        plan.parked = parked;
+    }
     Decision {
         region,
-        plan: with_last_resorts(route, &usable, &demoted),
+        plan,
         preferred: order_by_strategy(route, &allowed).active(),
         backends,
         recheck_at_ms,
