@@ -9,10 +9,10 @@ DEMO_FLAGS ?=
 .PHONY: demo demo-stop test
 
 demo:
-	scripts/demo $(DEMO_FLAGS)
+	@scripts/demo $(DEMO_FLAGS)
 
 demo-stop:
-	scripts/demo --stop
+	@scripts/demo --stop
 
 test:
 	scripts/test

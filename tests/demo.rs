@@ -149,7 +149,7 @@ fn quickstart_shows_the_failover_and_leaves_nothing_running() {
             && l.contains("unsupported_country_region_territory")
     });
     find_line(&lines, i, "the Degraded condition", |l| {
-        l.contains("True NotPreferredBackend")
+        l.contains("Degraded=True NotPreferredBackend")
     });
     let i = find_line(&lines, i, "a FailedOver event", |l| {
         words(l).get(1..3) == Some(&["Warning", "FailedOver"][..])
