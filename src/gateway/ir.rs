@@ -39,7 +39,8 @@ pub struct RouteIr {
     pub chains: Vec<(String, u32)>,
     /// The backend names of each chain, in `chains` order, first tried first.
     pub chain_backends: Vec<Vec<String>>,
-    /// Longest chain: the number of backends one request may try.
+    /// The number of backends one request may try: every programmed backend (the longest chain,
+    /// plus backends parked by probe results).
     pub max_attempts: usize,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
@@ -447,7 +448,10 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
         models: models.into_iter().collect(),
         passthrough: backends.iter().any(|b| b.passthrough),
         backends,
-        max_attempts: plan.chains.iter().map(|(_, m)| m.len()).max().unwrap_or(0),
+        // Every programmed backend, parked ones included: the retry budget (in the route, RDS) must
+        // not shrink when a probe takes a backend out of the chain (CDS), since Envoy may apply the
+        // two files of one update in either order.
+        max_attempts: programmed.len(),
         chains: route_chains,
         chain_backends,
         request_timeout_ms: duration_ms(&timeouts.request)?,
