@@ -514,18 +514,34 @@ async fn route_edits_under_continuous_load_fail_no_request() {
     }
     let served_by = |sim: &Sim| sim.request_count();
     let log_file = s.dir.path().join("operator.log");
+    let envoy_log = s.dir.path().join("envoy.log");
+    let admin = s.envoy.as_ref().map(|e| e.admin_port).unwrap_or(0);
     let wait_for = |what: &'static str, sim: Sim| {
         let log_file = log_file.clone();
+        let envoy_log = envoy_log.clone();
         async move {
             let before = sim.request_count();
             let deadline = Instant::now() + Duration::from_secs(45);
             while sim.request_count() <= before + 20 {
                 if Instant::now() > deadline {
                     let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    let elog = std::fs::read_to_string(&envoy_log).unwrap_or_default();
+                    let etail: Vec<&str> = elog.lines().rev().take(40).collect();
+                    let get =
+                        |path: &str| support::envoy::http_get(admin, path).unwrap_or_default();
+                    let clusters: Vec<String> = get("/clusters")
+                        .lines()
+                        .filter(|l| l.contains("::added_via_api"))
+                        .map(str::to_string)
+                        .collect();
                     panic!(
-                        "timed out waiting for {what}; operator log, newest first:\n{}",
-                        tail.join("\n")
+                        "timed out waiting for {what}; operator log, newest first:\n{}\nEnvoy log, newest first:\n{}\nlisteners:\n{}\nclusters:\n{}\nstats:\n{}",
+                        tail.join("\n"),
+                        etail.join("\n"),
+                        get("/listeners"),
+                        clusters.join("\n"),
+                        get("/stats?filter=update_|warming|rejected|lds|cds")
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -79,6 +79,19 @@ pub struct Volumes {
     pub swaps: Arc<AtomicU64>,
 }
 
+impl Volumes {
+    /// Resolves once these volumes are dropped (polled every 200 ms): lets a runtime dedicated to
+    /// them end with them.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stop = self.stop.clone();
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 impl Drop for Volumes {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -138,11 +138,9 @@ impl Stack {
         }
         let d = self.dir.path().to_path_buf();
         if self.volumes.is_none() {
-            self.volumes = Some(Volumes::start(
-                self.client.clone(),
-                &self.ns.name,
-                "llmroute-gateway",
-                "llmroute-gateway-keys",
+            self.volumes = Some(kubelet_thread(
+                self.ns.cluster().kubeconfig(),
+                self.ns.name.clone(),
                 d.join("config"),
                 d.join("keys"),
             ));
@@ -236,6 +234,39 @@ impl Drop for Stack {
             let _ = op.wait();
         }
     }
+}
+
+/// The kubelet stand-in on a thread and runtime of its own (with its own API client), as a kubelet
+/// is a process of its own: the test's load generators must not delay volume updates.
+fn kubelet_thread(
+    kubeconfig: PathBuf,
+    namespace: String,
+    config_dir: PathBuf,
+    keys_dir: PathBuf,
+) -> Volumes {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("kubelet runtime");
+        rt.block_on(async move {
+            let client = super::cluster::client_for(&kubeconfig).await;
+            let volumes = Volumes::start(
+                client,
+                &namespace,
+                "llmroute-gateway",
+                "llmroute-gateway-keys",
+                config_dir,
+                keys_dir,
+            );
+            let stop = volumes.stopped();
+            let _ = tx.send(volumes);
+            // Runs the sync task until the Stack drops its Volumes.
+            stop.await;
+        });
+    });
+    rx.recv().expect("kubelet thread started")
 }
 
 /// What a workload of `namespace` reads from the workload Secret of `route`, with the gateway
