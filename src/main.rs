@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use llmroute::gateway::envoy::EnvoyOptions;
+use llmroute::gateway::envoy::{EnvoyOptions, VolumeLayout};
 use llmroute::gateway::objects::GatewayDeploymentOptions;
 use llmroute::render::{self, RenderOptions};
 
@@ -152,6 +152,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 admin_port: args.gateway_admin_port,
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,
+                layout: VolumeLayout::Kubelet,
             },
             identity,
             prober: llmroute::probe::ProberOptions {
@@ -262,7 +263,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let mut envoy = EnvoyOptions {
+    let envoy = EnvoyOptions {
         port: args.port,
         address: args.address,
         admin_port: args.admin_port,
@@ -308,8 +309,6 @@ fn run_render(args: RenderArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    envoy.config_dir = dir.display().to_string();
-    envoy.keys_dir = dir.join("keys").display().to_string();
     match render::write_gateway_dir(&renders[0], &dir, &envoy) {
         Ok(route_keys) => {
             eprintln!(

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::LLMRoute;
-use crate::gateway::envoy::{self, EnvoyOptions};
+use crate::gateway::envoy::{self, EnvoyOptions, VolumeLayout};
 use crate::gateway::objects::{self, GatewayDeploymentOptions, KeyMaterial};
 use crate::gateway::{self, Translation};
 use crate::policy::Facts;
@@ -324,7 +324,8 @@ fn typed_doc(api_version: &str, kind: &str, mut v: Value) -> Value {
 pub const VALIDATE_FILE: &str = "validate.yaml";
 
 /// Writes a namespace's gateway files for a local Envoy: configuration in `dir`, placeholder keys
-/// in `dir/keys`. Returns the route keys written, by route.
+/// in `dir/keys`, as plain files (the directories and layout of `envoy_opts` are replaced by
+/// these). Returns the route keys written, by route.
 pub fn write_gateway_dir(
     render: &NamespaceRender,
     dir: &Path,
@@ -332,6 +333,12 @@ pub fn write_gateway_dir(
 ) -> std::io::Result<BTreeMap<String, String>> {
     let keys_dir = dir.join("keys");
     std::fs::create_dir_all(&keys_dir)?;
+    let envoy_opts = &EnvoyOptions {
+        config_dir: dir.display().to_string(),
+        keys_dir: keys_dir.display().to_string(),
+        layout: VolumeLayout::Plain,
+        ..envoy_opts.clone()
+    };
     let files = envoy::render(&render.translation.gateway, envoy_opts);
     for (name, content) in &files {
         std::fs::write(dir.join(name), content)?;

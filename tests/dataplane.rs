@@ -527,7 +527,10 @@ async fn route_edits_under_continuous_load_fail_no_request() {
                     let log = std::fs::read_to_string(&log_file).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(30).collect();
                     let elog = std::fs::read_to_string(&envoy_log).unwrap_or_default();
-                    let etail: Vec<&str> = elog.lines().rev().take(40).collect();
+                    let etail: Vec<&str> = elog.lines().rev().take(10).collect();
+                    // Envoy's own messages (warnings: rejected updates and why), not access logs.
+                    let messages: Vec<&str> =
+                        elog.lines().filter(|l| !l.starts_with('{')).collect();
                     let get =
                         |path: &str| support::envoy::http_get(admin, path).unwrap_or_default();
                     let clusters: Vec<String> = get("/clusters")
@@ -536,8 +539,9 @@ async fn route_edits_under_continuous_load_fail_no_request() {
                         .map(str::to_string)
                         .collect();
                     panic!(
-                        "timed out waiting for {what}; operator log, newest first:\n{}\nEnvoy log, newest first:\n{}\nlisteners:\n{}\nclusters:\n{}\nstats:\n{}",
+                        "timed out waiting for {what}; operator log, newest first:\n{}\nEnvoy messages:\n{}\nEnvoy access log, newest first:\n{}\nlisteners:\n{}\nclusters:\n{}\nstats:\n{}",
                         tail.join("\n"),
+                        messages.join("\n"),
                         etail.join("\n"),
                         get("/listeners"),
                         clusters.join("\n"),

@@ -7,9 +7,13 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use llmroute::gateway::envoy::EnvoyOptions;
+use std::collections::BTreeMap;
+
+use llmroute::gateway::envoy::{self, EnvoyOptions};
+use llmroute::gateway::objects;
 use llmroute::render::{self, RenderOptions, VALIDATE_FILE};
 use support::envoy::{Envoy, free_port, repo_root, validate};
+use support::kubelet::{link_keys, swap_data, write_volume};
 use support::sim::{Mode, Sim};
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
@@ -33,13 +37,11 @@ impl Rendered {
     }
 }
 
-/// Renders `input` into a fresh directory with free ports, as `llmroute render --out-dir` does.
-fn render_dir(input: &Path) -> Rendered {
-    let routes = render::load_files(&[input.to_path_buf()]).unwrap_or_else(|e| panic!("{e:?}"));
-    let dir = tempfile::tempdir().unwrap();
+/// Gateway options with free ports on 127.0.0.1, configuration and keys in these directories.
+fn local_options(config_dir: &Path, keys_dir: &Path) -> (EnvoyOptions, RenderOptions) {
     let opts = EnvoyOptions {
-        config_dir: dir.path().display().to_string(),
-        keys_dir: dir.path().join("keys").display().to_string(),
+        config_dir: config_dir.display().to_string(),
+        keys_dir: keys_dir.display().to_string(),
         port: free_port(),
         address: "127.0.0.1".into(),
         admin_port: free_port(),
@@ -52,6 +54,14 @@ fn render_dir(input: &Path) -> Rendered {
         envoy: opts.clone(),
         deployment: Default::default(),
     };
+    (opts, render_opts)
+}
+
+/// Renders `input` into a fresh directory with free ports, as `llmroute render --out-dir` does.
+fn render_dir(input: &Path) -> Rendered {
+    let routes = render::load_files(&[input.to_path_buf()]).unwrap_or_else(|e| panic!("{e:?}"));
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, render_opts) = local_options(dir.path(), &dir.path().join("keys"));
     let renders = render::translate_offline(&routes, &render_opts);
     assert_eq!(
         renders.len(),
@@ -329,5 +339,112 @@ async fn rendered_gateway_serves_and_fails_over() {
     for r in primary.received().iter().chain(secondary.received().iter()) {
         assert!(!format!("{:?}", r.headers).contains(ROUTE_KEY));
     }
+    drop(envoy);
+}
+
+/// The kubelet renames `..data` onto a volume's new version before it creates the visible link of
+/// a key that is new. An update adding a backend adds its route and secret files; Envoy reloads
+/// the listeners on that rename and must find them, so it reads configuration files through `..data`.
+/// The volume is left in that window (no visible links for the new files) while Envoy reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_adding_a_backend_loads_before_the_kubelet_links_its_files() {
+    let primary = Sim::start("key-primary").await;
+    let secondary = Sim::start("key-secondary").await;
+    let scratch = tempfile::tempdir().unwrap();
+    let (opts, render_opts) =
+        local_options(&scratch.path().join("config"), &scratch.path().join("keys"));
+    // The two volumes the operator would publish for a route file.
+    let volumes = |input: &Path| {
+        let routes = render::load_files(&[input.to_path_buf()]).unwrap();
+        let renders = render::translate_offline(&routes, &render_opts);
+        let gw = &renders[0].translation.gateway;
+        let config: BTreeMap<String, Vec<u8>> = envoy::render(gw, &opts)
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect();
+        let mut material = render::placeholder_keys(&renders[0].translation);
+        for (entry, value) in material.provider_keys.iter_mut() {
+            let sim = if entry.contains("secondary") {
+                "key-secondary"
+            } else {
+                "key-primary"
+            };
+            *value = sim.as_bytes().to_vec();
+        }
+        let keys: BTreeMap<String, Vec<u8>> = objects::keys_secret(gw, &material, &[])
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        (config, keys)
+    };
+    let two = two_backend_route(scratch.path(), &primary, &secondary, "[RegionBlocked]");
+    let (config_two, keys_two) = volumes(&two);
+    let yaml = std::fs::read_to_string(&two).unwrap();
+    let one = scratch.path().join("one.yaml");
+    std::fs::write(&one, &yaml[..yaml.find("    - name: secondary").unwrap()]).unwrap();
+    let (config_one, _) = volumes(&one);
+    assert!(
+        config_two.keys().any(|k| !config_one.contains_key(k)),
+        "the second backend adds files"
+    );
+
+    // Keys are published before the configuration that names them.
+    write_volume(Path::new(&opts.keys_dir), &keys_two, 1).unwrap();
+    let config_dir = Path::new(&opts.config_dir);
+    write_volume(config_dir, &config_one, 1).unwrap();
+    let envoy = Envoy::start(
+        &config_dir.join(envoy::BOOTSTRAP),
+        opts.admin_port,
+        opts.health_port,
+        scratch.path().join("envoy.log"),
+    );
+    let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-llmroute-backend"], "primary");
+
+    // `..data` now shows the new version; the new files have no visible link.
+    let accepted = |name: &str| envoy.stat(&format!("listener_manager.lds.{name}"));
+    let before = accepted("update_success").unwrap();
+    let old = swap_data(config_dir, &config_two, 2).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while accepted("update_success").unwrap() == before && accepted("update_rejected") == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Envoy did not reload: {}",
+            envoy.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        accepted("update_rejected"),
+        Some(0),
+        "listeners rejected: {}",
+        envoy.log_text()
+    );
+    // The new backend serves: its routes and its key were loaded in that window.
+    primary.set_mode(Mode::RegionBlocked);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
+        if resp.status() == 200 {
+            assert_eq!(resp.headers()["x-llmroute-backend"], "secondary");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new backend never served: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let got = secondary.received().pop().unwrap();
+    assert_eq!(
+        got.header("authorization").as_deref(),
+        Some("Bearer key-secondary")
+    );
+    link_keys(config_dir, &config_two, old).unwrap();
     drop(envoy);
 }

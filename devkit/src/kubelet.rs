@@ -21,6 +21,19 @@ pub fn write_volume(
     data: &BTreeMap<String, Vec<u8>>,
     generation: u64,
 ) -> std::io::Result<()> {
+    let old_target = swap_data(dir, data, generation)?;
+    link_keys(dir, data, old_target)
+}
+
+/// The first half of the kubelet's atomic writer (its steps 5 to 8): a new timestamped directory
+/// holding `data`, then `..data` renamed onto it. A key new in `data` has no visible symlink yet:
+/// that is the state a reader may observe between the rename and [`link_keys`]. Returns the
+/// previous `..data` target.
+pub fn swap_data(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    generation: u64,
+) -> std::io::Result<Option<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let ts = format!(
         "..{}_{generation}",
@@ -39,6 +52,16 @@ pub fn write_volume(
     let _ = std::fs::remove_file(&tmp);
     symlink(&ts, &tmp)?;
     std::fs::rename(&tmp, dir.join("..data"))?;
+    Ok(old_target)
+}
+
+/// The second half of the atomic writer (its steps 9 to 11): visible symlinks for new keys, the
+/// links of removed keys deleted, the previous timestamped directory removed.
+pub fn link_keys(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    old_target: Option<PathBuf>,
+) -> std::io::Result<()> {
     for key in data.keys() {
         let link = dir.join(key);
         if std::fs::symlink_metadata(&link).is_err() {

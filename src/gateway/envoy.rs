@@ -34,6 +34,40 @@ pub struct EnvoyOptions {
     pub health_port: u16,
     /// CA bundle that upstream TLS certificates are verified against.
     pub trusted_ca: String,
+    /// How the configuration directory is written, which decides the paths Envoy reads.
+    pub layout: VolumeLayout,
+}
+
+/// How the configuration directory is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VolumeLayout {
+    /// A ConfigMap volume: the kubelet writes a new timestamped directory, renames the `..data`
+    /// symlink onto it, and only then creates the visible symlink of a key that is new. Envoy reads
+    /// the configuration files through `..data`: a listener update naming a route or secret file
+    /// added in the same ConfigMap update would otherwise race that last step and be rejected
+    /// ("paths must refer to an existing path"), and each reload sees one version of all files.
+    #[default]
+    Kubelet,
+    /// Plain files written in place (`llmroute render --out-dir`).
+    Plain,
+}
+
+impl EnvoyOptions {
+    /// The path Envoy reads `file` of the configuration directory at.
+    pub fn config_path(&self, file: &str) -> String {
+        match self.layout {
+            VolumeLayout::Kubelet => format!("{}/..data/{file}", self.config_dir),
+            VolumeLayout::Plain => format!("{}/{file}", self.config_dir),
+        }
+    }
+
+    /// The path Envoy reads `entry` of the keys directory at: the visible name. Envoy watches a
+    /// secret file's own directory for the kubelet's `..data` rename (a path through `..data` would
+    /// watch the old version's directory and miss rotations). The keys Secret is published before
+    /// the configuration naming a new entry (`--key-propagation-delay`), so the name exists by then.
+    pub fn key_path(&self, entry: &str) -> String {
+        format!("{}/{entry}", self.keys_dir)
+    }
 }
 
 impl Default for EnvoyOptions {
@@ -46,6 +80,7 @@ impl Default for EnvoyOptions {
             admin_port: 9901,
             health_port: 19003,
             trusted_ca: "/etc/ssl/certs/ca-certificates.crt".into(),
+            layout: VolumeLayout::Kubelet,
         }
     }
 }
@@ -279,7 +314,7 @@ fn to_yaml(v: &Value) -> String {
 fn file_source(opts: &EnvoyOptions, file: &str) -> Value {
     json!({
         "path_config_source": {
-            "path": format!("{}/{file}", opts.config_dir),
+            "path": opts.config_path(file),
             "watched_directory": { "path": opts.config_dir },
         },
         "resource_api_version": "V3",
@@ -607,7 +642,7 @@ fn front_route<'a>(route: &'a RouteIr, opts: &EnvoyOptions) -> xds::FrontRoute<'
         },
         metadata: xds::LuaMetadata::new(xds::FrontMetadata {
             route: &route.name,
-            key_file: format!("{}/{}", opts.keys_dir, route.key_entry),
+            key_file: opts.key_path(&route.key_entry),
             models: &route.models,
             passthrough: route.passthrough,
             chains: &route.chain_backends,
@@ -711,7 +746,7 @@ fn generic_secret(entry: &str, opts: &EnvoyOptions) -> Value {
         json!({
             "name": format!("key:{entry}"),
             "generic_secret": { "secret": {
-                "filename": format!("{}/{entry}", opts.keys_dir),
+                "filename": opts.key_path(entry),
                 "watched_directory": { "path": opts.keys_dir },
             } },
         }),
