@@ -348,9 +348,9 @@ fn account_for(
 }
 
 /// Name of a route's chain cluster. It is stable (the route, and for Weighted routes the backend
-/// heading the chain), so that reordering backends updates an existing cluster in place and the
-/// route configuration does not change: a running Envoy never sees a route naming a cluster it has
-/// not loaded yet.
+/// heading the chain, however many chains there are), so that reordering backends updates an
+/// existing cluster in place and the route configuration does not change: a running Envoy never
+/// sees a route naming a cluster it has not loaded yet.
 fn chain_cluster(route: &str, head: Option<&str>) -> String {
     match head {
         None => format!("chain:{route}"),
@@ -421,6 +421,14 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
     let mut chains = Vec::new();
     let mut route_chains = Vec::new();
     let mut chain_backends = Vec::new();
+    let weighted = route.spec.policy.strategy == Strategy::Weighted;
+    let chain_of = |members: &[usize]| {
+        let head = members.first().filter(|_| weighted);
+        ChainIr {
+            cluster: chain_cluster(&name, head.map(|&i| route.spec.backends[i].name.as_str())),
+            accounts: members.iter().map(|i| accounts[i].name.clone()).collect(),
+        }
+    };
     for (weight, members) in &plan.chains {
         chain_backends.push(
             members
@@ -428,15 +436,23 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
                 .map(|&i| route.spec.backends[i].name.clone())
                 .collect(),
         );
-        let chain_accounts: Vec<String> =
-            members.iter().map(|i| accounts[i].name.clone()).collect();
-        let head = (plan.chains.len() > 1).then(|| route.spec.backends[members[0]].name.as_str());
-        let cluster = chain_cluster(&name, head);
-        route_chains.push((cluster.clone(), *weight));
-        chains.push(ChainIr {
-            cluster,
-            accounts: chain_accounts,
-        });
+        let chain = chain_of(members);
+        route_chains.push((chain.cluster.clone(), *weight));
+        chains.push(chain);
+    }
+    if weighted && let Some((_, first)) = plan.chains.first() {
+        // Every programmed backend of a Weighted route keeps a chain cluster headed by it, even
+        // when it heads no chain now: a probe result that demotes or restores a head changes which
+        // chains the route (RDS) names, and Envoy may load RDS before or after CDS; the clusters
+        // named by either version must exist in both.
+        for &i in &programmed {
+            if plan.chains.iter().any(|(_, m)| m.first() == Some(&i)) {
+                continue;
+            }
+            let mut members = vec![i];
+            members.extend(first.iter().copied().filter(|&j| j != i));
+            chains.push(chain_of(&members));
+        }
     }
     let models: BTreeSet<String> = backends
         .iter()

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use super::health::{HealthView, ProbeRecord};
 use super::{Facts, decide, probe_key};
 use crate::api::{FailureClass, LLMRoute};
+use crate::gateway::ir::build_route;
 
 const PROVIDERS: [&str; 5] = [
     "openai",
@@ -216,5 +217,46 @@ proptest! {
                 }
             }
         }
+    }
+
+    /// A probe result only reorders what is programmed: whichever of two consecutive decisions'
+    /// routes (RDS) Envoy has loaded, the chain clusters they name exist among the other's
+    /// clusters (CDS), and the same provider accounts stay programmed. (A route left with no
+    /// eligible backend at all is not programmed; it is outside this property.)
+    #[test]
+    fn a_probe_result_never_makes_a_route_name_a_missing_cluster(
+        case in case(),
+        which in 0usize..8,
+        failure in prop::option::weighted(0.5, 0..FailureClass::ALL.len()),
+    ) {
+        let (route, before) = build(&case);
+        let mut after = before.clone();
+        let spec = &route.spec.backends[which % route.spec.backends.len()];
+        after.now_ms += 5_000;
+        after.health.entry(probe_key(&route, spec)).or_default().record(ProbeRecord {
+            at_ms: after.now_ms,
+            latency_ms: 3,
+            failure: failure.map(|i| FailureClass::ALL[i]),
+            message: "probe".into(),
+            retry_after_ms: None,
+        });
+        let (one, two) = (decide(&route, "ns", &before).plan, decide(&route, "ns", &after).plan);
+        prop_assume!(one.active().is_some() && two.active().is_some());
+        let (one, two) = (build_route(&route, &one), build_route(&route, &two));
+        let (Ok(one), Ok(two)) = (one, two) else {
+            return Err(TestCaseError::reject("route not programmable"));
+        };
+        let clusters = |b: &crate::gateway::ir::BuiltRoute| -> BTreeSet<String> {
+            b.chains.iter().map(|c| c.cluster.clone()).collect()
+        };
+        let named = |b: &crate::gateway::ir::BuiltRoute| -> BTreeSet<String> {
+            b.route.chains.iter().map(|(c, _)| c.clone()).collect()
+        };
+        prop_assert!(named(&one).is_subset(&clusters(&two)), "{:?} not in {:?}", named(&one), clusters(&two));
+        prop_assert!(named(&two).is_subset(&clusters(&one)), "{:?} not in {:?}", named(&two), clusters(&one));
+        let accounts = |b: &crate::gateway::ir::BuiltRoute| -> BTreeSet<String> {
+            b.accounts.iter().map(|a| a.name.clone()).collect()
+        };
+        prop_assert_eq!(accounts(&one), accounts(&two));
     }
 }
