@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use llmroute::gateway::envoy::{EnvoyOptions, VolumeLayout};
-use llmroute::gateway::objects::GatewayDeploymentOptions;
+use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
 use llmroute::render::{self, RenderOptions};
 
 #[derive(Parser)]
@@ -292,8 +292,16 @@ fn run_render(args: RenderArgs) -> ExitCode {
         }
     }
     let Some(dir) = args.out_dir else {
-        print!("{}", render::objects_yaml(&renders, &opts));
-        return ExitCode::SUCCESS;
+        return match render::objects_yaml(&renders, &opts) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(p) => {
+                eprintln!("error: {}: {}", p.reason, p.message);
+                ExitCode::from(1)
+            }
+        };
     };
     if renders.len() != 1 {
         eprintln!(
@@ -309,6 +317,13 @@ fn run_render(args: RenderArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let gw = &renders[0].translation.gateway;
+    if let Err(p) = objects::config_map(gw, &llmroute::gateway::envoy::render(gw, &envoy), &[]) {
+        eprintln!(
+            "warning: the operator could not publish this: {}: {}",
+            p.reason, p.message
+        );
+    }
     match render::write_gateway_dir(&renders[0], &dir, &envoy) {
         Ok(route_keys) => {
             eprintln!(

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::api::LLMRoute;
 use crate::gateway::envoy::{self, EnvoyOptions, VolumeLayout};
 use crate::gateway::objects::{self, GatewayDeploymentOptions, KeyMaterial};
-use crate::gateway::{self, Translation};
+use crate::gateway::{self, Problem, Translation};
 use crate::policy::Facts;
 use crate::validate::validate_route;
 
@@ -246,8 +246,9 @@ fn redact_secret(mut value: Value) -> Value {
     value
 }
 
-/// The objects the operator would apply, as a YAML stream, with Secret values redacted.
-pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String {
+/// The objects the operator would apply, as a YAML stream, with Secret values redacted; or why a
+/// namespace's objects could not be applied (a configuration too large for its ConfigMap).
+pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> Result<String, Problem> {
     let mut docs: Vec<Value> = Vec::new();
     for ns in renders {
         let t = &ns.translation;
@@ -258,7 +259,7 @@ pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String
         docs.push(typed_doc(
             "v1",
             "ConfigMap",
-            to_value(&objects::config_map(&t.gateway, &files, &owners)),
+            to_value(&objects::config_map(&t.gateway, &files, &owners)?),
         ));
         docs.push(typed_doc(
             "v1",
@@ -300,10 +301,11 @@ pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String
             }
         }
     }
-    docs.iter()
+    Ok(docs
+        .iter()
         .map(|d| serde_yaml_ng::to_string(d).expect("objects serialize"))
         .collect::<Vec<_>>()
-        .join("---\n")
+        .join("---\n"))
 }
 
 fn to_value<T: serde::Serialize>(object: &T) -> Value {

@@ -18,7 +18,12 @@ pub const DEGRADED: &str = "Degraded";
 pub const STALLED: &str = "Stalled";
 
 /// Reasons of `Ready=False` that only a change by the user can clear.
-pub const TERMINAL_REASONS: [&str; 3] = ["InvalidSpec", "NoEligibleBackend", "InvalidBackend"];
+pub const TERMINAL_REASONS: [&str; 4] = [
+    "InvalidSpec",
+    "NoEligibleBackend",
+    "InvalidBackend",
+    "ConfigurationTooLarge",
+];
 
 /// What the reconciler knows about one route.
 #[derive(Clone, Debug)]

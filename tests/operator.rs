@@ -388,6 +388,101 @@ spec:
     op.stop().await;
 }
 
+/// `count` routes of 16 self-hosted backends each (distinct endpoints, so distinct provider
+/// accounts): eight of them make a gateway configuration larger than a ConfigMap may hold.
+fn big_routes(names: &[&str]) -> String {
+    let mut docs = Vec::new();
+    for name in names {
+        let mut backends = String::new();
+        for b in 0..16 {
+            backends.push_str(&format!(
+                "    - name: b{b}\n      provider: openai-compatible\n      endpoint: http://llm-{name}-{b}.models.svc:8000/v1\n      priority: {b}\n      credentialsSecretRef: {{ name: llm-keys, key: k{b} }}\n      models: {{ chat: model-{b}, code: coder-{b} }}\n"
+            ));
+        }
+        docs.push(format!(
+            "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  policy: {{ healthCheck: {{ enabled: false }} }}\n  backends:\n{backends}"
+        ));
+    }
+    docs.join("---\n")
+}
+
+/// A configuration larger than a ConfigMap may hold is refused with a precise condition and
+/// event; the configuration published last stays, and removing routes recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_too_large_for_a_config_map_keeps_the_last_one() {
+    let (ns, client, op) = operator_with_chat_route("big").await;
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    wait_condition(&routes, "chat", "Ready", "True").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+
+    let keys: Vec<String> = (0..16).map(|b| format!("k{b}: key-{b}-0001")).collect();
+    ns.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: llm-keys }}\nstringData: {{ {} }}\n",
+        keys.join(", ")
+    ));
+    let names = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+    ns.apply(&big_routes(&names));
+    // (Until all eight are applied, the first ones may wait for their keys: KeysPropagating.)
+    let r0 = eventually(Duration::from_secs(30), "r0: ConfigurationTooLarge", || {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get_opt("r0").await.ok()??;
+            (condition(&r, "Programmed")?.1 == "ConfigurationTooLarge").then_some(r)
+        }
+    })
+    .await;
+    let (_, _, message) = condition(&r0, "Programmed").unwrap();
+    assert!(
+        message.contains("more than the 1048576 a ConfigMap may hold")
+            && message.contains("9 routes"),
+        "{message}"
+    );
+    assert_eq!(condition(&r0, "Ready").unwrap().0, "False");
+    assert_eq!(condition(&r0, "Stalled").unwrap().0, "True");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(30),
+        "a ConfigurationTooLarge event",
+        || {
+            let events = events.clone();
+            async move {
+                let list = events.list(&ListParams::default()).await.ok()?;
+                list.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("ConfigurationTooLarge"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Nothing half-written: the ConfigMap keeps a configuration published before (with chat; without
+    // the routes that do not fit), and is not rewritten.
+    let held = cms.get("llmroute-gateway").await.unwrap();
+    let routes_json = &held.data.as_ref().unwrap()["routes.json"];
+    assert!(routes_json.contains("/chat/v1/") && !routes_json.contains("/r7/v1/"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = cms.get("llmroute-gateway").await.unwrap();
+    assert_eq!(
+        now.metadata.resource_version,
+        held.metadata.resource_version
+    );
+    assert!(!op.task.is_finished(), "the operator stopped");
+
+    // Fewer routes fit: published, and the routes become Ready.
+    for name in &names[2..] {
+        routes.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_condition(&routes, "r1", "Ready", "True").await;
+    let r0 = wait_condition(&routes, "r0", "Ready", "True").await;
+    assert!(condition(&r0, "Stalled").is_none_or(|c| c.0 == "False"));
+    let published = cms.get("llmroute-gateway").await.unwrap().data.unwrap();
+    assert!(
+        published["routes.json"].contains("/r0/v1/")
+            && published["routes.json"].contains("/chat/v1/")
+    );
+    op.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_leak_into_config_status_or_events() {
     let (ns, client, op) = operator_with_chat_route("leak").await;

@@ -81,7 +81,10 @@ fn render_case(input: &Path) -> BTreeMap<String, String> {
             out.insert(format!("{}/{name}", ns.namespace), content);
         }
     }
-    out.insert("objects.yaml".into(), render::objects_yaml(&renders, &opts));
+    out.insert(
+        "objects.yaml".into(),
+        render::objects_yaml(&renders, &opts).unwrap(),
+    );
     out
 }
 
@@ -475,4 +478,32 @@ fn render_prints_objects_with_secrets_redacted() {
     );
     assert!(!text.contains("llmroute-render-chat") && !text.contains("placeholder"));
     assert!(text.contains("name: chat-llm") && text.contains("namespace: team-a"));
+}
+
+/// A namespace whose configuration would not fit in a ConfigMap is refused by `render` with the
+/// reason the operator gives, and nothing is printed.
+#[test]
+fn render_refuses_a_configuration_too_large_for_a_config_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = Vec::new();
+    for r in 0..8 {
+        let backends: String = (0..16)
+            .map(|b| {
+                format!(
+                    "    - name: b{b}\n      provider: openai-compatible\n      endpoint: http://llm-{r}-{b}.models.svc:8000/v1\n      priority: {b}\n      credentialsSecretRef: {{ name: keys, key: k{b} }}\n      models: {{ chat: model-{b} }}\n"
+                )
+            })
+            .collect();
+        docs.push(route_yaml(&format!("r{r}"), &format!("  backends:\n{backends}")));
+    }
+    let file = dir.path().join("routes.yaml");
+    std::fs::write(&file, docs.join("---\n")).unwrap();
+    let out = llmroute(&["render", "-f", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: ConfigurationTooLarge: the gateway configuration of namespace \"default\" (8 routes, 128 provider accounts)"),
+        "{stderr}"
+    );
 }

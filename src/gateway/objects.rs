@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::Problem;
 use super::envoy::EnvoyOptions;
 use super::ir::{BaseUrl, GatewayIr, backend_base_url};
 use crate::api::{LLMRoute, WorkloadMode};
@@ -109,17 +110,39 @@ fn meta(name: &str, namespace: &str, owners: &[OwnerReference]) -> ObjectMeta {
     }
 }
 
-/// The ConfigMap with Envoy's files. It never holds key material.
+/// The most a ConfigMap may hold, keys and values of `data` and `binaryData` together (the API
+/// server rejects a larger one).
+pub const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024;
+
+/// The ConfigMap with Envoy's files. It never holds key material. A configuration larger than a
+/// ConfigMap may hold is a `ConfigurationTooLarge` problem: nothing is written, and the gateway
+/// keeps serving what it has.
 pub fn config_map(
     gw: &GatewayIr,
     files: &BTreeMap<String, String>,
     owners: &[OwnerReference],
-) -> ConfigMap {
-    ConfigMap {
+) -> Result<ConfigMap, Problem> {
+    let bytes: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > CONFIG_MAP_MAX_BYTES {
+        return Err(Problem::new(
+            "ConfigurationTooLarge",
+            format!(
+                "the gateway configuration of namespace {:?} ({} routes, {} provider accounts) is {} \
+                 bytes, more than the {CONFIG_MAP_MAX_BYTES} a ConfigMap may hold; the gateway keeps \
+                 serving the configuration published last. Move some LLMRoutes to another namespace \
+                 (each namespace has its own gateway), or remove backends",
+                gw.namespace,
+                gw.routes.len(),
+                gw.accounts.len(),
+                bytes
+            ),
+        ));
+    }
+    Ok(ConfigMap {
         metadata: meta(GATEWAY_NAME, &gw.namespace, owners),
         data: Some(files.clone()),
         ..Default::default()
-    }
+    })
 }
 
 /// The Secret with the provider keys the SDS files name, and one key per route. Values are trimmed

@@ -355,11 +355,16 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
 
     // 2. The configuration, once its keys have had time to reach the gateway's volume.
     let mut published: Result<(), Problem> = Ok(());
-    if plan.config_ready {
+    if let Err(problem) = &desired_cm {
+        warn!(namespace = ns, reason = %problem.reason, "{}", problem.message);
+        published = Err(problem.clone());
+    } else if let Ok(desired_cm) = &desired_cm
+        && plan.config_ready
+    {
         let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
         if apply(
             &cms,
-            &desired_cm,
+            desired_cm,
             current_cm.as_deref(),
             &["data"],
             &ctx.writes,
