@@ -1,6 +1,9 @@
 //! The operator's Prometheus metrics (served at `/metrics` by `llmroute run`). One registry, made
 //! once; the reconciler and the prober record into it.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,12 +26,20 @@ pub struct NamespaceLabels {
     pub namespace: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct BackendLabels {
     pub namespace: String,
     pub route: String,
     pub backend: String,
     pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub route: String,
+    pub condition: String,
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,9 +69,13 @@ pub struct Metrics {
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub config_revisions: Family<NamespaceLabels, Counter>,
-    /// 1 for a backend's current state, one series per (route, backend, state) ever seen; states
-    /// left are set to 0.
-    pub backend_state: Family<BackendLabels, Gauge>,
+    /// 1 for a backend's current state, one series per (route, backend, state) seen; states
+    /// left are set to 0. Set through [`Metrics::set_backend_state`].
+    backend_state: Family<BackendLabels, Gauge>,
+    /// 1 for the current status of each condition of each route, 0 for the other two statuses.
+    route_condition: Family<ConditionLabels, Gauge>,
+    /// The per-route series set so far, by namespace and route: a deleted route's series go.
+    route_series: Mutex<BTreeMap<(String, String), RouteSeries>>,
     pub failovers: Family<FailoverLabels, Counter>,
     pub probes: Family<ProbeLabels, Counter>,
     pub probe_duration: Family<ProviderLabels, Histogram>,
@@ -112,6 +127,12 @@ impl Metrics {
             "1 for the current state of each backend of each route (Healthy, Unknown, Excluded or a failure class)",
             backend_state.clone(),
         );
+        let route_condition = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "route_condition",
+            "1 for the current status (True, False or Unknown) of each condition of each LLMRoute, 0 for the others",
+            route_condition.clone(),
+        );
         let failovers = Family::<FailoverLabels, Counter>::default();
         registry.register(
             "failovers",
@@ -144,11 +165,81 @@ impl Metrics {
             reconcile_duration,
             config_revisions,
             backend_state,
+            route_condition,
+            route_series: Mutex::default(),
             failovers,
             probes,
             probe_duration,
             probe_targets,
         }
+    }
+
+    /// `llmroute_backend_state`: 1 for `state`, 0 for the other states this backend had.
+    pub fn set_backend_state(&self, namespace: &str, route: &str, backend: &str, state: &str) {
+        let mut series = self.route_series.lock().expect("route series");
+        let known = &mut series
+            .entry((namespace.to_string(), route.to_string()))
+            .or_default()
+            .backends;
+        let labels = BackendLabels {
+            namespace: namespace.to_string(),
+            route: route.to_string(),
+            backend: backend.to_string(),
+            state: state.to_string(),
+        };
+        for other in known
+            .iter()
+            .filter(|l| l.backend == backend && l.state != state)
+        {
+            self.backend_state.get_or_create(other).set(0);
+        }
+        self.backend_state.get_or_create(&labels).set(1);
+        known.insert(labels);
+    }
+
+    /// `llmroute_route_condition`: each condition's current status is 1, the other two 0.
+    pub fn set_route_conditions<'a>(
+        &self,
+        namespace: &str,
+        route: &str,
+        conditions: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        let mut series = self.route_series.lock().expect("route series");
+        let known = &mut series
+            .entry((namespace.to_string(), route.to_string()))
+            .or_default()
+            .conditions;
+        for (condition, current) in conditions {
+            for status in ["True", "False", "Unknown"] {
+                let labels = ConditionLabels {
+                    namespace: namespace.to_string(),
+                    route: route.to_string(),
+                    condition: condition.to_string(),
+                    status,
+                };
+                self.route_condition
+                    .get_or_create(&labels)
+                    .set(i64::from(status == current));
+                known.insert(labels);
+            }
+        }
+    }
+
+    /// Drops the per-route series of the routes of `namespace` not in `routes` (deleted ones).
+    pub fn retain_routes(&self, namespace: &str, routes: &BTreeSet<String>) {
+        let mut series = self.route_series.lock().expect("route series");
+        series.retain(|(ns, route), set| {
+            if ns != namespace || routes.contains(route) {
+                return true;
+            }
+            for labels in &set.backends {
+                self.backend_state.remove(labels);
+            }
+            for labels in &set.conditions {
+                self.route_condition.remove(labels);
+            }
+            false
+        });
     }
 
     /// The Prometheus text exposition.
@@ -160,6 +251,56 @@ impl Metrics {
     }
 }
 
+#[derive(Default)]
+struct RouteSeries {
+    backends: BTreeSet<BackendLabels>,
+    conditions: BTreeSet<ConditionLabels>,
+}
+
 fn probe_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(m: &Metrics, needle: &str) -> Vec<String> {
+        m.encode()
+            .lines()
+            .filter(|l| l.contains(needle) && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn per_route_series_follow_their_route() {
+        let m = Metrics::new();
+        m.set_backend_state("ns", "chat", "openai", "Healthy");
+        m.set_backend_state("ns", "chat", "openai", "RegionBlocked");
+        m.set_route_conditions("ns", "chat", [("Ready", "True"), ("Degraded", "True")]);
+        m.set_route_conditions("ns", "old", [("Ready", "False")]);
+        m.set_route_conditions("other", "old", [("Ready", "True")]);
+        let mut openai = series(&m, "backend=\"openai\"");
+        openai.sort();
+        assert_eq!(
+            openai,
+            [
+                "llmroute_backend_state{namespace=\"ns\",route=\"chat\",backend=\"openai\",state=\"Healthy\"} 0",
+                "llmroute_backend_state{namespace=\"ns\",route=\"chat\",backend=\"openai\",state=\"RegionBlocked\"} 1",
+            ]
+        );
+        let degraded = series(&m, "route=\"chat\",condition=\"Degraded\"");
+        assert_eq!(degraded.len(), 3, "{degraded:?}");
+        assert!(degraded.iter().any(|l| l.ends_with("status=\"True\"} 1")));
+        assert!(degraded.iter().any(|l| l.ends_with("status=\"False\"} 0")));
+
+        // "old" was deleted in ns: its series go; the same name in another namespace stays.
+        m.retain_routes("ns", &BTreeSet::from(["chat".to_string()]));
+        assert!(series(&m, "namespace=\"ns\",route=\"old\"").is_empty());
+        assert_eq!(series(&m, "namespace=\"other\",route=\"old\"").len(), 3);
+        assert_eq!(series(&m, "route=\"chat\"").len(), 2 + 6);
+        m.retain_routes("ns", &BTreeSet::new());
+        assert!(series(&m, "namespace=\"ns\"").is_empty());
+    }
 }

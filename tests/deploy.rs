@@ -664,6 +664,12 @@ fn helm_lint_passes_for_the_default_and_the_usual_values() {
         vec!["--set", "metrics.serviceMonitor.enabled=true"],
         vec![
             "--set",
+            "metrics.gatewayPodMonitor.enabled=true",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+        ],
+        vec![
+            "--set",
             "watchNamespaces={team-a,team-b}",
             "--set",
             "region=cn",
@@ -807,6 +813,71 @@ fn helm_values_switch_what_they_should() {
             })
             .unwrap(),
         "the ServiceMonitor selects the metrics Service"
+    );
+
+    // The gateways' PodMonitor and the alerts only when asked for.
+    for kind in ["PodMonitor", "PrometheusRule"] {
+        assert!(
+            !kinds(&off).contains(&kind.to_string()),
+            "{kind} by default"
+        );
+    }
+    let on = yaml_docs(&helm_template(
+        "llmroute",
+        "llmroute-system",
+        &[
+            "--set",
+            "metrics.gatewayPodMonitor.enabled=true",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+        ],
+    ));
+    let rule = find(&on, "PrometheusRule");
+    assert_eq!(
+        rule["spec"],
+        support::alerts::rules(),
+        "the rule file's groups"
+    );
+    let pm = find(&on, "PodMonitor");
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({ "any": true }));
+    let gateway = llmroute::gateway::objects::deployment(
+        "team-a",
+        &Default::default(),
+        &Default::default(),
+        &[],
+    );
+    let pod = gateway.spec.unwrap().template;
+    let pod_labels = pod.metadata.unwrap().labels.unwrap();
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            v.as_str(),
+            "the PodMonitor selects gateway Pods ({k})"
+        );
+    }
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    let port = pod.spec.unwrap().containers[0]
+        .ports
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name.as_deref() == endpoint["port"].as_str())
+        .expect("the PodMonitor's port is a gateway container port");
+    assert_eq!(port.container_port, 19003);
+    assert_eq!(endpoint["path"], "/stats/prometheus");
+    let scoped = yaml_docs(&helm_template(
+        "llmroute",
+        "llmroute-system",
+        &[
+            "--set",
+            "metrics.gatewayPodMonitor.enabled=true",
+            "--set",
+            "watchNamespaces={team-a,team-b}",
+        ],
+    ));
+    assert_eq!(
+        find(&scoped, "PodMonitor")["spec"]["namespaceSelector"],
+        json!({ "matchNames": ["team-a", "team-b"] })
     );
 
     // Namespace scope: RoleBindings in the watched namespaces, no ClusterRoleBinding, --namespace.
@@ -1126,4 +1197,32 @@ fn yaml_blocks(markdown: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// Every operator metric the shipped alerts use is one the operator exports.
+#[test]
+fn the_alerts_use_metrics_the_operator_exports() {
+    let m = llmroute::metrics::Metrics::new();
+    m.set_backend_state("ns", "chat", "openai", "RegionBlocked");
+    m.set_route_conditions("ns", "chat", [("Ready", "True")]);
+    m.reconciles
+        .get_or_create(&llmroute::metrics::ResultLabels { result: "error" })
+        .inc();
+    m.failovers
+        .get_or_create(&llmroute::metrics::FailoverLabels {
+            namespace: "ns".into(),
+            route: "chat".into(),
+            from: "openai".into(),
+            to: "zhipu".into(),
+            reason: "RegionBlocked".into(),
+        })
+        .inc();
+    let exported = support::alerts::exported(&m.encode());
+    let used = support::alerts::metrics_named("llmroute_");
+    assert!(used.len() >= 4, "{used:?}");
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "alerts name metrics the operator does not export: {missing:?}"
+    );
 }

@@ -318,6 +318,10 @@ async fn a_region_block_moves_the_route_says_why_and_fails_back_after_the_delay(
         "llmroute_probe_duration_seconds_count{provider=\"zhipu\"}",
         "llmroute_config_revisions_total{",
         "llmroute_reconcile_duration_seconds_count",
+        // Back on the primary: Ready, no longer Degraded (it was).
+        "route=\"chat\",condition=\"Ready\",status=\"True\"} 1",
+        "route=\"chat\",condition=\"Degraded\",status=\"False\"} 1",
+        "route=\"chat\",condition=\"Degraded\",status=\"True\"} 0",
     ] {
         assert!(
             metrics.contains(needle),

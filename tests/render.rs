@@ -494,7 +494,10 @@ fn render_refuses_a_configuration_too_large_for_a_config_map() {
                 )
             })
             .collect();
-        docs.push(route_yaml(&format!("r{r}"), &format!("  backends:\n{backends}")));
+        docs.push(route_yaml(
+            &format!("r{r}"),
+            &format!("  backends:\n{backends}"),
+        ));
     }
     let file = dir.path().join("routes.yaml");
     std::fs::write(&file, docs.join("---\n")).unwrap();

@@ -1,7 +1,7 @@
 //! The reconciler: read (from caches), translate (pure core), apply in the safe order, write status.
 //! The unit of work is a namespace: its routes share one gateway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::{StreamExt, TryStreamExt};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use super::keys::KeyClock;
 use crate::api::{LLMRoute, LLMRouteStatus};
 use crate::gateway::objects::{self, GATEWAY_NAME, KEYS_SECRET_NAME, KeyMaterial};
 use crate::gateway::{self, Problem, envoy};
-use crate::metrics::{BackendLabels, FailoverLabels, NamespaceLabels, ReasonLabels, ResultLabels};
+use crate::metrics::{FailoverLabels, NamespaceLabels, ReasonLabels, ResultLabels};
 use crate::policy::Facts;
 use crate::policy::health::HealthView;
 use crate::probe::{self, Prober};
@@ -192,6 +192,18 @@ pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
+/// What the operator keeps in memory per route (metric series, the route key read or generated)
+/// goes with the route.
+fn forget_deleted_routes(ctx: &Context, ns: &str, routes: &[Arc<LLMRoute>]) {
+    let names: BTreeSet<String> = routes.iter().map(|r| r.name_any()).collect();
+    ctx.opts.metrics.retain_routes(ns, &names);
+    let uids: BTreeSet<String> = routes.iter().filter_map(|r| r.uid()).collect();
+    ctx.route_keys
+        .lock()
+        .expect("route key cache")
+        .retain(|(key_ns, uid), _| key_ns != ns || uids.contains(uid));
+}
+
 async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let mut routes: Vec<Arc<LLMRoute>> = ctx
         .routes
@@ -200,6 +212,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         .filter(|r| r.namespace().as_deref() == Some(ns) && r.meta().deletion_timestamp.is_none())
         .collect();
     routes.sort_by_key(|r| r.name_any());
+    forget_deleted_routes(ctx, ns, &routes);
     if routes.is_empty() {
         // The gateway objects are owned by the routes: the garbage collector removes them.
         return Ok(Action::await_change());
@@ -553,29 +566,20 @@ async fn write_route(
     write_status(ctx, route, &state, now).await
 }
 
-/// `llmroute_backend_state`: 1 for each backend's current state, 0 for the state it left.
-fn record_backend_states(
-    ctx: &Context,
-    route: &LLMRoute,
-    previous: Option<&LLMRouteStatus>,
-    new: &LLMRouteStatus,
-) {
-    let labels = |backend: &str, state: &str| BackendLabels {
-        namespace: route.namespace().unwrap_or_default(),
-        route: route.name_any(),
-        backend: backend.to_string(),
-        state: state.to_string(),
-    };
-    let m = &ctx.opts.metrics.backend_state;
+/// The route's per-route metrics: each backend's state and each condition's status.
+fn record_route_metrics(ctx: &Context, route: &LLMRoute, new: &LLMRouteStatus) {
+    let (ns, name) = (route.namespace().unwrap_or_default(), route.name_any());
+    let m = &ctx.opts.metrics;
     for b in &new.backends {
-        if let Some(old) = previous
-            .and_then(|p| p.backends.iter().find(|o| o.name == b.name))
-            .filter(|o| o.state != b.state)
-        {
-            m.get_or_create(&labels(&b.name, &old.state)).set(0);
-        }
-        m.get_or_create(&labels(&b.name, &b.state)).set(1);
+        m.set_backend_state(&ns, &name, &b.name, &b.state);
     }
+    m.set_route_conditions(
+        &ns,
+        &name,
+        new.conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str())),
+    );
 }
 
 async fn write_status(
@@ -586,7 +590,7 @@ async fn write_status(
 ) -> Result<(), Error> {
     let previous = route.status.as_ref();
     let new = status::route_status(state, route.meta().generation, previous, now);
-    record_backend_states(ctx, route, previous, &new);
+    record_route_metrics(ctx, route, &new);
     if !status::status_changed(previous, &new) {
         return Ok(());
     }

@@ -1,6 +1,7 @@
 //! Shared support of the integration tests. Each test crate uses the parts it needs.
 #![allow(dead_code)]
 
+pub mod alerts;
 pub mod cluster;
 pub mod e2e;
 pub mod envoy;
