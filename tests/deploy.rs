@@ -1217,12 +1217,5 @@ fn the_alerts_use_metrics_the_operator_exports() {
             reason: "RegionBlocked".into(),
         })
         .inc();
-    let exported = support::alerts::exported(&m.encode());
-    let used = support::alerts::metrics_named("llmroute_");
-    assert!(used.len() >= 4, "{used:?}");
-    let missing: Vec<&String> = used.difference(&exported).collect();
-    assert!(
-        missing.is_empty(),
-        "alerts name metrics the operator does not export: {missing:?}"
-    );
+    support::alerts::assert_exported("llmroute_", &m.encode(), 4, "the operator");
 }

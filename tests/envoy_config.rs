@@ -337,14 +337,7 @@ async fn rendered_gateway_serves_and_fails_over() {
 
     // Every gateway metric the shipped alerts use is exported on the metrics port.
     let exposition = support::envoy::http_get(r.opts.health_port, "/stats/prometheus").unwrap();
-    let exported = support::alerts::exported(&exposition);
-    let used = support::alerts::metrics_named("envoy_");
-    assert!(used.len() >= 3, "{used:?}");
-    let missing: Vec<&String> = used.difference(&exported).collect();
-    assert!(
-        missing.is_empty(),
-        "alerts name metrics the gateway does not export: {missing:?}"
-    );
+    support::alerts::assert_exported("envoy_", &exposition, 3, "the gateway");
 
     // Nothing of the route key ever reached a provider.
     for r in primary.received().iter().chain(secondary.received().iter()) {

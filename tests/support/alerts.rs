@@ -52,3 +52,16 @@ pub fn exported(exposition: &str) -> BTreeSet<String> {
     }
     names
 }
+
+/// Asserts that every metric starting with `prefix` that the rules name is in `exposition`, and
+/// that the rules name at least `at_least` of them (so that a parsing slip cannot pass vacuously).
+pub fn assert_exported(prefix: &str, exposition: &str, at_least: usize, exporter: &str) {
+    let used = metrics_named(prefix);
+    assert!(used.len() >= at_least, "{used:?}");
+    let exported = exported(exposition);
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "alerts name metrics {exporter} does not export: {missing:?}"
+    );
+}
