@@ -281,6 +281,11 @@ pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> Result
             "Service",
             to_value(&objects::service(&ns.namespace, &owners)),
         ));
+        docs.push(typed_doc(
+            "policy/v1",
+            "PodDisruptionBudget",
+            to_value(&objects::pod_disruption_budget(&ns.namespace, &owners)),
+        ));
         for route in &ns.routes {
             let name = kube::ResourceExt::name_any(route);
             let outcome = t.routes.iter().find(|o| o.name == name);

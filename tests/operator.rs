@@ -9,6 +9,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use llmroute::api::LLMRoute;
 use llmroute::gateway::objects::GatewayDeploymentOptions;
@@ -98,6 +100,12 @@ async fn operator_with_chat_route(prefix: &str) -> (TestNamespace, kube::Client,
     ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
     ns.apply(ROUTE);
     (ns, client, op)
+}
+
+/// The gateway Deployment's Pod labels.
+async fn d_labels(dep: &Api<Deployment>) -> std::collections::BTreeMap<String, String> {
+    let d = dep.get("llmroute-gateway").await.unwrap();
+    d.spec.unwrap().template.metadata.unwrap().labels.unwrap()
 }
 
 fn condition(route: &LLMRoute, type_: &str) -> Option<(String, String, String)> {
@@ -217,6 +225,22 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
         Some(true)
     );
     assert!(c.readiness_probe.is_some());
+    // At most one gateway Pod evicted at a time, replicas spread over nodes.
+    let pod_labels = d_labels(&dep).await;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
+    let pdb = budgets.get("llmroute-gateway").await.unwrap();
+    assert!(pdb.metadata.owner_references.is_some_and(|o| !o.is_empty()));
+    let spec = pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    for (k, v) in spec.selector.unwrap().match_labels.unwrap() {
+        assert_eq!(
+            pod_labels.get(&k),
+            Some(&v),
+            "the budget selects the gateway Pods"
+        );
+    }
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    assert_eq!(spread[0].topology_key, "kubernetes.io/hostname");
     let svc: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(
         svc.get("llmroute-gateway")

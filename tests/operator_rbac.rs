@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use llmroute::api::LLMRoute;
 use serde_json::Value;
@@ -72,7 +73,7 @@ where
 /// Runs the operator as `user` on a fresh namespace with one route and checks that it does its
 /// whole job: route Ready, workload Secret, a Published event; a rotated key reaches the gateway
 /// (Secrets watch); a route edit reaches the configuration (LLMRoute watch); deleted gateway
-/// objects come back (ConfigMap, Service, Deployment watches); still leading after the Lease's
+/// objects come back (ConfigMap, Service, Deployment, PodDisruptionBudget watches); still leading after the Lease's
 /// duration (Lease renewals). Returns the first thing that did not happen.
 async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), String> {
     let ns = TestNamespace::new("rbac").await;
@@ -111,7 +112,8 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns.name);
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns.name);
     let services: Api<Service> = Api::namespaced(admin.clone(), &ns.name);
-    let deployments: Api<Deployment> = Api::namespaced(admin, &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns.name);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(admin, &ns.name);
     let limit = Duration::from_secs(15);
     let result = async {
         let started = Instant::now();
@@ -152,6 +154,7 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
             ("ConfigMap", cms.delete("llmroute-gateway", &Default::default()).await.is_ok()),
             ("Service", services.delete("llmroute-gateway", &Default::default()).await.is_ok()),
             ("Deployment", deployments.delete("llmroute-gateway", &Default::default()).await.is_ok()),
+            ("PodDisruptionBudget", budgets.delete("llmroute-gateway", &Default::default()).await.is_ok()),
         ] {
             assert!(deleted, "deleting the gateway {what}");
         }
@@ -159,6 +162,7 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
             cms.get_opt("llmroute-gateway").await.ok().flatten().is_some()
                 && services.get_opt("llmroute-gateway").await.ok().flatten().is_some()
                 && deployments.get_opt("llmroute-gateway").await.ok().flatten().is_some()
+                && budgets.get_opt("llmroute-gateway").await.ok().flatten().is_some()
         })
         .await;
         if !healed {
@@ -260,7 +264,9 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
     //   cheap; for LLMRoutes and Secrets the scenario does catch its absence).
     superfluous.retain(|label| {
         let exempt_event_patch = label.contains("events") && label.ends_with("without \"patch\"");
-        let owned_watch = (label.contains("configmaps") || label.contains("deployments"))
+        let owned_watch = (label.contains("configmaps")
+            || label.contains("deployments")
+            || label.contains("poddisruptionbudgets"))
             && label.ends_with("without \"watch\"");
         !(exempt_event_patch || owned_watch)
     });

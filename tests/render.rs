@@ -470,6 +470,7 @@ fn render_prints_objects_with_secrets_redacted() {
             "kind: Secret",
             "kind: Deployment",
             "kind: Service",
+            "kind: PodDisruptionBudget",
             "kind: Secret"
         ]
     );

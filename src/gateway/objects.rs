@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -291,6 +292,20 @@ pub fn deployment(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    // Replicas on different nodes where the scheduler can: one node going away
+                    // does not take the namespace's gateway with it.
+                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                        max_skew: 1,
+                        topology_key: "kubernetes.io/hostname".into(),
+                        when_unsatisfiable: "ScheduleAnyway".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels()),
+                            ..Default::default()
+                        }),
+                        // Spread each revision on its own during a rolling update.
+                        match_label_keys: Some(vec!["pod-template-hash".into()]),
+                        ..Default::default()
+                    }]),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(45),
@@ -331,6 +346,25 @@ pub fn deployment(
                     ..Default::default()
                 }),
             },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway's PodDisruptionBudget: a voluntary disruption (a node drain, a cluster upgrade)
+/// takes at most one gateway Pod at a time, so a namespace keeps serving while it is evicted.
+pub fn pod_disruption_budget(namespace: &str, owners: &[OwnerReference]) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            }),
+            // A Pod that is not Ready serves nothing: evicting it never costs availability.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             ..Default::default()
         }),
         ..Default::default()

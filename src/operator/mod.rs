@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -152,6 +153,7 @@ pub async fn run(
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
     let (deployments, dep_writer) = reflector::store::<Deployment>();
     let (services, svc_writer) = reflector::store::<Service>();
+    let (budgets, pdb_writer) = reflector::store::<PodDisruptionBudget>();
 
     // The routes' initial list is seen here, not through `routes.wait_until_ready()`: the controller
     // itself waits on that, and the store's readiness signal wakes only one waiter.
@@ -184,11 +186,19 @@ pub async fn run(
         .modify(drop_managed_fields)
         .reflect(dep_writer)
         .touched_objects();
-    let svc_stream = watcher(api::<Service>(&client, &opts.namespace), managed)
+    let svc_stream = watcher(api::<Service>(&client, &opts.namespace), managed.clone())
         .default_backoff()
         .modify(drop_managed_fields)
         .reflect(svc_writer)
         .touched_objects();
+    let pdb_stream = watcher(
+        api::<PodDisruptionBudget>(&client, &opts.namespace),
+        managed,
+    )
+    .default_backoff()
+    .modify(drop_managed_fields)
+    .reflect(pdb_writer)
+    .touched_objects();
 
     let recorder = Recorder::new(
         client.clone(),
@@ -204,6 +214,7 @@ pub async fn run(
         config_maps,
         deployments,
         services,
+        budgets,
         opts,
         recorder,
         writes,
@@ -261,7 +272,7 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
-    let (m1, m2, m3) = (by_ns.clone(), by_ns.clone(), by_ns);
+    let (m1, m2, m3, m4) = (by_ns.clone(), by_ns.clone(), by_ns.clone(), by_ns);
     Controller::for_stream(route_stream, routes)
         .reconcile_on(probed)
         .watches_stream(secret_stream, secret_mapper)
@@ -282,6 +293,13 @@ pub async fn run(
         .watches_stream(svc_stream, move |o: Service| {
             if o.name_any() == GATEWAY_NAME {
                 m3(o.namespace())
+            } else {
+                vec![]
+            }
+        })
+        .watches_stream(pdb_stream, move |o: PodDisruptionBudget| {
+            if o.name_any() == GATEWAY_NAME {
+                m4(o.namespace())
             } else {
                 vec![]
             }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -56,6 +57,7 @@ pub struct Context {
     pub config_maps: Store<ConfigMap>,
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
+    pub budgets: Store<PodDisruptionBudget>,
     pub opts: Options,
     pub recorder: Recorder,
     pub writes: Arc<WriteCounter>,
@@ -78,6 +80,7 @@ impl Context {
         config_maps: Store<ConfigMap>,
         deployments: Store<Deployment>,
         services: Store<Service>,
+        budgets: Store<PodDisruptionBudget>,
         opts: Options,
         recorder: Recorder,
         writes: Arc<WriteCounter>,
@@ -90,6 +93,7 @@ impl Context {
             config_maps,
             deployments,
             services,
+            budgets,
             opts,
             recorder,
             writes,
@@ -124,6 +128,7 @@ impl Context {
             self.config_maps.wait_until_ready(),
             self.deployments.wait_until_ready(),
             self.services.wait_until_ready(),
+            self.budgets.wait_until_ready(),
         );
         self.synced.send_replace(true);
     }
@@ -404,7 +409,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         ));
     }
 
-    // 3. The gateway Deployment and Service.
+    // 3. The gateway Deployment, Service and PodDisruptionBudget.
     let deployment = objects::deployment(ns, envoy_opts, &ctx.opts.gateway, &owners);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let current = ctx
@@ -422,6 +427,10 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     let current = ctx.services.get(&ObjectRef::new(GATEWAY_NAME).within(ns));
     apply(&services, &service, current.as_deref(), &[], &ctx.writes).await?;
+    let budget = objects::pod_disruption_budget(ns, &owners);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    let current = ctx.budgets.get(&ObjectRef::new(GATEWAY_NAME).within(ns));
+    apply(&budgets, &budget, current.as_deref(), &[], &ctx.writes).await?;
 
     // 4. Workload Secrets, once the configuration serving them is published; 5. status and events.
     // Routes are independent here: write them a few at a time.
