@@ -5,10 +5,12 @@
 //! - [`validate`]: the CRD's schema and CEL rules, evaluated client-side.
 //! - [`policy`]: which backends a route may use, in what order (pure).
 //! - [`gateway`]: the translation core: routes → IR → Envoy files and Kubernetes objects (pure).
+//! - [`gateway_shutdown`]: graceful termination of a gateway Pod (the shutdown-manager sidecar).
 //! - [`render`]: offline rendering of route files (`llmroute render`).
 pub mod api;
 pub mod catalog;
 pub mod gateway;
+pub mod gateway_shutdown;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

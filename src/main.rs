@@ -1,4 +1,4 @@
-//! The `llmroute` command: `crd`, `render` and `run`.
+//! The `llmroute` command: `crd`, `render`, `run` and `gateway` (the gateway Pod's sidecar).
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,7 +27,127 @@ enum Command {
     Render(RenderArgs),
     /// Run the operator: reconcile LLMRoutes into per-namespace gateways (uses KUBECONFIG or the
     /// in-cluster service account).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Commands run inside a gateway Pod (its shutdown-manager sidecar).
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+#[derive(Subcommand)]
+enum GatewayCommand {
+    /// Serve GET /shutdown/ready, which answers once a drain by `llmroute gateway shutdown` is done
+    /// (or after --ready-timeout): the preStop hook of the Envoy container. Exits on SIGTERM.
+    ShutdownManager(ShutdownManagerArgs),
+    /// Drain the gateway's Envoy gracefully, wait until no request is in flight (between
+    /// --min-drain and --max-drain), then tell the manager: the sidecar's preStop command.
+    Shutdown(ShutdownArgs),
+}
+
+#[derive(Args)]
+struct ShutdownManagerArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "0.0.0.0")]
+    address: std::net::IpAddr,
+    /// Port to serve on.
+    #[arg(long, default_value_t = llmroute::gateway_shutdown::DEFAULT_MANAGER_PORT)]
+    port: u16,
+    /// Directory shared with `shutdown` (where it marks the drain done).
+    #[arg(long, default_value = llmroute::gateway_shutdown::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Longest hold of GET /shutdown/ready (Go-style duration; the gateway Deployment passes the
+    /// maximum drain plus 10 s).
+    #[arg(long, default_value = "310s")]
+    ready_timeout: String,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
+    log_level: String,
+}
+
+#[derive(Args)]
+struct ShutdownArgs {
+    /// Port of Envoy's admin interface on 127.0.0.1.
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// Drain at least this long (Go-style duration): time for endpoint removal to propagate. The
+    /// gateway Deployment passes its timings explicitly.
+    #[arg(long, default_value = "10s")]
+    min_drain: String,
+    /// Drain at most this long, requests in flight or not (Go-style duration).
+    #[arg(long, default_value = "300s")]
+    max_drain: String,
+    /// Pause between two reads of the active requests (Go-style duration).
+    #[arg(long, default_value = "500ms")]
+    poll: String,
+    /// Directory shared with the manager.
+    #[arg(long, default_value = llmroute::gateway_shutdown::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
+    log_level: String,
+}
+
+fn duration_arg(flag: &str, value: &str) -> Result<std::time::Duration, ExitCode> {
+    llmroute::gateway::ir::duration_ms(value)
+        .map(std::time::Duration::from_millis)
+        .map_err(|e| {
+            eprintln!("error: --{flag} {e}");
+            ExitCode::from(2)
+        })
+}
+
+fn run_gateway(command: GatewayCommand) -> ExitCode {
+    use llmroute::gateway_shutdown as gs;
+    match command {
+        GatewayCommand::ShutdownManager(args) => {
+            init_logging("text", &args.log_level);
+            let ready_timeout = match duration_arg("ready-timeout", &args.ready_timeout) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let opts = gs::ManagerOptions {
+                addr: std::net::SocketAddr::new(args.address, args.port),
+                state_dir: args.state_dir,
+                ready_timeout,
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(gs::serve_manager(opts, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "shutdown manager failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        GatewayCommand::Shutdown(args) => {
+            init_logging("text", &args.log_level);
+            let parse = || -> Result<_, ExitCode> {
+                Ok((
+                    duration_arg("min-drain", &args.min_drain)?,
+                    duration_arg("max-drain", &args.max_drain)?,
+                    duration_arg("poll", &args.poll)?,
+                ))
+            };
+            let (min_drain, max_drain, poll) = match parse() {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let opts = gs::DrainOptions {
+                admin_port: args.admin_port,
+                min_drain,
+                max_drain,
+                poll,
+                state_dir: args.state_dir,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(gs::drain(&opts)) {
+                gs::DrainOutcome::AdminUnreachable(_) => ExitCode::from(1),
+                gs::DrainOutcome::Drained | gs::DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -41,6 +161,10 @@ struct RunArgs {
     /// Envoy image of the gateway Deployments.
     #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_ENVOY_IMAGE, env = "LLMROUTE_ENVOY_IMAGE")]
     envoy_image: String,
+    /// Image of the gateway Pods' shutdown-manager sidecar: this operator's own image (the manifests
+    /// and the Helm chart pass the image they deploy the operator with).
+    #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_SHUTDOWN_MANAGER_IMAGE, env = "LLMROUTE_SHUTDOWN_MANAGER_IMAGE")]
+    shutdown_manager_image: String,
     /// Replicas of each gateway Deployment.
     #[arg(long, default_value_t = 2, env = "LLMROUTE_GATEWAY_REPLICAS")]
     gateway_replicas: i32,
@@ -142,7 +266,11 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let opts = llmroute::operator::Options {
             namespace: None,
             default_region: args.default_region,
-            gateway: GatewayDeploymentOptions { image: args.envoy_image, replicas: args.gateway_replicas },
+            gateway: GatewayDeploymentOptions {
+                image: args.envoy_image,
+                replicas: args.gateway_replicas,
+                shutdown_manager_image: args.shutdown_manager_image,
+            },
             key_propagation_delay: delay,
             envoy: llmroute::gateway::envoy::EnvoyOptions {
                 config_dir: args.gateway_config_dir,
@@ -240,6 +368,9 @@ struct RenderArgs {
     /// Envoy image of the gateway Deployment.
     #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_ENVOY_IMAGE)]
     envoy_image: String,
+    /// Image of the gateway Deployment's shutdown-manager sidecar (the operator's image).
+    #[arg(long, default_value = llmroute::gateway::objects::DEFAULT_SHUTDOWN_MANAGER_IMAGE)]
+    shutdown_manager_image: String,
 }
 
 fn run_render(args: RenderArgs) -> ExitCode {
@@ -277,6 +408,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
         envoy: envoy.clone(),
         deployment: GatewayDeploymentOptions {
             image: args.envoy_image,
+            shutdown_manager_image: args.shutdown_manager_image,
             ..Default::default()
         },
     };
@@ -354,6 +486,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
-        Command::Run(args) => run_operator(args),
+        Command::Run(args) => run_operator(*args),
+        Command::Gateway(command) => run_gateway(command),
     }
 }

@@ -10,9 +10,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -32,6 +33,26 @@ pub const KEYS_SECRET_NAME: &str = "llmroute-gateway-keys";
 /// The official Envoy image matching the configuration llmroute generates.
 pub const DEFAULT_ENVOY_IMAGE: &str = "docker.io/envoyproxy/envoy:v1.40.0";
 
+/// The operator's own image (the Dockerfile's, at this version): it also runs the gateway Pods'
+/// shutdown-manager sidecar (`llmroute gateway shutdown-manager`).
+pub const DEFAULT_SHUTDOWN_MANAGER_IMAGE: &str =
+    concat!("ghcr.io/llmroute/llmroute:", env!("CARGO_PKG_VERSION"));
+
+/// Graceful termination of a gateway Pod (see [`crate::gateway_shutdown`]): the sidecar's preStop
+/// drains Envoy for at least `MIN_DRAIN_SECONDS` (endpoint removal propagates), then until no request
+/// is in flight, at most `MAX_DRAIN_SECONDS` (a route's default request timeout: Envoy ends every
+/// request by then with default timeouts); Envoy's preStop waits for it.
+pub const MIN_DRAIN_SECONDS: i64 = 10;
+pub const MAX_DRAIN_SECONDS: i64 = 300;
+/// The grace period covers the drain plus a margin for the admin calls and Envoy's own exit.
+pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 15;
+/// Port of the shutdown manager.
+pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
+/// The manager's path whose GET answers once the drain is done (Envoy's preStop).
+pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
+/// Where the sidecar's emptyDir holding the drain state is mounted.
+pub const SHUTDOWN_STATE_DIR: &str = "/var/run/llmroute-shutdown";
+
 /// Environment variable names of the workload Secret (what OpenAI SDKs read).
 pub const ENV_BASE_URL: &str = "OPENAI_BASE_URL";
 pub const ENV_API_KEY: &str = "OPENAI_API_KEY";
@@ -40,8 +61,11 @@ pub const ENV_MODEL: &str = "OPENAI_MODEL";
 /// How the gateway Deployment is run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayDeploymentOptions {
+    /// Envoy's image.
     pub image: String,
     pub replicas: i32,
+    /// Image of the shutdown-manager sidecar: the operator's (`llmroute run --shutdown-manager-image`).
+    pub shutdown_manager_image: String,
 }
 
 impl Default for GatewayDeploymentOptions {
@@ -49,6 +73,7 @@ impl Default for GatewayDeploymentOptions {
         GatewayDeploymentOptions {
             image: DEFAULT_ENVOY_IMAGE.to_string(),
             replicas: 2,
+            shutdown_manager_image: DEFAULT_SHUTDOWN_MANAGER_IMAGE.to_string(),
         }
     }
 }
@@ -194,6 +219,16 @@ pub fn deployment(
     opts: &GatewayDeploymentOptions,
     owners: &[OwnerReference],
 ) -> Deployment {
+    let hardened = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let container = Container {
         name: "envoy".to_string(),
         image: Some(opts.image.clone()),
@@ -204,8 +239,13 @@ pub fn deployment(
             "--log-level".to_string(),
             "info".to_string(),
             "--disable-hot-restart".to_string(),
+            // The drain period after `/drain_listeners?graceful` (and after a listener update): the
+            // listeners keep accepting through the whole drain, and `immediate` asks every client to
+            // go (`connection: close`, GOAWAY) from its start instead of a growing share of them.
             "--drain-time-s".to_string(),
-            "30".to_string(),
+            MAX_DRAIN_SECONDS.to_string(),
+            "--drain-strategy".to_string(),
+            "immediate".to_string(),
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -237,12 +277,16 @@ pub fn deployment(
             limits: Some(BTreeMap::from([("memory".into(), quantity("1Gi"))])),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
+        security_context: Some(hardened.clone()),
+        // SIGTERM only once the sidecar has drained Envoy: this GET answers then (or after its timeout).
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: Some(HTTPGetAction {
+                    path: Some(SHUTDOWN_READY_PATH.into()),
+                    // A number: a named port resolves among this container's ports only.
+                    port: IntOrString::Int(SHUTDOWN_MANAGER_PORT as i32),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -268,6 +312,67 @@ pub fn deployment(
         ]),
         ..Default::default()
     };
+    let llmroute = |args: &[&str]| -> Vec<String> {
+        std::iter::once("llmroute")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+    let shutdown_manager = Container {
+        name: "shutdown-manager".to_string(),
+        image: Some(opts.shutdown_manager_image.clone()),
+        command: Some(llmroute(&[
+            "gateway",
+            "shutdown-manager",
+            "--port",
+            &SHUTDOWN_MANAGER_PORT.to_string(),
+            "--state-dir",
+            SHUTDOWN_STATE_DIR,
+            "--ready-timeout",
+            &format!("{}s", MAX_DRAIN_SECONDS + 10),
+        ])),
+        ports: Some(vec![ContainerPort {
+            name: Some("shutdown".into()),
+            container_port: SHUTDOWN_MANAGER_PORT as i32,
+            ..Default::default()
+        }]),
+        // Drains Envoy, then lets the manager answer Envoy's preStop.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(llmroute(&[
+                        "gateway",
+                        "shutdown",
+                        "--admin-port",
+                        &envoy.admin_port.to_string(),
+                        "--min-drain",
+                        &format!("{MIN_DRAIN_SECONDS}s"),
+                        "--max-drain",
+                        &format!("{MAX_DRAIN_SECONDS}s"),
+                        "--state-dir",
+                        SHUTDOWN_STATE_DIR,
+                    ])),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), quantity("10m")),
+                ("memory".into(), quantity("16Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
+            ..Default::default()
+        }),
+        security_context: Some(hardened),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "shutdown-state".into(),
+            mount_path: SHUTDOWN_STATE_DIR.into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
     let mut labels = gateway_labels();
     labels.extend(selector_labels());
     Deployment {
@@ -291,7 +396,7 @@ pub fn deployment(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
+                    containers: vec![container, shutdown_manager],
                     // Replicas on different nodes where the scheduler can: one node going away
                     // does not take the namespace's gateway with it.
                     topology_spread_constraints: Some(vec![TopologySpreadConstraint {
@@ -308,7 +413,7 @@ pub fn deployment(
                     }]),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(45),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(101),
@@ -340,6 +445,14 @@ pub fn deployment(
                         Volume {
                             name: "tmp".into(),
                             empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "shutdown-state".into(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                size_limit: Some(quantity("1Mi")),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         },
                     ]),

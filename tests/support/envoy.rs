@@ -69,9 +69,22 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy with `bootstrap` and waits until `/ready` on the health port says LIVE.
     pub fn start(bootstrap: &Path, admin_port: u16, health_port: u16, log: PathBuf) -> Envoy {
+        Envoy::start_with(bootstrap, admin_port, health_port, log, &[])
+    }
+
+    /// [`Envoy::start`] with more command-line arguments (e.g. the gateway Deployment's drain flags).
+    pub fn start_with(
+        bootstrap: &Path,
+        admin_port: u16,
+        health_port: u16,
+        log: PathBuf,
+        extra_args: &[String],
+    ) -> Envoy {
         let log_file = std::fs::File::create(&log).expect("create envoy log");
         let child = Command::new(envoy_binary())
-            .args(["--log-level", "warn", "--disable-hot-restart", "-c"])
+            .args(["--log-level", "warn", "--disable-hot-restart"])
+            .args(extra_args)
+            .arg("-c")
             .arg(bootstrap)
             .stdout(log_file.try_clone().expect("clone log"))
             .stderr(log_file)
@@ -132,6 +145,24 @@ impl Envoy {
                     .and_then(|(k, v)| v.trim().parse().ok().map(|v| (k.to_string(), v)))
             })
             .collect()
+    }
+
+    /// Sends SIGTERM (as the kubelet does) and waits at most `limit` for the exit; `None` if Envoy
+    /// is still running then (it is killed on drop).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM envoy");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("poll envoy") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Process id (to prove Envoy was not restarted).

@@ -1,0 +1,468 @@
+//! Graceful termination of a gateway Pod, with the real Envoy 1.40 and the real binary: the sidecar's
+//! preStop (`llmroute gateway shutdown`) drains Envoy while a slow SSE stream runs through it, the
+//! stream completes, the manager's `GET /shutdown/ready` (Envoy's preStop) answers only after the
+//! drain, requests arriving during the drain are still answered (with `connection: close`), and the
+//! SIGTERM that follows loses nothing. Also: the bounds when Envoy is not there, and the Deployment's
+//! shape.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use llmroute::gateway::envoy::EnvoyOptions;
+use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
+use llmroute::gateway_shutdown::DRAINED_FILE;
+use llmroute::render::{self, RenderOptions};
+use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
+use support::envoy::{Envoy, free_port};
+
+const ROUTE_KEY: &str = "llmroute-render-chat";
+const BIN: &str = env!("CARGO_BIN_EXE_llmroute");
+
+/// Content chunks of the slow stream and the pause between two: about 3 s in all.
+const CHUNKS: usize = 15;
+const INTERVAL: Duration = Duration::from_millis(200);
+
+/// A rendered one-route gateway on free 127.0.0.1 ports, in `dir`, pointing at `sim`.
+fn render_gateway(dir: &Path, sim: &Sim) -> EnvoyOptions {
+    let route = dir.join("route.yaml");
+    std::fs::write(
+        &route,
+        format!(
+            r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: chat }}
+spec:
+  backends:
+    - name: primary
+      provider: openai-compatible
+      endpoint: http://127.0.0.1:{}/v1
+      credentialsSecretRef: {{ name: primary, key: key }}
+      models: {{ gpt-4o: model-a }}
+"#,
+            sim.port()
+        ),
+    )
+    .unwrap();
+    let gw = dir.join("gateway");
+    let opts = EnvoyOptions {
+        config_dir: gw.display().to_string(),
+        keys_dir: gw.join("keys").display().to_string(),
+        port: free_port(),
+        address: "127.0.0.1".into(),
+        admin_port: free_port(),
+        health_port: free_port(),
+        ..Default::default()
+    };
+    let routes = render::load_files(&[route]).unwrap_or_else(|e| panic!("{e:?}"));
+    let renders = render::translate_offline(
+        &routes,
+        &RenderOptions {
+            namespace: "default".into(),
+            default_region: "us".into(),
+            envoy: opts.clone(),
+            deployment: Default::default(),
+        },
+    );
+    render::write_gateway_dir(&renders[0], &gw, &opts).unwrap();
+    std::fs::write(gw.join("keys/provider_primary_key"), "key-primary").unwrap();
+    opts
+}
+
+/// The Envoy flags of the gateway Deployment that govern draining (`--drain-time-s`,
+/// `--drain-strategy`), so that the Envoy under test drains as the Pod's does.
+fn deployment_drain_flags() -> Vec<String> {
+    let d = objects::deployment(
+        "default",
+        &EnvoyOptions::default(),
+        &GatewayDeploymentOptions::default(),
+        &[],
+    );
+    let envoy = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    let args = envoy.args.clone().unwrap();
+    let mut flags = Vec::new();
+    for flag in ["--drain-time-s", "--drain-strategy"] {
+        let i = args.iter().position(|a| a == flag).expect(flag);
+        flags.push(args[i].clone());
+        flags.push(args[i + 1].clone());
+    }
+    flags
+}
+
+/// A child process killed on drop.
+struct Proc(tokio::process::Child, PathBuf);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+fn spawn(args: &[&str], log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).unwrap();
+    let child = tokio::process::Command::new(BIN)
+        .args(args)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start llmroute");
+    Proc(child, log)
+}
+
+/// Starts `llmroute gateway shutdown-manager` on 127.0.0.1 and waits (bounded) until it listens.
+async fn start_manager(port: u16, state_dir: &Path, ready_timeout: &str, log: PathBuf) -> Proc {
+    let manager = spawn(
+        &[
+            "gateway",
+            "shutdown-manager",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--ready-timeout",
+            ready_timeout,
+        ],
+        log,
+    );
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return manager;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("shutdown manager not listening: {}", manager.log());
+}
+
+fn client() -> reqwest::Client {
+    llmroute_devkit::tls::http_client()
+}
+
+fn chat_request(client: &reqwest::Client, port: u16, stream: bool) -> reqwest::RequestBuilder {
+    client
+        .post(format!("http://127.0.0.1:{port}/chat/v1/chat/completions"))
+        .bearer_auth(ROUTE_KEY)
+        .timeout(Duration::from_secs(20))
+        .json(&serde_json::json!({
+            "model": "gpt-4o",
+            "stream": stream,
+            "messages": [{ "role": "user", "content": "hi" }],
+        }))
+}
+
+/// `GET /shutdown/ready` on the manager: (status, body, when it answered).
+async fn wait_ready(port: u16) -> (u16, String, Instant) {
+    let resp = client()
+        .get(format!("http://127.0.0.1:{port}/shutdown/ready"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("GET /shutdown/ready");
+    let at = Instant::now();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default(), at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_in_flight_completes_through_a_drain_and_sigterm_loses_nothing() {
+    let sim = Sim::start(
+        SimConfig::new(SimProvider::OpenAI)
+            .key("key-primary")
+            .any_model()
+            .lenient_paths()
+            .stream(CHUNKS, INTERVAL),
+    )
+    .await
+    .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let opts = render_gateway(scratch.path(), &sim);
+    let mut envoy = Envoy::start_with(
+        &scratch.path().join("gateway/bootstrap.yaml"),
+        opts.admin_port,
+        opts.health_port,
+        scratch.path().join("envoy.log"),
+        &deployment_drain_flags(),
+    );
+    let state_dir = scratch.path().join("shutdown-state");
+    let manager_port = free_port();
+    let manager = start_manager(
+        manager_port,
+        &state_dir,
+        "30s",
+        scratch.path().join("manager.log"),
+    )
+    .await;
+    let port = opts.port;
+
+    // A kept-alive connection, opened before the drain.
+    let keepalive = client();
+    let resp = chat_request(&keepalive, port, false).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("connection").is_none());
+    resp.bytes().await.unwrap();
+
+    // The slow stream: every chunk with the time it arrived.
+    let stream = tokio::spawn(async move {
+        let mut resp = chat_request(&client(), port, true).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = Vec::new();
+        let mut first = None;
+        while let Some(chunk) = resp.chunk().await.expect("the stream is not cut") {
+            first.get_or_insert_with(Instant::now);
+            body.extend_from_slice(&chunk);
+        }
+        (
+            String::from_utf8(body).unwrap(),
+            first.unwrap(),
+            Instant::now(),
+        )
+    });
+    // Envoy's preStop GET, issued before the drain starts.
+    let early_ready = tokio::spawn(wait_ready(manager_port));
+    // Until the stream is in flight through the gateway (bounded).
+    let mut in_flight = false;
+    for _ in 0..100 {
+        if envoy.stat("http.gateway.downstream_rq_active") == Some(1) {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(in_flight, "the stream never reached the gateway");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The sidecar's preStop.
+    let shutdown_started = Instant::now();
+    let mut shutdown = spawn(
+        &[
+            "gateway",
+            "shutdown",
+            "--admin-port",
+            &opts.admin_port.to_string(),
+            "--min-drain",
+            "1s",
+            "--max-drain",
+            "20s",
+            "--poll",
+            "100ms",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        scratch.path().join("shutdown.log"),
+    );
+    // A GET issued while draining.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late_ready = tokio::spawn(wait_ready(manager_port));
+
+    // New requests during the drain are answered, with `connection: close`: on a new connection...
+    let resp = chat_request(&client(), port, false).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["connection"], "close");
+    resp.bytes().await.unwrap();
+    // ...and on the connection kept alive from before.
+    let resp = chat_request(&keepalive, port, false).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["connection"], "close");
+    resp.bytes().await.unwrap();
+    assert!(
+        shutdown.0.try_wait().unwrap().is_none(),
+        "shutdown returned while the stream was in flight"
+    );
+
+    let status = tokio::time::timeout(Duration::from_secs(30), shutdown.0.wait())
+        .await
+        .expect("shutdown within its bound")
+        .unwrap();
+    let shutdown_done = Instant::now();
+    assert!(status.success(), "shutdown: {status}\n{}", shutdown.log());
+    assert!(state_dir.join(DRAINED_FILE).exists());
+
+    // The stream completed, in full, across the drain.
+    let (body, first_chunk, stream_done) = stream.await.unwrap();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .collect();
+    assert_eq!(
+        events.len(),
+        CHUNKS + 2,
+        "every chunk, the finish chunk and [DONE]: {body}"
+    );
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    assert!(body.contains("\"finish_reason\":\"stop\""));
+
+    // The drain lasted until the stream was over (not just the minimum drain), and no longer than
+    // a poll or two after it.
+    assert!(stream_done > shutdown_started + Duration::from_secs(1));
+    assert!(
+        shutdown_done + Duration::from_millis(50) >= stream_done,
+        "shutdown ended {:?} before the stream",
+        stream_done - shutdown_done
+    );
+    assert!(shutdown_done < stream_done + Duration::from_secs(2));
+
+    // Both GETs of /shutdown/ready answered only after the drain.
+    for (name, waiter) in [("early", early_ready), ("late", late_ready)] {
+        let (code, text, at) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the manager answers once drained")
+            .unwrap();
+        assert_eq!(code, 200, "{name}");
+        assert_eq!(text.trim(), "drained", "{name}");
+        assert!(
+            at + Duration::from_millis(50) >= shutdown_done,
+            "{name} GET answered before the drain was over"
+        );
+    }
+
+    // Envoy had told clients to close, and nothing is in flight: SIGTERM (the kubelet's, once the
+    // preStop GET answered) loses nothing.
+    assert!(
+        envoy
+            .stat("http.gateway.downstream_cx_drain_close")
+            .unwrap_or(0)
+            >= 2,
+        "{:?}",
+        envoy.stats_matching("http.gateway.downstream_cx")
+    );
+    assert_eq!(envoy.stat("http.gateway.downstream_rq_active"), Some(0));
+    let ok = envoy.stat("http.gateway.downstream_rq_2xx").unwrap();
+    assert_eq!(ok, 4, "every request answered 200");
+    let exit = envoy.terminate(Duration::from_secs(10));
+    assert!(exit.is_some(), "envoy did not exit on SIGTERM");
+    assert_eq!(
+        sim.requests().len(),
+        4,
+        "no request was retried or duplicated"
+    );
+
+    // The manager logged how the drain went, and exits on SIGTERM.
+    let mut manager = manager;
+    let pid = manager.0.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), manager.0.wait())
+        .await
+        .expect("the manager exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{}", manager.log());
+    assert!(manager.log().contains("drain done"), "{}", manager.log());
+    eprintln!(
+        "stream: first chunk {:?} before the drain, over {:?} after the drain started; \
+         shutdown took {:?} (minimum 1s)",
+        shutdown_started - first_chunk,
+        stream_done - shutdown_started,
+        shutdown_done - shutdown_started
+    );
+}
+
+/// No Envoy on the admin port: `shutdown` neither hangs nor waits the drain times, fails visibly
+/// (exit 1, so the kubelet records a FailedPreStopHook event) and still releases the manager.
+#[tokio::test]
+async fn shutdown_without_envoy_returns_at_once() {
+    let scratch = tempfile::tempdir().unwrap();
+    let state_dir = scratch.path().join("state");
+    let manager_port = free_port();
+    let _manager = start_manager(
+        manager_port,
+        &state_dir,
+        "30s",
+        scratch.path().join("manager.log"),
+    )
+    .await;
+    let waiter = tokio::spawn(wait_ready(manager_port));
+    let started = Instant::now();
+    let mut shutdown = spawn(
+        &[
+            "gateway",
+            "shutdown",
+            "--admin-port",
+            &free_port().to_string(),
+            "--min-drain",
+            "10s",
+            "--max-drain",
+            "60s",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        scratch.path().join("shutdown.log"),
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), shutdown.0.wait())
+        .await
+        .expect("shutdown returns within its bound without Envoy")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{}", shutdown.log());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(shutdown.log().contains("unreachable"), "{}", shutdown.log());
+    let (code, text, _) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the manager is released")
+        .unwrap();
+    assert_eq!((code, text.trim()), (200, "drained"));
+}
+
+/// Without a drain, `GET /shutdown/ready` answers after the manager's timeout; SIGTERM answers the
+/// waiters at once and the manager exits.
+#[tokio::test]
+async fn the_manager_bounds_every_wait() {
+    let scratch = tempfile::tempdir().unwrap();
+    let state_dir = scratch.path().join("state");
+    // A drained file of an earlier run is not taken for this one's.
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(state_dir.join(DRAINED_FILE), "old").unwrap();
+    let port = free_port();
+    let manager = start_manager(port, &state_dir, "1s", scratch.path().join("m.log")).await;
+    let started = Instant::now();
+    let (code, text, at) = wait_ready(port).await;
+    assert_eq!((code, text.trim()), (200, "timeout"));
+    assert!(at - started >= Duration::from_secs(1));
+    assert!(at - started < Duration::from_secs(3));
+
+    // Only GET /shutdown/ready is served: nothing starts a drain.
+    let resp = client()
+        .post(format!("http://127.0.0.1:{port}/shutdown/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+
+    drop(manager);
+    let port = free_port();
+    let mut manager = start_manager(port, &state_dir, "60s", scratch.path().join("m2.log")).await;
+    let waiter = tokio::spawn(wait_ready(port));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = manager.0.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let (code, text, _) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("SIGTERM releases the waiter")
+        .unwrap();
+    assert_eq!((code, text.trim()), (200, "shutdown manager stopping"));
+    let status = tokio::time::timeout(Duration::from_secs(5), manager.0.wait())
+        .await
+        .expect("the manager exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{}", manager.log());
+}
