@@ -511,3 +511,113 @@ fn render_refuses_a_configuration_too_large_for_a_config_map() {
         "{stderr}"
     );
 }
+
+/// The gateway Deployment terminates gracefully: the shutdown-manager sidecar (the operator's image,
+/// from the options) drains Envoy in its preStop, Envoy's preStop waits for the manager, and the
+/// grace period and Envoy's drain time cover the maximum drain.
+#[test]
+fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
+    let envoy_opts = EnvoyOptions {
+        admin_port: 9911,
+        ..Default::default()
+    };
+    let opts = GatewayDeploymentOptions {
+        shutdown_manager_image: "registry.example.com/llmroute:9.9.9".into(),
+        ..Default::default()
+    };
+    let d = objects::deployment("team-a", &envoy_opts, &opts, &[]);
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["envoy", "shutdown-manager"]);
+    let (envoy, manager) = (&pod.containers[0], &pod.containers[1]);
+
+    // Envoy: preStop GET of the manager's /shutdown/ready, by port number (a name would resolve among
+    // Envoy's own ports); it drains for the maximum drain, asking every client to go at once.
+    let get = envoy
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.http_get.as_ref())
+        .expect("envoy preStop httpGet");
+    assert_eq!(get.path.as_deref(), Some("/shutdown/ready"));
+    assert_eq!(get.port, IntOrString::Int(19002));
+    let args = envoy.args.clone().unwrap();
+    let flag = |name: &str| args[args.iter().position(|a| a == name).unwrap() + 1].clone();
+    assert_eq!(
+        flag("--drain-time-s"),
+        objects::MAX_DRAIN_SECONDS.to_string()
+    );
+    assert_eq!(flag("--drain-strategy"), "immediate");
+
+    // The sidecar: the image of the options, the manager listening on that port, the drain in its
+    // preStop against this gateway's admin port, the state in its own emptyDir.
+    assert_eq!(
+        manager.image.as_deref(),
+        Some("registry.example.com/llmroute:9.9.9")
+    );
+    let command = manager.command.clone().unwrap();
+    assert_eq!(command[..3], ["llmroute", "gateway", "shutdown-manager"]);
+    assert!(command.windows(2).any(|w| w == ["--port", "19002"]));
+    let ports = manager.ports.clone().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].container_port, 19002);
+    let exec = manager
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("sidecar preStop exec");
+    assert_eq!(exec[..3], ["llmroute", "gateway", "shutdown"]);
+    for pair in [
+        ["--admin-port", "9911"],
+        ["--min-drain", &format!("{}s", objects::MIN_DRAIN_SECONDS)],
+        ["--max-drain", &format!("{}s", objects::MAX_DRAIN_SECONDS)],
+    ] {
+        assert!(exec.windows(2).any(|w| w == pair), "{pair:?} in {exec:?}");
+    }
+    let state = objects::SHUTDOWN_STATE_DIR;
+    assert!(exec.windows(2).any(|w| w == ["--state-dir", state]));
+    assert!(command.windows(2).any(|w| w == ["--state-dir", state]));
+    let mount = &manager.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(mount.mount_path, state);
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .expect("the state volume");
+    assert!(volume.empty_dir.is_some());
+    assert!(
+        envoy
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != mount.name),
+        "only the sidecar sees the drain state"
+    );
+
+    // Hardened as Envoy, small.
+    assert_eq!(manager.security_context, envoy.security_context);
+    let requests = manager
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .clone()
+        .unwrap();
+    assert_eq!(requests["memory"].0, "16Mi");
+
+    // The grace period covers the maximum drain, the manager's wait and a margin.
+    let grace = pod.termination_grace_period_seconds.unwrap();
+    assert_eq!(grace, objects::TERMINATION_GRACE_SECONDS);
+    let ready_timeout = command[command.iter().position(|a| a == "--ready-timeout").unwrap() + 1]
+        .trim_end_matches('s')
+        .parse::<i64>()
+        .unwrap();
+    assert!(objects::MAX_DRAIN_SECONDS < ready_timeout && ready_timeout < grace);
+    const { assert!(objects::MIN_DRAIN_SECONDS < objects::MAX_DRAIN_SECONDS) };
+}
