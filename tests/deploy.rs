@@ -651,6 +651,14 @@ fn the_readme_overlay_sets_region_and_image() {
         container(d)["image"],
         "registry.example.com/platform/llmroute:0.1.0"
     );
+    // The gateways' shutdown-manager sidecar follows the operator's image.
+    assert!(
+        args.contains(&format!(
+            "--shutdown-manager-image={}",
+            container(d)["image"].as_str().unwrap()
+        )),
+        "{args:?}"
+    );
     assert_eq!(kinds(&docs), kinds(&kustomize_build()));
 }
 
@@ -747,6 +755,15 @@ fn helm_renders_the_same_operator_as_the_kustomize_base() {
             container(bd)[field],
             container(cd)[field],
             "container {field}"
+        );
+    }
+    // Both run the gateways' shutdown-manager sidecar with the operator's own image.
+    for d in [bd, cd] {
+        let image = container(d)["image"].as_str().unwrap().to_string();
+        assert!(
+            args_of(d).contains(&format!("--shutdown-manager-image={image}")),
+            "{:?}",
+            args_of(d)
         );
     }
     let chart_args = args_of(cd);
@@ -935,6 +952,8 @@ fn helm_values_switch_what_they_should() {
     assert_eq!(d["spec"]["replicas"], 3);
     let args = args_of(d);
     for a in [
+        // The gateways' shutdown-manager sidecar runs the operator's image.
+        "--shutdown-manager-image=registry.example.com/llmroute:0.1.1",
         "--log-format=text",
         "--log-level=llmroute=debug",
         "--http-addr=0.0.0.0:9191",
