@@ -533,3 +533,23 @@ fn relative_links_in_the_docs_resolve() {
     }
     assert!(broken.is_empty(), "broken links: {broken:?}");
 }
+
+/// The graceful-termination timings in docs/troubleshooting.md are the gateway Deployment's.
+#[test]
+fn troubleshooting_states_the_gateway_drain_timings() {
+    use llmroute::gateway::objects::{
+        MAX_DRAIN_SECONDS, MIN_DRAIN_SECONDS, TERMINATION_GRACE_SECONDS,
+    };
+    let doc = std::fs::read_to_string(repo_root().join("docs/troubleshooting.md")).unwrap();
+    for needle in [
+        format!("at least **{MIN_DRAIN_SECONDS} s**"),
+        format!("at most **{MAX_DRAIN_SECONDS} s**"),
+        format!("`--drain-time-s {MAX_DRAIN_SECONDS}`"),
+        format!("`terminationGracePeriodSeconds` is **{TERMINATION_GRACE_SECONDS}**"),
+    ] {
+        assert!(
+            doc.contains(&needle),
+            "docs/troubleshooting.md lacks {needle:?}"
+        );
+    }
+}
