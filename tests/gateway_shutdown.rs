@@ -177,26 +177,47 @@ async fn wait_ready(port: u16) -> (u16, String, Instant) {
     (status, resp.text().await.unwrap_or_default(), at)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stream_in_flight_completes_through_a_drain_and_sigterm_loses_nothing() {
+/// A simulator streaming `chunks` chunks `interval` apart, and a rendered gateway in front of it,
+/// run by Envoy with the Deployment's drain flags.
+async fn start_gateway(
+    chunks: usize,
+    interval: Duration,
+) -> (Sim, tempfile::TempDir, EnvoyOptions, Envoy) {
     let sim = Sim::start(
         SimConfig::new(SimProvider::OpenAI)
             .key("key-primary")
             .any_model()
             .lenient_paths()
-            .stream(CHUNKS, INTERVAL),
+            .stream(chunks, interval),
     )
     .await
     .unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let opts = render_gateway(scratch.path(), &sim);
-    let mut envoy = Envoy::start_with(
+    let envoy = Envoy::start_with(
         &scratch.path().join("gateway/bootstrap.yaml"),
         opts.admin_port,
         opts.health_port,
         scratch.path().join("envoy.log"),
         &deployment_drain_flags(),
     );
+    (sim, scratch, opts, envoy)
+}
+
+/// Waits (bounded) until `n` requests are in flight on the gateway's front listener.
+async fn until_active(envoy: &Envoy, n: u64) {
+    for _ in 0..100 {
+        if envoy.stat("http.gateway.downstream_rq_active") == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never {n} requests in flight: {}", envoy.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_in_flight_completes_through_a_drain_and_sigterm_loses_nothing() {
+    let (sim, scratch, opts, mut envoy) = start_gateway(CHUNKS, INTERVAL).await;
     let state_dir = scratch.path().join("shutdown-state");
     let manager_port = free_port();
     let manager = start_manager(
@@ -233,16 +254,7 @@ async fn a_stream_in_flight_completes_through_a_drain_and_sigterm_loses_nothing(
     });
     // Envoy's preStop GET, issued before the drain starts.
     let early_ready = tokio::spawn(wait_ready(manager_port));
-    // Until the stream is in flight through the gateway (bounded).
-    let mut in_flight = false;
-    for _ in 0..100 {
-        if envoy.stat("http.gateway.downstream_rq_active") == Some(1) {
-            in_flight = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(in_flight, "the stream never reached the gateway");
+    until_active(&envoy, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The sidecar's preStop.
@@ -465,4 +477,70 @@ async fn the_manager_bounds_every_wait() {
         .expect("the manager exits on SIGTERM")
         .unwrap();
     assert!(status.success(), "{}", manager.log());
+}
+
+/// A stream longer than the maximum drain: `shutdown` gives up at the maximum (exit 0, logged, the
+/// manager released), and the stream is then cut by Envoy's SIGTERM: the bound is a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_drain_gives_up_at_its_maximum() {
+    let (_sim, scratch, opts, mut envoy) = start_gateway(40, Duration::from_millis(100)).await;
+    let port = opts.port;
+    let stream = tokio::spawn(async move {
+        let mut resp = chat_request(&client(), port, true).send().await.unwrap();
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => body.extend_from_slice(&c),
+                Ok(None) => return (String::from_utf8_lossy(&body).into_owned(), true),
+                Err(_) => return (String::from_utf8_lossy(&body).into_owned(), false),
+            }
+        }
+    });
+    until_active(&envoy, 1).await;
+    let state_dir = scratch.path().join("state");
+    let started = Instant::now();
+    let mut shutdown = spawn(
+        &[
+            "gateway",
+            "shutdown",
+            "--admin-port",
+            &opts.admin_port.to_string(),
+            "--min-drain",
+            "200ms",
+            "--max-drain",
+            "1s",
+            "--poll",
+            "100ms",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        scratch.path().join("shutdown.log"),
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), shutdown.0.wait())
+        .await
+        .expect("shutdown within its bound")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{}", shutdown.log());
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(
+        shutdown.log().contains("maximum drain time reached"),
+        "{}",
+        shutdown.log()
+    );
+    let summary = std::fs::read_to_string(state_dir.join(DRAINED_FILE)).unwrap();
+    assert!(
+        summary.starts_with("maximum drain time reached with 1 requests in flight"),
+        "{summary}"
+    );
+    // What the drain could not save: SIGTERM cuts the rest of the stream.
+    assert!(envoy.terminate(Duration::from_secs(10)).is_some());
+    let (body, complete) = tokio::time::timeout(Duration::from_secs(10), stream)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!complete && !body.contains("[DONE]"), "{body}");
 }
