@@ -97,6 +97,11 @@ pub const FRONT: &str = "gateway";
 
 /// Request header naming the route, set by the front route for the account listeners.
 pub const ROUTE_HEADER: &str = "x-llmroute-route";
+/// Request header with the model the front listener read from the body, for the account listeners
+/// (which then read the body only to rename the model in it).
+pub const MODEL_HEADER: &str = "x-llmroute-model";
+/// Response header naming the backend that answered.
+pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 
 /// Largest request body buffered for model checks and retries.
 pub const REQUEST_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
@@ -583,13 +588,14 @@ fn account_route_config<'a>(
                     string_match: xds::ExactMatch { exact: &route.name },
                 }],
             },
-            request_headers_to_remove: [ROUTE_HEADER],
+            request_headers_to_remove: [ROUTE_HEADER, MODEL_HEADER],
             request_headers_to_add: account
                 .provider
                 .headers
                 .iter()
                 .map(|(k, v)| xds::HeaderToAdd::overwrite(k, v))
                 .collect(),
+            response_headers_to_add: [xds::HeaderToAdd::overwrite(BACKEND_HEADER, &backend.name)],
             route: xds::AccountAction {
                 cluster: &account.upstream,
                 host_rewrite_literal: &account.authority,
