@@ -985,7 +985,15 @@ async fn run(s: Settings) {
         header: Some(("x-llmroute-backend", "zhipu")),
         ..via_gateway.clone()
     };
-    let fo_targets = [failing_direct, fallback_direct, failover];
+    let mut fo_targets = vec![failing_direct, fallback_direct, failover];
+    for (name, gw) in &variants {
+        fo_targets.push(Target {
+            name: format!("failed over, llmroute [{name}]"),
+            url: format!("http://127.0.0.1:{}/chat/v1/chat/completions", gw.port),
+            bearer: gw.route_key.clone(),
+            ..fo_targets[2].clone()
+        });
+    }
     let mut fo_results: Vec<Samples> = fo_targets.iter().map(|_| Samples::default()).collect();
     let fo_per_round = (s.failover_requests / s.rounds).max(1);
     for round in 0..s.rounds {
@@ -1139,6 +1147,14 @@ async fn run(s: Settings) {
         &minus(cost, fq[1])[..3],
         "(also minus the fallback's direct latency)",
     );
+    for (i, (name, _)) in variants.iter().enumerate() {
+        row(
+            &mut out,
+            &format!("failed over - failed attempt [{name}]"),
+            &minus(fq[3 + i], fq[0])[..3],
+            "(variant)",
+        );
+    }
     let _ = writeln!(
         out,
         "\nPercentiles are nearest-rank over all rounds; differences are taken percentile by percentile."
