@@ -8,6 +8,15 @@
 //! base URL, key) that injects the provider's key, maps the model for the route, rewrites path and
 //! Host, and classifies failures. Every attempt is a fresh request into the next account's
 //! listener, so nothing of one provider leaks into another's attempt.
+//!
+//! Per-request cost (docs/benchmarks.md, "Where the gateway's time goes"): the front listener reads
+//! the body once and passes the model on in `x-llmroute-model`, so an account listener buffers the
+//! body only when it renames the model; the account route names the backend on answers and the Lua
+//! code reads route metadata on responses only for failures. The hop into the internal listener
+//! (a second HTTP/1 codec and HCM per attempt) is most of what the gateway adds over a plain Envoy;
+//! per-account upstream HTTP filters on the chain's member clusters cannot replace it in Envoy 1.40:
+//! behind an aggregate cluster, Envoy runs the aggregate cluster's upstream filters, not the
+//! member's, and local replies of upstream filters are not retried.
 
 use std::collections::BTreeMap;
 
