@@ -16,7 +16,7 @@
 //! (a second HTTP/1 codec and HCM per attempt) is most of what the gateway adds over a plain Envoy;
 //! per-account upstream HTTP filters on the chain's member clusters cannot replace it in Envoy 1.40:
 //! behind an aggregate cluster, Envoy runs the aggregate cluster's upstream filters, not the
-//! member's, and local replies of upstream filters are not retried.
+//! member's, and (as Envoy documents) local replies of upstream filters are not retried.
 
 use std::collections::BTreeMap;
 
