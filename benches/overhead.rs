@@ -22,7 +22,9 @@
 //! BENCH_FAILOVER_REQUESTS (per failover phase, [450]), BENCH_ENVOY_CONCURRENCY (Envoy worker
 //! threads, [2]), BENCH_LITELLM_WORKERS (LiteLLM processes, [2]), BENCH_SKIP_LITELLM ([0]; 1: without
 //! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference), BENCH_KEEP ([0]; 1: keep the
-//! scratch directory with the configurations and logs). LLMROUTE_BENCH_ENVOY and
+//! scratch directory with the configurations and logs), BENCH_VARIANTS ([]; `name=command;...`: more
+//! gateways measured next to (b), each on the rendered files edited in place by `sh -c command` in
+//! their directory; `name@N` runs that one with --concurrency N). LLMROUTE_BENCH_ENVOY and
 //! LLMROUTE_BENCH_LITELLM locate the binaries (default: under `.tools/`).
 
 use std::fmt::Write as _;
@@ -462,6 +464,7 @@ fn start_gateway(
     primary_base: &str,
     fallback_base: &str,
     concurrency: usize,
+    edit: Option<&str>,
 ) -> Gateway {
     let routes = render::parse_routes("bench-route.yaml", &route_yaml(primary_base, fallback_base))
         .unwrap_or_else(|e| panic!("route: {e:?}"));
@@ -494,6 +497,15 @@ fn start_gateway(
             other => panic!("unexpected provider key source {other}"),
         };
         std::fs::write(dir.join("keys").join(&key.entry), value).expect("write key");
+    }
+    // A variant: a command edits the rendered files in place before Envoy starts.
+    if let Some(edit) = edit {
+        let status = Command::new("sh")
+            .args(["-c", edit])
+            .current_dir(dir)
+            .status()
+            .expect("run the variant's edit command");
+        assert!(status.success(), "variant edit {edit:?} failed: {status}");
     }
     let envoy = start_envoy(
         "envoy (llmroute gateway)",
@@ -821,7 +833,36 @@ async fn run(s: Settings) {
         primary.base_url(),
         fallback.base_url(),
         s.envoy_concurrency,
+        None,
     );
+    // Variants of the gateway's configuration, measured next to it: BENCH_VARIANTS="name=command;..."
+    // (the command edits the rendered files in their directory; a name ending in `@N` runs Envoy
+    // with --concurrency N).
+    let variants: Vec<(String, Gateway)> = knob::<String>("BENCH_VARIANTS", String::new())
+        .split(';')
+        .filter(|v| !v.trim().is_empty())
+        .enumerate()
+        .map(|(i, spec)| {
+            let (name, edit) = spec.split_once('=').unwrap_or((spec, ""));
+            let name = name.trim().to_string();
+            let concurrency = name
+                .rsplit_once('@')
+                .and_then(|(_, n)| n.parse().ok())
+                .unwrap_or(s.envoy_concurrency);
+            let dir = scratch.path().join(format!("variant-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let edit = Some(edit).filter(|e| !e.trim().is_empty());
+            let gw = start_gateway(
+                &envoy_bin,
+                &dir,
+                primary.base_url(),
+                fallback.base_url(),
+                concurrency,
+                edit,
+            );
+            (name, gw)
+        })
+        .collect();
     let plain = s.reference.then(|| {
         start_plain_envoy(
             &envoy_bin,
@@ -876,6 +917,16 @@ async fn run(s: Settings) {
         });
     }
     targets.push(via_gateway.clone());
+    for (name, gw) in &variants {
+        targets.push(Target {
+            name: format!("llmroute [{name}]"),
+            url: format!("http://127.0.0.1:{}/chat/v1/chat/completions", gw.port),
+            bearer: gw.route_key.clone(),
+            // An edit may remove what names the backend.
+            header: None,
+            ..via_gateway.clone()
+        });
+    }
     if let Some((_, port)) = &litellm {
         targets.push(Target {
             name: "litellm".into(),
@@ -934,7 +985,15 @@ async fn run(s: Settings) {
         header: Some(("x-llmroute-backend", "zhipu")),
         ..via_gateway.clone()
     };
-    let fo_targets = [failing_direct, fallback_direct, failover];
+    let mut fo_targets = vec![failing_direct, fallback_direct, failover];
+    for (name, gw) in &variants {
+        fo_targets.push(Target {
+            name: format!("failed over, llmroute [{name}]"),
+            url: format!("http://127.0.0.1:{}/chat/v1/chat/completions", gw.port),
+            bearer: gw.route_key.clone(),
+            ..fo_targets[2].clone()
+        });
+    }
     let mut fo_results: Vec<Samples> = fo_targets.iter().map(|_| Samples::default()).collect();
     let fo_per_round = (s.failover_requests / s.rounds).max(1);
     for round in 0..s.rounds {
@@ -1038,6 +1097,12 @@ async fn run(s: Settings) {
             verdict(ours[2] <= 2.0)
         ),
     );
+    for (name, _) in &variants {
+        let name = format!("llmroute [{name}]");
+        if let Some((_, v)) = of(&name) {
+            row(&mut out, &name, &v[..3], "(variant)");
+        }
+    }
     if let Some((litellm_samples, theirs)) = of("litellm") {
         let mut rep = litellm_samples.reported.clone();
         rep.sort_by(f64::total_cmp);
@@ -1082,6 +1147,14 @@ async fn run(s: Settings) {
         &minus(cost, fq[1])[..3],
         "(also minus the fallback's direct latency)",
     );
+    for (i, (name, _)) in variants.iter().enumerate() {
+        row(
+            &mut out,
+            &format!("failed over - failed attempt [{name}]"),
+            &minus(fq[3 + i], fq[0])[..3],
+            "(variant)",
+        );
+    }
     let _ = writeln!(
         out,
         "\nPercentiles are nearest-rank over all rounds; differences are taken percentile by percentile."
@@ -1090,6 +1163,7 @@ async fn run(s: Settings) {
     drop(litellm);
     drop(plain);
     drop(gateway);
+    drop(variants);
     if knob::<String>("BENCH_KEEP", "0".into()) == "1" {
         eprintln!(
             "logs and configuration kept in {}",

@@ -248,6 +248,27 @@ async fn rendered_gateway_serves_and_fails_over() {
         got.headers
     );
 
+    // The front listener tells the backend listeners the model in x-llmroute-model: a client's own
+    // header of that name neither changes the mapping nor reaches the provider.
+    let resp = llmroute_devkit::tls::http_client()
+        .post(format!("http://127.0.0.1:{port}/chat/v1/chat/completions"))
+        .bearer_auth(ROUTE_KEY)
+        .header("x-llmroute-model", "only-a")
+        .json(&serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .expect("request through the gateway");
+    assert_eq!(resp.status(), 200);
+    let got = primary.received().pop().unwrap();
+    assert_eq!(got.body["model"], "model-a");
+    assert!(
+        got.headers
+            .keys()
+            .all(|h| !h.as_str().starts_with("x-llmroute")),
+        "{:?}",
+        got.headers
+    );
+
     // Region block → the secondary answers the same request, with its own key, path and model.
     primary.set_mode(Mode::RegionBlocked);
     let resp = chat(port, ROUTE_KEY, "gpt-4o").await;

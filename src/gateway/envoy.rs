@@ -8,6 +8,15 @@
 //! base URL, key) that injects the provider's key, maps the model for the route, rewrites path and
 //! Host, and classifies failures. Every attempt is a fresh request into the next account's
 //! listener, so nothing of one provider leaks into another's attempt.
+//!
+//! Per-request cost (docs/benchmarks.md, "Where the gateway's time goes"): the front listener reads
+//! the body once and passes the model on in `x-llmroute-model`, so an account listener buffers the
+//! body only when it renames the model; the account route names the backend on answers and the Lua
+//! code reads route metadata on responses only for failures. The hop into the internal listener
+//! (a second HTTP/1 codec and HCM per attempt) is most of what the gateway adds over a plain Envoy;
+//! per-account upstream HTTP filters on the chain's member clusters cannot replace it in Envoy 1.40:
+//! behind an aggregate cluster, Envoy runs the aggregate cluster's upstream filters, not the
+//! member's, and (as Envoy documents) local replies of upstream filters are not retried.
 
 use std::collections::BTreeMap;
 
@@ -97,6 +106,11 @@ pub const FRONT: &str = "gateway";
 
 /// Request header naming the route, set by the front route for the account listeners.
 pub const ROUTE_HEADER: &str = "x-llmroute-route";
+/// Request header with the model the front listener read from the body, for the account listeners
+/// (which then read the body only to rename the model in it).
+pub const MODEL_HEADER: &str = "x-llmroute-model";
+/// Response header naming the backend that answered.
+pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 
 /// Largest request body buffered for model checks and retries.
 pub const REQUEST_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
@@ -583,13 +597,14 @@ fn account_route_config<'a>(
                     string_match: xds::ExactMatch { exact: &route.name },
                 }],
             },
-            request_headers_to_remove: [ROUTE_HEADER],
+            request_headers_to_remove: [ROUTE_HEADER, MODEL_HEADER],
             request_headers_to_add: account
                 .provider
                 .headers
                 .iter()
                 .map(|(k, v)| xds::HeaderToAdd::overwrite(k, v))
                 .collect(),
+            response_headers_to_add: [xds::HeaderToAdd::overwrite(BACKEND_HEADER, &backend.name)],
             route: xds::AccountAction {
                 cluster: &account.upstream,
                 host_rewrite_literal: &account.authority,

@@ -214,9 +214,11 @@ pub struct AccountRoute<'a> {
     /// path to the provider's, which makes Envoy match the route again.
     #[serde(rename = "match")]
     pub match_: HeaderMatch<'a>,
-    pub request_headers_to_remove: [&'static str; 1],
+    pub request_headers_to_remove: [&'static str; 2],
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub request_headers_to_add: Vec<HeaderToAdd<'a>>,
+    /// Names the backend on the provider's answers (the Lua code names it on failures).
+    pub response_headers_to_add: [HeaderToAdd<'a>; 1],
     pub route: AccountAction<'a>,
     pub metadata: LuaMetadata<AccountMetadata<'a>>,
     pub request_body_buffer_limit: u64,

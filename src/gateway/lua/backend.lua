@@ -6,42 +6,64 @@
 -- AZURE, API_VERSION, RULES) is generated above this code; per-route data comes from the route
 -- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,").
 
+-- Responds that this backend does not map `model`: the front route moves on to the next backend.
+local function not_mapped(handle, backend, model)
+  handle:respond({ [":status"] = "404", ["content-type"] = "application/json",
+    ["x-llmroute-failure"] = "ModelNotMapped", ["x-llmroute-retry"] = "1",
+    ["x-llmroute-backend"] = backend },
+    openai_error("Backend '" .. backend .. "' does not map model '" .. model .. "'.",
+      "invalid_request_error", "model_not_found", "model"))
+end
+
 function envoy_on_request(handle)
   -- Handles (metadata, headers) taken before body() are invalid afterwards: read everything first.
   local md = handle:metadata()
   local backend = md:get("backend")
   local models = md:get("models")
   local passthrough = md:get("passthrough")
-  local path = handle:headers():get(":path") or "/"
+  local headers = handle:headers()
+  local path = headers:get(":path") or "/"
   local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
   if op == nil then
     op = ""
     query = ""
   end
   local provider_model = nil
-  if handle:headers():get(":method") == "POST" then
-    local raw, body = body_string(handle)
-    if raw ~= nil then
-      local first, last, model = raw:find('"model"%s*:%s*"([^"]*)"')
-      if model ~= nil then
-        provider_model = models[model]
-        if provider_model == nil and passthrough then provider_model = model end
-        if provider_model == nil then
-          handle:respond({ [":status"] = "404", ["content-type"] = "application/json",
-            ["x-llmroute-failure"] = "ModelNotMapped", ["x-llmroute-retry"] = "1",
-            ["x-llmroute-backend"] = backend },
-            openai_error("Backend '" .. backend .. "' does not map model '" .. model .. "'.",
-              "invalid_request_error", "model_not_found", "model"))
-          return
-        end
-        if provider_model ~= model then
-          body:setBytes(raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1))
-        end
+  if headers:get(":method") == "POST" then
+    -- The model the front listener read from the body (the route header's route checked it); the
+    -- route removes this header before the provider sees the request.
+    local model = headers:get("x-llmroute-model")
+    if model ~= nil then
+      provider_model = models[model]
+      if provider_model == nil and passthrough then provider_model = model end
+      if provider_model == nil then
+        not_mapped(handle, backend, model)
+        return
       end
     end
+    -- The body is read only when the model has to be renamed in it, or was not read in front.
+    if model == nil or provider_model ~= model then
+      local raw, body = body_string(handle)
+      if raw ~= nil then
+        local first, last, found = raw:find('"model"%s*:%s*"([^"]*)"')
+        if found ~= nil then
+          if model == nil then
+            provider_model = models[found]
+            if provider_model == nil and passthrough then provider_model = found end
+            if provider_model == nil then
+              not_mapped(handle, backend, found)
+              return
+            end
+          end
+          if provider_model ~= found then
+            body:setBytes(raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1))
+          end
+        end
+      end
+      -- A headers handle taken before body() is invalid afterwards: take it again.
+      headers = handle:headers()
+    end
   end
-  -- A headers handle taken before body() is invalid afterwards: take it again.
-  local headers = handle:headers()
   if AZURE then
     headers:replace(":path", BASE_PATH .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..
       "?api-version=" .. API_VERSION)
@@ -51,14 +73,16 @@ function envoy_on_request(handle)
 end
 
 function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  -- The route names the backend on the provider's answers (response_headers_to_add); only
+  -- failures, local replies among them, need the route's data here.
+  if status < 400 then return end
   local md = handle:metadata()
-  local failover_on = md:get("failoverOn")
   local backend = md:get("backend")
   if backend == nil then return end -- no route matched: Envoy's own 404
-  local headers = handle:headers()
+  local failover_on = md:get("failoverOn")
   headers:replace("x-llmroute-backend", backend)
-  local status = tonumber(headers:get(":status")) or 0
-  if status < 400 then return end
   local class = headers:get("x-llmroute-failure")
   if class == nil then
     local raw = body_string(handle) or ""

@@ -1,6 +1,9 @@
 -- llmroute gateway, front listener: admits a request only with its route's key, strips that key,
 -- and rejects models the route does not serve. Per-route data comes from the route's metadata
 -- (filter_metadata["envoy.filters.http.lua"]): route, keyFile, models, passthrough.
+-- The model it read from the body goes to the backend listeners in x-llmroute-model, so that a
+-- backend that does not rename it never reads (and buffers) the body again; a client's own
+-- x-llmroute-model never gets through.
 
 -- Route keys live in the mounted keys Secret; read them at most once a second per worker so that a
 -- rotated key is honoured within about a second, without an Envoy restart.
@@ -41,6 +44,7 @@ function envoy_on_request(handle)
     return
   end
   headers:remove("authorization")
+  headers:remove("x-llmroute-model")
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
   if method == "GET" and (path:match("/v1/models$") or path:match("/v1/models%?")) then
@@ -60,7 +64,11 @@ function envoy_on_request(handle)
   local model = raw:match('"model"%s*:%s*"([^"]*)"')
   if model == nil then return end
   for _, m in ipairs(models) do
-    if m == model then return end
+    if m == model then
+      -- A headers handle taken before body() is invalid afterwards: take it again.
+      if not model:find("%c") then handle:headers():add("x-llmroute-model", model) end
+      return
+    end
   end
   reply(handle, 404, openai_error(
     "The model '" .. model .. "' does not exist or is not served by llmroute route '" .. route ..
@@ -73,13 +81,14 @@ end
 -- instead of only the last backend's own error. Earlier attempts' responses are gone by now (Envoy
 -- discards them when it retries), so for those the error says that they failed over.
 function envoy_on_response(handle)
+  local headers = handle:headers()
+  -- The marker is internal: it never reaches clients. Only failures carry it: a successful answer
+  -- costs one header lookup here.
+  if headers:get("x-llmroute-retry") == nil then return end
+  headers:remove("x-llmroute-retry")
   local md = handle:metadata()
   local route = md:get("route")
   if route == nil then return end
-  local headers = handle:headers()
-  -- The marker is internal: it never reaches clients.
-  if headers:get("x-llmroute-retry") == nil then return end
-  headers:remove("x-llmroute-retry")
   local status = headers:get(":status") or "502"
   local last = headers:get("x-llmroute-backend") or "?"
   local class = headers:get("x-llmroute-failure") or "Unknown"
