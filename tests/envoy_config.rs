@@ -359,12 +359,108 @@ async fn rendered_gateway_serves_and_fails_over() {
     // Every gateway metric the shipped alerts use is exported on the metrics port.
     let exposition = support::envoy::http_get(r.opts.health_port, "/stats/prometheus").unwrap();
     support::alerts::assert_exported("envoy_", &exposition, 3, "the gateway");
+    // Resources are labels, not parts of metric names: one metric name for every cluster and account.
+    let per_resource: Vec<String> = support::alerts::exported(&exposition)
+        .into_iter()
+        .filter(|n| n.contains("127_0_0_1") || n.contains("provider_") || n.contains("chain_chat"))
+        .collect();
+    assert!(
+        per_resource.is_empty(),
+        "metric names naming a resource: {per_resource:?}"
+    );
+    assert!(
+        exposition.contains("envoy_cluster_upstream_rq_retry{envoy_cluster_name=\"chain_chat\"}"),
+        "{exposition}"
+    );
+    assert!(
+        exposition
+            .lines()
+            .any(|l| l.starts_with("envoy_http_downstream_rq_xx{")
+                && l.contains(
+                    "envoy_http_conn_manager_prefix=\"account_openai-compatible_http_127_0_0_1_"
+                )),
+        "per-account request counts under one metric name"
+    );
 
     // Nothing of the route key ever reached a provider.
     for r in primary.received().iter().chain(secondary.received().iter()) {
         assert!(!format!("{:?}", r.headers).contains(ROUTE_KEY));
     }
     drop(envoy);
+}
+
+/// The ConfigMap and keys Secret the operator would publish for a route file, as volume contents
+/// (provider keys are the simulators': `key-secondary` for the backend named secondary).
+fn operator_volumes(
+    input: &Path,
+    opts: &EnvoyOptions,
+    render_opts: &RenderOptions,
+) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>) {
+    let routes = render::load_files(&[input.to_path_buf()]).unwrap();
+    let renders = render::translate_offline(&routes, render_opts);
+    let gw = &renders[0].translation.gateway;
+    let config = envoy::render(gw, opts)
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    let mut material = render::placeholder_keys(&renders[0].translation);
+    for (entry, value) in material.provider_keys.iter_mut() {
+        let sim = if entry.contains("secondary") {
+            "key-secondary"
+        } else {
+            "key-primary"
+        };
+        *value = sim.as_bytes().to_vec();
+    }
+    let keys = objects::keys_secret(gw, &material, &[])
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    (config, keys)
+}
+
+/// Sends chats until one is answered 200 (within 10 s) and returns the backend that answered.
+async fn first_success(port: u16) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let resp = chat(port, ROUTE_KEY, "gpt-4o").await;
+        if resp.status() == 200 {
+            return resp.headers()["x-llmroute-backend"]
+                .to_str()
+                .unwrap()
+                .to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no success: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until Envoy's `listener_manager.lds.update_success` exceeds `before` and asserts that no
+/// listener update was rejected.
+async fn lds_reloaded(envoy: &Envoy, before: u64) {
+    let lds = |name: &str| envoy.stat(&format!("listener_manager.lds.{name}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lds("update_success").unwrap() == before && lds("update_rejected") == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Envoy did not reload: {}",
+            envoy.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lds("update_rejected"),
+        Some(0),
+        "listeners rejected: {}",
+        envoy.log_text()
+    );
 }
 
 /// The kubelet renames `..data` onto a volume's new version before it creates the visible link of
@@ -378,38 +474,12 @@ async fn an_update_adding_a_backend_loads_before_the_kubelet_links_its_files() {
     let scratch = tempfile::tempdir().unwrap();
     let (opts, render_opts) =
         local_options(&scratch.path().join("config"), &scratch.path().join("keys"));
-    // The two volumes the operator would publish for a route file.
-    let volumes = |input: &Path| {
-        let routes = render::load_files(&[input.to_path_buf()]).unwrap();
-        let renders = render::translate_offline(&routes, &render_opts);
-        let gw = &renders[0].translation.gateway;
-        let config: BTreeMap<String, Vec<u8>> = envoy::render(gw, &opts)
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect();
-        let mut material = render::placeholder_keys(&renders[0].translation);
-        for (entry, value) in material.provider_keys.iter_mut() {
-            let sim = if entry.contains("secondary") {
-                "key-secondary"
-            } else {
-                "key-primary"
-            };
-            *value = sim.as_bytes().to_vec();
-        }
-        let keys: BTreeMap<String, Vec<u8>> = objects::keys_secret(gw, &material, &[])
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        (config, keys)
-    };
     let two = two_backend_route(scratch.path(), &primary, &secondary, "[RegionBlocked]");
-    let (config_two, keys_two) = volumes(&two);
+    let (config_two, keys_two) = operator_volumes(&two, &opts, &render_opts);
     let yaml = std::fs::read_to_string(&two).unwrap();
     let one = scratch.path().join("one.yaml");
     std::fs::write(&one, &yaml[..yaml.find("    - name: secondary").unwrap()]).unwrap();
-    let (config_one, _) = volumes(&one);
+    let (config_one, _) = operator_volumes(&one, &opts, &render_opts);
     assert!(
         config_two.keys().any(|k| !config_one.contains_key(k)),
         "the second backend adds files"
@@ -425,51 +495,81 @@ async fn an_update_adding_a_backend_loads_before_the_kubelet_links_its_files() {
         opts.health_port,
         scratch.path().join("envoy.log"),
     );
-    let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-llmroute-backend"], "primary");
+    assert_eq!(first_success(opts.port).await, "primary");
 
     // `..data` now shows the new version; the new files have no visible link.
-    let accepted = |name: &str| envoy.stat(&format!("listener_manager.lds.{name}"));
-    let before = accepted("update_success").unwrap();
+    let before = envoy.stat("listener_manager.lds.update_success").unwrap();
     let old = swap_data(config_dir, &config_two, 2).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while accepted("update_success").unwrap() == before && accepted("update_rejected") == Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Envoy did not reload: {}",
-            envoy.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        accepted("update_rejected"),
-        Some(0),
-        "listeners rejected: {}",
-        envoy.log_text()
-    );
+    lds_reloaded(&envoy, before).await;
     // The new backend serves: its routes and its key were loaded in that window.
     primary.set_mode(Mode::RegionBlocked);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
-        if resp.status() == 200 {
-            assert_eq!(resp.headers()["x-llmroute-backend"], "secondary");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new backend never served: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    assert_eq!(first_success(opts.port).await, "secondary");
     let got = secondary.received().pop().unwrap();
     assert_eq!(
         got.header("authorization").as_deref(),
         Some("Bearer key-secondary")
     );
     link_keys(config_dir, &config_two, old).unwrap();
+    drop(envoy);
+}
+
+/// A kubelet may refresh the keys volume later than the operator's key propagation delay, so the
+/// configuration naming a new backend's key can arrive first. That backend fails over meanwhile,
+/// and serves with its key as soon as the keys volume catches up: no further change is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_arriving_after_its_configuration_is_picked_up() {
+    let primary = Sim::start("key-primary").await;
+    let secondary = Sim::start("key-secondary").await;
+    let scratch = tempfile::tempdir().unwrap();
+    let (opts, render_opts) =
+        local_options(&scratch.path().join("config"), &scratch.path().join("keys"));
+    let route = two_backend_route(
+        scratch.path(),
+        &primary,
+        &secondary,
+        "[RegionBlocked, AuthFailed]",
+    );
+    let (config, keys) = operator_volumes(&route, &opts, &render_opts);
+    let late: BTreeMap<String, Vec<u8>> = keys
+        .clone()
+        .into_iter()
+        .filter(|(k, _)| !k.contains("secondary"))
+        .collect();
+    assert!(late.len() < keys.len());
+    let keys_dir = Path::new(&opts.keys_dir);
+    write_volume(keys_dir, &late, 1).unwrap();
+    let config_dir = Path::new(&opts.config_dir);
+    write_volume(config_dir, &config, 1).unwrap();
+    let envoy = Envoy::start(
+        &config_dir.join(envoy::BOOTSTRAP),
+        opts.admin_port,
+        opts.health_port,
+        scratch.path().join("envoy.log"),
+    );
+    // The secondary has no key yet: with the primary blocked, requests fail, and nothing is sent to
+    // the secondary without its key.
+    primary.set_mode(Mode::RegionBlocked);
+    let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "all_backends_failed");
+    assert_eq!(body["error"]["backends"][1]["backend"], "secondary");
+    assert_eq!(body["error"]["backends"][1]["failure"], "AuthFailed");
+    assert!(secondary.received().is_empty());
+    // The keys volume catches up; the configuration does not change.
+    write_volume(keys_dir, &keys, 2).unwrap();
+    let arrived = std::time::Instant::now();
+    assert_eq!(first_success(opts.port).await, "secondary");
+    // Keys are read at most once a second per worker.
+    assert!(
+        arrived.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        arrived.elapsed()
+    );
+    let got = secondary.received().pop().unwrap();
+    assert_eq!(
+        got.header("authorization").as_deref(),
+        Some("Bearer key-secondary")
+    );
     drop(envoy);
 }

@@ -1,6 +1,6 @@
 //! Gateway IR → Envoy 1.40 files: a bootstrap with file-based LDS/CDS, one RDS file for the front
-//! listener and one per backend listener, and one SDS file per provider key (naming a file in the
-//! mounted keys Secret; no key material is ever written here).
+//! listener and one per backend listener. Keys are never written here: the Lua of the front and of
+//! each account listener reads them from the mounted keys Secret (at most once a second).
 //!
 //! Layout (see the README's architecture picture): the front listener `gateway` checks the route key and the
 //! model, then routes `/<route>/v1/...` to a failover chain (an aggregate cluster retried with
@@ -43,39 +43,44 @@ pub struct EnvoyOptions {
     pub health_port: u16,
     /// CA bundle that upstream TLS certificates are verified against.
     pub trusted_ca: String,
-    /// How the configuration directory is written, which decides the paths Envoy reads.
+    /// How the two directories are written, which decides the paths the gateway reads.
     pub layout: VolumeLayout,
 }
 
-/// How the configuration directory is written.
+/// How the configuration and keys directories are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VolumeLayout {
-    /// A ConfigMap volume: the kubelet writes a new timestamped directory, renames the `..data`
-    /// symlink onto it, and only then creates the visible symlink of a key that is new. Envoy reads
-    /// the configuration files through `..data`: a listener update naming a route or secret file
-    /// added in the same ConfigMap update would otherwise race that last step and be rejected
-    /// ("paths must refer to an existing path"), and each reload sees one version of all files.
+    /// ConfigMap and Secret volumes: the kubelet writes a new timestamped directory, renames the
+    /// `..data` symlink onto it, and only then creates the visible symlink of a key that is new.
+    /// The gateway reads every file through `..data`: a listener update naming a route file added in
+    /// the same ConfigMap update would otherwise race that last step and be rejected ("paths must
+    /// refer to an existing path"), and each read sees one version of all files.
     #[default]
     Kubelet,
     /// Plain files written in place (`llmroute render --out-dir`).
     Plain,
 }
 
+/// A file of a volume: through `..data` for a kubelet volume (one version of all files), plainly
+/// otherwise.
+fn volume_path(dir: &str, file: &str, layout: VolumeLayout) -> String {
+    match layout {
+        VolumeLayout::Kubelet => format!("{dir}/..data/{file}"),
+        VolumeLayout::Plain => format!("{dir}/{file}"),
+    }
+}
+
 impl EnvoyOptions {
     /// The path Envoy reads `file` of the configuration directory at.
     pub fn config_path(&self, file: &str) -> String {
-        match self.layout {
-            VolumeLayout::Kubelet => format!("{}/..data/{file}", self.config_dir),
-            VolumeLayout::Plain => format!("{}/{file}", self.config_dir),
-        }
+        volume_path(&self.config_dir, file, self.layout)
     }
 
-    /// The path Envoy reads `entry` of the keys directory at: the visible name. Envoy watches a
-    /// secret file's own directory for the kubelet's `..data` rename (a path through `..data` would
-    /// watch the old version's directory and miss rotations). The keys Secret is published before
-    /// the configuration naming a new entry (`--key-propagation-delay`), so the name exists by then.
+    /// The path the gateway's Lua reads `entry` of the keys directory at (at most once a second per
+    /// worker, so a rotated key, or one that arrives after the configuration naming it, is used
+    /// within about a second of the volume's update, without any file watch).
     pub fn key_path(&self, entry: &str) -> String {
-        format!("{}/{entry}", self.keys_dir)
+        volume_path(&self.keys_dir, entry, self.layout)
     }
 }
 
@@ -124,11 +129,6 @@ pub fn account_routes_file(account: &AccountIr) -> String {
     format!("account.{}.{}.json", account.provider.id, account.id)
 }
 
-/// SDS file of a provider key.
-pub fn key_sds_file(entry: &str) -> String {
-    format!("key.{entry}.json")
-}
-
 /// A route of the front listener: a route's entry, or the catch-all.
 #[derive(serde::Serialize)]
 #[serde(untagged)]
@@ -162,8 +162,6 @@ struct Resources<'a> {
     front: xds::RouteConfig<'a, FrontEntry<'a>>,
     /// (file, RouteConfiguration) of each account listener.
     accounts: Vec<(String, xds::RouteConfig<'a, xds::AccountRoute<'a>>)>,
-    /// (file, Secret)
-    secrets: Vec<(String, Value)>,
 }
 
 fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
@@ -208,11 +206,6 @@ fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
             *v = typed("envoy.config.cluster.v3.Cluster", std::mem::take(v));
         }
     }
-    let secrets = gw
-        .provider_keys
-        .iter()
-        .map(|k| (key_sds_file(&k.entry), generic_secret(&k.entry, opts)))
-        .collect();
     Resources {
         listeners: listeners
             .into_iter()
@@ -221,7 +214,6 @@ fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
         clusters,
         front: front_route_config(gw, opts),
         accounts,
-        secrets,
     }
 }
 
@@ -253,13 +245,10 @@ pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
     for (file, config) in &r.accounts {
         files.insert(file.clone(), file_json(std::slice::from_ref(config)));
     }
-    for (file, secret) in &r.secrets {
-        files.insert(file.clone(), file_json(std::slice::from_ref(secret)));
-    }
     files
 }
 
-/// The same gateway as one static bootstrap (route configurations inlined, keys as static secrets),
+/// The same gateway as one static bootstrap (route configurations inlined),
 /// for `envoy --mode validate`, which checks the bootstrap but does not load file-based xDS.
 pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
     let r = resources(gw, opts);
@@ -291,11 +280,10 @@ pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
         .as_array_mut()
         .expect("clusters")
         .extend(r.clusters.iter().map(|c| untyped(to_value(c))));
-    statics["secrets"] = Value::Array(r.secrets.into_iter().map(|(_, s)| untyped(s)).collect());
     to_yaml(&boot)
 }
 
-/// Replaces `rds` by the inline route configuration, and SDS file sources by static secret names.
+/// Replaces `rds` by the inline route configuration.
 fn inline_discovery(v: &mut Value, routes: &BTreeMap<String, Value>) {
     match v {
         Value::Object(map) => {
@@ -311,7 +299,6 @@ fn inline_discovery(v: &mut Value, routes: &BTreeMap<String, Value>) {
                     .remove("@type");
                 map.insert("route_config".into(), config);
             }
-            map.remove("sds_config");
             for child in map.values_mut() {
                 inline_discovery(child, routes);
             }
@@ -491,7 +478,7 @@ fn lua_string(s: &str) -> String {
 
 /// The account's constants for the backend Lua code: base path, path style and the provider's
 /// classification rules from the catalog.
-fn account_lua_prelude(account: &AccountIr) -> String {
+fn account_lua_prelude(account: &AccountIr, opts: &EnvoyOptions) -> String {
     let rules: Vec<String> = account
         .provider
         .error_rules()
@@ -508,13 +495,20 @@ fn account_lua_prelude(account: &AccountIr) -> String {
             )
         })
         .collect();
+    // The key is read from the mounted keys Secret (never from this file): KEY_FILE names it.
+    let key_file = account.key_entry.as_deref().map_or_else(
+        || "nil".to_string(),
+        |entry| lua_string(&opts.key_path(entry)),
+    );
     format!(
-        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal RULES = {{\n{}\n}}\n",
+        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal KEY_FILE = {key_file}\nlocal AUTH_HEADER = {}\nlocal AUTH_PREFIX = {}\nlocal RULES = {{\n{}\n}}\n",
         account.name,
         account.provider.id,
         lua_string(&account.base_path),
         matches!(account.path_style, PathStyle::AzureDeployment),
         lua_string(account.api_version.as_deref().unwrap_or_default()),
+        lua_string(&account.provider.auth.header),
+        lua_string(&account.provider.auth.prefix),
         rules.join("\n")
     )
 }
@@ -522,35 +516,18 @@ fn account_lua_prelude(account: &AccountIr) -> String {
 fn account_listener(account: &AccountIr, opts: &EnvoyOptions) -> Value {
     let mut filters = vec![lua_filter(&format!(
         "{}\n{LUA_BACKEND}",
-        account_lua_prelude(account)
+        account_lua_prelude(account, opts)
     ))];
-    if let Some(entry) = &account.key_entry {
-        filters.push(json!({
-            "name": "envoy.filters.http.credential_injector",
-            "typed_config": typed("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector", json!({
-                "overwrite": true,
-                "credential": {
-                    "name": "envoy.http.injected_credentials.generic",
-                    "typed_config": typed("envoy.extensions.http.injected_credentials.generic.v3.Generic", json!({
-                        "credential": {
-                            "name": format!("key:{entry}"),
-                            "sds_config": file_source(opts, &key_sds_file(entry)),
-                        },
-                        "header": account.provider.auth.header,
-                        "header_value_prefix": account.provider.auth.prefix,
-                    })),
-                },
-            })),
-        }));
-    }
     filters.push(router_filter());
     json!({
         "name": account.name,
+        "stat_prefix": xds::stat_name(&account.name),
         "internal_listener": {},
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
-                "stat_prefix": format!("account.{}.{}", account.provider.id, account.id),
+                // One metric name for all accounts, the account in the prefix label.
+                "stat_prefix": xds::stat_name(&account.name),
                 "rds": { "route_config_name": account.name, "config_source": file_source(opts, &account_routes_file(account)) },
                 "http_filters": filters,
                 "stream_idle_timeout": "0s",
@@ -705,6 +682,7 @@ fn circuit_breakers() -> Value {
 fn internal_cluster(account: &str) -> Value {
     json!({
         "name": account,
+        "alt_stat_name": xds::stat_name(account),
         "type": "STATIC",
         "connect_timeout": "1s",
         "circuit_breakers": circuit_breakers(),
@@ -721,6 +699,7 @@ fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions) -> Value {
     let is_ip = u.host.parse::<std::net::IpAddr>().is_ok();
     let mut c = json!({
         "name": u.cluster,
+        "alt_stat_name": xds::stat_name(&u.cluster),
         "type": if is_ip { "STATIC" } else { "LOGICAL_DNS" },
         "connect_timeout": "5s",
         "circuit_breakers": circuit_breakers(),
@@ -753,17 +732,4 @@ fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions) -> Value {
         });
     }
     c
-}
-
-fn generic_secret(entry: &str, opts: &EnvoyOptions) -> Value {
-    typed(
-        "envoy.extensions.transport_sockets.tls.v3.Secret",
-        json!({
-            "name": format!("key:{entry}"),
-            "generic_secret": { "secret": {
-                "filename": opts.key_path(entry),
-                "watched_directory": { "path": opts.keys_dir },
-            } },
-        }),
-    )
 }

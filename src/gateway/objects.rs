@@ -171,7 +171,7 @@ pub fn config_map(
     })
 }
 
-/// The Secret with the provider keys the SDS files name, and one key per route. Values are trimmed
+/// The Secret with the provider keys the account listeners read, and one key per route. Values are trimmed
 /// of surrounding whitespace (a trailing newline would corrupt the injected header).
 pub fn keys_secret(gw: &GatewayIr, keys: &KeyMaterial, owners: &[OwnerReference]) -> Secret {
     let mut data = BTreeMap::new();

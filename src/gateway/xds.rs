@@ -269,6 +269,7 @@ pub struct ChainCluster<'a> {
     #[serde(rename = "@type")]
     pub type_: &'static str,
     pub name: &'a str,
+    pub alt_stat_name: String,
     pub connect_timeout: &'static str,
     pub lb_policy: &'static str,
     pub circuit_breakers: CircuitBreakers,
@@ -321,6 +322,7 @@ impl<'a> ChainCluster<'a> {
         ChainCluster {
             type_: CLUSTER_TYPE,
             name,
+            alt_stat_name: stat_name(name),
             connect_timeout: "1s",
             lb_policy: "CLUSTER_PROVIDED",
             circuit_breakers: CircuitBreakers::generous(),
@@ -332,5 +334,39 @@ impl<'a> ChainCluster<'a> {
                 },
             },
         }
+    }
+}
+
+/// The name a resource's stats carry: its name with the characters Envoy's stat names and tag
+/// extraction treat as separators (`.`, `:`, `/`) replaced by `_`, so that Prometheus sees one metric
+/// name with the resource in a label (`envoy_cluster_upstream_rq_retry{envoy_cluster_name=
+/// "chain_chat"}`), not a metric name per resource.
+pub fn stat_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for part in name.split("://") {
+        if !out.is_empty() {
+            out.push('_');
+        }
+        out.extend(
+            part.chars()
+                .map(|c| if matches!(c, '.' | ':' | '/') { '_' } else { c }),
+        );
+    }
+    out.trim_end_matches('_').to_string()
+}
+
+#[cfg(test)]
+mod stat_name_tests {
+    #[test]
+    fn stat_names_have_no_separators() {
+        assert_eq!(
+            super::stat_name("account:openai:https://api.openai.com/v1:provider_k_api-key"),
+            "account_openai_https_api_openai_com_v1_provider_k_api-key"
+        );
+        assert_eq!(super::stat_name("chain:chat.v2:a"), "chain_chat_v2_a");
+        assert_eq!(
+            super::stat_name("upstream:https:api.openai.com:443"),
+            "upstream_https_api_openai_com_443"
+        );
     }
 }

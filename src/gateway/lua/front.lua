@@ -5,24 +5,6 @@
 -- backend that does not rename it never reads (and buffers) the body again; a client's own
 -- x-llmroute-model never gets through.
 
--- Route keys live in the mounted keys Secret; read them at most once a second per worker so that a
--- rotated key is honoured within about a second, without an Envoy restart.
-local key_cache = {}
-local function route_key(path)
-  local now = os.time()
-  local cached = key_cache[path]
-  if cached ~= nil and cached.at == now then return cached.key end
-  local key = nil
-  local f = io.open(path, "rb")
-  if f ~= nil then
-    key = f:read("*a")
-    f:close()
-  end
-  if key == "" then key = nil end
-  key_cache[path] = { key = key, at = now }
-  return key
-end
-
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
 end
@@ -35,7 +17,7 @@ function envoy_on_request(handle)
   local auth = headers:get("authorization")
   local token = nil
   if auth ~= nil then token = auth:match("^[Bb]earer%s+(.-)%s*$") end
-  local key = route_key(md:get("keyFile"))
+  local key = read_key(md:get("keyFile"))
   if key == nil or token == nil or token ~= key then
     reply(handle, 401, openai_error(
       "Incorrect API key provided for llmroute route '" .. route ..
