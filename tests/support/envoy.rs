@@ -188,8 +188,26 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (_, body) = out.split_once("\r\n\r\n")?;
-    Some(body.to_string())
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    let body = &out[split + 4..];
+    if !head.contains("transfer-encoding: chunked") {
+        return String::from_utf8(body.to_vec()).ok();
+    }
+    // A chunked body: `<hex size>\r\n<bytes>\r\n` until a chunk of size 0.
+    let mut decoded = Vec::new();
+    let mut rest = body;
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_field = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_field.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return String::from_utf8(decoded).ok();
+        }
+        let start = line_end + 2;
+        decoded.extend_from_slice(rest.get(start..start + size)?);
+        rest = rest.get(start + size + 2..)?;
+    }
 }
