@@ -106,6 +106,29 @@ impl Proc {
     }
 }
 
+/// `llmroute gateway shutdown` against the admin port, with [minimum, maximum drain, poll].
+fn spawn_shutdown(admin_port: u16, times: [&str; 3], state_dir: &Path, log: PathBuf) -> Proc {
+    let port = admin_port.to_string();
+    let [min, max, poll] = times;
+    spawn(
+        &[
+            "gateway",
+            "shutdown",
+            "--admin-port",
+            &port,
+            "--min-drain",
+            min,
+            "--max-drain",
+            max,
+            "--poll",
+            poll,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        log,
+    )
+}
+
 fn spawn(args: &[&str], log: PathBuf) -> Proc {
     let file = std::fs::File::create(&log).unwrap();
     let child = tokio::process::Command::new(BIN)
@@ -259,21 +282,10 @@ async fn a_stream_in_flight_completes_through_a_drain_and_sigterm_loses_nothing(
 
     // The sidecar's preStop.
     let shutdown_started = Instant::now();
-    let mut shutdown = spawn(
-        &[
-            "gateway",
-            "shutdown",
-            "--admin-port",
-            &opts.admin_port.to_string(),
-            "--min-drain",
-            "1s",
-            "--max-drain",
-            "20s",
-            "--poll",
-            "100ms",
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ],
+    let mut shutdown = spawn_shutdown(
+        opts.admin_port,
+        ["1s", "20s", "100ms"],
+        &state_dir,
         scratch.path().join("shutdown.log"),
     );
     // A GET issued while draining.
@@ -403,19 +415,10 @@ async fn shutdown_without_envoy_returns_at_once() {
     .await;
     let waiter = tokio::spawn(wait_ready(manager_port));
     let started = Instant::now();
-    let mut shutdown = spawn(
-        &[
-            "gateway",
-            "shutdown",
-            "--admin-port",
-            &free_port().to_string(),
-            "--min-drain",
-            "10s",
-            "--max-drain",
-            "60s",
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ],
+    let mut shutdown = spawn_shutdown(
+        free_port(),
+        ["10s", "60s", "100ms"],
+        &state_dir,
         scratch.path().join("shutdown.log"),
     );
     let status = tokio::time::timeout(Duration::from_secs(5), shutdown.0.wait())
@@ -499,21 +502,10 @@ async fn the_drain_gives_up_at_its_maximum() {
     until_active(&envoy, 1).await;
     let state_dir = scratch.path().join("state");
     let started = Instant::now();
-    let mut shutdown = spawn(
-        &[
-            "gateway",
-            "shutdown",
-            "--admin-port",
-            &opts.admin_port.to_string(),
-            "--min-drain",
-            "200ms",
-            "--max-drain",
-            "1s",
-            "--poll",
-            "100ms",
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-        ],
+    let mut shutdown = spawn_shutdown(
+        opts.admin_port,
+        ["200ms", "1s", "100ms"],
+        &state_dir,
         scratch.path().join("shutdown.log"),
     );
     let status = tokio::time::timeout(Duration::from_secs(10), shutdown.0.wait())

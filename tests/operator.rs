@@ -102,12 +102,6 @@ async fn operator_with_chat_route(prefix: &str) -> (TestNamespace, kube::Client,
     (ns, client, op)
 }
 
-/// The gateway Deployment's Pod labels.
-async fn d_labels(dep: &Api<Deployment>) -> std::collections::BTreeMap<String, String> {
-    let d = dep.get("llmroute-gateway").await.unwrap();
-    d.spec.unwrap().template.metadata.unwrap().labels.unwrap()
-}
-
 fn condition(route: &LLMRoute, type_: &str) -> Option<(String, String, String)> {
     route
         .status
@@ -214,8 +208,15 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     let route_key = String::from_utf8(keys["route_chat"].0.clone()).unwrap();
     assert!(route_key.starts_with("sk-llmroute-") && route_key.len() > 40);
     let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    let d = dep.get("llmroute-gateway").await.unwrap();
-    let pod = d.spec.unwrap().template.spec.unwrap();
+    let template = dep
+        .get("llmroute-gateway")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    let pod = template.spec.unwrap();
     let c = &pod.containers[0];
     assert_eq!(
         c.security_context
@@ -226,7 +227,6 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     );
     assert!(c.readiness_probe.is_some());
     // At most one gateway Pod evicted at a time, replicas spread over nodes.
-    let pod_labels = d_labels(&dep).await;
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
     let pdb = budgets.get("llmroute-gateway").await.unwrap();
     assert!(pdb.metadata.owner_references.is_some_and(|o| !o.is_empty()));
