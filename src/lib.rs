@@ -7,6 +7,7 @@
 //! - [`gateway`]: the translation core: routes → IR → Envoy files and Kubernetes objects (pure).
 //! - [`gateway_shutdown`]: graceful termination of a gateway Pod (the shutdown-manager sidecar).
 //! - [`render`]: offline rendering of route files (`llmroute render`).
+//! - [`xds`]: the xDS server gateway replicas get their configuration from, and learn what each loaded.
 pub mod api;
 pub mod catalog;
 pub mod gateway;
@@ -18,3 +19,4 @@ pub mod probe;
 pub mod render;
 pub mod status;
 pub mod validate;
+pub mod xds;

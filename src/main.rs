@@ -3,8 +3,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use llmroute::gateway::envoy::{EnvoyOptions, VolumeLayout};
-use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
+use llmroute::gateway::envoy::{EnvoyOptions, XdsClient};
+use llmroute::gateway::objects::GatewayDeploymentOptions;
 use llmroute::render::{self, RenderOptions};
 
 #[derive(Parser)]
@@ -168,16 +168,28 @@ struct RunArgs {
     /// Replicas of each gateway Deployment.
     #[arg(long, default_value_t = 2, env = "LLMROUTE_GATEWAY_REPLICAS")]
     gateway_replicas: i32,
-    /// Time a new key is given to reach the gateway's Secret volume before configuration uses it
-    /// (Go-style duration; the kubelet refreshes Secret volumes within about a minute).
-    #[arg(long, default_value = "60s", env = "LLMROUTE_KEY_PROPAGATION_DELAY")]
-    key_propagation_delay: String,
-    /// Where the gateway Pods mount the configuration ConfigMap.
-    #[arg(long, default_value = "/etc/llmroute/config")]
-    gateway_config_dir: String,
-    /// Where the gateway Pods mount the keys Secret.
-    #[arg(long, default_value = "/etc/llmroute/keys")]
-    gateway_keys_dir: String,
+    /// Namespace the operator runs in: its xDS CA Secret, its xDS Service and (by default) its
+    /// leader Lease are there.
+    #[arg(long, default_value = "llmroute-system", env = "POD_NAMESPACE")]
+    operator_namespace: String,
+    /// Address the xDS server (the gateways' configuration) listens on.
+    #[arg(long, default_value = "0.0.0.0:18000", env = "LLMROUTE_XDS_LISTEN")]
+    xds_listen: std::net::SocketAddr,
+    /// `host:port` gateways dial for their configuration (written in their bootstrap; the serving
+    /// certificate names the host). Default: the xDS Service, llmroute-xds.<operator namespace>.svc:18000.
+    #[arg(long, env = "LLMROUTE_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// Name of the Service (without selector) gateways dial: the leader points it at itself with an
+    /// EndpointSlice (needs POD_IP). Empty: no EndpointSlice is written.
+    #[arg(long, default_value = "llmroute-xds")]
+    xds_service: String,
+    /// The Secret holding the xDS CA, as NAMESPACE/NAME (created when missing). Default:
+    /// <operator namespace>/llmroute-xds-ca.
+    #[arg(long)]
+    xds_ca_secret: Option<String>,
+    /// Where gateway Pods mount their xDS client certificate (written in their bootstrap).
+    #[arg(long, default_value = llmroute::gateway::objects::XDS_CERT_DIR)]
+    gateway_xds_cert_dir: String,
     /// Port of the gateway listener inside the Pod (the Service always exposes 8080).
     #[arg(long, default_value_t = 8080)]
     gateway_port: u16,
@@ -190,15 +202,16 @@ struct RunArgs {
     /// Port of the gateway's admin interface (bound to 127.0.0.1).
     #[arg(long, default_value_t = 9901)]
     gateway_admin_port: u16,
-    /// CA bundle the gateway verifies providers' TLS certificates against.
+    /// CA bundle (a file of the gateway's image) the gateway verifies providers' TLS certificates
+    /// against, when --upstream-ca-file is not given.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     gateway_trusted_ca: String,
     /// Run the controller only while holding the leader Lease (for more than one replica).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "LLMROUTE_LEADER_ELECT")]
     leader_elect: bool,
-    /// Namespace of the leader Lease.
-    #[arg(long, default_value = "llmroute-system", env = "POD_NAMESPACE")]
-    leader_election_namespace: String,
+    /// Namespace of the leader Lease (default: the operator's namespace).
+    #[arg(long)]
+    leader_election_namespace: Option<String>,
     /// Name of the leader Lease.
     #[arg(long, default_value = "llmroute-operator")]
     leader_election_name: String,
@@ -208,9 +221,14 @@ struct RunArgs {
     /// Health probes in flight at most.
     #[arg(long, default_value_t = 32)]
     probe_concurrency: usize,
-    /// Extra CA certificates (PEM) the prober trusts besides the system's (private endpoints).
-    #[arg(long, env = "LLMROUTE_PROBE_CA_FILE")]
-    probe_ca_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for providers' TLS besides the system's (private
+    /// endpoints, a corporate CA): by the prober, and by the gateways (served to them over xDS with
+    /// the system roots of --system-ca-file).
+    #[arg(long, env = "LLMROUTE_UPSTREAM_CA_FILE", alias = "probe-ca-file")]
+    upstream_ca_file: Option<PathBuf>,
+    /// The system's CA bundle, served to gateways with --upstream-ca-file's certificates.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    system_ca_file: PathBuf,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "LLMROUTE_LOG_FORMAT")]
     log_format: String,
@@ -244,12 +262,42 @@ async fn shutdown_signal() {
 
 fn run_operator(args: RunArgs) -> ExitCode {
     init_logging(&args.log_format, &args.log_level);
-    let delay = match llmroute::gateway::ir::duration_ms(&args.key_propagation_delay) {
-        Ok(ms) => std::time::Duration::from_millis(ms),
-        Err(e) => {
-            eprintln!("error: --key-propagation-delay {e}");
+    let upstream_ca = match &args.upstream_ca_file {
+        None => None,
+        Some(extra) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            match (read(&args.system_ca_file), read(extra)) {
+                (Ok(system), Ok(extra)) => Some(format!("{}\n{}", system.trim_end(), extra)),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: --upstream-ca-file: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let ca_secret = match args.xds_ca_secret.as_deref().map(|s| s.split_once('/')) {
+        None => (
+            args.operator_namespace.clone(),
+            "llmroute-xds-ca".to_string(),
+        ),
+        Some(Some((ns, name))) if !ns.is_empty() && !name.is_empty() => (ns.into(), name.into()),
+        Some(_) => {
+            eprintln!("error: --xds-ca-secret must be NAMESPACE/NAME");
             return ExitCode::from(2);
         }
+    };
+    let xds_client = XdsClient {
+        address: args.xds_address.clone().unwrap_or_else(|| {
+            format!(
+                "{}.{}.svc:{}",
+                args.xds_service,
+                args.operator_namespace,
+                args.xds_listen.port()
+            )
+        }),
+        cert_dir: args.gateway_xds_cert_dir.clone(),
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
@@ -271,21 +319,17 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 replicas: args.gateway_replicas,
                 shutdown_manager_image: args.shutdown_manager_image,
             },
-            key_propagation_delay: delay,
-            envoy: llmroute::gateway::envoy::EnvoyOptions {
-                config_dir: args.gateway_config_dir,
-                keys_dir: args.gateway_keys_dir,
+            envoy: EnvoyOptions {
                 port: args.gateway_port,
                 address: args.gateway_address,
                 admin_port: args.gateway_admin_port,
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,
-                layout: VolumeLayout::Kubelet,
             },
             identity,
             prober: llmroute::probe::ProberOptions {
                 concurrency: args.probe_concurrency,
-                extra_ca: args.probe_ca_file,
+                extra_ca: args.upstream_ca_file,
             },
             ..Default::default()
         };
@@ -302,14 +346,39 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 tracing::error!(error = %e, "the /metrics, /healthz and /readyz server stopped");
             }
         });
+        // Streams are served by the leader only (or always, without leader election).
+        let (serving_tx, serving) = tokio::sync::watch::channel(!args.leader_elect);
+        let xds_opts = llmroute::operator::xds::XdsOptions {
+            listen: args.xds_listen,
+            client: xds_client,
+            ca_secret,
+            upstream_ca,
+        };
+        let xds = match llmroute::operator::xds::start(
+            &client,
+            &xds_opts,
+            serving.clone(),
+            opts.metrics.clone(),
+            shutdown_signal(),
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the xDS server");
+                return ExitCode::from(1);
+            }
+        };
         tracing::info!(namespaces = ?namespaces, region = %opts.default_region, "starting llmroute operator");
         let writes = std::sync::Arc::new(llmroute::operator::apply::WriteCounter::default());
         if !args.leader_elect {
-            llmroute::operator::run_scoped(client, opts, namespaces, writes, shutdown_signal()).await;
+            llmroute::operator::run_scoped(client, opts, xds, namespaces, writes, shutdown_signal()).await;
             return ExitCode::SUCCESS;
         }
         let lease = llmroute::operator::leader::LeaseConfig {
-            namespace: args.leader_election_namespace,
+            namespace: args
+                .leader_election_namespace
+                .unwrap_or_else(|| args.operator_namespace.clone()),
             name: args.leader_election_name,
             identity: opts.identity.clone(),
             duration: std::time::Duration::from_secs(15),
@@ -317,13 +386,29 @@ fn run_operator(args: RunArgs) -> ExitCode {
         };
         let runtime = opts.runtime.clone();
         let work_client = client.clone();
+        let endpoint = std::env::var("POD_IP")
+            .ok()
+            .filter(|ip| !ip.is_empty() && !args.xds_service.is_empty())
+            .map(|ip| (args.operator_namespace.clone(), args.xds_service.clone(), ip, args.xds_listen.port()));
         let work = |stop: tokio::sync::oneshot::Receiver<()>| async move {
             use std::sync::atomic::Ordering::SeqCst;
             runtime.leading.store(true, SeqCst);
-            llmroute::operator::run_scoped(work_client, opts, namespaces, writes, async move {
+            serving_tx.send_replace(true);
+            if let Some((ns, service, ip, port)) = endpoint {
+                tokio::spawn(llmroute::operator::xds::publish_leader_endpoint(
+                    work_client.clone(),
+                    ns,
+                    service,
+                    ip,
+                    port,
+                    serving,
+                ));
+            }
+            llmroute::operator::run_scoped(work_client, opts, xds, namespaces, writes, async move {
                 let _ = stop.await;
             })
             .await;
+            serving_tx.send_replace(false);
             runtime.leading.store(false, SeqCst);
         };
         match llmroute::operator::leader::lead(client.clone(), lease, shutdown_signal(), work).await {
@@ -400,12 +485,12 @@ fn run_render(args: RenderArgs) -> ExitCode {
         admin_port: args.admin_port,
         health_port: args.health_port,
         trusted_ca: args.trusted_ca,
-        ..Default::default()
     };
     let opts = RenderOptions {
         namespace: args.namespace,
         default_region: args.default_region,
         envoy: envoy.clone(),
+        xds: XdsClient::default(),
         deployment: GatewayDeploymentOptions {
             image: args.envoy_image,
             shutdown_manager_image: args.shutdown_manager_image,
@@ -424,16 +509,8 @@ fn run_render(args: RenderArgs) -> ExitCode {
         }
     }
     let Some(dir) = args.out_dir else {
-        return match render::objects_yaml(&renders, &opts) {
-            Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
-            }
-            Err(p) => {
-                eprintln!("error: {}: {}", p.reason, p.message);
-                ExitCode::from(1)
-            }
-        };
+        print!("{}", render::objects_yaml(&renders, &opts));
+        return ExitCode::SUCCESS;
     };
     if renders.len() != 1 {
         eprintln!(
@@ -449,13 +526,6 @@ fn run_render(args: RenderArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let gw = &renders[0].translation.gateway;
-    if let Err(p) = objects::config_map(gw, &llmroute::gateway::envoy::render(gw, &envoy), &[]) {
-        eprintln!(
-            "warning: the operator could not publish this: {}: {}",
-            p.reason, p.message
-        );
-    }
     match render::write_gateway_dir(&renders[0], &dir, &envoy) {
         Ok(route_keys) => {
             eprintln!(

@@ -57,6 +57,13 @@ pub struct ProbeLabels {
     pub result: &'static str,
 }
 
+/// A namespace and a kind of xDS resource (Cluster, Listener, RouteConfiguration, Secret).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsPushLabels {
+    pub namespace: String,
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
@@ -80,6 +87,15 @@ pub struct Metrics {
     pub probes: Family<ProbeLabels, Counter>,
     pub probe_duration: Family<ProviderLabels, Histogram>,
     pub probe_targets: Gauge,
+    /// Gateway replicas holding an xDS stream, by namespace.
+    pub xds_connected: Family<NamespaceLabels, Gauge>,
+    /// xDS responses sent, by namespace and resource kind.
+    pub xds_pushes: Family<XdsPushLabels, Counter>,
+    /// xDS responses a gateway rejected (NACK), by namespace and resource kind.
+    pub xds_rejections: Family<XdsPushLabels, Counter>,
+    /// From publishing a namespace's changed configuration until every connected replica of its
+    /// gateway acknowledged it.
+    pub xds_propagation: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,8 +174,36 @@ impl Metrics {
             "Backend accounts being probed",
             probe_targets.clone(),
         );
+        let xds_connected = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "xds_connected_gateways",
+            "Gateway replicas connected to this operator's xDS server, by namespace",
+            xds_connected.clone(),
+        );
+        let xds_pushes = Family::<XdsPushLabels, Counter>::default();
+        registry.register(
+            "xds_pushes",
+            "xDS responses sent to gateway replicas, by namespace and resource kind",
+            xds_pushes.clone(),
+        );
+        let xds_rejections = Family::<XdsPushLabels, Counter>::default();
+        registry.register(
+            "xds_rejections",
+            "xDS responses a gateway replica rejected (NACK), by namespace and resource kind",
+            xds_rejections.clone(),
+        );
+        let xds_propagation = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "xds_propagation_seconds",
+            "Time from publishing a changed gateway configuration until every connected replica acknowledged it",
+            xds_propagation.clone(),
+        );
         Metrics {
             registry,
+            xds_connected,
+            xds_pushes,
+            xds_rejections,
+            xds_propagation,
             reconciles,
             reconcile_errors,
             reconcile_duration,

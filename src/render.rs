@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::LLMRoute;
-use crate::gateway::envoy::{self, EnvoyOptions, VolumeLayout};
+use crate::gateway::envoy::{self, EnvoyOptions, XdsClient};
 use crate::gateway::objects::{self, GatewayDeploymentOptions, KeyMaterial};
-use crate::gateway::{self, Problem, Translation};
+use crate::gateway::{self, Translation};
 use crate::policy::Facts;
 use crate::validate::validate_route;
 
@@ -155,6 +155,8 @@ pub struct RenderOptions {
     pub namespace: String,
     pub default_region: String,
     pub envoy: EnvoyOptions,
+    /// The xDS server the gateways' bootstrap names.
+    pub xds: XdsClient,
     pub deployment: GatewayDeploymentOptions,
 }
 
@@ -246,33 +248,44 @@ fn redact_secret(mut value: Value) -> Value {
     value
 }
 
-/// The objects the operator would apply, as a YAML stream, with Secret values redacted; or why a
-/// namespace's objects could not be applied (a configuration too large for its ConfigMap).
-pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> Result<String, Problem> {
+/// What stands in an offline render for what only the operator makes (certificates).
+const ISSUED_BY_THE_OPERATOR: &str = "<issued by the operator>";
+
+/// The objects the operator would apply, as a YAML stream, with Secret values redacted.
+pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String {
     let mut docs: Vec<Value> = Vec::new();
     for ns in renders {
         let t = &ns.translation;
         let owners: Vec<OwnerReference> = ns.routes.iter().map(owner).collect();
-        let ns_envoy = opts.envoy.clone();
-        let files = envoy::render(&t.gateway, &ns_envoy);
         let keys = placeholder_keys(t);
+        let bootstrap = envoy::ads_bootstrap(&opts.envoy, &opts.xds, &ns.namespace);
         docs.push(typed_doc(
             "v1",
             "ConfigMap",
-            to_value(&objects::config_map(&t.gateway, &files, &owners)?),
+            to_value(&objects::config_map(&ns.namespace, &bootstrap, &owners)),
         ));
-        docs.push(typed_doc(
-            "v1",
-            "Secret",
-            redact_secret(to_value(&objects::keys_secret(&t.gateway, &keys, &owners))),
-        ));
+        let certificate = crate::xds::tls::Pem {
+            cert: ISSUED_BY_THE_OPERATOR.into(),
+            key: ISSUED_BY_THE_OPERATOR.into(),
+            not_after: 0,
+        };
+        let mut xds_secret = redact_secret(to_value(&objects::xds_secret(
+            &ns.namespace,
+            &certificate,
+            ISSUED_BY_THE_OPERATOR,
+            &owners,
+        )));
+        xds_secret["metadata"]["annotations"][objects::CERT_NOT_AFTER_ANNOTATION] =
+            Value::String(ISSUED_BY_THE_OPERATOR.into());
+        docs.push(typed_doc("v1", "Secret", xds_secret));
         docs.push(typed_doc(
             "apps/v1",
             "Deployment",
             to_value(&objects::deployment(
                 &ns.namespace,
-                &ns_envoy,
+                &opts.envoy,
                 &opts.deployment,
+                ISSUED_BY_THE_OPERATOR,
                 &owners,
             )),
         ));
@@ -306,11 +319,10 @@ pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> Result
             }
         }
     }
-    Ok(docs
-        .iter()
+    docs.iter()
         .map(|d| serde_yaml_ng::to_string(d).expect("objects serialize"))
         .collect::<Vec<_>>()
-        .join("---\n"))
+        .join("---\n")
 }
 
 fn to_value<T: serde::Serialize>(object: &T) -> Value {
@@ -330,9 +342,8 @@ fn typed_doc(api_version: &str, kind: &str, mut v: Value) -> Value {
 /// The static equivalent of the gateway, for `envoy --mode validate -c DIR/validate.yaml`.
 pub const VALIDATE_FILE: &str = "validate.yaml";
 
-/// Writes a namespace's gateway files for a local Envoy: configuration in `dir`, placeholder keys
-/// in `dir/keys`, as plain files (the directories and layout of `envoy_opts` are replaced by
-/// these). Returns the route keys written, by route.
+/// Writes a namespace's gateway files for a local Envoy: configuration in `dir` (a bootstrap with
+/// file-based xDS), placeholder keys in `dir/keys`. Returns the route keys, by route.
 pub fn write_gateway_dir(
     render: &NamespaceRender,
     dir: &Path,
@@ -340,29 +351,18 @@ pub fn write_gateway_dir(
 ) -> std::io::Result<BTreeMap<String, String>> {
     let keys_dir = dir.join("keys");
     std::fs::create_dir_all(&keys_dir)?;
-    let envoy_opts = &EnvoyOptions {
-        config_dir: dir.display().to_string(),
-        keys_dir: keys_dir.display().to_string(),
-        layout: VolumeLayout::Plain,
-        ..envoy_opts.clone()
-    };
-    let files = envoy::render(&render.translation.gateway, envoy_opts);
-    for (name, content) in &files {
+    let (dir_s, keys_s) = (dir.display().to_string(), keys_dir.display().to_string());
+    let keys = placeholder_keys(&render.translation);
+    let gw = &render.translation.gateway;
+    for (name, content) in envoy::render_files(gw, envoy_opts, &dir_s, &keys_s, &keys) {
         std::fs::write(dir.join(name), content)?;
     }
     std::fs::write(
         dir.join(VALIDATE_FILE),
-        envoy::render_static(&render.translation.gateway, envoy_opts),
+        envoy::render_static(gw, envoy_opts, &keys_s, &keys),
     )?;
-    let keys = placeholder_keys(&render.translation);
     for (entry, value) in &keys.provider_keys {
         std::fs::write(keys_dir.join(entry), value)?;
-    }
-    for r in &render.translation.gateway.routes {
-        std::fs::write(
-            keys_dir.join(&r.key_entry),
-            keys.route_keys[&r.name].as_bytes(),
-        )?;
     }
     Ok(keys.route_keys)
 }

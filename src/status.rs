@@ -7,6 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::api::{BackendStatus, LLMRouteStatus};
 use crate::gateway::{Problem, RouteOutcome};
 use crate::policy::BackendVerdict;
+use crate::xds::ReplicaServing;
+use crate::xds::delta::Serving;
 
 pub const ACCEPTED: &str = "Accepted";
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
@@ -22,19 +24,109 @@ pub const TERMINAL_REASONS: [&str; 4] = [
     "InvalidSpec",
     "NoEligibleBackend",
     "InvalidBackend",
-    "ConfigurationTooLarge",
+    "InvalidConfiguration",
 ];
+
+/// What the operator knows of a namespace's gateway, for one route: whether its configuration could
+/// be published, and how each replica stands with it.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayView {
+    /// Why the namespace's configuration could not be published (the last one stays served).
+    pub publish_error: Option<Problem>,
+    /// The route's `metadata.generation`, for the message.
+    pub generation: Option<i64>,
+    /// The replicas connected to the xDS server, and how each stands with the route.
+    pub replicas: Vec<ReplicaServing>,
+    /// Ready replicas of the gateway Deployment (a ready replica that is not connected serves
+    /// whatever it loaded last, so it counts as not serving the route).
+    pub ready_replicas: i32,
+    /// Replicas the Deployment asks for.
+    pub desired_replicas: i32,
+    /// What keeps gateway Pods from running, when something does (a crash, an image that cannot be
+    /// pulled), as reported by their status.
+    pub pod_problem: Option<String>,
+}
+
+/// `Programmed`: every ready gateway replica has loaded the route's current configuration. The
+/// message counts them ("2/2 gateway replicas serve generation 7"); a rejection names Envoy's error.
+pub fn programmed(view: &GatewayView) -> Result<String, Problem> {
+    if let Some(p) = &view.publish_error {
+        return Err(p.clone());
+    }
+    let generation = view.generation.map_or_else(
+        || "the current generation".to_string(),
+        |g| format!("generation {g}"),
+    );
+    if let Some((node, error)) = view.replicas.iter().find_map(|r| match &r.serving {
+        Serving::Rejected(e) => Some((&r.node, e)),
+        _ => None,
+    }) {
+        return Err(Problem::new(
+            "ConfigurationRejected",
+            format!("gateway replica {node} rejected the configuration of {generation}: {error}"),
+        ));
+    }
+    let connected = view.replicas.len();
+    let serving = view
+        .replicas
+        .iter()
+        .filter(|r| r.serving == Serving::Current)
+        .count();
+    let total = connected.max(view.ready_replicas.max(0) as usize);
+    let problem = view
+        .pod_problem
+        .as_ref()
+        .map(|p| format!("; {p}"))
+        .unwrap_or_default();
+    if connected == 0 {
+        return Err(Problem::new(
+            "GatewayPending",
+            format!(
+                "no gateway replica serves {generation} yet: 0 of {} connected to the operator{problem}",
+                view.desired_replicas.max(view.ready_replicas)
+            ),
+        ));
+    }
+    if serving < total {
+        let waiting: Vec<&str> = view
+            .replicas
+            .iter()
+            .filter(|r| r.serving != Serving::Current)
+            .map(|r| r.node.as_str())
+            .collect();
+        let unconnected = total - connected;
+        let mut why = Vec::new();
+        if !waiting.is_empty() {
+            why.push(format!("waiting for {}", waiting.join(", ")));
+        }
+        if unconnected > 0 {
+            why.push(format!(
+                "{unconnected} ready replica(s) not connected to the operator"
+            ));
+        }
+        return Err(Problem::new(
+            "Propagating",
+            format!(
+                "{serving}/{total} gateway replicas serve {generation} ({}){problem}",
+                why.join("; ")
+            ),
+        ));
+    }
+    Ok(format!(
+        "{serving}/{total} gateway replicas serve {generation}"
+    ))
+}
 
 /// What the reconciler knows about one route.
 #[derive(Clone, Debug)]
 pub enum RouteState<'a> {
     /// The spec failed validation: (reason, message).
     Invalid(Problem),
-    /// Translated; `published` is false when the gateway configuration could not be written.
+    /// Translated; `gateway` says whether the gateway replicas serve it.
     Translated {
         outcome: &'a RouteOutcome,
         endpoint: String,
-        published: Result<(), Problem>,
+        gateway: GatewayView,
     },
 }
 
@@ -91,7 +183,7 @@ pub fn route_status(
         RouteState::Translated {
             outcome,
             endpoint,
-            published,
+            gateway,
         } => {
             conditions.push(condition(
                 ACCEPTED,
@@ -119,13 +211,16 @@ pub fn route_status(
                     &now,
                 )),
             }
-            let programmed = outcome.programmed.clone().and(published.clone());
+            let programmed = outcome
+                .programmed
+                .clone()
+                .and_then(|()| programmed(gateway));
             match &programmed {
-                Ok(()) => conditions.push(condition(
+                Ok(message) => conditions.push(condition(
                     PROGRAMMED,
                     true,
                     PROGRAMMED,
-                    "the gateway configuration is published".into(),
+                    message.clone(),
                     generation,
                     &now,
                 )),
@@ -143,7 +238,7 @@ pub fn route_status(
                 .preferred
                 .map(|i| outcome.decision.backends[i].name.clone());
             match (&programmed, &outcome.active_backend) {
-                (Ok(()), Some(active)) => {
+                (Ok(_), Some(active)) => {
                     conditions.push(condition(
                         READY,
                         true,
@@ -188,7 +283,7 @@ pub fn route_status(
                     generation,
                     &now,
                 )),
-                (Ok(()), None) => conditions.push(condition(
+                (Ok(_), None) => conditions.push(condition(
                     READY,
                     false,
                     "NoEligibleBackend",

@@ -1,13 +1,21 @@
-//! Gateway IR → Envoy 1.40 files: a bootstrap with file-based LDS/CDS, one RDS file for the front
-//! listener and one per backend listener. Keys are never written here: the Lua of the front and of
-//! each account listener reads them from the mounted keys Secret (at most once a second).
+//! Gateway IR → Envoy 1.40 resources, delivered three ways from one description:
+//!
+//! - [`ads_config`]: what the operator's xDS server serves (delta ADS over mutual TLS), and
+//!   [`ads_bootstrap`], the static bootstrap a gateway Pod starts from (it names the server);
+//! - [`render_files`]: a bootstrap with file-based xDS and its files, for `llmroute render --out-dir`;
+//! - [`render_static`]: the same gateway as one static bootstrap, for `envoy --mode validate`.
 //!
 //! Layout (see the README's architecture picture): the front listener `gateway` checks the route key and the
 //! model, then routes `/<route>/v1/...` to a failover chain (an aggregate cluster retried with
 //! `previous_priorities`). Each chain member is an internal listener per provider account (provider,
-//! base URL, key) that injects the provider's key, maps the model for the route, rewrites path and
-//! Host, and classifies failures. Every attempt is a fresh request into the next account's
-//! listener, so nothing of one provider leaks into another's attempt.
+//! base URL, key) that injects the provider's key (`credential_injector`, the key an SDS secret),
+//! maps the model for the route, rewrites path and Host, and classifies failures. Every attempt is a
+//! fresh request into the next account's listener, so nothing of one provider leaks into another's
+//! attempt.
+//!
+//! Keys: a provider key is a generic SDS secret (over the xDS stream; from a file offline) that
+//! `credential_injector` sets in the provider's auth header; Envoy's config dumps redact secrets. A
+//! route's key is in its front route's metadata, compared by the front Lua.
 //!
 //! Per-request cost (docs/benchmarks.md, "Where the gateway's time goes"): the front listener reads
 //! the body once and passes the model on in `x-llmroute-model`, so an account listener buffers the
@@ -20,19 +28,20 @@
 
 use std::collections::BTreeMap;
 
+use base64::Engine;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::ir::{AccountIr, BackendIr, GatewayIr, RouteIr, UpstreamIr};
-use super::xds;
+use super::objects::KeyMaterial;
+use super::shapes;
 use crate::catalog::PathStyle;
+use crate::xds::api as xds_api;
+use crate::xds::snapshot::{ResourceInput, RouteInput};
 
-/// Where the gateway finds its files and what it listens on.
+/// What the gateway listens on and trusts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnvoyOptions {
-    /// Directory the configuration files are mounted at (the ConfigMap).
-    pub config_dir: String,
-    /// Directory the keys are mounted at (the keys Secret).
-    pub keys_dir: String,
     /// Port of the front listener.
     pub port: u16,
     /// Address of the front listener.
@@ -41,68 +50,74 @@ pub struct EnvoyOptions {
     pub admin_port: u16,
     /// Port of the readiness/metrics listener (proxies `/ready` and `/stats/prometheus` of admin).
     pub health_port: u16,
-    /// CA bundle that upstream TLS certificates are verified against.
+    /// CA bundle (a file in the gateway's container) that providers' TLS certificates are verified
+    /// against, unless the operator serves one (`--upstream-ca-file`).
     pub trusted_ca: String,
-    /// How the two directories are written, which decides the paths the gateway reads.
-    pub layout: VolumeLayout,
-}
-
-/// How the configuration and keys directories are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum VolumeLayout {
-    /// ConfigMap and Secret volumes: the kubelet writes a new timestamped directory, renames the
-    /// `..data` symlink onto it, and only then creates the visible symlink of a key that is new.
-    /// The gateway reads every file through `..data`: a listener update naming a route file added in
-    /// the same ConfigMap update would otherwise race that last step and be rejected ("paths must
-    /// refer to an existing path"), and each read sees one version of all files.
-    #[default]
-    Kubelet,
-    /// Plain files written in place (`llmroute render --out-dir`).
-    Plain,
-}
-
-/// A file of a volume: through `..data` for a kubelet volume (one version of all files), plainly
-/// otherwise.
-fn volume_path(dir: &str, file: &str, layout: VolumeLayout) -> String {
-    match layout {
-        VolumeLayout::Kubelet => format!("{dir}/..data/{file}"),
-        VolumeLayout::Plain => format!("{dir}/{file}"),
-    }
-}
-
-impl EnvoyOptions {
-    /// The path Envoy reads `file` of the configuration directory at.
-    pub fn config_path(&self, file: &str) -> String {
-        volume_path(&self.config_dir, file, self.layout)
-    }
-
-    /// The path the gateway's Lua reads `entry` of the keys directory at (at most once a second per
-    /// worker, so a rotated key, or one that arrives after the configuration naming it, is used
-    /// within about a second of the volume's update, without any file watch).
-    pub fn key_path(&self, entry: &str) -> String {
-        volume_path(&self.keys_dir, entry, self.layout)
-    }
 }
 
 impl Default for EnvoyOptions {
     fn default() -> Self {
         EnvoyOptions {
-            config_dir: "/etc/llmroute/config".into(),
-            keys_dir: "/etc/llmroute/keys".into(),
             port: 8080,
             address: "0.0.0.0".into(),
             admin_port: 9901,
             health_port: 19003,
             trusted_ca: "/etc/ssl/certs/ca-certificates.crt".into(),
-            layout: VolumeLayout::Kubelet,
         }
     }
 }
 
-/// File names inside the configuration directory.
+/// How a gateway reaches the operator's xDS server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsClient {
+    /// `host:port` of the server (the operator's xDS Service).
+    pub address: String,
+    /// Directory of the gateway's client certificate (`tls.crt`, `tls.key`) and the CA (`ca.crt`)
+    /// that signed the server's.
+    pub cert_dir: String,
+}
+
+impl Default for XdsClient {
+    fn default() -> Self {
+        XdsClient {
+            address: "llmroute-xds.llmroute-system.svc:18000".into(),
+            cert_dir: "/etc/llmroute/xds".into(),
+        }
+    }
+}
+
+impl XdsClient {
+    fn host_port(&self) -> (String, u16) {
+        match self.address.rsplit_once(':') {
+            Some((h, p)) => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.parse().unwrap_or(18000),
+            ),
+            None => (self.address.clone(), 18000),
+        }
+    }
+
+    /// The host name the server's certificate must carry.
+    pub fn host(&self) -> String {
+        self.host_port().0
+    }
+}
+
+/// How a gateway gets the resources outside its bootstrap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery<'a> {
+    /// From the operator's xDS server.
+    Ads,
+    /// From files of `dir`; keys from files of `keys_dir`.
+    Files { dir: &'a str, keys_dir: &'a str },
+    /// Inline in one static bootstrap; keys from files of `keys_dir`.
+    Static { keys_dir: &'a str },
+}
+
+/// File names of an offline gateway directory (`llmroute render --out-dir`), and of the bootstrap
+/// in the gateway's ConfigMap.
 pub const BOOTSTRAP: &str = "bootstrap.yaml";
-// xDS files are JSON (which Envoy reads by extension): several times faster to produce than YAML
-// and smaller in the ConfigMap, where size is bounded (1 MiB).
+// xDS files are JSON (which Envoy reads by extension).
 pub const LISTENERS: &str = "listeners.json";
 pub const CLUSTERS: &str = "clusters.json";
 pub const ROUTES: &str = "routes.json";
@@ -134,7 +149,7 @@ pub fn account_routes_file(account: &AccountIr) -> String {
 #[serde(untagged)]
 #[allow(clippy::large_enum_variant)] // one catch-all among the route entries
 enum FrontEntry<'a> {
-    Route(xds::FrontRoute<'a>),
+    Route(shapes::FrontRoute<'a>),
     Other(Value),
 }
 
@@ -142,7 +157,7 @@ enum FrontEntry<'a> {
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum ClusterEntry<'a> {
-    Chain(xds::ChainCluster<'a>),
+    Chain(shapes::ChainCluster<'a>),
     Other(Value),
 }
 
@@ -155,17 +170,29 @@ impl ClusterEntry<'_> {
     }
 }
 
-/// Envoy resources of a gateway, before they are laid out in files.
+/// Name of the SDS secret with the CA bundle providers are verified against, when the operator
+/// serves one.
+pub const UPSTREAM_CA_SECRET: &str = "llmroute-upstream-ca";
+
+/// Envoy resources of a gateway, before they are delivered.
 struct Resources<'a> {
     listeners: Vec<Value>,
     clusters: Vec<ClusterEntry<'a>>,
-    front: xds::RouteConfig<'a, FrontEntry<'a>>,
+    front: shapes::RouteConfig<'a, FrontEntry<'a>>,
     /// (file, RouteConfiguration) of each account listener.
-    accounts: Vec<(String, xds::RouteConfig<'a, xds::AccountRoute<'a>>)>,
+    accounts: Vec<(String, shapes::RouteConfig<'a, shapes::AccountRoute<'a>>)>,
+    /// Secret resources: provider keys (and the upstream CA bundle).
+    secrets: Vec<Value>,
 }
 
-fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
-    let mut listeners = vec![front_listener(opts)];
+fn resources<'a>(
+    gw: &'a GatewayIr,
+    opts: &EnvoyOptions,
+    delivery: Delivery,
+    keys: &'a KeyMaterial,
+    upstream_ca: Option<&str>,
+) -> Resources<'a> {
+    let mut listeners = vec![front_listener(opts, delivery)];
     let mut clusters: Vec<ClusterEntry> = Vec::new();
     // Which (route, backend) pairs each account serves.
     let mut served: BTreeMap<&str, Vec<(&RouteIr, &BackendIr)>> = BTreeMap::new();
@@ -179,7 +206,7 @@ fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
     }
     let mut accounts = Vec::new();
     for account in &gw.accounts {
-        listeners.push(account_listener(account, opts));
+        listeners.push(account_listener(account, delivery));
         clusters.push(ClusterEntry::Other(internal_cluster(&account.name)));
         let entries = served
             .get(account.name.as_str())
@@ -193,12 +220,13 @@ fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
     clusters.extend(
         gw.chains
             .iter()
-            .map(|c| ClusterEntry::Chain(xds::ChainCluster::new(&c.cluster, &c.accounts))),
+            .map(|c| ClusterEntry::Chain(shapes::ChainCluster::new(&c.cluster, &c.accounts))),
     );
+    let served_ca = upstream_ca.filter(|_| delivery == Delivery::Ads);
     clusters.extend(
         gw.upstreams
             .iter()
-            .map(|u| ClusterEntry::Other(upstream_cluster(u, opts))),
+            .map(|u| ClusterEntry::Other(upstream_cluster(u, opts, served_ca.is_some()))),
     );
     clusters.sort_by(|a, b| a.name().cmp(b.name()));
     for c in &mut clusters {
@@ -206,15 +234,49 @@ fn resources<'a>(gw: &'a GatewayIr, opts: &EnvoyOptions) -> Resources<'a> {
             *v = typed("envoy.config.cluster.v3.Cluster", std::mem::take(v));
         }
     }
+    let mut secrets: Vec<Value> = gw
+        .provider_keys
+        .iter()
+        .map(|k| provider_secret(&k.entry, keys, delivery))
+        .collect();
+    if let Some(pem) = served_ca {
+        secrets.push(typed(
+            "envoy.extensions.transport_sockets.tls.v3.Secret",
+            json!({ "name": UPSTREAM_CA_SECRET, "validation_context": { "trusted_ca": { "inline_string": pem } } }),
+        ));
+    }
     Resources {
         listeners: listeners
             .into_iter()
             .map(|l| typed("envoy.config.listener.v3.Listener", l))
             .collect(),
         clusters,
-        front: front_route_config(gw, opts),
+        front: front_route_config(gw, keys),
         accounts,
+        secrets,
     }
+}
+
+/// A provider key as a generic secret: its value over xDS, or the file holding it offline.
+fn provider_secret(entry: &str, keys: &KeyMaterial, delivery: Delivery) -> Value {
+    let secret = match delivery {
+        Delivery::Ads => {
+            let value = keys
+                .provider_keys
+                .get(entry)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let value = super::objects::trim(value);
+            json!({ "inline_bytes": base64::engine::general_purpose::STANDARD.encode(value) })
+        }
+        Delivery::Files { keys_dir, .. } | Delivery::Static { keys_dir } => {
+            json!({ "filename": format!("{keys_dir}/{entry}") })
+        }
+    };
+    typed(
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        json!({ "name": entry, "generic_secret": { "secret": secret } }),
+    )
 }
 
 fn file_json<T: serde::Serialize>(resources: &[T]) -> String {
@@ -231,11 +293,111 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).expect("resources serialize")
 }
 
-/// Envoy's files for a gateway: file name → content. Deterministic: the same IR gives the same bytes.
-pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
-    let r = resources(gw, opts);
+/// A namespace's gateway as the xDS server serves it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdsConfig {
+    pub resources: Vec<ResourceInput>,
+    /// Per programmed route: what it lives in (`generation` is left for the caller to set).
+    pub routes: Vec<RouteInput>,
+}
+
+/// The resources of `gw` for the xDS server, with the keys of `keys` and, when given, the CA bundle
+/// providers are verified against. Deterministic.
+pub fn ads_config(
+    gw: &GatewayIr,
+    opts: &EnvoyOptions,
+    keys: &KeyMaterial,
+    upstream_ca: Option<&str>,
+) -> AdsConfig {
+    let r = resources(gw, opts, Delivery::Ads, keys, upstream_ca);
+    let mut resources = Vec::new();
+    let mut add = |type_url: &'static str, v: Value| {
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        resources.push(ResourceInput {
+            type_url,
+            name,
+            json: v,
+        });
+    };
+    for l in r.listeners {
+        add(xds_api::LISTENER, l);
+    }
+    for c in &r.clusters {
+        add(xds_api::CLUSTER, to_value(c));
+    }
+    add(xds_api::ROUTE, to_value(&r.front));
+    for (_, c) in &r.accounts {
+        add(xds_api::ROUTE, to_value(c));
+    }
+    for s in r.secrets {
+        add(xds_api::SECRET, s);
+    }
+    AdsConfig {
+        resources,
+        routes: gw
+            .routes
+            .iter()
+            .map(|route| route_input(gw, route, keys))
+            .collect(),
+    }
+}
+
+/// What a route lives in, and a fingerprint of its own part of the configuration.
+fn route_input(gw: &GatewayIr, route: &RouteIr, keys: &KeyMaterial) -> RouteInput {
+    let mut deps: Vec<(&'static str, String)> = vec![(xds_api::ROUTE, FRONT.to_string())];
+    let mut hash = Sha256::new();
+    hash.update(format!("{route:?}"));
+    hash.update(
+        keys.route_keys
+            .get(&route.name)
+            .map(String::as_str)
+            .unwrap_or_default(),
+    );
+    for (chain, _) in &route.chains {
+        deps.push((xds_api::CLUSTER, chain.clone()));
+    }
+    for b in &route.backends {
+        let Some(account) = gw.accounts.iter().find(|a| a.name == b.account) else {
+            continue;
+        };
+        hash.update(format!("{account:?}"));
+        deps.push((xds_api::LISTENER, account.name.clone()));
+        deps.push((xds_api::CLUSTER, account.name.clone()));
+        deps.push((xds_api::ROUTE, account.name.clone()));
+        deps.push((xds_api::CLUSTER, account.upstream.clone()));
+        if let Some(entry) = &account.key_entry {
+            hash.update(
+                keys.provider_keys
+                    .get(entry)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            );
+            deps.push((xds_api::SECRET, entry.clone()));
+        }
+    }
+    deps.sort();
+    deps.dedup();
+    RouteInput {
+        name: route.name.clone(),
+        generation: None,
+        fingerprint: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        deps,
+    }
+}
+
+/// The files of an offline gateway in `dir` (bootstrap with file-based xDS, its resource files and
+/// one SDS file per provider key); the keys are read from files of `keys_dir`. Deterministic.
+pub fn render_files(
+    gw: &GatewayIr,
+    opts: &EnvoyOptions,
+    dir: &str,
+    keys_dir: &str,
+    keys: &KeyMaterial,
+) -> BTreeMap<String, String> {
+    let delivery = Delivery::Files { dir, keys_dir };
+    let r = resources(gw, opts, delivery, keys, None);
     let mut files = BTreeMap::new();
-    files.insert(BOOTSTRAP.to_string(), to_yaml(&bootstrap(opts)));
+    files.insert(BOOTSTRAP.to_string(), to_yaml(&files_bootstrap(opts, dir)));
     files.insert(LISTENERS.to_string(), file_json(&r.listeners));
     files.insert(CLUSTERS.to_string(), file_json(&r.clusters));
     files.insert(
@@ -245,13 +407,27 @@ pub fn render(gw: &GatewayIr, opts: &EnvoyOptions) -> BTreeMap<String, String> {
     for (file, config) in &r.accounts {
         files.insert(file.clone(), file_json(std::slice::from_ref(config)));
     }
+    for secret in &r.secrets {
+        let entry = secret["name"].as_str().unwrap_or_default();
+        files.insert(secret_file(entry), file_json(std::slice::from_ref(secret)));
+    }
     files
 }
 
-/// The same gateway as one static bootstrap (route configurations inlined),
-/// for `envoy --mode validate`, which checks the bootstrap but does not load file-based xDS.
-pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
-    let r = resources(gw, opts);
+/// SDS file of a provider key in an offline gateway directory.
+fn secret_file(entry: &str) -> String {
+    format!("secret.{entry}.json")
+}
+
+/// The same gateway as one static bootstrap (route configurations and secrets inlined), for
+/// `envoy --mode validate`, which checks a bootstrap but does not load dynamic resources.
+pub fn render_static(
+    gw: &GatewayIr,
+    opts: &EnvoyOptions,
+    keys_dir: &str,
+    keys: &KeyMaterial,
+) -> String {
+    let r = resources(gw, opts, Delivery::Static { keys_dir }, keys, None);
     let mut routes: BTreeMap<String, Value> = BTreeMap::new();
     for c in std::iter::once(to_value(&r.front)).chain(r.accounts.iter().map(|(_, c)| to_value(c)))
     {
@@ -267,10 +443,10 @@ pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
     for listener in &mut listeners {
         inline_discovery(listener, &routes);
     }
-    let mut boot = bootstrap(opts);
-    boot.as_object_mut()
-        .expect("bootstrap is an object")
-        .remove("dynamic_resources");
+    let mut boot = base_bootstrap(
+        opts,
+        json!({ "id": "llmroute-gateway", "cluster": "llmroute-gateway" }),
+    );
     let statics = &mut boot["static_resources"];
     statics["listeners"]
         .as_array_mut()
@@ -280,6 +456,7 @@ pub fn render_static(gw: &GatewayIr, opts: &EnvoyOptions) -> String {
         .as_array_mut()
         .expect("clusters")
         .extend(r.clusters.iter().map(|c| untyped(to_value(c))));
+    statics["secrets"] = Value::Array(r.secrets.into_iter().map(untyped).collect());
     to_yaml(&boot)
 }
 
@@ -312,14 +489,22 @@ fn to_yaml(v: &Value) -> String {
     serde_yaml_ng::to_string(v).expect("JSON values serialize to YAML")
 }
 
-fn file_source(opts: &EnvoyOptions, file: &str) -> Value {
-    json!({
-        "path_config_source": {
-            "path": opts.config_path(file),
-            "watched_directory": { "path": opts.config_dir },
-        },
-        "resource_api_version": "V3",
-    })
+fn ads_source() -> Value {
+    json!({ "ads": {}, "resource_api_version": "V3" })
+}
+
+/// Where a resource delivered outside the bootstrap comes from.
+fn config_source(delivery: Delivery, file: &str) -> Value {
+    match delivery {
+        Delivery::Ads | Delivery::Static { .. } => ads_source(),
+        Delivery::Files { dir, .. } => json!({
+            "path_config_source": {
+                "path": format!("{dir}/{file}"),
+                "watched_directory": { "path": dir },
+            },
+            "resource_api_version": "V3",
+        }),
+    }
 }
 
 fn seconds(ms: u64) -> String {
@@ -353,15 +538,13 @@ fn router_filter() -> Value {
     })
 }
 
-fn bootstrap(opts: &EnvoyOptions) -> Value {
+/// What every bootstrap has: node, admin, the internal listener extension, the overload manager,
+/// the health listener and the admin cluster.
+fn base_bootstrap(opts: &EnvoyOptions, node: Value) -> Value {
     json!({
-        "node": { "id": "llmroute-gateway", "cluster": "llmroute-gateway" },
+        "node": node,
         "admin": {
             "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } },
-        },
-        "dynamic_resources": {
-            "lds_config": file_source(opts, LISTENERS),
-            "cds_config": file_source(opts, CLUSTERS),
         },
         "bootstrap_extensions": [{
             "name": "envoy.bootstrap.internal_listener",
@@ -378,19 +561,106 @@ fn bootstrap(opts: &EnvoyOptions) -> Value {
         },
         "static_resources": {
             "listeners": [health_listener(opts)],
-            "clusters": [{
-                "name": "admin",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": "admin",
-                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
-                        "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port },
-                    } } }] }],
-                },
-            }],
+            "clusters": [static_cluster("admin", "127.0.0.1", opts.admin_port)],
         },
     })
+}
+
+fn static_cluster(name: &str, host: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": if host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" },
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": host, "port_value": port },
+            } } }] }],
+        },
+    })
+}
+
+fn files_bootstrap(opts: &EnvoyOptions, dir: &str) -> Value {
+    let mut boot = base_bootstrap(
+        opts,
+        json!({ "id": "llmroute-gateway", "cluster": "llmroute-gateway" }),
+    );
+    boot["dynamic_resources"] = json!({
+        "lds_config": config_source(Delivery::Files { dir, keys_dir: "" }, LISTENERS),
+        "cds_config": config_source(Delivery::Files { dir, keys_dir: "" }, CLUSTERS),
+    });
+    boot
+}
+
+/// Name of the bootstrap's cluster of the xDS server.
+pub const XDS_CLUSTER: &str = "llmroute-xds";
+
+/// The bootstrap of a gateway Pod of `namespace`: everything comes from the operator's xDS server
+/// (delta ADS, HTTP/2, mutual TLS with the namespace's client certificate). Envoy is not ready
+/// until it has its first configuration (`initial_fetch_timeout: 0s`), and keeps serving the last
+/// one it accepted while the server is away. The node id is the Pod's name (`--service-node`).
+pub fn ads_bootstrap(opts: &EnvoyOptions, xds: &XdsClient, namespace: &str) -> String {
+    let mut boot = base_bootstrap(
+        opts,
+        json!({
+            "cluster": "llmroute-gateway",
+            "metadata": { crate::xds::server::NAMESPACE_METADATA: namespace },
+        }),
+    );
+    let mut initial = ads_source();
+    initial["initial_fetch_timeout"] = json!("0s");
+    boot["dynamic_resources"] = json!({
+        "ads_config": {
+            "api_type": "DELTA_GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": true,
+            "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }],
+        },
+        "lds_config": initial.clone(),
+        "cds_config": initial,
+    });
+    let (host, port) = xds.host_port();
+    let mut cluster = static_cluster(XDS_CLUSTER, &host, port);
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    cluster["connect_timeout"] = json!("5s");
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            json!({ "explicit_http_config": { "http2_protocol_options": {
+                // A replaced or lost server is noticed within seconds, not at the next TCP timeout.
+                "connection_keepalive": { "interval": "10s", "timeout": "5s" },
+            } } }),
+        ),
+    });
+    let dir = &xds.cert_dir;
+    let mut tls = json!({
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{
+                "certificate_chain": { "filename": format!("{dir}/tls.crt") },
+                "private_key": { "filename": format!("{dir}/tls.key") },
+            }],
+            "validation_context": {
+                "trusted_ca": { "filename": format!("{dir}/ca.crt") },
+                "match_typed_subject_alt_names": [{
+                    "san_type": if is_ip { "IP_ADDRESS" } else { "DNS" },
+                    "matcher": { "exact": host },
+                }],
+            },
+        },
+    });
+    if !is_ip {
+        tls["sni"] = json!(host);
+    }
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", tls),
+    });
+    boot["static_resources"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .push(cluster);
+    to_yaml(&boot)
 }
 
 /// Exposes only `/ready` and `/stats/prometheus` of the admin interface, for kubelet probes and
@@ -440,7 +710,7 @@ fn access_log() -> Value {
     }])
 }
 
-fn front_listener(opts: &EnvoyOptions) -> Value {
+fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
     json!({
         "name": FRONT,
         "address": { "socket_address": { "address": opts.address, "port_value": opts.port } },
@@ -449,7 +719,7 @@ fn front_listener(opts: &EnvoyOptions) -> Value {
             "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
                 "stat_prefix": FRONT,
                 "codec_type": "AUTO",
-                "rds": { "route_config_name": FRONT, "config_source": file_source(opts, ROUTES) },
+                "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
                 "http_filters": [lua_filter(LUA_FRONT), router_filter()],
                 "access_log": access_log(),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
@@ -478,7 +748,7 @@ fn lua_string(s: &str) -> String {
 
 /// The account's constants for the backend Lua code: base path, path style and the provider's
 /// classification rules from the catalog.
-fn account_lua_prelude(account: &AccountIr, opts: &EnvoyOptions) -> String {
+fn account_lua_prelude(account: &AccountIr) -> String {
     let rules: Vec<String> = account
         .provider
         .error_rules()
@@ -495,40 +765,70 @@ fn account_lua_prelude(account: &AccountIr, opts: &EnvoyOptions) -> String {
             )
         })
         .collect();
-    // The key is read from the mounted keys Secret (never from this file): KEY_FILE names it.
-    let key_file = account.key_entry.as_deref().map_or_else(
-        || "nil".to_string(),
-        |entry| lua_string(&opts.key_path(entry)),
-    );
     format!(
-        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal KEY_FILE = {key_file}\nlocal AUTH_HEADER = {}\nlocal AUTH_PREFIX = {}\nlocal RULES = {{\n{}\n}}\n",
+        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal RULES = {{\n{}\n}}\n",
         account.name,
         account.provider.id,
         lua_string(&account.base_path),
         matches!(account.path_style, PathStyle::AzureDeployment),
         lua_string(account.api_version.as_deref().unwrap_or_default()),
-        lua_string(&account.provider.auth.header),
-        lua_string(&account.provider.auth.prefix),
         rules.join("\n")
     )
 }
 
-fn account_listener(account: &AccountIr, opts: &EnvoyOptions) -> Value {
+/// Sets the account's provider key in the provider's auth header (replacing anything of that name):
+/// a generic SDS secret named by the key's entry.
+fn credential_filter(account: &AccountIr, entry: &str, delivery: Delivery) -> Value {
+    let mut credential = json!({ "name": entry });
+    match delivery {
+        Delivery::Ads => credential["sds_config"] = ads_source(),
+        Delivery::Files { dir, .. } => {
+            credential["sds_config"] = json!({
+                "path_config_source": {
+                    "path": format!("{dir}/{}", secret_file(entry)),
+                    "watched_directory": { "path": dir },
+                },
+                "resource_api_version": "V3",
+            })
+        }
+        // A static secret of the bootstrap, by name.
+        Delivery::Static { .. } => {}
+    }
+    let mut generic = json!({ "credential": credential, "header": account.provider.auth.header });
+    if !account.provider.auth.prefix.is_empty() {
+        generic["header_value_prefix"] = json!(account.provider.auth.prefix);
+    }
+    json!({
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": typed("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector", json!({
+            "overwrite": true,
+            "credential": {
+                "name": "envoy.http.injected_credentials.generic",
+                "typed_config": typed("envoy.extensions.http.injected_credentials.generic.v3.Generic", generic),
+            },
+        })),
+    })
+}
+
+fn account_listener(account: &AccountIr, delivery: Delivery) -> Value {
     let mut filters = vec![lua_filter(&format!(
         "{}\n{LUA_BACKEND}",
-        account_lua_prelude(account, opts)
+        account_lua_prelude(account)
     ))];
+    if let Some(entry) = &account.key_entry {
+        filters.push(credential_filter(account, entry, delivery));
+    }
     filters.push(router_filter());
     json!({
         "name": account.name,
-        "stat_prefix": xds::stat_name(&account.name),
+        "stat_prefix": shapes::stat_name(&account.name),
         "internal_listener": {},
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
                 // One metric name for all accounts, the account in the prefix label.
-                "stat_prefix": xds::stat_name(&account.name),
-                "rds": { "route_config_name": account.name, "config_source": file_source(opts, &account_routes_file(account)) },
+                "stat_prefix": shapes::stat_name(&account.name),
+                "rds": { "route_config_name": account.name, "config_source": config_source(delivery, &account_routes_file(account)) },
                 "http_filters": filters,
                 "stream_idle_timeout": "0s",
                 // Local replies for failures that never reached the provider carry their class.
@@ -562,16 +862,16 @@ fn failover_classes(route: &RouteIr) -> String {
 fn account_route_config<'a>(
     account: &'a AccountIr,
     served: &[(&'a RouteIr, &'a BackendIr)],
-) -> xds::RouteConfig<'a, xds::AccountRoute<'a>> {
+) -> shapes::RouteConfig<'a, shapes::AccountRoute<'a>> {
     let routes = served
         .iter()
-        .map(|&(route, backend)| xds::AccountRoute {
+        .map(|&(route, backend)| shapes::AccountRoute {
             name: format!("{}/{}", route.name, backend.name),
-            match_: xds::HeaderMatch {
+            match_: shapes::HeaderMatch {
                 prefix: "/",
-                headers: [xds::NamedExact {
+                headers: [shapes::NamedExact {
                     name: ROUTE_HEADER,
-                    string_match: xds::ExactMatch { exact: &route.name },
+                    string_match: shapes::ExactMatch { exact: &route.name },
                 }],
             },
             request_headers_to_remove: [ROUTE_HEADER, MODEL_HEADER],
@@ -579,19 +879,22 @@ fn account_route_config<'a>(
                 .provider
                 .headers
                 .iter()
-                .map(|(k, v)| xds::HeaderToAdd::overwrite(k, v))
+                .map(|(k, v)| shapes::HeaderToAdd::overwrite(k, v))
                 .collect(),
-            response_headers_to_add: [xds::HeaderToAdd::overwrite(BACKEND_HEADER, &backend.name)],
-            route: xds::AccountAction {
+            response_headers_to_add: [shapes::HeaderToAdd::overwrite(
+                BACKEND_HEADER,
+                &backend.name,
+            )],
+            route: shapes::AccountAction {
                 cluster: &account.upstream,
                 host_rewrite_literal: &account.authority,
                 timeout: "0s",
-                retry_policy: xds::IdleOnly {
+                retry_policy: shapes::IdleOnly {
                     num_retries: 0,
                     per_try_idle_timeout: seconds(route.idle_timeout_ms),
                 },
             },
-            metadata: xds::LuaMetadata::new(xds::AccountMetadata {
+            metadata: shapes::LuaMetadata::new(shapes::AccountMetadata {
                 route: &route.name,
                 backend: &backend.name,
                 models: &backend.models,
@@ -601,57 +904,65 @@ fn account_route_config<'a>(
             request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         })
         .collect();
-    xds::RouteConfig::new(&account.name, routes)
+    shapes::RouteConfig::new(&account.name, routes)
 }
 
-fn front_route<'a>(route: &'a RouteIr, opts: &EnvoyOptions) -> xds::FrontRoute<'a> {
+fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
     let (cluster, weighted_clusters) = if route.chains.len() == 1 {
         (Some(route.chains[0].0.as_str()), None)
     } else {
         let clusters = route
             .chains
             .iter()
-            .map(|(name, weight)| xds::WeightedCluster {
+            .map(|(name, weight)| shapes::WeightedCluster {
                 name,
                 weight: *weight,
             })
             .collect();
-        (None, Some(xds::WeightedClusters { clusters }))
+        (None, Some(shapes::WeightedClusters { clusters }))
     };
-    xds::FrontRoute {
+    shapes::FrontRoute {
         name: &route.name,
-        match_: xds::PrefixMatch {
+        match_: shapes::PrefixMatch {
             prefix: format!("/{}/v1/", route.name),
         },
-        route: xds::FrontAction {
+        route: shapes::FrontAction {
             cluster,
             weighted_clusters,
             timeout: seconds(route.request_timeout_ms),
-            retry_policy: xds::RetryPolicy::failover(
+            retry_policy: shapes::RetryPolicy::failover(
                 route.max_attempts.saturating_sub(1),
                 "x-llmroute-retry",
             ),
         },
-        metadata: xds::LuaMetadata::new(xds::FrontMetadata {
+        metadata: shapes::LuaMetadata::new(shapes::FrontMetadata {
             route: &route.name,
-            key_file: opts.key_path(&route.key_entry),
+            key,
             models: &route.models,
             passthrough: route.passthrough,
             chains: &route.chain_backends,
         }),
         request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
-        request_headers_to_add: [xds::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],
+        request_headers_to_add: [shapes::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],
     }
 }
 
 fn front_route_config<'a>(
     gw: &'a GatewayIr,
-    opts: &EnvoyOptions,
-) -> xds::RouteConfig<'a, FrontEntry<'a>> {
+    keys: &'a KeyMaterial,
+) -> shapes::RouteConfig<'a, FrontEntry<'a>> {
+    // A route without a key (none given) admits no request: its key never matches a token.
     let mut routes: Vec<FrontEntry> = gw
         .routes
         .iter()
-        .map(|r| FrontEntry::Route(front_route(r, opts)))
+        .map(|r| {
+            let key = keys
+                .route_keys
+                .get(&r.name)
+                .map(String::as_str)
+                .unwrap_or_default();
+            FrontEntry::Route(front_route(r, key))
+        })
         .collect();
     let names: Vec<&str> = gw.routes.iter().map(|r| r.name.as_str()).collect();
     let message = if names.is_empty() {
@@ -670,19 +981,19 @@ fn front_route_config<'a>(
         } },
         "response_headers_to_add": [{ "header": { "key": "content-type", "value": "application/json" } }],
     })));
-    let mut config = xds::RouteConfig::new(FRONT, routes);
+    let mut config = shapes::RouteConfig::new(FRONT, routes);
     config.virtual_hosts[0].include_attempt_count_in_response = true;
     config
 }
 
 fn circuit_breakers() -> Value {
-    serde_json::to_value(xds::CircuitBreakers::generous()).expect("circuit breakers serialize")
+    serde_json::to_value(shapes::CircuitBreakers::generous()).expect("circuit breakers serialize")
 }
 
 fn internal_cluster(account: &str) -> Value {
     json!({
         "name": account,
-        "alt_stat_name": xds::stat_name(account),
+        "alt_stat_name": shapes::stat_name(account),
         "type": "STATIC",
         "connect_timeout": "1s",
         "circuit_breakers": circuit_breakers(),
@@ -695,11 +1006,14 @@ fn internal_cluster(account: &str) -> Value {
     })
 }
 
-fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions) -> Value {
+/// A provider host. Its certificate is verified against the CA bundle the operator serves
+/// (`served_ca`, the SDS secret [`UPSTREAM_CA_SECRET`]) or else the gateway's own file, and must name
+/// the host.
+fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions, served_ca: bool) -> Value {
     let is_ip = u.host.parse::<std::net::IpAddr>().is_ok();
     let mut c = json!({
         "name": u.cluster,
-        "alt_stat_name": xds::stat_name(&u.cluster),
+        "alt_stat_name": shapes::stat_name(&u.cluster),
         "type": if is_ip { "STATIC" } else { "LOGICAL_DNS" },
         "connect_timeout": "5s",
         "circuit_breakers": circuit_breakers(),
@@ -715,14 +1029,19 @@ fn upstream_cluster(u: &UpstreamIr, opts: &EnvoyOptions) -> Value {
     }
     if u.tls {
         let san = if is_ip { "IP_ADDRESS" } else { "DNS" };
-        let mut tls = json!({
-            "common_tls_context": {
-                "validation_context": {
-                    "trusted_ca": { "filename": opts.trusted_ca },
-                    "match_typed_subject_alt_names": [{ "san_type": san, "matcher": { "exact": u.host } }],
-                },
-            },
-        });
+        let names = json!([{ "san_type": san, "matcher": { "exact": u.host } }]);
+        let context = if served_ca {
+            json!({ "combined_validation_context": {
+                "default_validation_context": { "match_typed_subject_alt_names": names },
+                "validation_context_sds_secret_config": { "name": UPSTREAM_CA_SECRET, "sds_config": ads_source() },
+            } })
+        } else {
+            json!({ "validation_context": {
+                "trusted_ca": { "filename": opts.trusted_ca },
+                "match_typed_subject_alt_names": names,
+            } })
+        };
+        let mut tls = json!({ "common_tls_context": context });
         if !is_ip {
             tls["sni"] = json!(u.host);
         }

@@ -6,7 +6,7 @@
 pub mod envoy;
 pub mod ir;
 pub mod objects;
-pub mod xds;
+pub mod shapes;
 
 use crate::api::LLMRoute;
 use crate::policy::{self, Decision, Facts};

@@ -1,6 +1,8 @@
 //! Gateway IR → the Kubernetes objects the operator applies in a namespace: the ConfigMap with
-//! Envoy's files, the Secret with the keys those files point at, the gateway Deployment and Service,
-//! and one workload Secret per route. Pure: key material comes in as data.
+//! Envoy's bootstrap, the Secret with the gateway's xDS client certificate, the gateway Deployment,
+//! Service and PodDisruptionBudget, and one workload Secret per route. The configuration itself
+//! (and every key) reaches the gateway over xDS, not through these objects. Pure: certificates and
+//! key material come in as data.
 
 use std::collections::BTreeMap;
 
@@ -10,26 +12,31 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    EnvVar, EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::Problem;
 use super::envoy::EnvoyOptions;
-use super::ir::{BaseUrl, GatewayIr, backend_base_url};
+use super::ir::{BaseUrl, backend_base_url};
 use crate::api::{LLMRoute, WorkloadMode};
 use crate::catalog;
 
 /// Name of the per-namespace gateway objects (ConfigMap, Deployment, Service).
 pub const GATEWAY_NAME: &str = "llmroute-gateway";
-/// Name of the Secret holding the gateway's keys.
-pub const KEYS_SECRET_NAME: &str = "llmroute-gateway-keys";
+/// Name of the Secret with the gateway's xDS client certificate.
+pub const XDS_SECRET_NAME: &str = "llmroute-gateway-xds";
+/// Annotation of that Secret (and of the gateway's Pod template): when its certificate expires. A
+/// renewed certificate changes the Pod template, so the Deployment rolls to it.
+pub const CERT_NOT_AFTER_ANNOTATION: &str = "llmroute.io/xds-certificate-not-after";
+/// Where the gateway's containers mount the ConfigMap (the bootstrap) and the xDS certificate.
+pub const CONFIG_DIR: &str = "/etc/llmroute/config";
+pub const XDS_CERT_DIR: &str = "/etc/llmroute/xds";
 /// The official Envoy image matching the configuration llmroute generates.
 pub const DEFAULT_ENVOY_IMAGE: &str = "docker.io/envoyproxy/envoy:v1.40.0";
 
@@ -136,67 +143,52 @@ fn meta(name: &str, namespace: &str, owners: &[OwnerReference]) -> ObjectMeta {
     }
 }
 
-/// The most a ConfigMap may hold, keys and values of `data` and `binaryData` together (the API
-/// server rejects a larger one).
-pub const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024;
+/// The ConfigMap with Envoy's bootstrap (static: it names the operator's xDS server; everything
+/// else comes over xDS). It never holds key material.
+pub fn config_map(namespace: &str, bootstrap: &str, owners: &[OwnerReference]) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        data: Some(BTreeMap::from([(
+            super::envoy::BOOTSTRAP.to_string(),
+            bootstrap.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
 
-/// The ConfigMap with Envoy's files. It never holds key material. A configuration larger than a
-/// ConfigMap may hold is a `ConfigurationTooLarge` problem: nothing is written, and the gateway
-/// keeps serving what it has.
-pub fn config_map(
-    gw: &GatewayIr,
-    files: &BTreeMap<String, String>,
+/// The gateway's xDS client certificate (it names the namespace, see [`crate::xds::tls`]), its key
+/// and the CA that signed the server's certificate, as a `kubernetes.io/tls` Secret.
+pub fn xds_secret(
+    namespace: &str,
+    cert: &crate::xds::tls::Pem,
+    ca_pem: &str,
     owners: &[OwnerReference],
-) -> Result<ConfigMap, Problem> {
-    let bytes: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if bytes > CONFIG_MAP_MAX_BYTES {
-        return Err(Problem::new(
-            "ConfigurationTooLarge",
-            format!(
-                "the gateway configuration of namespace {:?} ({} routes, {} provider accounts) is {} \
-                 bytes, more than the {CONFIG_MAP_MAX_BYTES} a ConfigMap may hold; the gateway keeps \
-                 serving the configuration published last. Move some LLMRoutes to another namespace \
-                 (each namespace has its own gateway), or remove backends",
-                gw.namespace,
-                gw.routes.len(),
-                gw.accounts.len(),
-                bytes
-            ),
-        ));
-    }
-    Ok(ConfigMap {
-        metadata: meta(GATEWAY_NAME, &gw.namespace, owners),
-        data: Some(files.clone()),
-        ..Default::default()
-    })
-}
-
-/// The Secret with the provider keys the account listeners read, and one key per route. Values are trimmed
-/// of surrounding whitespace (a trailing newline would corrupt the injected header).
-pub fn keys_secret(gw: &GatewayIr, keys: &KeyMaterial, owners: &[OwnerReference]) -> Secret {
-    let mut data = BTreeMap::new();
-    for k in &gw.provider_keys {
-        if let Some(value) = keys.provider_keys.get(&k.entry) {
-            data.insert(k.entry.clone(), ByteString(trim(value)));
-        }
-    }
-    for r in &gw.routes {
-        if let Some(value) = keys.route_keys.get(&r.name) {
-            data.insert(
-                r.key_entry.clone(),
-                ByteString(value.trim().as_bytes().to_vec()),
-            );
-        }
-    }
+) -> Secret {
+    let mut metadata = meta(XDS_SECRET_NAME, namespace, owners);
+    metadata.annotations = Some(BTreeMap::from([(
+        CERT_NOT_AFTER_ANNOTATION.to_string(),
+        cert.not_after.to_string(),
+    )]));
     Secret {
-        metadata: meta(KEYS_SECRET_NAME, &gw.namespace, owners),
-        type_: Some("Opaque".to_string()),
-        data: Some(data),
+        metadata,
+        type_: Some("kubernetes.io/tls".to_string()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_string(),
+                ByteString(cert.cert.as_bytes().to_vec()),
+            ),
+            (
+                "tls.key".to_string(),
+                ByteString(cert.key.as_bytes().to_vec()),
+            ),
+            ("ca.crt".to_string(), ByteString(ca_pem.as_bytes().to_vec())),
+        ])),
         ..Default::default()
     }
 }
 
-fn trim(value: &[u8]) -> Vec<u8> {
+/// A key without the whitespace around it (a trailing newline would corrupt the header it goes in).
+pub fn trim(value: &[u8]) -> Vec<u8> {
     let start = value
         .iter()
         .position(|b| !b.is_ascii_whitespace())
@@ -212,11 +204,14 @@ fn quantity(s: &str) -> Quantity {
     Quantity(s.to_string())
 }
 
-/// The gateway Deployment: Envoy with the ConfigMap and keys Secret mounted as Envoy watches them.
+/// The gateway Deployment: Envoy started from the bootstrap in the ConfigMap, with the xDS client
+/// certificate of the namespace; `cert_not_after` (the certificate's expiry) is in the Pod template,
+/// so a renewed certificate rolls the Pods.
 pub fn deployment(
     namespace: &str,
     envoy: &EnvoyOptions,
     opts: &GatewayDeploymentOptions,
+    cert_not_after: &str,
     owners: &[OwnerReference],
 ) -> Deployment {
     let hardened = SecurityContext {
@@ -235,7 +230,10 @@ pub fn deployment(
         command: Some(vec!["envoy".to_string()]),
         args: Some(vec![
             "-c".to_string(),
-            format!("{}/{}", envoy.config_dir, super::envoy::BOOTSTRAP),
+            format!("{CONFIG_DIR}/{}", super::envoy::BOOTSTRAP),
+            // The node id the xDS server knows this replica by (and reports in status).
+            "--service-node".to_string(),
+            "$(POD_NAME)".to_string(),
             "--log-level".to_string(),
             "info".to_string(),
             "--disable-hot-restart".to_string(),
@@ -291,16 +289,31 @@ pub fn deployment(
             }),
             ..Default::default()
         }),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        // Envoy's last log lines become the termination message of a container that fails (a
+        // bootstrap it cannot load, a certificate it cannot read): the operator reports it in the
+        // routes' status.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "config".into(),
-                mount_path: envoy.config_dir.clone(),
+                mount_path: CONFIG_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
             },
             VolumeMount {
-                name: "keys".into(),
-                mount_path: envoy.keys_dir.clone(),
+                name: "xds-certificate".into(),
+                mount_path: XDS_CERT_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
             },
@@ -393,6 +406,10 @@ pub fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    annotations: Some(BTreeMap::from([(
+                        CERT_NOT_AFTER_ANNOTATION.to_string(),
+                        cert_not_after.to_string(),
+                    )])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -418,6 +435,9 @@ pub fn deployment(
                         run_as_non_root: Some(true),
                         run_as_user: Some(101),
                         run_as_group: Some(101),
+                        // Secret volume files are root-owned: the group lets uid 101 read the
+                        // certificate's key (mode 0440) on a real kubelet.
+                        fs_group: Some(101),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..Default::default()
@@ -434,9 +454,9 @@ pub fn deployment(
                             ..Default::default()
                         },
                         Volume {
-                            name: "keys".into(),
+                            name: "xds-certificate".into(),
                             secret: Some(SecretVolumeSource {
-                                secret_name: Some(KEYS_SECRET_NAME.into()),
+                                secret_name: Some(XDS_SECRET_NAME.into()),
                                 default_mode: Some(0o440),
                                 ..Default::default()
                             }),

@@ -3,12 +3,11 @@
 
 pub mod apply;
 pub mod http;
-pub mod keys;
 pub mod leader;
 pub mod reconcile;
+pub mod xds;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,7 +22,7 @@ use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::LLMRoute;
-use crate::gateway::objects::{GATEWAY_NAME, GatewayDeploymentOptions, KEYS_SECRET_NAME};
+use crate::gateway::objects::{GATEWAY_NAME, GatewayDeploymentOptions, XDS_SECRET_NAME};
 use crate::probe::Prober;
 use apply::WriteCounter;
 use reconcile::{Context, error_policy, reconcile};
@@ -37,12 +36,8 @@ pub struct Options {
     pub default_region: String,
     /// The gateway Deployment's image and replicas.
     pub gateway: GatewayDeploymentOptions,
-    /// Where the gateway's Envoy finds its mounted files, and its ports.
+    /// The gateway's ports and the CA file it verifies providers with.
     pub envoy: crate::gateway::envoy::EnvoyOptions,
-    /// How long a new key is given to reach the gateway's volume before configuration uses it (and
-    /// an unused key is kept before it is pruned). The kubelet refreshes Secret volumes within about
-    /// a minute.
-    pub key_propagation_delay: Duration,
     /// Name of this instance (events, leader election).
     pub identity: String,
     /// How backends are probed.
@@ -60,7 +55,6 @@ impl Default for Options {
             default_region: "us".into(),
             gateway: GatewayDeploymentOptions::default(),
             envoy: Default::default(),
-            key_propagation_delay: Duration::from_secs(60),
             identity: "llmroute".into(),
             prober: Default::default(),
             metrics: Default::default(),
@@ -119,10 +113,11 @@ fn routes_in(store: &Store<LLMRoute>, ns: &str) -> Vec<ObjectRef<LLMRoute>> {
         .collect()
 }
 
-/// Runs the controller until `shutdown` resolves. Returns the write counter (for tests/benchmarks).
+/// Runs the controller until `shutdown` resolves, serving the gateways' configuration through `xds`.
 pub async fn run(
     client: Client,
     opts: Options,
+    xds: xds::XdsSetup,
     writes: Arc<WriteCounter>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -131,6 +126,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let gateway_events = xds.server.subscribe();
     let (prober, changes) = match Prober::new(&opts.prober, opts.metrics.clone()) {
         Ok(p) => p,
         Err(e) => {
@@ -219,6 +215,7 @@ pub async fn run(
         recorder,
         writes,
         prober,
+        xds,
     ));
     let runtime = ctx.opts.runtime.clone();
     let synced_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -241,6 +238,15 @@ pub async fn run(
         .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
     };
 
+    // So does a change of what its gateway replicas serve (connected, acknowledged, rejected).
+    let gateways_changed = {
+        let routes = routes.clone();
+        futures::stream::unfold(gateway_events, |mut rx| async move {
+            rx.recv().await.map(|ns| (ns, rx))
+        })
+        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+    };
+
     let by_ns = {
         let routes = routes.clone();
         move |ns: Option<String>| ns.map(|ns| routes_in(&routes, &ns)).unwrap_or_default()
@@ -250,7 +256,7 @@ pub async fn run(
         move |secret: Secret| {
             let ns = secret.namespace().unwrap_or_default();
             let name = secret.name_any();
-            let owned = name == KEYS_SECRET_NAME
+            let owned = name == XDS_SECRET_NAME
                 || secret
                     .labels()
                     .get("app.kubernetes.io/managed-by")
@@ -275,6 +281,7 @@ pub async fn run(
     let (m1, m2, m3, m4) = (by_ns.clone(), by_ns.clone(), by_ns.clone(), by_ns);
     Controller::for_stream(route_stream, routes)
         .reconcile_on(probed)
+        .reconcile_on(gateways_changed)
         .watches_stream(secret_stream, secret_mapper)
         .watches_stream(cm_stream, move |o: ConfigMap| {
             if o.name_any() == GATEWAY_NAME {
@@ -334,6 +341,7 @@ pub async fn run(
 pub async fn run_scoped(
     client: Client,
     opts: Options,
+    xds: xds::XdsSetup,
     namespaces: Vec<String>,
     writes: Arc<WriteCounter>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -353,7 +361,13 @@ pub async fn run_scoped(
             namespace,
             ..opts.clone()
         };
-        run(client.clone(), opts, writes.clone(), stopped(rx.clone()))
+        run(
+            client.clone(),
+            opts,
+            xds.clone(),
+            writes.clone(),
+            stopped(rx.clone()),
+        )
     });
     futures::future::join_all(scopes).await;
 }

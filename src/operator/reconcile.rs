@@ -20,21 +20,24 @@ use tracing::{info, warn};
 
 use super::Options;
 use super::apply::{FIELD_MANAGER, WriteCounter, apply};
-use super::keys::KeyClock;
+use super::xds::XdsSetup;
 use crate::api::{LLMRoute, LLMRouteStatus};
-use crate::gateway::objects::{self, GATEWAY_NAME, KEYS_SECRET_NAME, KeyMaterial};
+use crate::gateway::objects::{self, GATEWAY_NAME, KeyMaterial, XDS_SECRET_NAME};
 use crate::gateway::{self, Problem, envoy};
 use crate::metrics::{FailoverLabels, NamespaceLabels, ReasonLabels, ResultLabels};
 use crate::policy::Facts;
 use crate::policy::health::HealthView;
 use crate::probe::{self, Prober};
-use crate::status::{self, RouteState};
+use crate::status::{self, GatewayView, RouteState};
+use crate::xds::snapshot::Snapshot;
 
 /// Errors of one reconciliation; they are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("issuing the gateway's xDS certificate: {0}")]
+    Certificate(String),
 }
 
 impl Error {
@@ -45,6 +48,7 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => s.reason.clone(),
             Error::Kube(kube::Error::Api(s)) => format!("HTTP{}", s.code),
             Error::Kube(_) => "Transport".into(),
+            Error::Certificate(_) => "Certificate".into(),
         }
     }
 }
@@ -62,11 +66,12 @@ pub struct Context {
     pub recorder: Recorder,
     pub writes: Arc<WriteCounter>,
     pub prober: Prober,
+    /// The xDS server the gateways get their configuration from.
+    pub xds: XdsSetup,
     /// Whether every cache has its initial list.
     synced: tokio::sync::watch::Sender<bool>,
     /// One reconciliation per namespace at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    keys: Mutex<HashMap<String, KeyClock>>,
     /// Route keys generated or read, by (namespace, route uid).
     route_keys: Mutex<HashMap<(String, String), String>>,
 }
@@ -85,6 +90,7 @@ impl Context {
         recorder: Recorder,
         writes: Arc<WriteCounter>,
         prober: Prober,
+        xds: XdsSetup,
     ) -> Context {
         Context {
             client,
@@ -98,9 +104,9 @@ impl Context {
             recorder,
             writes,
             prober,
+            xds,
             synced: tokio::sync::watch::Sender::new(false),
             locks: Mutex::default(),
-            keys: Mutex::default(),
             route_keys: Mutex::default(),
         }
     }
@@ -298,127 +304,110 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         .min();
 
     // Key material: provider keys from the referenced Secrets, route keys kept stable.
-    let current_keys = ctx.secret(ns, KEYS_SECRET_NAME);
-    let current_key_data = current_keys.as_deref().map(secret_data);
     let mut material = KeyMaterial::default();
     for k in &translation.gateway.provider_keys {
         if let Some(v) = ctx
             .secret(ns, &k.source.name)
             .and_then(|s| secret_data(&s).remove(&k.source.key))
         {
-            material.provider_keys.insert(k.entry.clone(), v);
+            material
+                .provider_keys
+                .insert(k.entry.clone(), objects::trim(&v));
         }
     }
     for r in &valid {
-        let entry = crate::gateway::ir::route_key_entry(&r.name_any());
-        let id = (ns.to_string(), r.uid().unwrap_or_default());
-        let key = {
-            let mut cache = ctx.route_keys.lock().expect("route key cache");
-            cache
-                .entry(id)
-                .or_insert_with(|| {
-                    current_key_data
-                        .as_ref()
-                        .and_then(|d| d.get(&entry))
-                        .and_then(|v| String::from_utf8(v.clone()).ok())
-                        .filter(|k| !k.is_empty())
-                        .unwrap_or_else(new_route_key)
-                })
-                .clone()
-        };
-        material.route_keys.insert(r.name_any(), key);
+        material
+            .route_keys
+            .insert(r.name_any(), route_key(ctx, ns, r));
     }
 
+    // 1. The configuration, to the gateway replicas (xDS): all of it at once, keys included, so no
+    //    replica ever loads a route whose key or provider key it lacks. A configuration Envoy's API
+    //    refuses is not served; the replicas keep what they have.
+    let mut ads = envoy::ads_config(
+        &translation.gateway,
+        &ctx.opts.envoy,
+        &material,
+        ctx.xds.upstream_ca.as_deref(),
+    );
+    for r in &mut ads.routes {
+        r.generation = routes
+            .iter()
+            .find(|route| route.name_any() == r.name)
+            .and_then(|route| route.meta().generation);
+    }
+    let previous = ctx.xds.server.current(ns);
+    let mut publish_error = None;
+    let mut changed = false;
+    match Snapshot::next(previous.as_deref(), ads.resources, ads.routes) {
+        Ok(snapshot) => {
+            let (number, resources) = (snapshot.number, snapshot.len());
+            changed = ctx.xds.server.publish(ns, snapshot);
+            if changed {
+                info!(
+                    namespace = ns,
+                    routes = translation.gateway.routes.len(),
+                    resources,
+                    snapshot = number,
+                    "published gateway configuration"
+                );
+                ctx.opts
+                    .metrics
+                    .config_revisions
+                    .get_or_create(&NamespaceLabels {
+                        namespace: ns.to_string(),
+                    })
+                    .inc();
+            }
+        }
+        Err(e) => {
+            let problem = Problem::new(
+                "InvalidConfiguration",
+                format!(
+                    "Envoy's API refused the gateway configuration of namespace {ns:?}: {e}; the \
+                     gateway keeps serving the configuration published last"
+                ),
+            );
+            warn!(namespace = ns, reason = %problem.reason, "{}", problem.message);
+            publish_error = Some(problem);
+        }
+    }
+    let published_at = Instant::now();
+
+    // 2. The gateway's objects: its bootstrap, its xDS client certificate, Deployment, Service and
+    //    PodDisruptionBudget.
     let owners: Vec<OwnerReference> = routes.iter().filter_map(|r| owner_ref(r, false)).collect();
-    let envoy_opts = &ctx.opts.envoy;
-    let files = envoy::render(&translation.gateway, envoy_opts);
-    let desired_cm = objects::config_map(&translation.gateway, &files, &owners);
-    let desired_keys = objects::keys_secret(&translation.gateway, &material, &owners);
+    let certificate = gateway_certificate(ctx, ns, &owners).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let bootstrap = envoy::ads_bootstrap(&ctx.opts.envoy, &ctx.xds.client, ns);
+    let desired_cm = objects::config_map(ns, &bootstrap, &owners);
     let current_cm = ctx
         .config_maps
         .get(&ObjectRef::new(GATEWAY_NAME).within(ns));
-
-    // 1. Keys before the configuration that uses them.
-    let plan = {
-        let mut clocks = ctx.keys.lock().expect("key clocks");
-        let desired_data: BTreeMap<String, Vec<u8>> = desired_keys
-            .data
-            .as_ref()
-            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
-            .unwrap_or_default();
-        clocks.entry(ns.to_string()).or_default().plan(
-            current_key_data.as_ref(),
-            &desired_data,
-            current_cm.is_some(),
-            ctx.opts.key_propagation_delay,
-            Instant::now(),
-        )
-    };
-    let mut keys_secret = desired_keys.clone();
-    keys_secret.data = Some(
-        plan.data
-            .iter()
-            .map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.clone())))
-            .collect(),
-    );
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     apply(
-        &secrets_api,
-        &keys_secret,
-        current_keys.as_deref(),
+        &config_maps,
+        &desired_cm,
+        current_cm.as_deref(),
         &["data"],
         &ctx.writes,
     )
     .await?;
-
-    // 2. The configuration, once its keys have had time to reach the gateway's volume.
-    let mut published: Result<(), Problem> = Ok(());
-    if let Err(problem) = &desired_cm {
-        warn!(namespace = ns, reason = %problem.reason, "{}", problem.message);
-        published = Err(problem.clone());
-    } else if let Ok(desired_cm) = &desired_cm
-        && plan.config_ready
-    {
-        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-        if apply(
-            &cms,
-            desired_cm,
-            current_cm.as_deref(),
-            &["data"],
-            &ctx.writes,
-        )
-        .await?
-        {
-            info!(
-                namespace = ns,
-                routes = translation.gateway.routes.len(),
-                "published gateway configuration"
-            );
-            ctx.opts
-                .metrics
-                .config_revisions
-                .get_or_create(&NamespaceLabels {
-                    namespace: ns.to_string(),
-                })
-                .inc();
-        }
-    } else {
-        published = Err(Problem::new(
-            "KeysPropagating",
-            "waiting for new keys to reach the gateway before publishing",
-        ));
-    }
-
-    // 3. The gateway Deployment, Service and PodDisruptionBudget.
-    let deployment = objects::deployment(ns, envoy_opts, &ctx.opts.gateway, &owners);
+    let envoy_opts = &ctx.opts.envoy;
+    let deployment = objects::deployment(
+        ns,
+        envoy_opts,
+        &ctx.opts.gateway,
+        &certificate.not_after.to_string(),
+        &owners,
+    );
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let current = ctx
+    let current_deployment = ctx
         .deployments
         .get(&ObjectRef::new(GATEWAY_NAME).within(ns));
     apply(
         &deployments,
         &deployment,
-        current.as_deref(),
+        current_deployment.as_deref(),
         &[],
         &ctx.writes,
     )
@@ -432,11 +421,46 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let current = ctx.budgets.get(&ObjectRef::new(GATEWAY_NAME).within(ns));
     apply(&budgets, &budget, current.as_deref(), &[], &ctx.writes).await?;
 
+    // 3. A changed configuration: give the connected replicas a moment to load it, so that status
+    //    says what they serve rather than "propagating" (their answers trigger a reconcile anyway).
+    if changed && !ctx.xds.server.connected(ns).is_empty() {
+        ctx.xds.server.settled(ns, SETTLE_LIMIT).await;
+        if ctx.xds.server.all_current(ns) {
+            ctx.opts
+                .metrics
+                .xds_propagation
+                .observe(published_at.elapsed().as_secs_f64());
+        }
+    }
+
     // 4. Workload Secrets, once the configuration serving them is published; 5. status and events.
     // Routes are independent here: write them a few at a time.
+    let serving = ctx.xds.server.route_serving(ns);
+    let (ready_replicas, desired_replicas) = current_deployment
+        .as_deref()
+        .map(|d| {
+            (
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0),
+                d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            )
+        })
+        .unwrap_or((0, ctx.opts.gateway.replicas));
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut per_route = Vec::new();
     for route in &routes {
+        let name = route.name_any();
+        let view = GatewayView {
+            publish_error: publish_error.clone(),
+            generation: route.meta().generation,
+            replicas: serving.get(&name).cloned().unwrap_or_default(),
+            ready_replicas,
+            desired_replicas,
+            pod_problem: None,
+        };
         per_route.push(write_route(
             ctx,
             ns,
@@ -444,7 +468,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             &translation,
             &material,
             &invalid,
-            &published,
+            view,
             &secrets_api,
             now.clone(),
         ));
@@ -457,12 +481,95 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let by_time = recheck_at_ms.map(|at| {
         Duration::from_millis(at.saturating_sub(facts.now_ms)) + Duration::from_millis(50)
     });
-    Ok(
-        match [plan.recheck_after, by_time].into_iter().flatten().min() {
-            Some(after) => Action::requeue(after),
-            None => Action::await_change(),
-        },
+    // The certificate is renewed when a third of its life is left.
+    let renew = Duration::from_secs(
+        (certificate.not_after - renew_margin_secs() - epoch_now()).max(60) as u64,
+    );
+    Ok(Action::requeue(by_time.map_or(renew, |t| t.min(renew))))
+}
+
+/// How long a reconcile waits for the connected replicas to load a changed configuration before it
+/// writes status.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+
+fn epoch_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A certificate is renewed when less than this is left of it.
+fn renew_margin_secs() -> i64 {
+    (crate::xds::tls::CLIENT_VALIDITY.as_secs() / 3) as i64
+}
+
+/// The namespace's xDS client certificate: the one in its Secret while it was issued by the current
+/// CA and has more than a third of its life left, else a new one (written).
+async fn gateway_certificate(
+    ctx: &Context,
+    ns: &str,
+    owners: &[OwnerReference],
+) -> Result<crate::xds::tls::Pem, Error> {
+    let authority = &ctx.xds.authority;
+    let current = ctx.secret(ns, XDS_SECRET_NAME);
+    let reusable = current.as_deref().and_then(|s| {
+        let data = secret_data(s);
+        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
+        let not_after: i64 = s
+            .annotations()
+            .get(objects::CERT_NOT_AFTER_ANNOTATION)?
+            .parse()
+            .ok()?;
+        (text("ca.crt")? == authority.cert_pem && not_after - renew_margin_secs() > epoch_now())
+            .then(|| crate::xds::tls::Pem {
+                cert: text("tls.crt").unwrap_or_default(),
+                key: text("tls.key").unwrap_or_default(),
+                not_after,
+            })
+    });
+    let pem = match reusable {
+        Some(p) if !p.cert.is_empty() && !p.key.is_empty() => p,
+        _ => {
+            info!(
+                namespace = ns,
+                "issuing the gateway's xDS client certificate"
+            );
+            authority
+                .issue_gateway(ns, std::time::SystemTime::now())
+                .map_err(|e| Error::Certificate(e.to_string()))?
+        }
+    };
+    let desired = objects::xds_secret(ns, &pem, &authority.cert_pem, owners);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    apply(
+        &secrets,
+        &desired,
+        current.as_deref(),
+        &["data", "metadata.annotations"],
+        &ctx.writes,
     )
+    .await?;
+    Ok(pem)
+}
+
+/// A route's key: the one its workload Secret holds (Gateway mode), else the one generated before
+/// by this process, else a new one. Kept for the route's life (its uid).
+fn route_key(ctx: &Context, ns: &str, route: &LLMRoute) -> String {
+    let id = (ns.to_string(), route.uid().unwrap_or_default());
+    let mut cache = ctx.route_keys.lock().expect("route key cache");
+    cache
+        .entry(id)
+        .or_insert_with(|| {
+            (route.spec.workload_secret.mode == crate::api::WorkloadMode::Gateway)
+                .then(|| ctx.secret(ns, &route.workload_secret_name()))
+                .flatten()
+                .and_then(|s| secret_data(&s).remove(objects::ENV_API_KEY))
+                .and_then(|v| String::from_utf8(v).ok())
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(new_route_key)
+        })
+        .clone()
 }
 
 /// Backends probing has not seen yet (a new leader, a restart) start from what status says, so
@@ -511,7 +618,7 @@ async fn write_route(
     translation: &gateway::Translation,
     material: &KeyMaterial,
     invalid: &BTreeMap<String, Problem>,
-    published: &Result<(), Problem>,
+    gateway: GatewayView,
     secrets_api: &Api<Secret>,
     now: Time,
 ) -> Result<(), Error> {
@@ -524,7 +631,7 @@ async fn write_route(
                 .iter()
                 .find(|o| o.name == name)
                 .expect("one outcome per valid route");
-            if published.is_ok()
+            if gateway.publish_error.is_none()
                 && outcome.programmed.is_ok()
                 && let Some(env) =
                     objects::workload_env(route, ns, outcome.active_backend.as_deref(), material)
@@ -568,7 +675,7 @@ async fn write_route(
                     .map(|e| e.base_url)
                     .unwrap_or_default(),
                 },
-                published: published.clone(),
+                gateway,
             }
         }
     };

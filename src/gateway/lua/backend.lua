@@ -3,10 +3,9 @@
 -- status *and* body with the catalog's rules for this provider, marks the ones listed in the route's
 -- failoverOn as retriable (the front route retries on x-llmroute-retry), and names the backend.
 -- One such listener serves a provider account for every route using it. The account's data (BASE_PATH,
--- AZURE, API_VERSION, KEY_FILE, AUTH_HEADER, AUTH_PREFIX, RULES) is generated above this code;
--- per-route data comes from the route metadata: route, backend, models, passthrough, failoverOn
--- (",Class,Class,"). The provider key is read from KEY_FILE (the mounted keys Secret) and set in
--- AUTH_HEADER, replacing anything of that name.
+-- AZURE, API_VERSION, RULES) is generated above this code; per-route data comes from the route
+-- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"). The provider key is
+-- not handled here: the listener's credential_injector filter sets it (an SDS secret).
 
 -- Responds that this backend does not map `model`: the front route moves on to the next backend.
 local function not_mapped(handle, backend, model)
@@ -15,18 +14,6 @@ local function not_mapped(handle, backend, model)
     ["x-llmroute-backend"] = backend },
     openai_error("Backend '" .. backend .. "' does not map model '" .. model .. "'.",
       "invalid_request_error", "model_not_found", "model"))
-end
-
--- No key for this account on the gateway (yet: the keys volume has not caught up): nothing is sent
--- to the provider; the request fails over if the route fails over on AuthFailed.
-local function no_key(handle, backend)
-  local failover_on = handle:metadata():get("failoverOn") or ""
-  local headers = { [":status"] = "503", ["content-type"] = "application/json",
-    ["x-llmroute-failure"] = "AuthFailed", ["x-llmroute-backend"] = backend }
-  if failover_on:find(",AuthFailed,", 1, true) ~= nil then headers["x-llmroute-retry"] = "1" end
-  handle:respond(headers,
-    openai_error("The gateway has no key for backend '" .. backend .. "' yet.",
-      "llmroute_key_unavailable", "key_unavailable", nil))
 end
 
 function envoy_on_request(handle)
@@ -77,14 +64,6 @@ function envoy_on_request(handle)
       -- A headers handle taken before body() is invalid afterwards: take it again.
       headers = handle:headers()
     end
-  end
-  if KEY_FILE ~= nil then
-    local key = read_key(KEY_FILE)
-    if key == nil then
-      no_key(handle, backend)
-      return
-    end
-    headers:replace(AUTH_HEADER, AUTH_PREFIX .. key)
   end
   if AZURE then
     headers:replace(":path", BASE_PATH .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..

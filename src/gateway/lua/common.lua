@@ -21,24 +21,3 @@ local function body_string(handle)
   if body == nil or body:length() == 0 then return nil, body end
   return body:getBytes(0, body:length()), body
 end
-
--- Keys (route keys, provider keys) live in the mounted keys Secret, never in the configuration.
--- Each is read at most once a second per worker: a rotated key, or one that reaches the volume
--- after the configuration naming it, is used within about a second, with no Envoy restart and no
--- file watch. nil when the file is missing or empty.
-local key_cache = {}
-local function read_key(path)
-  if path == nil then return nil end
-  local now = os.time()
-  local cached = key_cache[path]
-  if cached ~= nil and cached.at == now then return cached.key end
-  local key = nil
-  local f = io.open(path, "rb")
-  if f ~= nil then
-    key = f:read("*a")
-    f:close()
-  end
-  if key == "" then key = nil end
-  key_cache[path] = { key = key, at = now }
-  return key
-end

@@ -1,6 +1,6 @@
 -- llmroute gateway, front listener: admits a request only with its route's key, strips that key,
 -- and rejects models the route does not serve. Per-route data comes from the route's metadata
--- (filter_metadata["envoy.filters.http.lua"]): route, keyFile, models, passthrough.
+-- (filter_metadata["envoy.filters.http.lua"]): route, key, models, passthrough, chains.
 -- The model it read from the body goes to the backend listeners in x-llmroute-model, so that a
 -- backend that does not rename it never reads (and buffers) the body again; a client's own
 -- x-llmroute-model never gets through.
@@ -17,8 +17,8 @@ function envoy_on_request(handle)
   local auth = headers:get("authorization")
   local token = nil
   if auth ~= nil then token = auth:match("^[Bb]earer%s+(.-)%s*$") end
-  local key = read_key(md:get("keyFile"))
-  if key == nil or token == nil or token ~= key then
+  local key = md:get("key")
+  if key == nil or key == "" or token == nil or token ~= key then
     reply(handle, 401, openai_error(
       "Incorrect API key provided for llmroute route '" .. route ..
       "'. Use OPENAI_API_KEY from the route's workload Secret.",

@@ -198,7 +198,10 @@ impl RetryPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct FrontMetadata<'a> {
     pub route: &'a str,
-    pub key_file: String,
+    /// The route's key, which the front Lua compares with the client's bearer token. It reaches the
+    /// gateway only inside its xDS stream (mutual TLS) and Envoy's memory; nothing llmroute writes
+    /// (ConfigMaps, logs, status, events) carries it.
+    pub key: &'a str,
     pub models: &'a [String],
     pub passthrough: bool,
     /// Backend names of each failover chain, first tried first.

@@ -1,0 +1,389 @@
+//! The xDS server with the real Envoy 1.40, without Kubernetes: a gateway started from the bootstrap
+//! the operator writes (delta ADS over mutual TLS) gets its configuration, keys included, serves a
+//! route with the provider's key injected, picks up a rotated key within milliseconds, reports a
+//! configuration it rejects (NACK) with Envoy's error while it keeps serving the last good one,
+//! reconnects to a restarted server without being sent anything again, and is refused a namespace
+//! its certificate does not name.
+
+mod support;
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use llmroute::gateway::envoy::{self, EnvoyOptions, XdsClient};
+use llmroute::gateway::objects::KeyMaterial;
+use llmroute::render::{self, RenderOptions};
+use llmroute::xds::delta::Serving;
+use llmroute::xds::snapshot::Snapshot;
+use llmroute::xds::tls::Authority;
+use llmroute::xds::{XdsServer, server};
+use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
+use support::envoy::{Envoy, free_port};
+
+const NS: &str = "team-a";
+const ROUTE_KEY: &str = "sk-llmroute-route-key";
+
+/// An xDS server with mutual TLS on 127.0.0.1, and what a gateway needs to dial it.
+struct Server {
+    xds: XdsServer,
+    port: u16,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start(authority: Arc<Authority>, port: u16) -> Server {
+        let pem = authority
+            .issue_server(&["127.0.0.1".into()], SystemTime::now())
+            .unwrap();
+        let tls = Arc::new(RwLock::new(Arc::new(
+            authority.server_config(&pem).unwrap(),
+        )));
+        // A server stopped just before (same port) closes its listener asynchronously.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+            }
+        };
+        let port = listener.local_addr().unwrap().port();
+        let xds = XdsServer::new(tokio::sync::watch::channel(true).1, Default::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server::serve(listener, tls, xds.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Server {
+            xds,
+            port,
+            _stop: stop,
+        }
+    }
+}
+
+/// A gateway directory: the client certificate of `cert_ns`, the bootstrap of namespace `NS`.
+fn gateway_files(
+    dir: &Path,
+    authority: &Authority,
+    cert_ns: &str,
+    server_port: u16,
+    opts: &EnvoyOptions,
+) -> std::path::PathBuf {
+    let certs = dir.join("xds");
+    std::fs::create_dir_all(&certs).unwrap();
+    let pem = authority.issue_gateway(cert_ns, SystemTime::now()).unwrap();
+    std::fs::write(certs.join("tls.crt"), &pem.cert).unwrap();
+    std::fs::write(certs.join("tls.key"), &pem.key).unwrap();
+    std::fs::write(certs.join("ca.crt"), &authority.cert_pem).unwrap();
+    let client = XdsClient {
+        address: format!("127.0.0.1:{server_port}"),
+        cert_dir: certs.display().to_string(),
+    };
+    let bootstrap = dir.join("bootstrap.yaml");
+    std::fs::write(&bootstrap, envoy::ads_bootstrap(opts, &client, NS)).unwrap();
+    bootstrap
+}
+
+/// The route `chat` → `sim` (OpenAI-compatible, plain HTTP) with `provider_key`, as a snapshot.
+fn snapshot(
+    dir: &Path,
+    sim: &Sim,
+    opts: &EnvoyOptions,
+    provider_key: &str,
+    previous: Option<&Snapshot>,
+) -> Snapshot {
+    let route = dir.join("route.yaml");
+    std::fs::write(
+        &route,
+        format!(
+            r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: chat, namespace: {NS} }}
+spec:
+  backends:
+    - name: primary
+      provider: openai-compatible
+      endpoint: http://127.0.0.1:{}/v1
+      credentialsSecretRef: {{ name: primary, key: key }}
+      models: {{ gpt-4o: model-a }}
+"#,
+            sim.port()
+        ),
+    )
+    .unwrap();
+    let routes = render::load_files(&[route]).unwrap_or_else(|e| panic!("{e:?}"));
+    let renders = render::translate_offline(
+        &routes,
+        &RenderOptions {
+            namespace: NS.into(),
+            default_region: "us".into(),
+            envoy: opts.clone(),
+            xds: XdsClient::default(),
+            deployment: Default::default(),
+        },
+    );
+    let gw = &renders[0].translation.gateway;
+    let keys = KeyMaterial {
+        provider_keys: gw
+            .provider_keys
+            .iter()
+            .map(|k| (k.entry.clone(), provider_key.as_bytes().to_vec()))
+            .collect(),
+        route_keys: [("chat".to_string(), ROUTE_KEY.to_string())].into(),
+    };
+    let mut ads = envoy::ads_config(gw, opts, &keys, None);
+    for r in &mut ads.routes {
+        r.generation = Some(1);
+    }
+    Snapshot::next(previous, ads.resources, ads.routes).unwrap()
+}
+
+fn options() -> EnvoyOptions {
+    EnvoyOptions {
+        port: free_port(),
+        address: "127.0.0.1".into(),
+        admin_port: free_port(),
+        health_port: free_port(),
+        ..Default::default()
+    }
+}
+
+async fn chat(opts: &EnvoyOptions) -> (u16, String) {
+    let r = llmroute_devkit::tls::http_client()
+        .post(format!("http://127.0.0.1:{}/chat/v1/chat/completions", opts.port))
+        .bearer_auth(ROUTE_KEY)
+        .json(&serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+async fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn serving(xds: &XdsServer) -> Vec<(String, Serving)> {
+    xds.route_serving(NS)
+        .get("chat")
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.node, r.serving))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
+        .await
+        .unwrap();
+    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
+    let server = Server::start(authority.clone(), 0).await;
+    let opts = options();
+    let first = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    assert!(server.xds.publish(NS, first.clone()));
+    let bootstrap = gateway_files(dir.path(), &authority, NS, server.port, &opts);
+    let envoy = Envoy::start_with(
+        &bootstrap,
+        opts.admin_port,
+        opts.health_port,
+        dir.path().join("envoy.log"),
+        &["--service-node".into(), "gw-1".into()],
+    );
+
+    // Served, with the provider key injected by Envoy from the SDS secret.
+    let (status, body) = chat(&opts).await;
+    assert_eq!(status, 200, "{body}\n{}", envoy.log_text());
+    assert_eq!(
+        sim.last_request().unwrap().header("authorization"),
+        Some("Bearer key-1")
+    );
+    assert_eq!(
+        serving(&server.xds),
+        [("gw-1".to_string(), Serving::Current)]
+    );
+    assert_eq!(server.xds.connected(NS), ["gw-1"]);
+
+    // A rotated key is used as soon as the gateway acknowledged it.
+    sim.set_keys(vec!["key-1".into(), "key-2".into()]);
+    let rotated = snapshot(dir.path(), &sim, &opts, "key-2", Some(&first));
+    assert!(rotated.number > first.number);
+    let t0 = Instant::now();
+    server.xds.publish(NS, rotated.clone());
+    wait_for(
+        Duration::from_secs(5),
+        "the rotated key acknowledged",
+        || server.xds.all_current(NS).then_some(()),
+    )
+    .await;
+    let acked = t0.elapsed();
+    let (status, _) = chat(&opts).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sim.last_request().unwrap().header("authorization"),
+        Some("Bearer key-2")
+    );
+    println!("key rotation acknowledged by the gateway after {acked:?}");
+    assert!(acked < Duration::from_secs(2), "{acked:?}");
+
+    // A configuration Envoy rejects: the replica says so, with Envoy's error, and keeps serving.
+    let mut bad = rotated.clone();
+    {
+        let listeners = bad.resources.get_mut(llmroute::xds::api::LISTENER).unwrap();
+        let (name, entry) = listeners
+            .iter_mut()
+            .find(|(n, _)| n.starts_with("account:"))
+            .unwrap();
+        let mut json =
+            llmroute::xds::api::decode(llmroute::xds::api::LISTENER, &entry.bytes).unwrap();
+        let lua = &mut json["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
+            ["default_source_code"]["inline_string"];
+        *lua = serde_json::json!("this is not lua (");
+        entry.bytes =
+            Arc::new(llmroute::xds::api::encode(llmroute::xds::api::LISTENER, &json).unwrap());
+        entry.version = "broken".into();
+        entry.since = rotated.number + 1;
+        bad.number = rotated.number + 1;
+        let route = bad.routes.get_mut("chat").unwrap();
+        route.since = bad.number;
+        assert!(route.deps.iter().any(|(_, n)| n == name));
+    }
+    server.xds.publish(NS, bad.clone());
+    let error = wait_for(
+        Duration::from_secs(5),
+        "the rejection reported",
+        || match serving(&server.xds).first().map(|(_, s)| s.clone()) {
+            Some(Serving::Rejected(e)) => Some(e),
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        error.contains("account:"),
+        "Envoy's error names the listener: {error}"
+    );
+    let (status, _) = chat(&opts).await;
+    assert_eq!(status, 200, "the last good configuration is still served");
+
+    // Fixed: acknowledged, the rejection is gone.
+    let fixed = snapshot(dir.path(), &sim, &opts, "key-2", Some(&bad));
+    assert!(fixed.number > bad.number);
+    server.xds.publish(NS, fixed);
+    wait_for(
+        Duration::from_secs(5),
+        "the fixed configuration served",
+        || (serving(&server.xds) == [("gw-1".to_string(), Serving::Current)]).then_some(()),
+    )
+    .await;
+    drop(envoy);
+    wait_for(Duration::from_secs(5), "the gateway gone", || {
+        server.xds.connected(NS).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_sends_a_reconnecting_gateway_nothing_it_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
+        .await
+        .unwrap();
+    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
+    let server = Server::start(authority.clone(), 0).await;
+    let port = server.port;
+    let opts = options();
+    let snap = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    server.xds.publish(NS, snap.clone());
+    let bootstrap = gateway_files(dir.path(), &authority, NS, port, &opts);
+    let envoy = Envoy::start_with(
+        &bootstrap,
+        opts.admin_port,
+        opts.health_port,
+        dir.path().join("envoy.log"),
+        &["--service-node".into(), "gw-1".into()],
+    );
+    assert_eq!(chat(&opts).await.0, 200);
+    let updates_before = envoy
+        .stat("cluster_manager.cds.update_success")
+        .unwrap_or(0);
+
+    // The operator restarts: a new server (same CA, same port) with the same configuration built
+    // afresh.
+    drop(server);
+    let server = Server::start(authority, port).await;
+    let again = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    server.xds.publish(NS, again);
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway reconnected and current",
+        || (serving(&server.xds) == [("gw-1".to_string(), Serving::Current)]).then_some(()),
+    )
+    .await;
+    assert_eq!(chat(&opts).await.0, 200);
+    let pushes = server.xds.connected(NS);
+    assert_eq!(pushes, ["gw-1"]);
+    assert_eq!(
+        envoy
+            .stat("cluster_manager.cds.update_success")
+            .unwrap_or(0),
+        updates_before,
+        "nothing was sent again: {}",
+        envoy.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_of_another_namespace_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
+        .await
+        .unwrap();
+    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
+    let server = Server::start(authority.clone(), 0).await;
+    let opts = options();
+    server
+        .xds
+        .publish(NS, snapshot(dir.path(), &sim, &opts, "key-1", None));
+    // The bootstrap claims NS, the certificate names team-b.
+    let bootstrap = gateway_files(dir.path(), &authority, "team-b", server.port, &opts);
+    let log = dir.path().join("envoy.log");
+    let mut child = std::process::Command::new(support::envoy::envoy_binary())
+        .args([
+            "--log-level",
+            "warn",
+            "--disable-hot-restart",
+            "--service-node",
+            "intruder",
+            "-c",
+        ])
+        .arg(&bootstrap)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("envoy.err")).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(server.xds.connected(NS).is_empty());
+    assert!(
+        support::envoy::http_get(opts.health_port, "/ready").is_none_or(|b| !b.contains("LIVE")),
+        "a gateway without configuration is not ready"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
