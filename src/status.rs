@@ -45,6 +45,10 @@ pub struct GatewayView {
     /// What keeps gateway Pods from running, when something does (a crash, an image that cannot be
     /// pulled), as reported by their status.
     pub pod_problem: Option<String>,
+    /// The operator started serving moments ago: replicas may still be reconnecting.
+    pub settling: bool,
+    /// `Programmed` as the route's status has it (kept while settling and replicas are missing).
+    pub previous: Option<Condition>,
 }
 
 /// `Programmed`: every ready gateway replica has loaded the route's current configuration. The
@@ -52,6 +56,25 @@ pub struct GatewayView {
 pub fn programmed(view: &GatewayView) -> Result<String, Problem> {
     if let Some(p) = &view.publish_error {
         return Err(p.clone());
+    }
+    // Replicas may be reconnecting (this operator just started serving) or resubscribing (a fresh
+    // stream): what status said stands until they settle, so a restart or a leader change does not
+    // flip routes to not programmed and back.
+    let connected = view.replicas.len();
+    let unsettled = (view.settling && connected < view.ready_replicas.max(1) as usize)
+        || view
+            .replicas
+            .iter()
+            .any(|r| r.fresh && r.serving != Serving::Current);
+    if unsettled && let Some(previous) = &view.previous {
+        return if previous.status == "True" {
+            Ok(previous.message.clone())
+        } else {
+            Err(Problem::new(
+                previous.reason.clone(),
+                previous.message.clone(),
+            ))
+        };
     }
     let generation = view.generation.map_or_else(
         || "the current generation".to_string(),
@@ -66,7 +89,6 @@ pub fn programmed(view: &GatewayView) -> Result<String, Problem> {
             format!("gateway replica {node} rejected the configuration of {generation}: {error}"),
         ));
     }
-    let connected = view.replicas.len();
     let serving = view
         .replicas
         .iter()
@@ -82,8 +104,9 @@ pub fn programmed(view: &GatewayView) -> Result<String, Problem> {
         return Err(Problem::new(
             "GatewayPending",
             format!(
-                "no gateway replica serves {generation} yet: 0 of {} connected to the operator{problem}",
-                view.desired_replicas.max(view.ready_replicas)
+                "no gateway replica serves {generation} yet: none is connected to the operator \
+                 ({} ready of {} desired){problem}",
+                view.ready_replicas, view.desired_replicas
             ),
         ));
     }

@@ -80,6 +80,11 @@ where
     api.patch(&desired.name_any(), &params, &Patch::Apply(&desired_value))
         .await?;
     writes.add();
+    let kind = std::any::type_name::<K>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
+    tracing::debug!(target: "llmroute::write", kind, name = %desired.name_any(), namespace = ?desired.namespace(), "applied");
     Ok(true)
 }
 

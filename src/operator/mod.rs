@@ -154,6 +154,9 @@ pub async fn run(
     // The routes' initial list is seen here, not through `routes.wait_until_ready()`: the controller
     // itself waits on that, and the store's readiness signal wakes only one waiter.
     let (routes_listed_tx, routes_listed) = tokio::sync::watch::channel(false);
+    // A deleted route is no longer in the store the controller reconciles from: its namespace is
+    // reconciled through another of its routes (its part of the configuration goes at once).
+    let (deleted_tx, deleted) = tokio::sync::mpsc::unbounded_channel::<String>();
     let route_stream = watcher(
         api::<LLMRoute>(&client, &opts.namespace),
         watcher::Config::default(),
@@ -161,10 +164,14 @@ pub async fn run(
     .default_backoff()
     .modify(drop_managed_fields)
     .reflect(routes_writer)
-    .inspect(move |event| {
-        if matches!(event, Ok(watcher::Event::InitDone)) {
+    .inspect(move |event| match event {
+        Ok(watcher::Event::InitDone) => {
             routes_listed_tx.send_replace(true);
         }
+        Ok(watcher::Event::Delete(route)) => {
+            let _ = deleted_tx.send(route.namespace().unwrap_or_default());
+        }
+        _ => {}
     })
     .touched_objects();
     let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
@@ -238,6 +245,13 @@ pub async fn run(
         .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
     };
 
+    let after_deletion = {
+        let routes = routes.clone();
+        futures::stream::unfold(deleted, |mut rx| async move {
+            rx.recv().await.map(|ns| (ns, rx))
+        })
+        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+    };
     // So does a change of what its gateway replicas serve (connected, acknowledged, rejected).
     let gateways_changed = {
         let routes = routes.clone();
@@ -282,6 +296,7 @@ pub async fn run(
     Controller::for_stream(route_stream, routes)
         .reconcile_on(probed)
         .reconcile_on(gateways_changed)
+        .reconcile_on(after_deletion)
         .watches_stream(secret_stream, secret_mapper)
         .watches_stream(cm_stream, move |o: ConfigMap| {
             if o.name_any() == GATEWAY_NAME {

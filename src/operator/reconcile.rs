@@ -460,6 +460,13 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             ready_replicas,
             desired_replicas,
             pod_problem: None,
+            settling: ctx.xds.server.settling(),
+            previous: route
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::PROGRAMMED))
+                .filter(|c| c.observed_generation == route.meta().generation)
+                .cloned(),
         };
         per_route.push(write_route(
             ctx,
@@ -485,7 +492,23 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let renew = Duration::from_secs(
         (certificate.not_after - renew_margin_secs() - epoch_now()).max(60) as u64,
     );
-    Ok(Action::requeue(by_time.map_or(renew, |t| t.min(renew))))
+    // Replicas still settling (see status::programmed) are looked at again once they have.
+    let settle = serving
+        .values()
+        .flatten()
+        .any(|r| r.fresh)
+        .then_some(crate::xds::server::FRESH)
+        .or(ctx
+            .xds
+            .server
+            .settling()
+            .then_some(crate::xds::server::RECONNECT_GRACE));
+    let next = [Some(renew), by_time, settle]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(renew);
+    Ok(Action::requeue(next))
 }
 
 /// How long a reconcile waits for the connected replicas to load a changed configuration before it
@@ -721,6 +744,19 @@ async fn write_status(
     )
     .await?;
     ctx.writes.add();
+    let changed: Vec<String> = new
+        .conditions
+        .iter()
+        .filter(|c| {
+            previous
+                .and_then(|p| p.conditions.iter().find(|o| o.type_ == c.type_))
+                .is_none_or(|o| {
+                    o.status != c.status || o.reason != c.reason || o.message != c.message
+                })
+        })
+        .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason))
+        .collect();
+    tracing::debug!(target: "llmroute::write", kind = "LLMRoute/status", name = %route.name_any(), conditions = ?changed, "applied");
     Ok(())
 }
 

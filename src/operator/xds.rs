@@ -171,6 +171,11 @@ pub async fn start(
     let local_addr = listener
         .local_addr()
         .map_err(|e| XdsError::Listen(opts.listen, e))?;
+    // An address with port 0 (tests) names the port just chosen.
+    let mut client_opts = opts.client.clone();
+    if let Some(host) = client_opts.address.strip_suffix(":0") {
+        client_opts.address = format!("{host}:{}", local_addr.port());
+    }
     let server = XdsServer::new(serving, metrics);
     {
         let server = server.clone();
@@ -180,11 +185,11 @@ pub async fn start(
             }
         });
     }
-    info!(address = %local_addr, gateways_dial = %opts.client.address, "xDS server listening");
+    info!(address = %local_addr, gateways_dial = %client_opts.address, "xDS server listening");
     Ok(XdsSetup {
         server,
         authority,
-        client: opts.client.clone(),
+        client: client_opts,
         upstream_ca: opts.upstream_ca.clone(),
         local_addr,
     })

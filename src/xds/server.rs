@@ -32,6 +32,11 @@ use crate::metrics::{Metrics, NamespaceLabels, XdsPushLabels};
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
+/// How long after it starts serving this replica gives gateways to reconnect before it reports, from
+/// their absence, that a namespace's gateway serves nothing (a restart or a new leader must not
+/// flip every route's status).
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+
 /// Node metadata key naming the gateway's namespace (the bootstrap sets it).
 pub const NAMESPACE_METADATA: &str = "llmroute.io/namespace";
 
@@ -41,6 +46,7 @@ struct Gateway {
     /// Envoy's node id: the gateway Pod's name.
     node: String,
     acks: Acks,
+    connected_at: Instant,
 }
 
 struct Inner {
@@ -56,6 +62,8 @@ struct Inner {
     serving: watch::Receiver<bool>,
     /// Set when the server shuts down: every stream ends.
     closing: watch::Sender<bool>,
+    /// Since when this replica serves (it became the leader, or started without leader election).
+    serving_since: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -71,12 +79,18 @@ pub struct ReplicaServing {
     /// Envoy's node id (the Pod's name).
     pub node: String,
     pub serving: Serving,
+    /// Connected less than [`FRESH`] ago: it may still be (re)subscribing.
+    pub fresh: bool,
 }
+
+/// How long a replica's stream counts as fresh: a reconnecting Envoy sends its subscriptions (and
+/// the versions it has) type by type in its first moments.
+pub const FRESH: Duration = Duration::from_secs(2);
 
 impl XdsServer {
     /// A server that serves streams while `serving` is true.
     pub fn new(serving: watch::Receiver<bool>, metrics: Arc<Metrics>) -> XdsServer {
-        XdsServer {
+        let server = XdsServer {
             inner: Arc::new(Inner {
                 snapshots: Mutex::default(),
                 gateways: Mutex::default(),
@@ -84,11 +98,43 @@ impl XdsServer {
                 next_nonce: AtomicU64::new(1),
                 events: Mutex::default(),
                 answered: Notify::new(),
-                serving,
+                serving: serving.clone(),
                 closing: watch::Sender::new(false),
+                serving_since: Mutex::new(None),
                 metrics,
             }),
-        }
+        };
+        let weak = Arc::downgrade(&server.inner);
+        let mut serving = serving;
+        tokio::spawn(async move {
+            loop {
+                let now_serving = *serving.borrow_and_update();
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let mut since = inner.serving_since.lock().expect("serving since");
+                    match (now_serving, since.is_some()) {
+                        (true, false) => *since = Some(Instant::now()),
+                        (false, true) => *since = None,
+                        _ => {}
+                    }
+                }
+                if serving.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        server
+    }
+
+    /// Whether this replica started serving less than [`RECONNECT_GRACE`] ago (or does not serve):
+    /// gateways that were connected to the previous leader or process may not have reconnected yet,
+    /// so a namespace without connected replicas says nothing about them.
+    pub fn settling(&self) -> bool {
+        self.inner
+            .serving_since
+            .lock()
+            .expect("serving since")
+            .is_none_or(|t| t.elapsed() < RECONNECT_GRACE)
     }
 
     /// The namespace of every change of its gateways' state (a replica connected, disconnected,
@@ -159,6 +205,7 @@ impl XdsServer {
                     .map(|g| ReplicaServing {
                         node: g.node.clone(),
                         serving: g.acks.serving(route, &snapshot),
+                        fresh: g.connected_at.elapsed() < FRESH,
                     })
                     .collect();
                 (name.clone(), states)
@@ -282,6 +329,7 @@ impl XdsServer {
                 namespace: ns.clone(),
                 node: node.id.clone(),
                 acks: Acks::default(),
+                connected_at: Instant::now(),
             },
         );
         info!(namespace = %ns, node = %node.id, envoy = %node.user_agent_version, "gateway connected");

@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod cluster;
 pub mod e2e;
 pub mod envoy;
+pub mod gateway;
 pub mod gitops;
 pub mod kubelet;
 pub mod sim;

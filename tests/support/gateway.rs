@@ -1,0 +1,132 @@
+//! A gateway replica run by the test instead of a kubelet, for the suites whose operator runs on the
+//! host (no Pod network to reach it): the real Envoy 1.40 started from what a gateway Pod mounts —
+//! the bootstrap of the namespace's ConfigMap `llmroute-gateway` and the xDS client certificate of
+//! its Secret `llmroute-gateway-xds` — and then configured by the operator over xDS like any
+//! replica. Its node id plays the Pod's name. (tests/realnode.rs runs the gateway as real Pods.)
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+
+use super::cluster::eventually;
+use super::envoy::{Envoy, free_port};
+
+/// Ports the gateway's Envoy listens on (all on 127.0.0.1).
+#[derive(Clone, Debug)]
+pub struct GatewayPorts {
+    pub port: u16,
+    pub admin_port: u16,
+    pub health_port: u16,
+}
+
+impl GatewayPorts {
+    pub fn free() -> GatewayPorts {
+        GatewayPorts {
+            port: free_port(),
+            admin_port: free_port(),
+            health_port: free_port(),
+        }
+    }
+
+    /// The `llmroute run` flags that make the bootstrap use these ports on 127.0.0.1.
+    pub fn operator_args(&self) -> Vec<String> {
+        vec![
+            format!("--gateway-port={}", self.port),
+            "--gateway-address=127.0.0.1".into(),
+            format!("--gateway-admin-port={}", self.admin_port),
+            format!("--gateway-health-port={}", self.health_port),
+        ]
+    }
+}
+
+/// Writes the gateway's mounted files into `dir` once the operator created them: `dir/config/
+/// bootstrap.yaml` and the certificate files in `dir/xds` (where the operator was told gateways
+/// mount them, `--gateway-xds-cert-dir`). Returns the bootstrap's path.
+pub async fn materialise(client: &kube::Client, ns: &str, dir: &Path) -> PathBuf {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let cm = eventually(Duration::from_secs(60), "the gateway ConfigMap", || {
+        let cms = cms.clone();
+        async move { cms.get_opt("llmroute-gateway").await.ok()? }
+    })
+    .await;
+    let secret = eventually(
+        Duration::from_secs(60),
+        "the gateway xDS certificate Secret",
+        || {
+            let secrets = secrets.clone();
+            async move { secrets.get_opt("llmroute-gateway-xds").await.ok()? }
+        },
+    )
+    .await;
+    let config = dir.join("config");
+    let certs = dir.join("xds");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::create_dir_all(&certs).unwrap();
+    let bootstrap = config.join("bootstrap.yaml");
+    std::fs::write(&bootstrap, &cm.data.unwrap()["bootstrap.yaml"]).unwrap();
+    for (k, v) in secret.data.unwrap() {
+        std::fs::write(certs.join(k), v.0).unwrap();
+    }
+    bootstrap
+}
+
+/// Starts a gateway replica named `node` of namespace `ns` (see [`materialise`]) and waits until
+/// Envoy is ready (it has its first configuration).
+pub async fn start(
+    client: &kube::Client,
+    ns: &str,
+    dir: &Path,
+    ports: &GatewayPorts,
+    node: &str,
+) -> Envoy {
+    let bootstrap = materialise(client, ns, dir).await;
+    let log = dir.join(format!("envoy-{node}.log"));
+    let (bootstrap, admin, health) = (bootstrap.clone(), ports.admin_port, ports.health_port);
+    let node = node.to_string();
+    tokio::task::spawn_blocking(move || {
+        Envoy::start_with(
+            &bootstrap,
+            admin,
+            health,
+            log,
+            &["--service-node".into(), node],
+        )
+    })
+    .await
+    .expect("start the gateway's Envoy")
+}
+
+/// An xDS server for an operator run in the test process: on 127.0.0.1:`port` (0: any), its CA in
+/// `ns`, gateways mounting their certificate in `cert_dir`; it stops when `stop` resolves.
+pub async fn xds_setup(
+    client: &kube::Client,
+    ns: &str,
+    cert_dir: &Path,
+    port: u16,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> llmroute::operator::xds::XdsSetup {
+    let metrics = std::sync::Arc::new(llmroute::metrics::Metrics::new());
+    let (serving, rx) = tokio::sync::watch::channel(true);
+    // A dropped sender leaves the server serving.
+    drop(serving);
+    llmroute::operator::xds::start(
+        client,
+        &llmroute::operator::xds::XdsOptions {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            client: llmroute::gateway::envoy::XdsClient {
+                address: format!("127.0.0.1:{port}"),
+                cert_dir: cert_dir.display().to_string(),
+            },
+            ca_secret: (ns.to_string(), "llmroute-xds-ca".into()),
+            upstream_ca: None,
+        },
+        rx,
+        metrics,
+        stop,
+    )
+    .await
+    .expect("start the xDS server")
+}
