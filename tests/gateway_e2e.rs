@@ -1,7 +1,8 @@
-//! End to end: the operator on the real control plane writes the gateway's ConfigMap and keys
-//! Secret; they are materialised the way a kubelet does; the real Envoy 1.40 runs on them; requests
-//! are sent the way an OpenAI SDK sends them, with OPENAI_BASE_URL and OPENAI_API_KEY read from the
-//! workload Secret (only the Service host is replaced by 127.0.0.1:<port>, as there is no cluster DNS).
+//! End to end: the operator on the real control plane serves the gateway's configuration over xDS;
+//! the real Envoy 1.40 runs from the bootstrap and certificate a gateway Pod mounts; requests are
+//! sent the way an OpenAI SDK sends them, with OPENAI_BASE_URL and OPENAI_API_KEY read from the
+//! workload Secret (only the Service host is replaced by 127.0.0.1:<port>: the gateway runs on the
+//! host here; tests/realnode.rs runs it as Pods).
 
 mod support;
 
@@ -14,8 +15,7 @@ use llmroute::gateway::envoy::EnvoyOptions;
 use llmroute::gateway::objects::GatewayDeploymentOptions;
 use llmroute::operator::{self, Options, apply::WriteCounter};
 use support::cluster::{TestNamespace, eventually, wait_route_ready};
-use support::envoy::{Envoy, free_port};
-use support::kubelet::Volumes;
+use support::gateway::GatewayPorts;
 use support::sim::{Mode, Sim};
 
 fn secret(name: &str, value: &str) -> String {
@@ -74,27 +74,36 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     c.install_crds();
     let client = c.client().await;
     let dir = tempfile::tempdir().unwrap();
+    let ports = GatewayPorts::free();
     let envoy_opts = EnvoyOptions {
-        config_dir: dir.path().join("config").display().to_string(),
-        keys_dir: dir.path().join("keys").display().to_string(),
-        port: free_port(),
+        port: ports.port,
         address: "127.0.0.1".into(),
-        admin_port: free_port(),
-        health_port: free_port(),
+        admin_port: ports.admin_port,
+        health_port: ports.health_port,
         ..Default::default()
     };
     let writes = Arc::new(WriteCounter::default());
     let opts = Options {
         namespace: Some(ns.name.clone()),
         default_region: "us".into(),
-        gateway: GatewayDeploymentOptions::default(),
+        gateway: GatewayDeploymentOptions {
+            replicas: 0,
+            ..Default::default()
+        },
         envoy: envoy_opts.clone(),
-        key_propagation_delay: Duration::from_secs(2),
         identity: "e2e".into(),
         ..Default::default()
     };
+    let xds = support::gateway::xds_setup(
+        &client,
+        &ns.name,
+        &dir.path().join("xds"),
+        0,
+        std::future::pending(),
+    )
+    .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let op = tokio::spawn(operator::run(client.clone(), opts, writes, async move {
+    let op = tokio::spawn(operator::run(client.clone(), opts, xds, writes, async move {
         let _ = stop_rx.await;
     }));
 
@@ -103,29 +112,9 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     ns.apply(&secret("primary-key", "primary-key-1"));
     ns.apply(&secret("secondary-key", "secondary-key-1"));
     ns.apply(&route("chat", &primary, &secondary));
+    let envoy = support::gateway::start(&client, &ns.name, dir.path(), &ports, "gw-0").await;
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
     wait_route_ready(&routes, "chat").await;
-
-    let volumes = Volumes::start(
-        client.clone(),
-        &ns.name,
-        "llmroute-gateway",
-        "llmroute-gateway-keys",
-        dir.path().join("config"),
-        dir.path().join("keys"),
-    );
-    eventually(Duration::from_secs(10), "volumes materialised", || {
-        let ok = dir.path().join("config/bootstrap.yaml").exists()
-            && dir.path().join("keys/route_chat").exists();
-        async move { ok.then_some(()) }
-    })
-    .await;
-    let envoy = Envoy::start(
-        &dir.path().join("config/bootstrap.yaml"),
-        envoy_opts.admin_port,
-        envoy_opts.health_port,
-        dir.path().join("envoy.log"),
-    );
     let pid = envoy.pid();
     let (base, key) = workload_env(&client, &ns.name, "chat", envoy_opts.port).await;
 
@@ -192,7 +181,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     tokio::time::sleep(Duration::from_secs(1)).await;
     ns.apply(&secret("primary-key", "primary-key-2"));
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(5),
         "the rotated key in the gateway",
         || {
             let p = primary.clone();
@@ -249,7 +238,6 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         rejected.is_empty(),
         "Envoy rejected configuration: {rejected:?}"
     );
-    assert!(volumes.swaps.load(std::sync::atomic::Ordering::Relaxed) >= 4);
     let log = envoy.log_text();
     for secret_value in [
         "primary-key-1",
@@ -260,7 +248,6 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     ] {
         assert!(!log.contains(secret_value), "Envoy's log holds a key");
     }
-    drop(volumes);
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
 }

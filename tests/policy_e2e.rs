@@ -97,15 +97,14 @@ async fn until(
     .await
 }
 
-/// The backends of the route's published failover chain, in order (from the clusters file
-/// Envoy reads).
+/// The backends of the route's failover chain, in order, as the gateway's Envoy has loaded it.
 fn published_chain(s: &Stack, route: &str) -> Vec<String> {
-    let clusters: serde_json::Value =
-        serde_json::from_str(&s.config_file("clusters.json")).unwrap_or_default();
-    let chain = clusters["resources"]
+    let clusters = s.loaded("dynamic_active_clusters");
+    let chain = clusters["configs"]
         .as_array()
         .into_iter()
         .flatten()
+        .map(|c| &c["cluster"])
         .find(|c| c["name"] == format!("chain:{route}"))
         .cloned()
         .unwrap_or_default();
@@ -479,7 +478,7 @@ async fn a_backend_its_region_excludes_is_never_probed_and_a_flapping_one_does_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_mode_switches_the_secret_and_restarts_the_selected_workloads() {
-    let s = Stack::start("pol-direct", "us").await;
+    let mut s = Stack::start("pol-direct", "us").await;
     let (primary, backup) = two_providers(&s).await;
     let policy = "    healthCheck: { interval: 1s, timeout: 2s }\n";
     let extra = "  workloadSecret: { mode: Direct }\n  rollout: { selector: { matchLabels: { app: worker } } }\n";
@@ -487,6 +486,8 @@ async fn direct_mode_switches_the_secret_and_restarts_the_selected_workloads() {
     s.ns.apply(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: worker, labels: { app: worker } }\nspec:\n  replicas: 1\n  selector: { matchLabels: { app: worker } }\n  template:\n    metadata: { labels: { app: worker } }\n    spec:\n      containers:\n        - name: app\n          image: example.com/worker:1\n          envFrom: [{ secretRef: { name: chat-llm } }]\n",
     );
+    // Direct mode: workloads use the provider; the route is on the gateway all the same.
+    s.start_gateway().await;
     let rs: Api<ReplicaSet> = Api::namespaced(s.client.clone(), &s.ns.name);
     let replica_sets = || {
         let rs = rs.clone();

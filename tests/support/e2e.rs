@@ -1,9 +1,9 @@
 //! The end-to-end harness: `llmroute run` as a process against the test control plane (one
-//! namespace), the gateway's ConfigMap and keys Secret materialised the way a kubelet does, the real
-//! Envoy 1.40 started on them, HTTPS provider simulators with a run-time test CA (trusted by the
-//! gateway and the prober), and clients that read `OPENAI_BASE_URL` / `OPENAI_API_KEY` from the
-//! workload Secret as an OpenAI SDK would (only the Service host is replaced by 127.0.0.1:<port>:
-//! there is no cluster DNS here).
+//! namespace), a gateway replica (the real Envoy 1.40) started from the bootstrap and certificate a
+//! gateway Pod mounts and configured by the operator over xDS, HTTPS provider simulators with a
+//! run-time test CA (trusted by the gateway and the prober: `--upstream-ca-file`), and clients that
+//! read `OPENAI_BASE_URL` / `OPENAI_API_KEY` from the workload Secret as an OpenAI SDK would (only
+//! the Service host is replaced by 127.0.0.1:<port>: the gateway runs on the host here).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -16,8 +16,8 @@ use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
 use llmroute_devkit::tls::TestCa;
 
 use super::cluster::{TestNamespace, eventually};
-use super::envoy::{Envoy, free_port};
-use super::kubelet::Volumes;
+use super::envoy::{Envoy, free_port, http_get};
+use super::gateway::GatewayPorts;
 
 /// One namespace's whole system.
 pub struct Stack {
@@ -27,11 +27,10 @@ pub struct Stack {
     pub ca: TestCa,
     pub ca_file: PathBuf,
     pub port: u16,
-    admin_port: u16,
-    health_port: u16,
+    ports: GatewayPorts,
+    xds_port: u16,
     pub http_addr: String,
     operator: Option<Child>,
-    volumes: Option<Volumes>,
     pub envoy: Option<Envoy>,
 }
 
@@ -46,18 +45,18 @@ impl Stack {
         let ca = TestCa::new();
         let ca_file = dir.path().join("ca.pem");
         ca.write_ca(&ca_file).unwrap();
+        let ports = GatewayPorts::free();
         let mut stack = Stack {
             ns,
             client,
             ca,
             ca_file,
-            port: free_port(),
-            admin_port: free_port(),
-            health_port: free_port(),
+            port: ports.port,
+            ports,
+            xds_port: free_port(),
             http_addr: format!("127.0.0.1:{}", free_port()),
             dir,
             operator: None,
-            volumes: None,
             envoy: None,
         };
         stack.start_operator(region);
@@ -71,18 +70,14 @@ impl Stack {
             .args(["run", "--leader-elect=false", "--log-format=json"])
             .arg(format!("--namespace={}", self.ns.name))
             .arg(format!("--default-region={region}"))
-            .arg(format!(
-                "--gateway-config-dir={}",
-                d.join("config").display()
-            ))
-            .arg(format!("--gateway-keys-dir={}", d.join("keys").display()))
-            .arg(format!("--gateway-port={}", self.port))
-            .arg("--gateway-address=127.0.0.1")
-            .arg(format!("--gateway-admin-port={}", self.admin_port))
-            .arg(format!("--gateway-health-port={}", self.health_port))
-            .arg(format!("--gateway-trusted-ca={}", self.ca_file.display()))
-            .arg(format!("--probe-ca-file={}", self.ca_file.display()))
-            .arg("--key-propagation-delay=1s")
+            .args(self.ports.operator_args())
+            // The test runs the gateway's replica (below), not the cluster.
+            .arg("--gateway-replicas=0")
+            .arg(format!("--xds-listen=127.0.0.1:{}", self.xds_port))
+            .arg(format!("--xds-address=127.0.0.1:{}", self.xds_port))
+            .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", self.ns.name))
+            .arg(format!("--gateway-xds-cert-dir={}", d.join("xds").display()))
+            .arg(format!("--upstream-ca-file={}", self.ca_file.display()))
             .arg(format!("--http-addr={}", self.http_addr))
             .env("KUBECONFIG", self.ns.cluster().kubeconfig())
             .env("LLMROUTE_LOG", "info,llmroute=debug")
@@ -108,9 +103,20 @@ impl Stack {
         Api::namespaced(self.client.clone(), &self.ns.name)
     }
 
-    /// Waits for `route` to be Ready, materialises the gateway's volumes and starts Envoy on them
-    /// (once), and returns the workload's view of the route.
+    /// Starts the gateway's replica (once; the operator must have created the gateway's objects).
+    pub async fn start_gateway(&mut self) {
+        if self.envoy.is_none() {
+            self.envoy = Some(
+                super::gateway::start(&self.client, &self.ns.name, self.dir.path(), &self.ports, "gw-0")
+                    .await,
+            );
+        }
+    }
+
+    /// Starts the gateway's replica (once), waits for `route` to be Ready (which now means that
+    /// replica serves it), and returns the workload's view of the route.
     pub async fn serve(&mut self, route: &str) -> Workload {
+        self.start_gateway().await;
         let deadline = std::time::Instant::now() + Duration::from_secs(45);
         let mut ready = false;
         while !ready && std::time::Instant::now() < deadline {
@@ -132,43 +138,15 @@ impl Stack {
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             let status = self.routes().get(route).await.ok().map(|r| r.status);
             panic!(
-                "route {route} not Ready in 45 s; status {status:?}\noperator log (last 60 lines, newest first):\n{}",
-                tail.join("\n")
+                "route {route} not Ready in 45 s; status {status:?}\noperator log (last 60 lines, newest first):\n{}\nEnvoy log:\n{}",
+                tail.join("\n"),
+                self.envoy_log()
             );
         }
-        let d = self.dir.path().to_path_buf();
-        if self.volumes.is_none() {
-            self.volumes = Some(kubelet_thread(
-                self.ns.cluster().kubeconfig(),
-                self.ns.name.clone(),
-                d.join("config"),
-                d.join("keys"),
-            ));
-        }
-        let key_file = d.join(format!("keys/route_{route}"));
-        eventually(Duration::from_secs(20), "volumes materialised", || {
-            let ok = d.join("config/bootstrap.yaml").exists() && key_file.exists();
-            async move { ok.then_some(()) }
-        })
-        .await;
-        if self.envoy.is_none() {
-            self.envoy = Some(Envoy::start(
-                &d.join("config/bootstrap.yaml"),
-                self.admin_port,
-                self.health_port,
-                d.join("envoy.log"),
-            ));
-        }
         let w = self.workload(route).await;
-        // Served once the route answers its models list (the configuration reached Envoy).
-        eventually(Duration::from_secs(20), "the route served by Envoy", || {
-            let w = w.clone();
-            async move {
-                let r = w.get("/models").await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
-        .await;
+        // Programmed means loaded: the route answers its models list at once.
+        let r = w.get("/models").await.expect("GET /models");
+        assert!(r.status().is_success(), "{route} is Ready but not served: {}", r.status());
         w
     }
 
@@ -188,9 +166,12 @@ impl Stack {
             .unwrap_or_default()
     }
 
-    /// The published gateway configuration file `name` (e.g. `clusters.json`) as Envoy sees it.
-    pub fn config_file(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join("config").join(name)).unwrap_or_default()
+    /// What the gateway's Envoy has loaded: its admin config dump of `resource` (e.g.
+    /// `dynamic_active_clusters`).
+    pub fn loaded(&self, resource: &str) -> serde_json::Value {
+        http_get(self.ports.admin_port, &format!("/config_dump?resource={resource}"))
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default()
     }
 
     /// The operator's /metrics.
@@ -234,39 +215,6 @@ impl Drop for Stack {
             let _ = op.wait();
         }
     }
-}
-
-/// The kubelet stand-in on a thread and runtime of its own (with its own API client), as a kubelet
-/// is a process of its own: the test's load generators must not delay volume updates.
-fn kubelet_thread(
-    kubeconfig: PathBuf,
-    namespace: String,
-    config_dir: PathBuf,
-    keys_dir: PathBuf,
-) -> Volumes {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("kubelet runtime");
-        rt.block_on(async move {
-            let client = super::cluster::client_for(&kubeconfig).await;
-            let volumes = Volumes::start(
-                client,
-                &namespace,
-                "llmroute-gateway",
-                "llmroute-gateway-keys",
-                config_dir,
-                keys_dir,
-            );
-            let stop = volumes.stopped();
-            let _ = tx.send(volumes);
-            // Runs the sync task until the Stack drops its Volumes.
-            stop.await;
-        });
-    });
-    rx.recv().expect("kubelet thread started")
 }
 
 /// What a workload of `namespace` reads from the workload Secret of `route`, with the gateway
