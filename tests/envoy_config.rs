@@ -1,19 +1,18 @@
 //! The generated configuration checked by the real Envoy 1.40: every golden input and every example
-//! validates (`envoy --mode validate` on the static equivalent), loads from the file-based xDS layout
-//! the gateway ships with no rejected resource, and a rendered gateway really serves, fails over and
-//! rewrites per provider.
+//! validates (`envoy --mode validate` on the static equivalent), is served over xDS (as the operator
+//! serves it) and over the file-based layout of `llmroute render --out-dir` with no rejected
+//! resource, and a rendered gateway really serves, fails over and rewrites per provider.
 
 mod support;
 
 use std::path::{Path, PathBuf};
-
-use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use llmroute::gateway::envoy::{self, EnvoyOptions};
-use llmroute::gateway::objects;
 use llmroute::render::{self, RenderOptions, VALIDATE_FILE};
+use llmroute::xds::snapshot::Snapshot;
 use support::envoy::{Envoy, free_port, repo_root, validate};
-use support::kubelet::{link_keys, swap_data, write_volume};
 use support::sim::{Mode, Sim};
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
@@ -37,11 +36,9 @@ impl Rendered {
     }
 }
 
-/// Gateway options with free ports on 127.0.0.1, configuration and keys in these directories.
-fn local_options(config_dir: &Path, keys_dir: &Path) -> (EnvoyOptions, RenderOptions) {
+/// Gateway options with free ports on 127.0.0.1.
+fn local_options() -> (EnvoyOptions, RenderOptions) {
     let opts = EnvoyOptions {
-        config_dir: config_dir.display().to_string(),
-        keys_dir: keys_dir.display().to_string(),
         port: free_port(),
         address: "127.0.0.1".into(),
         admin_port: free_port(),
@@ -52,6 +49,7 @@ fn local_options(config_dir: &Path, keys_dir: &Path) -> (EnvoyOptions, RenderOpt
         namespace: "default".into(),
         default_region: "us".into(),
         envoy: opts.clone(),
+        xds: Default::default(),
         deployment: Default::default(),
     };
     (opts, render_opts)
@@ -61,7 +59,7 @@ fn local_options(config_dir: &Path, keys_dir: &Path) -> (EnvoyOptions, RenderOpt
 fn render_dir(input: &Path) -> Rendered {
     let routes = render::load_files(&[input.to_path_buf()]).unwrap_or_else(|e| panic!("{e:?}"));
     let dir = tempfile::tempdir().unwrap();
-    let (opts, render_opts) = local_options(dir.path(), &dir.path().join("keys"));
+    let (opts, render_opts) = local_options();
     let renders = render::translate_offline(&routes, &render_opts);
     assert_eq!(
         renders.len(),
@@ -389,187 +387,65 @@ async fn rendered_gateway_serves_and_fails_over() {
     drop(envoy);
 }
 
-/// The ConfigMap and keys Secret the operator would publish for a route file, as volume contents
-/// (provider keys are the simulators': `key-secondary` for the backend named secondary).
-fn operator_volumes(
-    input: &Path,
-    opts: &EnvoyOptions,
-    render_opts: &RenderOptions,
-) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>) {
-    let routes = render::load_files(&[input.to_path_buf()]).unwrap();
-    let renders = render::translate_offline(&routes, render_opts);
-    let gw = &renders[0].translation.gateway;
-    let config = envoy::render(gw, opts)
-        .into_iter()
-        .map(|(k, v)| (k, v.into_bytes()))
-        .collect();
-    let mut material = render::placeholder_keys(&renders[0].translation);
-    for (entry, value) in material.provider_keys.iter_mut() {
-        let sim = if entry.contains("secondary") {
-            "key-secondary"
-        } else {
-            "key-primary"
-        };
-        *value = sim.as_bytes().to_vec();
-    }
-    let keys = objects::keys_secret(gw, &material, &[])
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect();
-    (config, keys)
-}
-
-/// Sends chats until one is answered 200 (within 10 s) and returns the backend that answered.
-async fn first_success(port: u16) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let resp = chat(port, ROUTE_KEY, "gpt-4o").await;
-        if resp.status() == 200 {
-            return resp.headers()["x-llmroute-backend"]
-                .to_str()
-                .unwrap()
-                .to_string();
+/// Every golden input and example, served over xDS as the operator serves it (delta ADS, mutual
+/// TLS, keys as SDS secrets): one gateway loads each, acknowledges every resource (no NACK) and
+/// rejects nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_golden_input_and_example_is_served_over_xds_with_nothing_rejected() {
+    let authority = Arc::new(llmroute::xds::tls::Authority::generate(SystemTime::now()).unwrap());
+    let server = support::xds::Server::start(authority.clone(), 0).await;
+    let mut inputs = yaml_files("tests/golden");
+    inputs.extend(yaml_files("examples"));
+    inputs.extend(yaml_files("examples/providers"));
+    for (i, input) in inputs.iter().enumerate() {
+        let routes = render::load_files(&[input.clone()]).unwrap_or_else(|e| panic!("{e:?}"));
+        let (opts, render_opts) = local_options();
+        for (j, ns) in render::translate_offline(&routes, &render_opts).iter().enumerate() {
+            // A namespace of the server per input.
+            let name = format!("case-{i}-{j}");
+            let keys = render::placeholder_keys(&ns.translation);
+            let ads = envoy::ads_config(&ns.translation.gateway, &opts, &keys, None);
+            let snapshot = Snapshot::next(None, ads.resources, ads.routes)
+                .unwrap_or_else(|e| panic!("{}: {e}", input.display()));
+            server.xds.publish(&name, snapshot);
+            let dir = tempfile::tempdir().unwrap();
+            let bootstrap = support::xds::gateway_files(
+                dir.path(),
+                &authority,
+                &name,
+                &name,
+                server.port,
+                &opts,
+            );
+            let (admin, health, log) = (opts.admin_port, opts.health_port, dir.path().join("envoy.log"));
+            let envoy = tokio::task::spawn_blocking(move || {
+                Envoy::start_with(&bootstrap, admin, health, log, &["--service-node".into(), "gw".into()])
+            })
+            .await
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !server.xds.all_current(&name) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: not every resource acknowledged: {:?}\n{}",
+                    input.display(),
+                    server.xds.route_serving(&name),
+                    envoy.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let rejected: Vec<(String, u64)> = envoy
+                .stats_matching("update_rejected")
+                .into_iter()
+                .filter(|(_, v)| *v > 0)
+                .collect();
+            assert!(rejected.is_empty(), "{}: {rejected:?}", input.display());
+            assert!(
+                !envoy.log_text().contains("[error]"),
+                "{}: {}",
+                input.display(),
+                envoy.log_text()
+            );
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no success: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-}
-
-/// Waits until Envoy's `listener_manager.lds.update_success` exceeds `before` and asserts that no
-/// listener update was rejected.
-async fn lds_reloaded(envoy: &Envoy, before: u64) {
-    let lds = |name: &str| envoy.stat(&format!("listener_manager.lds.{name}"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while lds("update_success").unwrap() == before && lds("update_rejected") == Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Envoy did not reload: {}",
-            envoy.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        lds("update_rejected"),
-        Some(0),
-        "listeners rejected: {}",
-        envoy.log_text()
-    );
-}
-
-/// The kubelet renames `..data` onto a volume's new version before it creates the visible link of
-/// a key that is new. An update adding a backend adds its route and secret files; Envoy reloads
-/// the listeners on that rename and must find them, so it reads configuration files through `..data`.
-/// The volume is left in that window (no visible links for the new files) while Envoy reloads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_adding_a_backend_loads_before_the_kubelet_links_its_files() {
-    let primary = Sim::start("key-primary").await;
-    let secondary = Sim::start("key-secondary").await;
-    let scratch = tempfile::tempdir().unwrap();
-    let (opts, render_opts) =
-        local_options(&scratch.path().join("config"), &scratch.path().join("keys"));
-    let two = two_backend_route(scratch.path(), &primary, &secondary, "[RegionBlocked]");
-    let (config_two, keys_two) = operator_volumes(&two, &opts, &render_opts);
-    let yaml = std::fs::read_to_string(&two).unwrap();
-    let one = scratch.path().join("one.yaml");
-    std::fs::write(&one, &yaml[..yaml.find("    - name: secondary").unwrap()]).unwrap();
-    let (config_one, _) = operator_volumes(&one, &opts, &render_opts);
-    assert!(
-        config_two.keys().any(|k| !config_one.contains_key(k)),
-        "the second backend adds files"
-    );
-
-    // Keys are published before the configuration that names them.
-    write_volume(Path::new(&opts.keys_dir), &keys_two, 1).unwrap();
-    let config_dir = Path::new(&opts.config_dir);
-    write_volume(config_dir, &config_one, 1).unwrap();
-    let envoy = Envoy::start(
-        &config_dir.join(envoy::BOOTSTRAP),
-        opts.admin_port,
-        opts.health_port,
-        scratch.path().join("envoy.log"),
-    );
-    assert_eq!(first_success(opts.port).await, "primary");
-
-    // `..data` now shows the new version; the new files have no visible link.
-    let before = envoy.stat("listener_manager.lds.update_success").unwrap();
-    let old = swap_data(config_dir, &config_two, 2).unwrap();
-    lds_reloaded(&envoy, before).await;
-    // The new backend serves: its routes and its key were loaded in that window.
-    primary.set_mode(Mode::RegionBlocked);
-    assert_eq!(first_success(opts.port).await, "secondary");
-    let got = secondary.received().pop().unwrap();
-    assert_eq!(
-        got.header("authorization").as_deref(),
-        Some("Bearer key-secondary")
-    );
-    link_keys(config_dir, &config_two, old).unwrap();
-    drop(envoy);
-}
-
-/// A kubelet may refresh the keys volume later than the operator's key propagation delay, so the
-/// configuration naming a new backend's key can arrive first. That backend fails over meanwhile,
-/// and serves with its key as soon as the keys volume catches up: no further change is needed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_arriving_after_its_configuration_is_picked_up() {
-    let primary = Sim::start("key-primary").await;
-    let secondary = Sim::start("key-secondary").await;
-    let scratch = tempfile::tempdir().unwrap();
-    let (opts, render_opts) =
-        local_options(&scratch.path().join("config"), &scratch.path().join("keys"));
-    let route = two_backend_route(
-        scratch.path(),
-        &primary,
-        &secondary,
-        "[RegionBlocked, AuthFailed]",
-    );
-    let (config, keys) = operator_volumes(&route, &opts, &render_opts);
-    let late: BTreeMap<String, Vec<u8>> = keys
-        .clone()
-        .into_iter()
-        .filter(|(k, _)| !k.contains("secondary"))
-        .collect();
-    assert!(late.len() < keys.len());
-    let keys_dir = Path::new(&opts.keys_dir);
-    write_volume(keys_dir, &late, 1).unwrap();
-    let config_dir = Path::new(&opts.config_dir);
-    write_volume(config_dir, &config, 1).unwrap();
-    let envoy = Envoy::start(
-        &config_dir.join(envoy::BOOTSTRAP),
-        opts.admin_port,
-        opts.health_port,
-        scratch.path().join("envoy.log"),
-    );
-    // The secondary has no key yet: with the primary blocked, requests fail, and nothing is sent to
-    // the secondary without its key.
-    primary.set_mode(Mode::RegionBlocked);
-    let resp = chat(opts.port, ROUTE_KEY, "gpt-4o").await;
-    assert_eq!(resp.status(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "all_backends_failed");
-    assert_eq!(body["error"]["backends"][1]["backend"], "secondary");
-    assert_eq!(body["error"]["backends"][1]["failure"], "AuthFailed");
-    assert!(secondary.received().is_empty());
-    // The keys volume catches up; the configuration does not change.
-    write_volume(keys_dir, &keys, 2).unwrap();
-    let arrived = std::time::Instant::now();
-    assert_eq!(first_success(opts.port).await, "secondary");
-    // Keys are read at most once a second per worker.
-    assert!(
-        arrived.elapsed() < std::time::Duration::from_secs(3),
-        "{:?}",
-        arrived.elapsed()
-    );
-    let got = secondary.received().pop().unwrap();
-    assert_eq!(
-        got.header("authorization").as_deref(),
-        Some("Bearer key-secondary")
-    );
-    drop(envoy);
 }

@@ -48,8 +48,6 @@ spec:
     .unwrap();
     let gw = dir.join("gateway");
     let opts = EnvoyOptions {
-        config_dir: gw.display().to_string(),
-        keys_dir: gw.join("keys").display().to_string(),
         port: free_port(),
         address: "127.0.0.1".into(),
         admin_port: free_port(),
@@ -63,6 +61,7 @@ spec:
             namespace: "default".into(),
             default_region: "us".into(),
             envoy: opts.clone(),
+            xds: Default::default(),
             deployment: Default::default(),
         },
     );
@@ -78,6 +77,7 @@ fn deployment_drain_flags() -> Vec<String> {
         "default",
         &EnvoyOptions::default(),
         &GatewayDeploymentOptions::default(),
+        "0",
         &[],
     );
     let envoy = &d.spec.unwrap().template.spec.unwrap().containers[0];

@@ -65,26 +65,32 @@ fn golden_dir() -> PathBuf {
     repo_root().join("tests/golden")
 }
 
-/// Everything a golden case covers: every Envoy file and the objects, as name → content.
+/// Everything a golden case covers: per namespace, the resources the operator's xDS server serves
+/// (with render's placeholder keys), and the objects, as name → content.
 fn render_case(input: &Path) -> BTreeMap<String, String> {
     let routes = render::load_files(&[input.to_path_buf()]).unwrap_or_else(|e| panic!("{e:?}"));
     let opts = RenderOptions {
         namespace: "default".into(),
         default_region: "us".into(),
         envoy: EnvoyOptions::default(),
+        xds: Default::default(),
         deployment: Default::default(),
     };
     let renders = render::translate_offline(&routes, &opts);
     let mut out = BTreeMap::new();
     for ns in &renders {
-        for (name, content) in envoy::render(&ns.translation.gateway, &opts.envoy) {
-            out.insert(format!("{}/{name}", ns.namespace), content);
-        }
+        let keys = render::placeholder_keys(&ns.translation);
+        let ads = envoy::ads_config(&ns.translation.gateway, &opts.envoy, &keys, None);
+        let resources: Vec<serde_json::Value> = ads
+            .resources
+            .iter()
+            .map(|r| serde_json::json!({ "type": r.type_url, "name": r.name, "resource": r.json }))
+            .collect();
+        let mut text = serde_json::to_string_pretty(&resources).unwrap();
+        text.push('\n');
+        out.insert(format!("{}/xds.json", ns.namespace), text);
     }
-    out.insert(
-        "objects.yaml".into(),
-        render::objects_yaml(&renders, &opts).unwrap(),
-    );
+    out.insert("objects.yaml".into(), render::objects_yaml(&renders, &opts));
     out
 }
 
@@ -179,26 +185,50 @@ fn translation_is_deterministic_and_independent_of_input_order() {
     }
 }
 
+/// Keys go to the gateway only where Envoy expects them: a provider key in its SDS secret (which
+/// Envoy redacts in config dumps), a route key in its front route's metadata. Nothing written to the
+/// API server (the objects) holds either.
 #[test]
-fn provider_keys_never_reach_the_config_map() {
+fn keys_are_only_in_secrets_and_route_metadata() {
+    use base64::Engine;
+    let provider = base64::engine::general_purpose::STANDARD.encode("placeholder");
     for input in golden_cases() {
         let files = render_case(&input);
         for (name, content) in &files {
-            if name != "objects.yaml" {
+            if name == "objects.yaml" {
                 assert!(
-                    !content.contains("placeholder"),
-                    "{name} embeds key material"
+                    !content.contains("placeholder") && !content.contains("llmroute-render-"),
+                    "render printed a key"
+                );
+                continue;
+            }
+            let resources: Vec<serde_json::Value> = serde_json::from_str(content).unwrap();
+            for r in resources {
+                let text = r["resource"].to_string();
+                let is_secret = r["type"].as_str().unwrap().ends_with("tls.v3.Secret");
+                let is_front = r["name"] == "gateway"
+                    && r["type"].as_str().unwrap().ends_with("RouteConfiguration");
+                assert!(
+                    is_secret || !text.contains(&provider),
+                    "{name}: provider key outside a secret: {}",
+                    r["name"]
                 );
                 assert!(
-                    !content.contains("llmroute-render-"),
-                    "{name} embeds a route key"
+                    is_front || !text.contains("llmroute-render-"),
+                    "{name}: route key outside the front routes: {}",
+                    r["name"]
                 );
+                if is_front {
+                    for route in r["resource"]["virtual_hosts"][0]["routes"].as_array().unwrap() {
+                        let key = &route["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["key"];
+                        assert!(
+                            key.is_null() || key.as_str().unwrap().starts_with("llmroute-render-"),
+                            "{key}"
+                        );
+                    }
+                }
             }
         }
-        assert!(
-            !files["objects.yaml"].contains("placeholder"),
-            "render printed a key"
-        );
     }
 }
 
@@ -474,17 +504,16 @@ fn render_prints_objects_with_secrets_redacted() {
             "kind: Secret"
         ]
     );
-    assert!(
-        text.contains("OPENAI_BASE_URL: <redacted>") && text.contains("route_chat: <redacted>")
-    );
+    assert!(text.contains("OPENAI_BASE_URL: <redacted>") && text.contains("tls.key: <redacted>"));
+    assert!(text.contains("name: llmroute-gateway-xds") && text.contains("DELTA_GRPC"));
     assert!(!text.contains("llmroute-render-chat") && !text.contains("placeholder"));
     assert!(text.contains("name: chat-llm") && text.contains("namespace: team-a"));
 }
 
-/// A namespace whose configuration would not fit in a ConfigMap is refused by `render` with the
-/// reason the operator gives, and nothing is printed.
+/// A namespace whose configuration would not fit in a ConfigMap (8 routes of 16 accounts: about
+/// 1.3 MB) renders: the configuration reaches gateways over xDS, not through a ConfigMap.
 #[test]
-fn render_refuses_a_configuration_too_large_for_a_config_map() {
+fn render_handles_a_configuration_larger_than_a_config_map() {
     let dir = tempfile::tempdir().unwrap();
     let mut docs = Vec::new();
     for r in 0..8 {
@@ -503,13 +532,24 @@ fn render_refuses_a_configuration_too_large_for_a_config_map() {
     let file = dir.path().join("routes.yaml");
     std::fs::write(&file, docs.join("---\n")).unwrap();
     let out = llmroute(&["render", "-f", file.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("error: ConfigurationTooLarge: the gateway configuration of namespace \"default\" (8 routes, 128 provider accounts)"),
-        "{stderr}"
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let routes = render::load_files(&[file]).unwrap();
+    let opts = RenderOptions {
+        namespace: "default".into(),
+        default_region: "us".into(),
+        envoy: EnvoyOptions::default(),
+        xds: Default::default(),
+        deployment: Default::default(),
+    };
+    let ns = &render::translate_offline(&routes, &opts)[0];
+    let ads = envoy::ads_config(
+        &ns.translation.gateway,
+        &opts.envoy,
+        &render::placeholder_keys(&ns.translation),
+        None,
     );
+    let snapshot = llmroute::xds::snapshot::Snapshot::next(None, ads.resources, ads.routes).unwrap();
+    assert!(snapshot.bytes() > 1024 * 1024, "{}", snapshot.bytes());
 }
 
 /// The gateway Deployment terminates gracefully: the shutdown-manager sidecar (the operator's image,
@@ -527,7 +567,7 @@ fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
         shutdown_manager_image: "registry.example.com/llmroute:9.9.9".into(),
         ..Default::default()
     };
-    let d = objects::deployment("team-a", &envoy_opts, &opts, &[]);
+    let d = objects::deployment("team-a", &envoy_opts, &opts, "0", &[]);
     let pod = d.spec.unwrap().template.spec.unwrap();
     let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["envoy", "shutdown-manager"]);

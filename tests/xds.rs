@@ -8,86 +8,22 @@
 mod support;
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use llmroute::gateway::envoy::{self, EnvoyOptions, XdsClient};
 use llmroute::gateway::objects::KeyMaterial;
 use llmroute::render::{self, RenderOptions};
+use llmroute::xds::XdsServer;
 use llmroute::xds::delta::Serving;
 use llmroute::xds::snapshot::Snapshot;
 use llmroute::xds::tls::Authority;
-use llmroute::xds::{XdsServer, server};
 use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
 use support::envoy::{Envoy, free_port};
+use support::xds::{Server, gateway_files};
 
 const NS: &str = "team-a";
 const ROUTE_KEY: &str = "sk-llmroute-route-key";
-
-/// An xDS server with mutual TLS on 127.0.0.1, and what a gateway needs to dial it.
-struct Server {
-    xds: XdsServer,
-    port: u16,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Server {
-    async fn start(authority: Arc<Authority>, port: u16) -> Server {
-        let pem = authority
-            .issue_server(&["127.0.0.1".into()], SystemTime::now())
-            .unwrap();
-        let tls = Arc::new(RwLock::new(Arc::new(
-            authority.server_config(&pem).unwrap(),
-        )));
-        // A server stopped just before (same port) closes its listener asynchronously.
-        let mut tries = 0;
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => break l,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-            }
-        };
-        let port = listener.local_addr().unwrap().port();
-        let xds = XdsServer::new(tokio::sync::watch::channel(true).1, Default::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve(listener, tls, xds.clone(), async move {
-            let _ = stopped.await;
-        }));
-        Server {
-            xds,
-            port,
-            _stop: stop,
-        }
-    }
-}
-
-/// A gateway directory: the client certificate of `cert_ns`, the bootstrap of namespace `NS`.
-fn gateway_files(
-    dir: &Path,
-    authority: &Authority,
-    cert_ns: &str,
-    server_port: u16,
-    opts: &EnvoyOptions,
-) -> std::path::PathBuf {
-    let certs = dir.join("xds");
-    std::fs::create_dir_all(&certs).unwrap();
-    let pem = authority.issue_gateway(cert_ns, SystemTime::now()).unwrap();
-    std::fs::write(certs.join("tls.crt"), &pem.cert).unwrap();
-    std::fs::write(certs.join("tls.key"), &pem.key).unwrap();
-    std::fs::write(certs.join("ca.crt"), &authority.cert_pem).unwrap();
-    let client = XdsClient {
-        address: format!("127.0.0.1:{server_port}"),
-        cert_dir: certs.display().to_string(),
-    };
-    let bootstrap = dir.join("bootstrap.yaml");
-    std::fs::write(&bootstrap, envoy::ads_bootstrap(opts, &client, NS)).unwrap();
-    bootstrap
-}
 
 /// The route `chat` → `sim` (OpenAI-compatible, plain HTTP) with `provider_key`, as a snapshot.
 fn snapshot(
@@ -199,7 +135,7 @@ async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
     let opts = options();
     let first = snapshot(dir.path(), &sim, &opts, "key-1", None);
     assert!(server.xds.publish(NS, first.clone()));
-    let bootstrap = gateway_files(dir.path(), &authority, NS, server.port, &opts);
+    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
     let envoy = Envoy::start_with(
         &bootstrap,
         opts.admin_port,
@@ -311,7 +247,7 @@ async fn a_restarted_server_sends_a_reconnecting_gateway_nothing_it_has() {
     let opts = options();
     let snap = snapshot(dir.path(), &sim, &opts, "key-1", None);
     server.xds.publish(NS, snap.clone());
-    let bootstrap = gateway_files(dir.path(), &authority, NS, port, &opts);
+    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, port, &opts);
     let envoy = Envoy::start_with(
         &bootstrap,
         opts.admin_port,
@@ -362,7 +298,7 @@ async fn a_certificate_of_another_namespace_gets_nothing() {
         .xds
         .publish(NS, snapshot(dir.path(), &sim, &opts, "key-1", None));
     // The bootstrap claims NS, the certificate names team-b.
-    let bootstrap = gateway_files(dir.path(), &authority, "team-b", server.port, &opts);
+    let bootstrap = gateway_files(dir.path(), &authority, NS, "team-b", server.port, &opts);
     let log = dir.path().join("envoy.log");
     let mut child = std::process::Command::new(support::envoy::envoy_binary())
         .args([

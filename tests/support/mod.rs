@@ -10,3 +10,4 @@ pub mod gitops;
 pub mod kubelet;
 pub mod sim;
 pub mod tools;
+pub mod xds;
