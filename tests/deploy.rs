@@ -84,10 +84,18 @@ fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
 }
 
 /// The rules of the ClusterRole and of the Role in a set of objects.
+/// The ClusterRole's rules, and every Role's rules (in the operator's namespace) in one list.
 fn rules(docs: &[Value]) -> (Value, Value) {
+    let mut roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
+    roles.sort_by_key(|d| d["rules"].to_string());
     (
         find(docs, "ClusterRole")["rules"].clone(),
-        find(docs, "Role")["rules"].clone(),
+        Value::Array(
+            roles
+                .iter()
+                .flat_map(|r| r["rules"].as_array().unwrap().clone())
+                .collect(),
+        ),
     )
 }
 
@@ -432,8 +440,11 @@ async fn kubectl_apply_k_deploy_installs_a_hardened_operator() {
         "clusterrolebinding.rbac.authorization.k8s.io/llmroute-operator",
         "role.rbac.authorization.k8s.io/llmroute-leader-election",
         "rolebinding.rbac.authorization.k8s.io/llmroute-leader-election",
+        "role.rbac.authorization.k8s.io/llmroute-xds",
+        "rolebinding.rbac.authorization.k8s.io/llmroute-xds",
         "deployment.apps/llmroute-operator",
         "service/llmroute-operator-metrics",
+        "service/llmroute-xds",
         "poddisruptionbudget.policy/llmroute-operator",
     ] {
         assert!(applied.contains(object), "{object} not applied:\n{applied}");
@@ -545,13 +556,14 @@ async fn the_kustomize_install_runs_the_operator_and_gitops_tools_read_its_statu
         .find(|d| d["kind"] == "Deployment")
         .unwrap();
     let mut args = args_of(&deployment);
-    // One namespace only (other tests share the control plane), a Lease of its own, and keys that
-    // need not wait a minute for a kubelet that does not exist.
+    // One namespace only (other tests share the control plane), a Lease of its own, and a gateway
+    // replica run here (on the host: the xDS server on 127.0.0.1, no gateway Pods).
+    let gateway = support::gateway::HostGateway::new();
     args.extend([
         format!("--namespace={}", ns.name),
         format!("--leader-election-name={}", unique("deploy-test")),
-        "--key-propagation-delay=1s".into(),
     ]);
+    args.extend(gateway.operator_args());
     ns.apply(&secret_yaml("zhipu-key", "deploy-test-key"));
     ns.apply(&route_yaml("chat", "zhipu-key", "glm-4-plus"));
     ns.apply(&route_yaml("broken", "missing-key", "glm-4-plus"));
@@ -561,6 +573,8 @@ async fn the_kustomize_install_runs_the_operator_and_gitops_tools_read_its_statu
         "llmroute-system",
         dir.path().join("operator.log"),
     );
+    let client = c.client().await;
+    let _envoy = gateway.start(&client, &ns.name, "gw-0").await;
 
     let ready = route_when(c, &ns.name, "chat", "chat Ready=True", |r| {
         condition_is(r, "Ready", "True")
@@ -781,7 +795,9 @@ fn helm_renders_the_same_operator_as_the_kustomize_base() {
         extra,
         [
             "--leader-election-name=llmroute-operator",
-            "--gateway-replicas=2"
+            "--gateway-replicas=2",
+            "--xds-service=llmroute-xds",
+            "--xds-ca-secret=llmroute-system/llmroute-xds-ca",
         ],
         "the chart's extra arguments are the operator's defaults"
     );
@@ -861,6 +877,7 @@ fn helm_values_switch_what_they_should() {
         "team-a",
         &Default::default(),
         &Default::default(),
+        "0",
         &[],
     );
     let pod = gateway.spec.unwrap().template;
@@ -1034,7 +1051,10 @@ async fn a_namespace_scoped_helm_install_runs_the_operator_with_the_charts_rbac(
         .to_string();
     let kubeconfig = service_account_kubeconfig(c, &release_ns.name, &sa, dir.path());
     let mut args = args_of(find(&docs, "Deployment"));
-    args.push("--key-propagation-delay=1s".into());
+    let gateway = support::gateway::HostGateway::new();
+    // The replica runs here, not in Pods.
+    args.retain(|a| !a.starts_with("--gateway-replicas"));
+    args.extend(gateway.operator_args());
     watched.apply(&secret_yaml("zhipu-key", "helm-test-key"));
     watched.apply(&route_yaml("chat", "zhipu-key", "glm-4-plus"));
     let op = Operator::start(
@@ -1043,6 +1063,15 @@ async fn a_namespace_scoped_helm_install_runs_the_operator_with_the_charts_rbac(
         &release_ns.name,
         dir.path().join("operator.log"),
     );
+    let client = c.client().await;
+    let Ok(_envoy) = tokio::time::timeout(
+        Duration::from_secs(50),
+        gateway.start(&client, &watched.name, "gw-0"),
+    )
+    .await
+    else {
+        panic!("no gateway objects in {}:\n{}", watched.name, op.log_text());
+    };
     let ready = tokio::time::timeout(
         Duration::from_secs(40),
         route_when(c, &watched.name, "chat", "chat Ready=True", |r| {

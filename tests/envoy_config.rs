@@ -400,7 +400,10 @@ async fn every_golden_input_and_example_is_served_over_xds_with_nothing_rejected
     for (i, input) in inputs.iter().enumerate() {
         let routes = render::load_files(&[input.clone()]).unwrap_or_else(|e| panic!("{e:?}"));
         let (opts, render_opts) = local_options();
-        for (j, ns) in render::translate_offline(&routes, &render_opts).iter().enumerate() {
+        for (j, ns) in render::translate_offline(&routes, &render_opts)
+            .iter()
+            .enumerate()
+        {
             // A namespace of the server per input.
             let name = format!("case-{i}-{j}");
             let keys = render::placeholder_keys(&ns.translation);
@@ -417,9 +420,19 @@ async fn every_golden_input_and_example_is_served_over_xds_with_nothing_rejected
                 server.port,
                 &opts,
             );
-            let (admin, health, log) = (opts.admin_port, opts.health_port, dir.path().join("envoy.log"));
+            let (admin, health, log) = (
+                opts.admin_port,
+                opts.health_port,
+                dir.path().join("envoy.log"),
+            );
             let envoy = tokio::task::spawn_blocking(move || {
-                Envoy::start_with(&bootstrap, admin, health, log, &["--service-node".into(), "gw".into()])
+                Envoy::start_with(
+                    &bootstrap,
+                    admin,
+                    health,
+                    log,
+                    &["--service-node".into(), "gw".into()],
+                )
             })
             .await
             .unwrap();

@@ -103,9 +103,15 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
     )
     .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let op = tokio::spawn(operator::run(client.clone(), opts, xds, writes, async move {
-        let _ = stop_rx.await;
-    }));
+    let op = tokio::spawn(operator::run(
+        client.clone(),
+        opts,
+        xds,
+        writes,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
 
     let primary = Sim::start("primary-key-1").await;
     let secondary = Sim::start("secondary-key-1").await;

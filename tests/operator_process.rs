@@ -1,6 +1,6 @@
 //! `llmroute run` as a process, as it runs in a cluster: leader election between two replicas
-//! (only the Lease holder reconciles; the standby takes over when the leader stops), and no provider
-//! key in the operator's log output.
+//! (only the Lease holder reconciles and serves xDS; the standby takes over when the leader stops,
+//! and the gateway replica reconnects to it), and no provider key in the operator's log output.
 
 mod support;
 
@@ -8,10 +8,10 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use llmroute::api::LLMRoute;
 use support::cluster::{TestNamespace, eventually, wait_route_ready};
+use support::gateway::HostGateway;
 
 const ZHIPU_KEY: &str = "zhipu-process-key-9c2e51";
 
@@ -21,18 +21,14 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(ns: &TestNamespace, identity: &str, dir: &std::path::Path) -> Operator {
-        let log = dir.join(format!("{identity}.log"));
+    /// A replica; both replicas of a test share `gateway`'s xDS address (as they share a Service):
+    /// only the leader listens on it.
+    fn start(ns: &TestNamespace, identity: &str, gateway: &HostGateway) -> Operator {
+        let log = gateway.dir.path().join(format!("{identity}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
-            .args([
-                "run",
-                "--namespace",
-                &ns.name,
-                "--default-region",
-                "cn",
-                "--key-propagation-delay",
-                "1s",
-            ])
+            .args(["run", "--namespace", &ns.name, "--default-region", "cn"])
+            .args(gateway.operator_args())
+            .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", ns.name))
             .args([
                 "--leader-election-namespace",
                 &ns.name,
@@ -91,7 +87,7 @@ async fn one_leader_reconciles_a_standby_takes_over_and_logs_hold_no_keys() {
     let c = ns.cluster();
     c.install_crds();
     let client = c.client().await;
-    let dir = tempfile::tempdir().unwrap();
+    let gateway = HostGateway::new();
     ns.apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY} }}\n"
     ));
@@ -113,17 +109,18 @@ spec:
 "#,
     );
 
-    let mut a = Operator::start(&ns, "replica-a", dir.path());
+    let mut a = Operator::start(&ns, "replica-a", &gateway);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     eventually(Duration::from_secs(30), "replica-a to lead", || {
         let leases = leases.clone();
         async move { (holder(&leases).await.as_deref() == Some("replica-a")).then_some(()) }
     })
     .await;
+    let _envoy = gateway.start(&client, &ns.name, "gw-0").await;
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
     wait_route_ready(&routes, "chat").await;
 
-    let mut b = Operator::start(&ns, "replica-b", dir.path());
+    let mut b = Operator::start(&ns, "replica-b", &gateway);
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         holder(&leases).await.as_deref(),
@@ -150,20 +147,25 @@ spec:
     ns.apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{ name: zhipu-key }}\nstringData: {{ api-key: {ZHIPU_KEY}-rotated }}\n"
     ));
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    let rotated = format!("{ZHIPU_KEY}-rotated");
+    // The gateway replica reconnects to the new leader, which serves it the rotated key.
+    let before = gateway
+        .loaded_secret_version("provider_zhipu-key_api-key")
+        .expect("the key loaded");
     eventually(
-        Duration::from_secs(20),
-        "the new leader to publish the rotated key",
+        Duration::from_secs(30),
+        "the new leader to serve the rotated key to the gateway",
         || {
-            let (secrets, rotated) = (secrets.clone(), rotated.clone());
-            async move {
-                let data = secrets.get("llmroute-gateway-keys").await.ok()?.data?;
-                (data.get("provider_zhipu-key_api-key")?.0 == rotated.as_bytes()).then_some(())
-            }
+            let now = gateway.loaded_secret_version("provider_zhipu-key_api-key");
+            let before = before.clone();
+            async move { now.filter(|v| *v != before).map(|_| ()) }
         },
     )
     .await;
+    assert!(
+        b.log_text().contains("gateway connected"),
+        "{}",
+        b.log_text()
+    );
     b.terminate();
 
     // Neither replica ever logged a key.
@@ -197,10 +199,14 @@ async fn one_process_serves_exactly_the_namespaces_given() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("op.log");
+    // No gateway replica: a reconciled route has a status (Programmed=False, GatewayPending).
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
         .args([
             "run",
             "--leader-elect=false",
+            "--xds-listen=127.0.0.1:0",
+            "--gateway-replicas=0",
+            &format!("--xds-ca-secret={}/llmroute-xds-ca", a.name),
             "--namespace",
             &format!("{},{}", a.name, b.name),
         ])
@@ -212,7 +218,18 @@ async fn one_process_serves_exactly_the_namespaces_given() {
     let client = c.client().await;
     for ns in [&a, &b] {
         let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
-        wait_route_ready(&routes, "chat").await;
+        eventually(Duration::from_secs(30), "a status", || {
+            let routes = routes.clone();
+            async move {
+                let status = routes.get("chat").await.ok()?.status?;
+                status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Programmed" && c.reason == "GatewayPending")
+                    .then_some(())
+            }
+        })
+        .await;
     }
     let others: Api<LLMRoute> = Api::namespaced(client.clone(), &other.name);
     assert!(

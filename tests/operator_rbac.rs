@@ -1,5 +1,7 @@
 //! The operator runs with exactly the RBAC of `deploy/rbac.yaml` (an identity that has nothing
 //! else), and every verb of every rule is needed: removing any one of them breaks the operator.
+//! No gateway replica runs here (what the RBAC allows is the operator's side): a route's
+//! configuration reaching the xDS server shows in the operator's `llmroute_config_revisions`.
 
 mod support;
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
@@ -27,6 +30,31 @@ fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind)
         .unwrap_or_else(|| panic!("deploy/rbac.yaml has no {kind}"))
+}
+
+/// The rules of every Role (in the operator's namespace), as one list.
+fn namespaced_rules(docs: &[Value]) -> Value {
+    Value::Array(
+        docs.iter()
+            .filter(|d| d["kind"] == "Role")
+            .flat_map(|d| d["rules"].as_array().unwrap().clone())
+            .collect(),
+    )
+}
+
+/// `llmroute_config_revisions` of `ns` on the operator's /metrics (0 when absent).
+async fn revisions(http: &str, ns: &str) -> u64 {
+    let body = llmroute_devkit::tls::http_client()
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .ok();
+    let Some(body) = body else { return 0 };
+    let text = body.text().await.unwrap_or_default();
+    let needle = format!("llmroute_config_revisions_total{{namespace=\"{ns}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Grants `cluster_rules` and `lease_rules` to `user` under trial-specific names.
@@ -71,10 +99,12 @@ where
 }
 
 /// Runs the operator as `user` on a fresh namespace with one route and checks that it does its
-/// whole job: route Ready, workload Secret, a Published event; a rotated key reaches the gateway
-/// (Secrets watch); a route edit reaches the configuration (LLMRoute watch); deleted gateway
-/// objects come back (ConfigMap, Service, Deployment, PodDisruptionBudget watches); still leading after the Lease's
-/// duration (Lease renewals). Returns the first thing that did not happen.
+/// whole job: the xDS server's CA created and the xDS Service pointed at it (EndpointSlice), the
+/// route's status written (no gateway replica: Programmed=False GatewayPending), an event, the
+/// workload Secret and the gateway's certificate; a rotated key and a route edit make new
+/// configurations (Secrets and LLMRoute watches); deleted gateway objects come back (ConfigMap,
+/// Service, Deployment, PodDisruptionBudget watches); still leading after the Lease's duration (Lease
+/// renewals). Returns the first thing that did not happen.
 async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), String> {
     let ns = TestNamespace::new("rbac").await;
     let c = ns.cluster();
@@ -87,6 +117,7 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
         "apiVersion: v1\nkind: Secret\nmetadata: { name: zhipu-key }\nstringData: { api-key: rbac-test-key }\n",
     );
     ns.apply(&route("glm-4-plus"));
+    let http = format!("127.0.0.1:{}", support::envoy::free_port());
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
         .args([
             "run",
@@ -99,9 +130,13 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
             "--log-level",
             "warn",
         ])
-        .args(["--key-propagation-delay", "1s"])
+        .arg(format!("--http-addr={http}"))
+        .args(["--xds-listen", "127.0.0.1:0", "--xds-service", trial])
+        .arg(format!("--xds-ca-secret=llmroute-system/{trial}-ca"))
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAMESPACE", "llmroute-system")
+        // Any address: no gateway dials it here.
+        .env("POD_IP", "10.0.0.99")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(kubeconfig.with_extension("log")).expect("operator log"))
         .spawn()
@@ -113,42 +148,58 @@ async fn operator_job(trial: &str, kubeconfig: &std::path::Path) -> Result<(), S
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns.name);
     let services: Api<Service> = Api::namespaced(admin.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns.name);
+    let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), "llmroute-system");
+    let system_secrets: Api<Secret> = Api::namespaced(admin.clone(), "llmroute-system");
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(admin, &ns.name);
     let limit = Duration::from_secs(15);
     let result = async {
         let started = Instant::now();
-        let ready = within(limit, || async {
-            let ready = routes.get("chat").await.ok().and_then(|r| r.status).is_some_and(|s| {
-                s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        let xds = within(limit, || async {
+            let ca = system_secrets.get_opt(&format!("{trial}-ca")).await.ok().flatten().is_some();
+            let leader = slices
+                .get_opt(&format!("{trial}-leader"))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.endpoints.first().is_some_and(|e| e.addresses == ["10.0.0.99"]));
+            ca && leader
+        })
+        .await;
+        if !xds {
+            return Err("the xDS CA Secret and the leader's EndpointSlice".to_string());
+        }
+        let done = within(limit, || async {
+            let status = routes.get("chat").await.ok().and_then(|r| r.status).is_some_and(|s| {
+                s.conditions.iter().any(|c| c.type_ == "ResolvedRefs" && c.status == "True")
+                    && s.conditions.iter().any(|c| c.type_ == "Programmed" && c.reason == "GatewayPending")
             });
             let secret = secrets.get_opt("chat-llm").await.ok().flatten().is_some();
-            let published = events
+            let certificate = secrets.get_opt("llmroute-gateway-xds").await.ok().flatten().is_some();
+            let event = events
                 .list(&ListParams::default())
                 .await
-                .map(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("Published")))
+                .map(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("GatewayPending")))
                 .unwrap_or(false);
-            ready && secret && published
+            status && secret && certificate && event
         })
         .await;
-        if !ready {
-            return Err("route Ready + workload Secret + Published event".to_string());
+        if !done {
+            return Err("route status + workload Secret + gateway certificate + event".to_string());
+        }
+        let before = revisions(&http, &ns.name).await;
+        if before == 0 {
+            return Err("a configuration published".into());
         }
         ns.apply("apiVersion: v1\nkind: Secret\nmetadata: { name: zhipu-key }\nstringData: { api-key: rbac-rotated-key }\n");
-        let rotated = within(limit, || async {
-            let data = secrets.get("llmroute-gateway-keys").await.ok().and_then(|s| s.data).unwrap_or_default();
-            data.get("provider_zhipu-key_api-key").is_some_and(|v| v.0 == b"rbac-rotated-key")
-        })
-        .await;
+        let rotated = within(limit, || async { revisions(&http, &ns.name).await > before }).await;
         if !rotated {
-            return Err("a rotated key to reach the gateway".into());
+            return Err("a rotated key to make a new configuration".into());
         }
+        let before = revisions(&http, &ns.name).await;
         ns.apply(&route("glm-4-air"));
-        let edited = within(limit, || async {
-            cms.get("llmroute-gateway").await.ok().and_then(|c| c.data).is_some_and(|d| d.values().any(|v| v.contains("glm-4-air")))
-        })
-        .await;
+        let edited = within(limit, || async { revisions(&http, &ns.name).await > before }).await;
         if !edited {
-            return Err("a route edit to reach the configuration".into());
+            return Err("a route edit to make a new configuration".into());
         }
         for (what, deleted) in [
             ("ConfigMap", cms.delete("llmroute-gateway", &Default::default()).await.is_ok()),
@@ -188,7 +239,7 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
     let _ = c.kubectl(&["create", "namespace", "llmroute-system"]);
     let docs = rbac_docs();
     let cluster_rules = kind(&docs, "ClusterRole")["rules"].clone();
-    let lease_rules = kind(&docs, "Role")["rules"].clone();
+    let lease_rules = namespaced_rules(&docs);
     let dir = tempfile::tempdir().unwrap();
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -261,14 +312,17 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
     // - an event's patch is only used when the same event recurs;
     // - without watch on the owned kinds, the watcher falls back to re-listing with back-off, which
     //   still heals deleted objects within the scenario's time (watch is what makes it immediate and
-    //   cheap; for LLMRoutes and Secrets the scenario does catch its absence).
+    //   cheap; for LLMRoutes and Secrets the scenario does catch its absence);
+    // - the Secrets rule of the operator's namespace (the xDS CA) is covered by the cluster-wide
+    //   Secrets rule here; a namespace-scoped install needs it (tests/deploy.rs runs one).
     superfluous.retain(|label| {
         let exempt_event_patch = label.contains("events") && label.ends_with("without \"patch\"");
         let owned_watch = (label.contains("configmaps")
             || label.contains("deployments")
             || label.contains("poddisruptionbudgets"))
             && label.ends_with("without \"watch\"");
-        !(exempt_event_patch || owned_watch)
+        let ca_in_own_namespace = label.starts_with("lease rule") && label.contains("secrets");
+        !(exempt_event_patch || owned_watch || ca_in_own_namespace)
     });
     assert!(
         superfluous.is_empty(),

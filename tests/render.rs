@@ -219,8 +219,12 @@ fn keys_are_only_in_secrets_and_route_metadata() {
                     r["name"]
                 );
                 if is_front {
-                    for route in r["resource"]["virtual_hosts"][0]["routes"].as_array().unwrap() {
-                        let key = &route["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["key"];
+                    for route in r["resource"]["virtual_hosts"][0]["routes"]
+                        .as_array()
+                        .unwrap()
+                    {
+                        let key =
+                            &route["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["key"];
                         assert!(
                             key.is_null() || key.as_str().unwrap().starts_with("llmroute-render-"),
                             "{key}"
@@ -532,7 +536,11 @@ fn render_handles_a_configuration_larger_than_a_config_map() {
     let file = dir.path().join("routes.yaml");
     std::fs::write(&file, docs.join("---\n")).unwrap();
     let out = llmroute(&["render", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let routes = render::load_files(&[file]).unwrap();
     let opts = RenderOptions {
         namespace: "default".into(),
@@ -548,7 +556,8 @@ fn render_handles_a_configuration_larger_than_a_config_map() {
         &render::placeholder_keys(&ns.translation),
         None,
     );
-    let snapshot = llmroute::xds::snapshot::Snapshot::next(None, ads.resources, ads.routes).unwrap();
+    let snapshot =
+        llmroute::xds::snapshot::Snapshot::next(None, ads.resources, ads.routes).unwrap();
     assert!(snapshot.bytes() > 1024 * 1024, "{}", snapshot.bytes());
 }
 

@@ -165,26 +165,22 @@ pub async fn start(
             }
         });
     }
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| XdsError::Listen(opts.listen, e))?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| XdsError::Listen(opts.listen, e))?;
+    // Port 0 (tests): a free port, kept for every term of leadership.
+    let mut local_addr = opts.listen;
+    if local_addr.port() == 0 {
+        let probe = std::net::TcpListener::bind(opts.listen)
+            .map_err(|e| XdsError::Listen(opts.listen, e))?;
+        local_addr = probe
+            .local_addr()
+            .map_err(|e| XdsError::Listen(opts.listen, e))?;
+    }
     // An address with port 0 (tests) names the port just chosen.
     let mut client_opts = opts.client.clone();
     if let Some(host) = client_opts.address.strip_suffix(":0") {
         client_opts.address = format!("{host}:{}", local_addr.port());
     }
     let server = XdsServer::new(serving, metrics);
-    {
-        let server = server.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server::serve(listener, tls, server, shutdown).await {
-                tracing::error!(error = %e, "the xDS server stopped");
-            }
-        });
-    }
+    tokio::spawn(server::serve(local_addr, tls, server.clone(), shutdown));
     info!(address = %local_addr, gateways_dial = %client_opts.address, "xDS server listening");
     Ok(XdsSetup {
         server,
@@ -217,7 +213,7 @@ pub async fn publish_leader_endpoint(
                     ("kubernetes.io/service-name".to_string(), service.clone()),
                     (
                         "endpointslice.kubernetes.io/managed-by".to_string(),
-                        "llmroute.io/operator".to_string(),
+                        "operator.llmroute.io".to_string(),
                     ),
                 ]
                 .into(),

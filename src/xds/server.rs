@@ -595,12 +595,85 @@ where
 /// certificate is renewed.
 pub type TlsConfig = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
-/// Serves xDS on `listener` with mutual TLS until `shutdown`.
+/// Resolves when `rx` holds `want`; never, if its sender is gone and it does not.
+async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
+    if rx.wait_for(|v| *v == want).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Serves xDS on `addr` with mutual TLS while this replica serves (it leads, or leader election is
+/// off), until `shutdown`. The address is bound for each term of leadership and released when the
+/// term ends: a standby accepts no connection at all, so gateways only ever reach the leader.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
     tls: TlsConfig,
     server: XdsServer,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut serving = server.inner.serving.clone();
+    loop {
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = until(&mut serving, true) => {}
+            _ = until(&mut stop, true) => break,
+        }
+        // The previous holder of the address (this replica's last term, or a process just
+        // stopped) may take a moment to release it.
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break Some(l),
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot listen for xDS yet; retrying");
+                    let mut stop = stop_rx.clone();
+                    let mut serving = serving.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = until(&mut stop, true) => break None,
+                        _ = until(&mut serving, false) => break None,
+                    }
+                }
+            }
+        };
+        let Some(listener) = listener else {
+            if *stop_rx.borrow() {
+                break;
+            }
+            continue;
+        };
+        info!(%addr, "serving xDS");
+        let term_end = {
+            let (mut stop, mut serving) = (stop_rx.clone(), serving.clone());
+            async move {
+                tokio::select! {
+                    _ = until(&mut stop, true) => {}
+                    _ = until(&mut serving, false) => {}
+                }
+            }
+        };
+        if let Err(e) = serve_term(listener, tls.clone(), server.clone(), term_end).await {
+            warn!(error = %e, "the xDS server failed");
+        }
+        info!(%addr, "stopped serving xDS");
+        if *stop_rx.borrow() {
+            break;
+        }
+    }
+    // Streams still open end now: their gateways reconnect to whoever serves next.
+    server.inner.closing.send_replace(true);
+}
+
+/// One term: accepts on `listener` until `end`.
+async fn serve_term(
+    listener: tokio::net::TcpListener,
+    tls: TlsConfig,
+    server: XdsServer,
+    end: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // Handshakes run side by side: a slow or silent client never holds up the next accept.
     let (conns, incoming) = mpsc::channel(64);
@@ -630,10 +703,10 @@ pub async fn serve(
         }
     });
     let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
-    // On shutdown: stop listening, end every stream (gateways reconnect elsewhere), then stop.
+    // At the end of the term: stop listening, end every stream, then stop.
     let closing = server.inner.closing.clone();
-    let shutdown = async move {
-        shutdown.await;
+    let end = async move {
+        end.await;
         accept.abort();
         closing.send_replace(true);
     };
@@ -641,7 +714,9 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(server.service())
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, end)
         .await;
+    // A new term starts with streams open again.
+    server.inner.closing.send_replace(false);
     result
 }

@@ -16,8 +16,8 @@ use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
 use llmroute_devkit::tls::TestCa;
 
 use super::cluster::{TestNamespace, eventually};
-use super::envoy::{Envoy, free_port, http_get};
-use super::gateway::GatewayPorts;
+use super::envoy::{Envoy, free_port};
+use super::gateway::HostGateway;
 
 /// One namespace's whole system.
 pub struct Stack {
@@ -27,8 +27,7 @@ pub struct Stack {
     pub ca: TestCa,
     pub ca_file: PathBuf,
     pub port: u16,
-    ports: GatewayPorts,
-    xds_port: u16,
+    gateway: HostGateway,
     pub http_addr: String,
     operator: Option<Child>,
     pub envoy: Option<Envoy>,
@@ -45,15 +44,14 @@ impl Stack {
         let ca = TestCa::new();
         let ca_file = dir.path().join("ca.pem");
         ca.write_ca(&ca_file).unwrap();
-        let ports = GatewayPorts::free();
+        let gateway = HostGateway::new();
         let mut stack = Stack {
             ns,
             client,
             ca,
             ca_file,
-            port: ports.port,
-            ports,
-            xds_port: free_port(),
+            port: gateway.ports.port,
+            gateway,
             http_addr: format!("127.0.0.1:{}", free_port()),
             dir,
             operator: None,
@@ -70,13 +68,9 @@ impl Stack {
             .args(["run", "--leader-elect=false", "--log-format=json"])
             .arg(format!("--namespace={}", self.ns.name))
             .arg(format!("--default-region={region}"))
-            .args(self.ports.operator_args())
             // The test runs the gateway's replica (below), not the cluster.
-            .arg("--gateway-replicas=0")
-            .arg(format!("--xds-listen=127.0.0.1:{}", self.xds_port))
-            .arg(format!("--xds-address=127.0.0.1:{}", self.xds_port))
+            .args(self.gateway.operator_args())
             .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", self.ns.name))
-            .arg(format!("--gateway-xds-cert-dir={}", d.join("xds").display()))
             .arg(format!("--upstream-ca-file={}", self.ca_file.display()))
             .arg(format!("--http-addr={}", self.http_addr))
             .env("KUBECONFIG", self.ns.cluster().kubeconfig())
@@ -107,7 +101,8 @@ impl Stack {
     pub async fn start_gateway(&mut self) {
         if self.envoy.is_none() {
             self.envoy = Some(
-                super::gateway::start(&self.client, &self.ns.name, self.dir.path(), &self.ports, "gw-0")
+                self.gateway
+                    .start(&self.client, &self.ns.name, "gw-0")
                     .await,
             );
         }
@@ -146,7 +141,11 @@ impl Stack {
         let w = self.workload(route).await;
         // Programmed means loaded: the route answers its models list at once.
         let r = w.get("/models").await.expect("GET /models");
-        assert!(r.status().is_success(), "{route} is Ready but not served: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "{route} is Ready but not served: {}",
+            r.status()
+        );
         w
     }
 
@@ -169,9 +168,7 @@ impl Stack {
     /// What the gateway's Envoy has loaded: its admin config dump of `resource` (e.g.
     /// `dynamic_active_clusters`).
     pub fn loaded(&self, resource: &str) -> serde_json::Value {
-        http_get(self.ports.admin_port, &format!("/config_dump?resource={resource}"))
-            .and_then(|b| serde_json::from_str(&b).ok())
-            .unwrap_or_default()
+        self.gateway.loaded(resource)
     }
 
     /// The operator's /metrics.

@@ -41,6 +41,70 @@ impl GatewayPorts {
     }
 }
 
+/// A gateway replica on the host for an operator run as a process: where its files go, its ports,
+/// and the port of the operator's xDS server.
+pub struct HostGateway {
+    pub dir: tempfile::TempDir,
+    pub ports: GatewayPorts,
+    pub xds_port: u16,
+}
+
+impl HostGateway {
+    pub fn new() -> HostGateway {
+        HostGateway {
+            dir: tempfile::tempdir().unwrap(),
+            ports: GatewayPorts::free(),
+            xds_port: free_port(),
+        }
+    }
+
+    /// The `llmroute run` flags for it: the xDS server on 127.0.0.1 (the gateway dials it there),
+    /// the gateway's ports and certificate directory, and no gateway Pods (the test runs the replica).
+    pub fn operator_args(&self) -> Vec<String> {
+        let mut args = self.ports.operator_args();
+        args.extend([
+            format!("--xds-listen=127.0.0.1:{}", self.xds_port),
+            format!("--xds-address=127.0.0.1:{}", self.xds_port),
+            format!(
+                "--gateway-xds-cert-dir={}",
+                self.dir.path().join("xds").display()
+            ),
+            "--gateway-replicas=0".into(),
+        ]);
+        args
+    }
+
+    /// Starts the replica `node` of namespace `ns`.
+    pub async fn start(&self, client: &kube::Client, ns: &str, node: &str) -> Envoy {
+        start(client, ns, self.dir.path(), &self.ports, node).await
+    }
+
+    /// What the replica's Envoy has loaded: its admin config dump of `resource`.
+    pub fn loaded(&self, resource: &str) -> serde_json::Value {
+        super::envoy::http_get(
+            self.ports.admin_port,
+            &format!("/config_dump?resource={resource}"),
+        )
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or_default()
+    }
+
+    /// The version of the SDS secret `name` the replica has loaded.
+    pub fn loaded_secret_version(&self, name: &str) -> Option<String> {
+        self.loaded("dynamic_active_secrets")["configs"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["version_info"].as_str().map(str::to_string))
+    }
+}
+
+impl Default for HostGateway {
+    fn default() -> Self {
+        HostGateway::new()
+    }
+}
+
 /// Writes the gateway's mounted files into `dir` once the operator created them: `dir/config/
 /// bootstrap.yaml` and the certificate files in `dir/xds` (where the operator was told gateways
 /// mount them, `--gateway-xds-cert-dir`). Returns the bootstrap's path.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use llmroute::gateway::envoy::{self, EnvoyOptions, XdsClient};
 use llmroute::xds::tls::Authority;
@@ -24,25 +24,21 @@ impl Server {
         let tls = Arc::new(RwLock::new(Arc::new(
             authority.server_config(&pem).unwrap(),
         )));
-        // A server stopped just before (same port) closes its listener asynchronously.
-        let mut tries = 0;
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => break l,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-            }
+        let port = if port == 0 {
+            super::envoy::free_port()
+        } else {
+            port
         };
-        let port = listener.local_addr().unwrap().port();
         let xds = XdsServer::new(tokio::sync::watch::channel(true).1, Default::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve(listener, tls, xds.clone(), async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(server::serve(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            tls,
+            xds.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Server {
             xds,
             port,
@@ -74,4 +70,3 @@ pub fn gateway_files(
     std::fs::write(&bootstrap, envoy::ads_bootstrap(opts, &client, ns)).unwrap();
     bootstrap
 }
-
