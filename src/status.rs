@@ -2,6 +2,7 @@
 //! conventions and kstatus (`Accepted`, `ResolvedRefs`, `Programmed`, `Ready`, `Degraded`), the
 //! active backend, the endpoint and per-backend states. Pure: the reconciler writes what this builds.
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{BackendStatus, LLMRouteStatus};
@@ -49,6 +50,75 @@ pub struct GatewayView {
     pub settling: bool,
     /// `Programmed` as the route's status has it (kept while settling and replicas are missing).
     pub previous: Option<Condition>,
+}
+
+/// Waiting reasons of a container that will not run without a change (or not soon).
+const STUCK: [&str; 7] = [
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// What keeps the gateway's Pods from running, from their status, for the routes' `Programmed`
+/// message: a container stuck (with its last termination message, e.g. Envoy's error about a file
+/// it cannot read), or a Pod that cannot be scheduled. `None` when nothing is wrong.
+pub fn gateway_pod_problem<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<String> {
+    let mut problems = Vec::new();
+    let mut pods: Vec<&Pod> = pods.into_iter().collect();
+    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for pod in pods {
+        let name = pod.metadata.name.as_deref().unwrap_or("?");
+        let Some(status) = &pod.status else { continue };
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Some(c) = status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        }) {
+            problems.push(format!(
+                "gateway Pod {name} cannot be scheduled: {}",
+                c.message.as_deref().unwrap_or_default()
+            ));
+            continue;
+        }
+        for c in status.container_statuses.iter().flatten() {
+            let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            if !STUCK.contains(&reason) {
+                continue;
+            }
+            let detail = c
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .and_then(|t| t.message.clone())
+                .or_else(|| waiting.message.clone())
+                .unwrap_or_default();
+            // The last lines say why; keep the message short.
+            let detail: String = detail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect();
+            problems.push(format!(
+                "gateway Pod {name}: container {} is {reason}: {}",
+                c.name,
+                detail.trim()
+            ));
+        }
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// `Programmed`: every ready gateway replica has loaded the route's current configuration. The
@@ -417,4 +487,185 @@ fn backend_status(
 /// Whether two statuses differ in anything but timestamps that only move on change.
 pub fn status_changed(old: Option<&LLMRouteStatus>, new: &LLMRouteStatus) -> bool {
     old != Some(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(node: &str, serving: Serving, fresh: bool) -> ReplicaServing {
+        ReplicaServing {
+            node: node.into(),
+            serving,
+            fresh,
+        }
+    }
+
+    fn view(replicas: Vec<ReplicaServing>, ready: i32) -> GatewayView {
+        GatewayView {
+            generation: Some(7),
+            replicas,
+            ready_replicas: ready,
+            desired_replicas: 2,
+            ..Default::default()
+        }
+    }
+
+    fn previous(status: &str, reason: &str, message: &str) -> Condition {
+        Condition {
+            type_: PROGRAMMED.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: Some(7),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn programmed_counts_the_replicas_that_serve_the_generation() {
+        let both = view(
+            vec![
+                replica("gw-a", Serving::Current, false),
+                replica("gw-b", Serving::Current, false),
+            ],
+            2,
+        );
+        assert_eq!(
+            programmed(&both).unwrap(),
+            "2/2 gateway replicas serve generation 7"
+        );
+        let one = view(
+            vec![
+                replica("gw-a", Serving::Current, false),
+                replica("gw-b", Serving::Pending, false),
+            ],
+            2,
+        );
+        let p = programmed(&one).unwrap_err();
+        assert_eq!(p.reason, "Propagating");
+        assert!(
+            p.message
+                .starts_with("1/2 gateway replicas serve generation 7 (waiting for gw-b)"),
+            "{}",
+            p.message
+        );
+        // A ready replica that is not connected serves whatever it loaded last.
+        let cut_off = view(vec![replica("gw-a", Serving::Current, false)], 2);
+        let p = programmed(&cut_off).unwrap_err();
+        assert!(
+            p.message.contains("1/2") && p.message.contains("not connected"),
+            "{}",
+            p.message
+        );
+    }
+
+    #[test]
+    fn nothing_connected_is_pending_and_says_why_pods_do_not_run() {
+        let mut v = view(vec![], 0);
+        v.pod_problem = Some(
+            "gateway Pod gw-a: container envoy is CrashLoopBackOff: cannot read tls.key".into(),
+        );
+        let p = programmed(&v).unwrap_err();
+        assert_eq!(p.reason, "GatewayPending");
+        assert!(p.message.contains("0 ready of 2 desired"), "{}", p.message);
+        assert!(p.message.ends_with("cannot read tls.key"), "{}", p.message);
+    }
+
+    #[test]
+    fn a_rejection_names_the_replica_and_envoys_error() {
+        let v = view(
+            vec![
+                replica("gw-a", Serving::Current, false),
+                replica(
+                    "gw-b",
+                    Serving::Rejected("Error adding listener x: bad".into()),
+                    false,
+                ),
+            ],
+            2,
+        );
+        let p = programmed(&v).unwrap_err();
+        assert_eq!(p.reason, "ConfigurationRejected");
+        assert_eq!(
+            p.message,
+            "gateway replica gw-b rejected the configuration of generation 7: Error adding listener x: bad"
+        );
+    }
+
+    #[test]
+    fn status_stands_while_replicas_reconnect_or_resubscribe() {
+        // The operator just started: no replica is back yet.
+        let mut v = view(vec![], 2);
+        v.settling = true;
+        v.previous = Some(previous(
+            "True",
+            "Programmed",
+            "2/2 gateway replicas serve generation 7",
+        ));
+        assert_eq!(
+            programmed(&v).unwrap(),
+            "2/2 gateway replicas serve generation 7"
+        );
+        // A fresh stream still resubscribing.
+        let mut v = view(
+            vec![
+                replica("gw-a", Serving::Current, false),
+                replica("gw-b", Serving::Pending, true),
+            ],
+            2,
+        );
+        v.previous = Some(previous(
+            "True",
+            "Programmed",
+            "2/2 gateway replicas serve generation 7",
+        ));
+        assert!(programmed(&v).is_ok());
+        // Without a previous condition (a new route), the truth.
+        v.previous = None;
+        assert_eq!(programmed(&v).unwrap_err().reason, "Propagating");
+        // Settled: the truth.
+        let mut v = view(vec![], 2);
+        v.previous = Some(previous(
+            "True",
+            "Programmed",
+            "2/2 gateway replicas serve generation 7",
+        ));
+        assert_eq!(programmed(&v).unwrap_err().reason, "GatewayPending");
+    }
+
+    #[test]
+    fn stuck_gateway_pods_are_reported_with_their_last_words() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "llmroute-gateway-7d9c-x2v" },
+            "status": { "containerStatuses": [
+                { "name": "envoy", "ready": false, "restartCount": 3, "image": "envoy", "imageID": "",
+                  "state": { "waiting": { "reason": "CrashLoopBackOff", "message": "back-off 40s" } },
+                  "lastState": { "terminated": { "exitCode": 1,
+                    "message": "[info] starting\n[critical] error initializing config: cannot open /etc/llmroute/xds/tls.key\n" } } },
+                { "name": "shutdown-manager", "ready": true, "restartCount": 0, "image": "x", "imageID": "",
+                  "state": { "running": {} } }
+            ] }
+        }))
+        .unwrap();
+        let pending: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "llmroute-gateway-7d9c-zz1" },
+            "status": { "conditions": [ { "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient memory." } ] }
+        }))
+        .unwrap();
+        let healthy: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "llmroute-gateway-7d9c-ok1" },
+            "status": { "containerStatuses": [ { "name": "envoy", "ready": true, "restartCount": 0,
+                "image": "envoy", "imageID": "", "state": { "running": {} } } ] }
+        }))
+        .unwrap();
+        assert_eq!(gateway_pod_problem([&healthy]), None);
+        assert_eq!(
+            gateway_pod_problem([&pending, &pod, &healthy]).unwrap(),
+            "gateway Pod llmroute-gateway-7d9c-x2v: container envoy is CrashLoopBackOff: [critical] \
+             error initializing config: cannot open /etc/llmroute/xds/tls.key; gateway Pod \
+             llmroute-gateway-7d9c-zz1 cannot be scheduled: 0/3 nodes are available: 3 Insufficient memory."
+        );
+    }
 }

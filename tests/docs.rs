@@ -412,7 +412,7 @@ fn troubleshooting_explains_every_reason_the_operator_writes() {
         "InvalidSpec",
         "SecretNotFound",
         "NoEligibleBackend",
-        "KeysPropagating",
+        "GatewayPending",
         "Published",
     ] {
         assert!(

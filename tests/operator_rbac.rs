@@ -310,7 +310,8 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
         .collect();
     // Shown by other means, not by this scenario:
     // - an event's patch is only used when the same event recurs;
-    // - without watch on the owned kinds, the watcher falls back to re-listing with back-off, which
+    // - without watch on the owned kinds (and the gateway's Pods, none of which runs here), the
+    //   watcher falls back to re-listing with back-off, which
     //   still heals deleted objects within the scenario's time (watch is what makes it immediate and
     //   cheap; for LLMRoutes and Secrets the scenario does catch its absence);
     // - the Secrets rule of the operator's namespace (the xDS CA) is covered by the cluster-wide
@@ -319,7 +320,8 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
         let exempt_event_patch = label.contains("events") && label.ends_with("without \"patch\"");
         let owned_watch = (label.contains("configmaps")
             || label.contains("deployments")
-            || label.contains("poddisruptionbudgets"))
+            || label.contains("poddisruptionbudgets")
+            || label.contains("\"pods\""))
             && label.ends_with("without \"watch\"");
         let ca_in_own_namespace = label.starts_with("lease rule") && label.contains("secrets");
         !(exempt_event_patch || owned_watch || ca_in_own_namespace)

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
@@ -150,6 +150,7 @@ pub async fn run(
     let (deployments, dep_writer) = reflector::store::<Deployment>();
     let (services, svc_writer) = reflector::store::<Service>();
     let (budgets, pdb_writer) = reflector::store::<PodDisruptionBudget>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
 
     // The routes' initial list is seen here, not through `routes.wait_until_ready()`: the controller
     // itself waits on that, and the store's readiness signal wakes only one waiter.
@@ -203,6 +204,20 @@ pub async fn run(
     .reflect(pdb_writer)
     .touched_objects();
 
+    // The gateway's Pods: what keeps them from running goes into the routes' status.
+    let pod_stream = watcher(
+        api::<Pod>(&client, &opts.namespace),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/name={GATEWAY_NAME}")),
+    )
+    .default_backoff()
+    .modify(|pod: &mut Pod| {
+        drop_managed_fields(pod);
+        // Only the status is read.
+        pod.spec = None;
+    })
+    .reflect(pod_writer)
+    .touched_objects();
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -218,6 +233,7 @@ pub async fn run(
         deployments,
         services,
         budgets,
+        pods,
         opts,
         recorder,
         writes,
@@ -292,7 +308,13 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
-    let (m1, m2, m3, m4) = (by_ns.clone(), by_ns.clone(), by_ns.clone(), by_ns);
+    let (m1, m2, m3, m4, m5) = (
+        by_ns.clone(),
+        by_ns.clone(),
+        by_ns.clone(),
+        by_ns.clone(),
+        by_ns,
+    );
     Controller::for_stream(route_stream, routes)
         .reconcile_on(probed)
         .reconcile_on(gateways_changed)
@@ -326,6 +348,7 @@ pub async fn run(
                 vec![]
             }
         })
+        .watches_stream(pod_stream, move |o: Pod| m5(o.namespace()))
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
         .with_config(kube::runtime::controller::Config::default().concurrency(8))

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams};
@@ -62,6 +62,8 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub budgets: Store<PodDisruptionBudget>,
+    /// The gateways' Pods (status only).
+    pub pods: Store<Pod>,
     pub opts: Options,
     pub recorder: Recorder,
     pub writes: Arc<WriteCounter>,
@@ -86,6 +88,7 @@ impl Context {
         deployments: Store<Deployment>,
         services: Store<Service>,
         budgets: Store<PodDisruptionBudget>,
+        pods: Store<Pod>,
         opts: Options,
         recorder: Recorder,
         writes: Arc<WriteCounter>,
@@ -100,6 +103,7 @@ impl Context {
             deployments,
             services,
             budgets,
+            pods,
             opts,
             recorder,
             writes,
@@ -135,6 +139,7 @@ impl Context {
             self.deployments.wait_until_ready(),
             self.services.wait_until_ready(),
             self.budgets.wait_until_ready(),
+            self.pods.wait_until_ready(),
         );
         self.synced.send_replace(true);
     }
@@ -448,6 +453,13 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             )
         })
         .unwrap_or((0, ctx.opts.gateway.replicas));
+    let gateway_pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .collect();
+    let pod_problem = status::gateway_pod_problem(gateway_pods.iter().map(|p| p.as_ref()));
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut per_route = Vec::new();
@@ -459,7 +471,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             replicas: serving.get(&name).cloned().unwrap_or_default(),
             ready_replicas,
             desired_replicas,
-            pod_problem: None,
+            pod_problem: pod_problem.clone(),
             settling: ctx.xds.server.settling(),
             previous: route
                 .status
