@@ -217,8 +217,6 @@ async fn main() {
             "--leader-elect=false",
             "--default-region",
             "cn",
-            "--key-propagation-delay",
-            "1s",
             "--log-level",
             "warn",
         ])

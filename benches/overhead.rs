@@ -468,9 +468,9 @@ fn start_gateway(
 ) -> Gateway {
     let routes = render::parse_routes("bench-route.yaml", &route_yaml(primary_base, fallback_base))
         .unwrap_or_else(|e| panic!("route: {e:?}"));
+    // The operator serves these resources over xDS; the offline layout (`llmroute render --out-dir`)
+    // is the same resources from files, which Envoy handles the same once loaded.
     let opts = EnvoyOptions {
-        config_dir: dir.display().to_string(),
-        keys_dir: dir.join("keys").display().to_string(),
         port: free_port(),
         address: "127.0.0.1".into(),
         admin_port: free_port(),
@@ -483,6 +483,7 @@ fn start_gateway(
             namespace: "bench".into(),
             default_region: "us".into(),
             envoy: opts.clone(),
+            xds: Default::default(),
             deployment: Default::default(),
         },
     );

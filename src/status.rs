@@ -219,7 +219,7 @@ pub enum RouteState<'a> {
     Translated {
         outcome: &'a RouteOutcome,
         endpoint: String,
-        gateway: GatewayView,
+        gateway: Box<GatewayView>,
     },
 }
 

@@ -398,7 +398,8 @@ async fn every_golden_input_and_example_is_served_over_xds_with_nothing_rejected
     inputs.extend(yaml_files("examples"));
     inputs.extend(yaml_files("examples/providers"));
     for (i, input) in inputs.iter().enumerate() {
-        let routes = render::load_files(&[input.clone()]).unwrap_or_else(|e| panic!("{e:?}"));
+        let routes =
+            render::load_files(std::slice::from_ref(input)).unwrap_or_else(|e| panic!("{e:?}"));
         let (opts, render_opts) = local_options();
         for (j, ns) in render::translate_offline(&routes, &render_opts)
             .iter()

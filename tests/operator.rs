@@ -292,7 +292,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     let cm = cms.get("llmroute-gateway").await.unwrap();
     let data = cm.data.clone().unwrap();
     assert_eq!(data.keys().collect::<Vec<_>>(), ["bootstrap.yaml"]);
-    assert!(data["bootstrap.yaml"].contains(&format!("127.0.0.1")));
+    assert!(data["bootstrap.yaml"].contains("127.0.0.1"));
     assert!(data["bootstrap.yaml"].contains("DELTA_GRPC"));
     let all = serde_json::to_string(&data).unwrap();
     assert!(

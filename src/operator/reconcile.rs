@@ -699,6 +699,7 @@ async fn write_route(
             }
             RouteState::Translated {
                 outcome,
+                gateway: Box::new(gateway),
                 endpoint: match route.spec.workload_secret.mode {
                     crate::api::WorkloadMode::Gateway => objects::gateway_base_url(ns, &name),
                     crate::api::WorkloadMode::Direct => objects::workload_env(
@@ -710,7 +711,6 @@ async fn write_route(
                     .map(|e| e.base_url)
                     .unwrap_or_default(),
                 },
-                gateway,
             }
         }
     };

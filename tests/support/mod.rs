@@ -7,7 +7,6 @@ pub mod e2e;
 pub mod envoy;
 pub mod gateway;
 pub mod gitops;
-pub mod kubelet;
 pub mod sim;
 pub mod tools;
 pub mod xds;
