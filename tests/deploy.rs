@@ -1265,5 +1265,12 @@ fn the_alerts_use_metrics_the_operator_exports() {
             reason: "RegionBlocked".into(),
         })
         .inc();
-    support::alerts::assert_exported("llmroute_", &m.encode(), 4, "the operator");
+    m.xds_rejections
+        .get_or_create(&llmroute::metrics::XdsPushLabels {
+            namespace: "ns".into(),
+            kind: "Listener".into(),
+        })
+        .inc();
+    m.xds_propagation.observe(0.01);
+    support::alerts::assert_exported("llmroute_", &m.encode(), 6, "the operator");
 }

@@ -356,7 +356,7 @@ async fn rendered_gateway_serves_and_fails_over() {
 
     // Every gateway metric the shipped alerts use is exported on the metrics port.
     let exposition = support::envoy::http_get(r.opts.health_port, "/stats/prometheus").unwrap();
-    support::alerts::assert_exported("envoy_", &exposition, 3, "the gateway");
+    support::alerts::assert_exported("envoy_", &exposition, 2, "the gateway");
     // Resources are labels, not parts of metric names: one metric name for every cluster and account.
     let per_resource: Vec<String> = support::alerts::exported(&exposition)
         .into_iter()

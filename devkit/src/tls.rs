@@ -19,6 +19,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 pub struct TestCa {
     /// The CA certificate, PEM: what clients trust.
     pub ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -44,6 +45,7 @@ impl TestCa {
         let cert = params.signed_by(&key, &issuer).expect("server certificate");
         TestCa {
             ca_pem: ca_cert.pem(),
+            issuer,
             server_cert: cert.der().clone(),
             server_key: key.serialize_der(),
         }
@@ -54,17 +56,29 @@ impl TestCa {
         std::fs::write(path, &self.ca_pem)
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    pub fn acceptor(&self) -> TlsAcceptor {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![self.server_cert.clone()], key)
-            .expect("server certificate and key");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        TlsAcceptor::from(Arc::new(config))
+        acceptor(vec![self.server_cert.clone()], key)
+    }
+
+    /// A server certificate and key (PEM) for `names` (DNS names or IP addresses), signed by this
+    /// CA: for a simulator reached by its Service name in a cluster.
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("server params");
+        for name in names {
+            params.subject_alt_names.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.to_string().try_into().expect("a DNS name")),
+            });
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names.first().copied().unwrap_or("sim"));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        (cert.pem(), key.serialize_pem())
     }
 }
 
@@ -80,11 +94,47 @@ pub struct TlsFront {
     _stop: watch::Sender<bool>,
 }
 
+/// A TLS acceptor serving `chain` with `key` (HTTP/1.1).
+fn acceptor(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> TlsAcceptor {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate and key");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS acceptor serving the certificate (chain) and key of two PEM texts (`tls.crt`, `tls.key`
+/// of a `kubernetes.io/tls` Secret).
+pub fn acceptor_from_pem(cert_pem: &str, key_pem: &str) -> io::Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let invalid = |e: tokio_rustls::rustls::pki_types::pem::Error| {
+        io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(invalid)?;
+    Ok(acceptor(chain, key))
+}
+
 impl TlsFront {
     pub async fn start(ca: &TestCa, upstream: u16, port: u16) -> io::Result<TlsFront> {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        TlsFront::start_with(ca.acceptor(), [127, 0, 0, 1].into(), upstream, port).await
+    }
+
+    /// A front on `address`:`port` with `acceptor`'s certificate, forwarding to 127.0.0.1:`upstream`.
+    pub async fn start_with(
+        acceptor: TlsAcceptor,
+        address: std::net::IpAddr,
+        upstream: u16,
+        port: u16,
+    ) -> io::Result<TlsFront> {
+        let listener = TcpListener::bind((address, port)).await?;
         let port = listener.local_addr()?.port();
-        let acceptor = ca.acceptor();
         let (tx, mut rx) = watch::channel(false);
         tokio::spawn(async move {
             loop {

@@ -311,7 +311,11 @@ pub fn ads_config(
 ) -> AdsConfig {
     let r = resources(gw, opts, Delivery::Ads, keys, upstream_ca);
     let mut resources = Vec::new();
-    let mut add = |type_url: &'static str, v: Value| {
+    let mut add = |type_url: &'static str, mut v: Value| {
+        // The type is the resource's (xDS carries it); the JSON is the message's fields.
+        if let Value::Object(map) = &mut v {
+            map.remove("@type");
+        }
         let name = v["name"].as_str().unwrap_or_default().to_string();
         resources.push(ResourceInput {
             type_url,

@@ -44,23 +44,32 @@ pub fn message_name(type_url: &str) -> &str {
 /// Encodes a resource given as proto3 JSON (a top-level `@type` is ignored) into the protobuf bytes
 /// of `type_url`. Fields Envoy's API does not have are an error.
 pub fn encode(type_url: &str, json: &serde_json::Value) -> Result<Vec<u8>, String> {
+    let text = match json {
+        serde_json::Value::Object(map) if map.contains_key("@type") => {
+            let mut map = map.clone();
+            map.remove("@type");
+            serde_json::to_string(&map)
+        }
+        other => serde_json::to_string(other),
+    }
+    .map_err(|e| e.to_string())?;
+    encode_str(type_url, &text)
+}
+
+/// [`encode`] of JSON text (without a top-level `@type`): parsed straight into the message, with
+/// no intermediate JSON tree.
+pub fn encode_str(type_url: &str, text: &str) -> Result<Vec<u8>, String> {
     let name = message_name(type_url);
     let desc = pool()
         .get_message_by_name(name)
         .ok_or_else(|| format!("{name} is not in the Envoy API descriptors"))?;
-    let body = match json {
-        serde_json::Value::Object(map) if map.contains_key("@type") => {
-            let mut map = map.clone();
-            map.remove("@type");
-            serde_json::Value::Object(map)
-        }
-        other => other.clone(),
-    };
+    let mut de = serde_json::Deserializer::from_str(text);
     let message = DynamicMessage::deserialize_with_options(
         desc,
-        body,
+        &mut de,
         &DeserializeOptions::new().deny_unknown_fields(true),
     )
+    .and_then(|m| de.end().map(|()| m))
     .map_err(|e| format!("{name}: {e}"))?;
     Ok(prost::Message::encode_to_vec(&message))
 }

@@ -16,7 +16,7 @@ use super::api;
 pub struct ResourceInput {
     pub type_url: &'static str,
     pub name: String,
-    /// proto3 JSON (what `envoy` would read from a file).
+    /// proto3 JSON (what `envoy` would read from a file), without a top-level `@type`.
     pub json: serde_json::Value,
 }
 
@@ -90,7 +90,7 @@ impl Snapshot {
                     changed = true;
                     Entry {
                         bytes: Arc::new(
-                            api::encode(r.type_url, &r.json)
+                            api::encode_str(r.type_url, &text)
                                 .map_err(|e| format!("{} {:?}: {e}", r.type_url, r.name))?,
                         ),
                         version,

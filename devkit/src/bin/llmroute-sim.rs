@@ -15,7 +15,7 @@ use llmroute_devkit::sim::{ALL_PROVIDERS, Sim, SimConfig, SimProvider};
     after_help = "Examples:\n  llmroute-sim --provider openai --key sk-a --port 18001\n  llmroute-sim --sim provider=openai,port=18001,key=sk-a --sim provider=zhipu,key=zk-1,key=zk-2,models=glm-4-plus"
 )]
 struct Args {
-    /// One simulator: `provider=ID[,port=N][,key=K]...[,models=M1;M2][,any-model][,base-path=/p]
+    /// One simulator: `provider=ID[,port=N][,admin-port=N][,key=K]...[,models=M1;M2][,any-model][,base-path=/p]
     /// [,lenient-paths][,stream-chunks=N][,stream-interval-ms=N][,record=false]`. Repeatable.
     #[arg(long = "sim", value_name = "SPEC")]
     sims: Vec<String>,
@@ -32,6 +32,13 @@ struct Args {
     /// from a fresh test CA) and write that CA's certificate (PEM) to FILE.
     #[arg(long, value_name = "FILE")]
     tls_ca_out: Option<std::path::PathBuf>,
+    /// Serve every simulator over HTTPS with this directory's `tls.crt` and `tls.key` (a
+    /// `kubernetes.io/tls` Secret mounted in a Pod), instead of a fresh CA's.
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_ca_out")]
+    tls_cert_dir: Option<std::path::PathBuf>,
+    /// Address the simulators (and their TLS fronts) listen on; in a Pod, 0.0.0.0.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: std::net::IpAddr,
     /// List the provider ids and exit.
     #[arg(long)]
     list_providers: bool,
@@ -45,6 +52,7 @@ fn parse_spec(spec: &str) -> anyhow::Result<SimConfig> {
         match k {
             "provider" => provider = Some(v.parse::<SimProvider>().map_err(anyhow::Error::msg)?),
             "port" => cfg.port = v.parse().context("port")?,
+            "admin-port" => cfg.admin_port = v.parse().context("admin-port")?,
             "key" => cfg.keys.push(v.to_string()),
             "models" => cfg.models = Some(v.split(';').map(str::to_string).collect()),
             "any-model" => cfg.any_model = true,
@@ -86,20 +94,31 @@ async fn main() -> anyhow::Result<()> {
     if configs.is_empty() {
         bail!("nothing to run: give --provider ID or --sim provider=ID,... (see --help)");
     }
-    let ca = match &args.tls_ca_out {
-        Some(path) => {
+    let acceptor = match (&args.tls_ca_out, &args.tls_cert_dir) {
+        (Some(path), _) => {
             let ca = llmroute_devkit::tls::TestCa::new();
             ca.write_ca(path)
                 .with_context(|| format!("writing {}", path.display()))?;
-            Some(ca)
+            Some(ca.acceptor())
         }
-        None => None,
+        (None, Some(dir)) => {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .with_context(|| format!("reading {}", dir.join(f).display()))
+            };
+            Some(llmroute_devkit::tls::acceptor_from_pem(
+                &read("tls.crt")?,
+                &read("tls.key")?,
+            )?)
+        }
+        (None, None) => None,
     };
     let mut sims = Vec::new();
-    for cfg in configs {
+    for mut cfg in configs {
+        cfg.address = args.address;
         let provider = cfg.provider;
-        let sim = match &ca {
-            Some(ca) => Sim::start_tls(cfg, ca).await,
+        let sim = match &acceptor {
+            Some(acceptor) => Sim::start_tls_with(cfg, acceptor.clone()).await,
             None => Sim::start(cfg).await,
         }
         .with_context(|| format!("starting the {provider} simulator"))?;

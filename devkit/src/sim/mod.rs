@@ -181,8 +181,14 @@ pub struct SimConfig {
     pub models: Option<Vec<String>>,
     /// Accept any model name (the response names the model received).
     pub any_model: bool,
-    /// Port on 127.0.0.1; 0 picks a free one.
+    /// Port on `address`; 0 picks a free one.
     pub port: u16,
+    /// Address to listen on: 127.0.0.1, except in a Pod (tests/realnode.rs), where it is 0.0.0.0
+    /// of the Pod's own network.
+    pub address: std::net::IpAddr,
+    /// With TLS: the port of the plain-HTTP simulator behind the TLS front (its `/__sim/` admin
+    /// API is there); 0 picks a free one.
+    pub admin_port: u16,
     /// Serve under this base path instead of the provider's (e.g. a self-hosted server at `/api`).
     pub base_path: Option<String>,
     /// `false`: any path ending in `/chat/completions` or `/models` is served.
@@ -203,6 +209,8 @@ impl SimConfig {
             models: None,
             any_model: false,
             port: 0,
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
+            admin_port: 0,
             base_path: None,
             strict_paths: true,
             stream_chunks: 3,
@@ -226,6 +234,11 @@ impl SimConfig {
         self.any_model = true;
         self
     }
+    pub fn address(mut self, address: std::net::IpAddr) -> Self {
+        self.address = address;
+        self
+    }
+
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
@@ -372,9 +385,9 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// Binds 127.0.0.1:`config.port` (0: any free port) and serves until dropped.
+    /// Binds `config.address`:`config.port` (0: any free port) and serves until dropped.
     pub async fn start(config: SimConfig) -> io::Result<Sim> {
-        let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
+        let listener = TcpListener::bind((config.address, config.port)).await?;
         let port = listener.local_addr()?.port();
         let provider = config.provider;
         let prefixes: Vec<String> = match &config.base_path {
@@ -438,9 +451,24 @@ impl Sim {
     /// (`config.port` is the front's port; the simulator itself listens on a free port).
     /// [`Sim::base_url`] is then `https://127.0.0.1:<front>/<base path>`.
     pub async fn start_tls(config: SimConfig, ca: &crate::tls::TestCa) -> io::Result<Sim> {
-        let front_port = config.port;
-        let mut sim = Sim::start(SimConfig { port: 0, ..config }).await?;
-        let front = crate::tls::TlsFront::start(ca, sim.port(), front_port).await?;
+        Sim::start_tls_with(config, ca.acceptor()).await
+    }
+
+    /// Like [`Sim::start_tls`], with the server certificate of `acceptor` (e.g. one issued for the
+    /// simulator's Service name, see [`crate::tls::acceptor_from_pem`]).
+    pub async fn start_tls_with(
+        config: SimConfig,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> io::Result<Sim> {
+        let (front_port, address) = (config.port, config.address);
+        let admin_port = config.admin_port;
+        let mut sim = Sim::start(SimConfig {
+            port: admin_port,
+            ..config
+        })
+        .await?;
+        let front =
+            crate::tls::TlsFront::start_with(acceptor, address, sim.port(), front_port).await?;
         let path = sim
             .shared
             .base_url
