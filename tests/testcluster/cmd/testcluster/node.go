@@ -328,8 +328,12 @@ func tryOverlay(dir string) error {
 	}
 	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", filepath.Join(dir, "lower"),
 		filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
-	if err := syscall.Mount("overlay", filepath.Join(dir, "merged"), "overlay", 0, opts); err != nil {
-		return err
+	// volatile: unmounting a normal overlay syncs the whole upper file system, which takes
+	// seconds on a busy disk.
+	if err := syscall.Mount("overlay", filepath.Join(dir, "merged"), "overlay", 0, opts+",volatile"); err != nil {
+		if err := syscall.Mount("overlay", filepath.Join(dir, "merged"), "overlay", 0, opts); err != nil {
+			return err
+		}
 	}
 	return syscall.Unmount(filepath.Join(dir, "merged"), syscall.MNT_DETACH)
 }

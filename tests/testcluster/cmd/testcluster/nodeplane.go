@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -208,6 +209,13 @@ func (n *nodePlane) apiserverArgs() []string {
 	}
 }
 
+// controllerManagerArgs are the kube-controller-manager flags for a cluster with a node: the
+// node-lifecycle controller looks at the node every second (default 5 s), so the not-ready taint
+// the kubelet registers with goes soon after the node is Ready.
+func (n *nodePlane) controllerManagerArgs() []string {
+	return []string{"--node-monitor-period=1s"}
+}
+
 // startHolder starts `testcluster node` in new mount and network namespaces. It is not
 // restarted: if it ends, the node is gone and serve stops.
 func (n *nodePlane) startHolder() {
@@ -361,6 +369,28 @@ func (n *nodePlane) bringUp(ctx context.Context, client kubernetes.Interface, wa
 			return false, err.Error()
 		}
 		return d.Status.AvailableReplicas >= 1, fmt.Sprintf("%d available", d.Status.AvailableReplicas)
+	}); err != nil {
+		return err
+	}
+	// kube-proxy has the kube-dns Service's rules once a query to it from the node is answered.
+	pid, _ := n.holder.current()
+	ns, err := openNetns(fmt.Sprintf("/proc/%d/ns/net", pid))
+	if err != nil {
+		return err
+	}
+	defer ns.close()
+	resolver := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return ns.dial(ctx, network, clusterDNSIP+":53")
+	}}
+	name := "kubernetes.default.svc." + clusterDomain
+	if err := waitFor("cluster DNS answers through the kube-dns Service", func() (bool, string) {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		addrs, err := resolver.LookupHost(rctx, name)
+		if err != nil {
+			return false, err.Error()
+		}
+		return len(addrs) == 1 && addrs[0] == "10.0.0.1", fmt.Sprintf("%s: %v", name, addrs)
 	}); err != nil {
 		return err
 	}

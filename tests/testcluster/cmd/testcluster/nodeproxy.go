@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -97,6 +96,11 @@ func openNetns(path string) (*netns, error) {
 		return nil, err
 	}
 	return &netns{node: node, host: host}, nil
+}
+
+func (n *netns) close() {
+	n.node.Close()
+	n.host.Close()
 }
 
 // in runs fn on an OS thread switched into the node's namespace. The thread switches back
@@ -281,13 +285,4 @@ func closeWrite(c net.Conn) {
 		return
 	}
 	_ = c.Close()
-}
-
-// hostIsLoopback tells whether a CONNECT target names this host's loopback.
-func hostIsLoopback(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -321,7 +321,9 @@ func serve(c serveConfig) error {
 	}
 
 	controllers := c.controllers
+	var kcmNodeArgs []string
 	if node != nil {
+		kcmNodeArgs = node.controllerManagerArgs()
 		controllers = withNodeControllers(controllers)
 		if err := node.startHostSide(); err != nil {
 			return fail(err)
@@ -353,7 +355,7 @@ func serve(c serveConfig) error {
 				"--secure-port=" + strconv.Itoa(port),
 				"--cert-dir=" + filepath.Join(pkiDir, "controller-manager-generated"),
 				"--profiling=false",
-			}, c.kcmArgs...)
+			}, append(kcmNodeArgs, c.kcmArgs...)...)
 		}),
 		onStart: func(pid, port int) {
 			env["CONTROLLER_MANAGER_PID"] = strconv.Itoa(pid)
