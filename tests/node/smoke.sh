@@ -382,6 +382,72 @@ exec_pod() {
 }
 check "envoy image: envoy --version as uid 101, read-only root" exec_pod envoy-version docker.io/envoyproxy/envoy:v1.40.0 101 envoy --version
 grep -m1 version "$OUT" | cut -c1-110 | sed 's/^/       /'
+envoy_serves() {
+  k apply -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: envoy-config, namespace: $NS}
+data:
+  envoy.yaml: |
+    admin:
+      address: {socket_address: {address: 127.0.0.1, port_value: 9901}}
+    static_resources:
+      listeners:
+      - name: http
+        address: {socket_address: {address: 0.0.0.0, port_value: 8080}}
+        filter_chains:
+        - filters:
+          - name: envoy.filters.network.http_connection_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+              stat_prefix: http
+              http_filters:
+              - name: envoy.filters.http.router
+                typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+              route_config:
+                virtual_hosts:
+                - name: all
+                  domains: ["*"]
+                  routes:
+                  - match: {prefix: /}
+                    direct_response: {status: 200, body: {inline_string: "hello from envoy"}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: envoy, namespace: $NS}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: envoy}}
+  template:
+    metadata: {labels: {app: envoy}}
+    spec:
+      securityContext: {runAsUser: 101, runAsGroup: 101, runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}
+      containers:
+      - name: envoy
+        image: docker.io/envoyproxy/envoy:v1.40.0
+        command: ["envoy"]
+        args: ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warn"]
+        ports: [{containerPort: 8080, name: http}]
+        readinessProbe: {tcpSocket: {port: http}, periodSeconds: 1}
+        securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: [ALL]}}
+        volumeMounts: [{name: config, mountPath: /etc/envoy, readOnly: true}, {name: tmp, mountPath: /tmp}]
+      volumes:
+      - {name: config, configMap: {name: envoy-config}}
+      - {name: tmp, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: envoy, namespace: $NS}
+spec:
+  selector: {app: envoy}
+  ports: [{port: 8080, targetPort: http}]
+EOF
+  k -n "$NS" rollout status deployment/envoy --timeout=90s || return 1
+  local log
+  log="$(run_pod envoy-client localhost/llmroute/busybox:test 'wget -q -O - http://envoy.smoke.svc:8080/')" || { echo "$log"; return 1; }
+  echo "$log"; grep -q 'hello from envoy' <<<"$log"
+}
+check "Envoy 1.40 Deployment as uid 101 (command envoy, read-only root, RuntimeDefault seccomp) serves through its Service" envoy_serves
 if [[ " ${images[*]} " == *" operator "* ]]; then
   check "operator image: llmroute --help as 65532 (the Dockerfile's user)" exec_pod op-help ghcr.io/llmroute/llmroute:0.1.0 65532 llmroute --help
 else
