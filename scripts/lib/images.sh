@@ -20,6 +20,8 @@
 #                                                   busybox for a shell, user app 1000
 #   kubectl:  localhost/llmroute/kubectl:test       busybox + the test cluster's kubectl
 
+# Bump when a helper below changes the images in a way their inputs do not show (each image's
+# own image_make_* function is part of its key already).
 IMAGES_RECIPE=1
 IMAGES_CACHE="${LLMROUTE_IMAGES_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/llmroute/images}"
 MKIMAGE="$ROOT/tests/node/mkimage.py"
@@ -40,7 +42,20 @@ image_ref() {
   esac
 }
 
-_sha() { sha256sum "$1" | cut -d' ' -f1; }
+# sha256 of a file, remembered by path, size, modification time and inode: the inputs of an
+# image include binaries of hundreds of MB, which an unchanged second run should not read again.
+_sha() {
+  local id memo="$IMAGES_CACHE/.sha256-memo" sum
+  id="$(stat -L -c '%n %s %Y %i' -- "$1")" || return 1
+  if [[ -f "$memo" ]]; then
+    sum="$(awk -v id="$id" 'substr($0, 66) == id { s = $1 } END { print s }' "$memo")"
+    [[ -n "$sum" ]] && { echo "$sum"; return 0; }
+  fi
+  sum="$(sha256sum -- "$1" | cut -d' ' -f1)" || return 1
+  mkdir -p "$IMAGES_CACHE"
+  printf '%s %s\n' "$sum" "$id" >>"$memo"
+  echo "$sum"
+}
 
 _mkimage() { python3 "$MKIMAGE" "$@" >&2; }
 
