@@ -105,7 +105,7 @@ cmd_node_exec() {
 # the node's podLogsDir; with no CONTAINER, every container's, each line prefixed by its name.
 cmd_node_logs() {
   [[ $# -ge 3 ]] || usage
-  local dir ns="$2" pod="$3" container="${4:-}" pod_dir c f
+  local dir ns="$2" pod="$3" container="${4:-}" pod_dir c f found=0
   [[ -d "$1" ]] || die "$1 does not exist"
   dir="$(abs_dir "$1")"
   node_env "$dir"
@@ -114,6 +114,7 @@ cmd_node_logs() {
   for c in "$pod_dir"/*/; do
     c="$(basename "$c")"
     [[ -z "$container" || "$c" == "$container" ]] || continue
+    found=1
     for f in $(ls -1v "$pod_dir/$c"/*.log 2>/dev/null); do
       if [[ -n "$container" ]]; then
         sed -E 's/^[^ ]+ (stdout|stderr) [FP] //' "$f"
@@ -122,6 +123,7 @@ cmd_node_logs() {
       fi
     done
   done
+  (( found )) || die "Pod $ns/$pod has no container ${container:-at all} in $pod_dir"
 }
 
 cmd_image() {

@@ -12,7 +12,8 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TC="$ROOT/scripts/testcluster"
-DIR="${1:-$(mktemp -d /tmp/node-smoke.XXXXXX)}"
+own_dir=0
+if [[ $# -ge 1 ]]; then DIR="$1"; else DIR="$(mktemp -d /tmp/node-smoke.XXXXXX)"; own_dir=1; fi
 NS=smoke
 pass=0 fail=0 skip=0
 OUT="$(mktemp /tmp/node-smoke-out.XXXXXX)"
@@ -39,6 +40,10 @@ eventually() { # eventually SECONDS CMD...: CMD succeeds within SECONDS
 }
 finish() {
   rm -f "$OUT"
+  # A temporary DIR holds ~1 GB (containerd's images): removed when everything passed.
+  if (( own_dir )); then
+    if (( fail == 0 )); then rm -rf "$DIR"; else echo "kept $DIR for inspection (logs/, node/pod-logs/)"; fi
+  fi
   echo "$pass passed, $fail failed, $skip skipped (${SECONDS}s)"
   (( fail == 0 ))
   exit
