@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Container images for the test node, built without a container engine or a registry by
 # tests/node/mkimage.py from files of this machine, and cached. Sourced by scripts/testcluster
 # and scripts/test-images; ROOT must be the repository root, and log() defined.

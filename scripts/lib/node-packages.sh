@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Debian packages the real test node needs (sourced by scripts/testcluster and scripts/test-images).
 #
 #   node_packages_ensure    installs what is missing, idempotently; starts no service

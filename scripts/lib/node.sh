@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The real test node's part of scripts/testcluster (sourced by it; ROOT, log and die come from
 # there). See tests/node/README.md.
 
@@ -37,6 +38,7 @@ node_cleanup() {
       [[ -d "$m$root" ]] || continue
       pids+=" $(find "$m$root" -name cgroup.procs -exec cat {} + 2>/dev/null | tr '\n' ' ')"
     done
+    # shellcheck disable=SC2086,SC2116 # one line, single spaces
     pids="$(echo $pids)"
     [[ -z "$pids" ]] && break
     if (( SECONDS >= deadline )); then
@@ -115,13 +117,14 @@ cmd_node_logs() {
     c="$(basename "$c")"
     [[ -z "$container" || "$c" == "$container" ]] || continue
     found=1
-    for f in $(ls -1v "$pod_dir/$c"/*.log 2>/dev/null); do
+    # Oldest first: rotated files (N.log.TIMESTAMP), then the current N.log; restarts count N up.
+    while IFS= read -r f; do
       if [[ -n "$container" ]]; then
         sed -E 's/^[^ ]+ (stdout|stderr) [FP] //' "$f"
       else
         sed -E "s/^[^ ]+ (stdout|stderr) [FP] /[$c] /" "$f"
       fi
-    done
+    done < <(find "$pod_dir/$c" -maxdepth 1 -type f -name '*.log*' ! -name '*.gz' ! -name '*.tmp' -printf '%T@ %p\n' | sort -n | cut -d' ' -f2-)
   done
   (( found )) || die "Pod $ns/$pod has no container ${container:-at all} in $pod_dir"
 }

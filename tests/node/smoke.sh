@@ -9,6 +9,7 @@
 # target/debug/...): without them those checks are skipped. SMOKE_SECOND_DIR=0 skips the check
 # that a second cluster with a node runs beside the first.
 set -uo pipefail
+# shellcheck disable=SC2317 # check() calls the functions below by name
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TC="$ROOT/scripts/testcluster"
@@ -17,7 +18,6 @@ if [[ $# -ge 1 ]]; then DIR="$1"; else DIR="$(mktemp -d /tmp/node-smoke.XXXXXX)"
 NS=smoke
 pass=0 fail=0 skip=0
 OUT="$(mktemp /tmp/node-smoke-out.XXXXXX)"
-t_start=$SECONDS
 
 ok() { pass=$((pass + 1)); echo "ok   - $*"; }
 not_ok() { fail=$((fail + 1)); echo "FAIL - $*"; }
@@ -261,11 +261,11 @@ logs_exec() {
 }
 check "kubectl logs, kubectl exec, scripts/testcluster node-logs" logs_exec
 port_forward() {
-  local port pf rc=1 i
+  local port pf rc=1
   port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   k -n "$NS" port-forward svc/web "$port:80" >/dev/null 2>&1 &
   pf=$!
-  for i in $(seq 1 40); do
+  for _ in $(seq 1 40); do
     if [[ "$(curl -s -m 2 "http://127.0.0.1:$port/cm/index.html")" == 'hello from a ConfigMap volume' ]]; then rc=0; break; fi
     sleep 0.25
   done
