@@ -4,12 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"net"
 	"os"
-	"os/exec"
 	"os/signal"
-	"runtime"
-	"sync"
 	"syscall"
 	"time"
 
@@ -87,126 +83,4 @@ func runControllerManager(args []string) error {
 	fg.(featuregate.MutableFeatureGate).AddMetrics()
 	s.ComponentGlobalsRegistry.AddMetrics()
 	return kcmapp.Run(ctx, c.Complete())
-}
-
-// supervisor keeps one controller-manager child running until stopped.
-type supervisor struct {
-	exe     string
-	args    func(port int) []string
-	logPath string
-	onStart func(pid, port int)
-	grace   time.Duration
-
-	mu   sync.Mutex
-	pid  int
-	port int
-	stop chan struct{}
-	done chan struct{}
-}
-
-// freePort asks the kernel for a free port on 127.0.0.1.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-// run starts the child and restarts it when it dies, until Stop. All children
-// are started from one goroutine locked to its OS thread: Pdeathsig fires when
-// the *thread* that started a child ends, and a locked thread lives as long as
-// this loop does.
-func (s *supervisor) run() {
-	s.stop = make(chan struct{})
-	s.done = make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		defer close(s.done)
-		backoff := time.Second
-		for {
-			started := time.Now()
-			cmd, exited, err := s.startOnce()
-			if err != nil {
-				log.Printf("controller-manager: start failed: %v", err)
-			} else {
-				select {
-				case <-s.stop:
-					_ = cmd.Process.Signal(syscall.SIGTERM)
-					select {
-					case <-exited:
-					case <-time.After(s.grace):
-						_ = cmd.Process.Kill()
-						select {
-						case <-exited:
-						case <-time.After(5 * time.Second):
-						}
-					}
-					return
-				case err := <-exited:
-					log.Printf("controller-manager exited unexpectedly (%v); restarting; see %s", err, s.logPath)
-				}
-			}
-			if time.Since(started) > time.Minute {
-				backoff = time.Second
-			}
-			select {
-			case <-s.stop:
-				return
-			case <-time.After(backoff):
-			}
-			if backoff < 16*time.Second {
-				backoff *= 2
-			}
-		}
-	}()
-}
-
-func (s *supervisor) startOnce() (*exec.Cmd, <-chan error, error) {
-	port, err := freePort()
-	if err != nil {
-		return nil, nil, err
-	}
-	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer logf.Close()
-	cmd := exec.Command(s.exe, append([]string{"controller-manager"}, s.args(port)...)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, nil, err
-	}
-	s.mu.Lock()
-	s.pid, s.port = cmd.Process.Pid, port
-	s.mu.Unlock()
-	if s.onStart != nil {
-		s.onStart(cmd.Process.Pid, port)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	return cmd, exited, nil
-}
-
-// current returns the running child's pid and healthz port.
-func (s *supervisor) current() (pid, port int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.pid, s.port
-}
-
-// Stop ends the child (SIGTERM, then SIGKILL after the grace period) and the
-// restart loop.
-func (s *supervisor) Stop() {
-	if s.stop == nil {
-		return
-	}
-	close(s.stop)
-	select {
-	case <-s.done:
-	case <-time.After(s.grace + 10*time.Second):
-		log.Printf("controller-manager supervisor did not stop in time")
-	}
 }

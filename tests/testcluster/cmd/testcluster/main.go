@@ -1,10 +1,17 @@
 // Command testcluster runs a real Kubernetes control plane for tests:
-// embedded etcd, kube-apiserver and kube-controller-manager, on 127.0.0.1.
+// embedded etcd, kube-apiserver and kube-controller-manager, on 127.0.0.1;
+// with --node also a real node (containerd, kubelet, kube-proxy in namespaces
+// of their own), kube-scheduler and CoreDNS.
 //
 //	testcluster serve --dir DIR                 run until SIGTERM; DIR/ready when ready
 //	testcluster status --dir DIR                exit 0 if DIR's cluster runs and is ready
 //	testcluster kubeconfig --dir DIR --user U [--group G]... --out FILE
+//	testcluster image-import --dir DIR ARCHIVE... import OCI image archives into DIR's node
 //	testcluster controller-manager FLAGS...     (internal: started by serve)
+//	testcluster scheduler FLAGS...              (internal: kube-scheduler, started by serve --node)
+//	testcluster node --dir DIR ...              (internal: the node's holder, started by serve --node)
+//	testcluster node-proxy ...                  (internal: host <-> node connections, started by serve --node)
+//	testcluster kubelet|kube-proxy FLAGS...     (internal: started by node)
 package main
 
 import (
@@ -23,6 +30,8 @@ import (
 
 	"github.com/spf13/pflag"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/component-base/version"
@@ -30,8 +39,10 @@ import (
 
 const usage = `usage:
   testcluster serve --dir DIR [--controllers LIST] [--apiserver-arg FLAG]... [--controller-manager-arg FLAG]...
+                    [--node --pause-image REF --coredns-image REF --busybox-image REF [--node-image ARCHIVE]...]
   testcluster status --dir DIR
   testcluster kubeconfig --dir DIR --user NAME [--group GROUP]... --out FILE|- [--validity DURATION]
+  testcluster image-import --dir DIR ARCHIVE...
   testcluster version
 `
 
@@ -48,6 +59,18 @@ func main() {
 		err = runServe(os.Args[2:])
 	case "controller-manager":
 		err = runControllerManager(os.Args[2:])
+	case "kubelet":
+		os.Exit(runKubelet(os.Args[2:]))
+	case "kube-proxy":
+		os.Exit(runKubeProxy(os.Args[2:]))
+	case "scheduler":
+		os.Exit(runScheduler(os.Args[2:]))
+	case "node":
+		err = runNode(os.Args[2:])
+	case "node-proxy":
+		err = runNodeProxy(os.Args[2:])
+	case "image-import":
+		err = runImageImport(os.Args[2:])
 	case "kubeconfig":
 		err = runKubeconfig(os.Args[2:])
 	case "status":
@@ -131,12 +154,15 @@ func runStatus(args []string) error {
 	if *dir == "" {
 		return errors.New("--dir is required")
 	}
-	err := checkStatus(*dir)
+	node, err := checkStatus(*dir)
 	if !*quiet {
 		if err != nil {
 			fmt.Printf("not running or not ready: %v\n", err)
 		} else {
 			fmt.Println("running and ready")
+			if node != "" {
+				fmt.Println(node)
+			}
 		}
 	}
 	if err != nil {
@@ -163,7 +189,60 @@ func processAlive(pidStr string) bool {
 	return true
 }
 
-func checkStatus(dir string) error {
+// checkStatus returns nil when DIR's cluster is running and ready, and, for a cluster with a
+// node, a line about the node.
+func checkStatus(dir string) (string, error) {
+	err := checkControlPlane(dir)
+	if err != nil {
+		return "", err
+	}
+	env, err := readEnv(filepath.Join(dir, envName))
+	if err != nil || env["NODE"] != "1" {
+		return "", err
+	}
+	return checkNode(dir, env)
+}
+
+func checkNode(dir string, env map[string]string) (string, error) {
+	node, err := readEnv(filepath.Join(dir, nodeEnvName))
+	if err != nil {
+		return "", fmt.Errorf("node: %w", err)
+	}
+	if !processAlive(node["NODE_PID"]) {
+		return "", fmt.Errorf("the node's holder (pid %s) is not running", node["NODE_PID"])
+	}
+	if !processAlive(env["SCHEDULER_PID"]) {
+		return "", errors.New("kube-scheduler is not running")
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(dir, kubeconfigName))
+	if err != nil {
+		return "", err
+	}
+	cfg.Timeout = 5 * time.Second
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := client.CoreV1().Nodes().Get(ctx, node["NODE_NAME"], metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("node %s: %w", node["NODE_NAME"], err)
+	}
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			if c.Status != corev1.ConditionTrue {
+				return "", fmt.Errorf("node %s is not Ready: %s %s", n.Name, c.Reason, c.Message)
+			}
+			return fmt.Sprintf("node %s: Ready, IP %s, Pod CIDR %s, netns %s, kubelet %s, containerd %s",
+				n.Name, node["NODE_IP"], node["POD_CIDR"], node["NODE_NETNS"], n.Status.NodeInfo.KubeletVersion,
+				n.Status.NodeInfo.ContainerRuntimeVersion), nil
+		}
+	}
+	return "", fmt.Errorf("node %s has no Ready condition", n.Name)
+}
+
+func checkControlPlane(dir string) error {
 	pid, err := os.ReadFile(filepath.Join(dir, pidName))
 	if err != nil {
 		return fmt.Errorf("no pid file: %w", err)

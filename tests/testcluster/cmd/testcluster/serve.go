@@ -49,6 +49,7 @@ type serveConfig struct {
 	apiArgs      []string
 	kcmArgs      []string
 	readyTimeout time.Duration
+	node         nodeOptions
 }
 
 func runServe(args []string) error {
@@ -59,6 +60,15 @@ func runServe(args []string) error {
 	fs.StringArrayVar(&c.apiArgs, "apiserver-arg", nil, "extra kube-apiserver flag, e.g. --apiserver-arg=--v=2 (repeatable; later flags win)")
 	fs.StringArrayVar(&c.kcmArgs, "controller-manager-arg", nil, "extra kube-controller-manager flag (repeatable)")
 	fs.DurationVar(&c.readyTimeout, "ready-timeout", 5*time.Minute, "give up if the cluster is not ready by then")
+	fs.BoolVar(&c.node.enabled, "node", false, "also run a real node (containerd, kubelet, kube-proxy in their own namespaces), kube-scheduler and CoreDNS")
+	fs.StringVar(&c.node.name, "node-name", defaultNodeName, "the node's name (with --node)")
+	fs.StringArrayVar(&c.node.images, "node-image", nil, "OCI image archive to import into the node before its kubelet starts (repeatable)")
+	fs.StringVar(&c.node.pauseImage, "pause-image", "", "the Pod sandbox image reference (with --node; its archive must be a --node-image)")
+	fs.StringVar(&c.node.corednsImage, "coredns-image", "", "the CoreDNS image reference (with --node)")
+	fs.StringVar(&c.node.busyboxImage, "busybox-image", "", "a busybox image reference, for the smoke Pod (with --node)")
+	fs.StringArrayVar(&c.node.kubeletArgs, "kubelet-arg", nil, "extra kubelet flag (repeatable)")
+	fs.StringArrayVar(&c.node.proxyArgs, "kube-proxy-arg", nil, "extra kube-proxy flag (repeatable)")
+	fs.StringArrayVar(&c.node.schedulerArgs, "scheduler-arg", nil, "extra kube-scheduler flag (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -125,6 +135,15 @@ func serve(c serveConfig) error {
 	}
 	servingHosts := []string{"127.0.0.1", "localhost", "10.0.0.1", "kubernetes", "kubernetes.default",
 		"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}
+	var node *nodePlane
+	var nodeDied <-chan error
+	if c.node.enabled {
+		if node, err = newNodePlane(c.node, dir, pkiDir); err != nil {
+			return err
+		}
+		servingHosts = append(servingHosts, node.servingHosts()...)
+		nodeDied = node.died
+	}
 	crt, key, err := ca.issue("kube-apiserver", nil, servingHosts, true, 365*24*time.Hour)
 	if err != nil {
 		return err
@@ -192,6 +211,17 @@ func serve(c serveConfig) error {
 	if err := writeKubeconfig(kcmKubeconfig, server, ca.certPEM, crt, key, "system:kube-controller-manager"); err != nil {
 		return err
 	}
+	// --authorization-mode is a list: a second one would add to it, not replace it.
+	nodeArgs := []string{"--authorization-mode=RBAC"}
+	if node != nil {
+		// The node starts now: containerd and the image imports overlap the apiserver's start.
+		if err := node.prepare(ca, ln.Addr().(*net.TCPAddr).Port); err != nil {
+			ln.Close()
+			return fmt.Errorf("node: %w", err)
+		}
+		node.startHolder()
+		nodeArgs = node.apiserverArgs()
+	}
 
 	apiArgs := append([]string{
 		"--bind-address=127.0.0.1",
@@ -206,10 +236,9 @@ func serve(c serveConfig) error {
 		"--service-account-signing-key-file=" + filepath.Join(pkiDir, saKeyFile),
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--endpoint-reconciler-type=none",
-		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
 		"--profiling=false",
-	}, c.apiArgs...)
+	}, append(nodeArgs, c.apiArgs...)...)
 	apiCtx, apiCancel := context.WithCancel(ctx)
 	defer apiCancel()
 	apiDone, err := startAPIServer(apiCtx, ln, apiArgs)
@@ -265,12 +294,15 @@ func serve(c serveConfig) error {
 				return fmt.Errorf("kube-apiserver ended while waiting for %s: %v", what, err)
 			case err := <-etcd.Err():
 				return fmt.Errorf("etcd failed while waiting for %s: %v", what, err)
+			case err := <-nodeDied:
+				return fmt.Errorf("while waiting for %s: %v", what, err)
 			case <-time.After(100 * time.Millisecond):
 			}
 		}
 	}
 
 	fail := func(err error) error {
+		node.stop()
 		stopAPIServer()
 		closeEtcd()
 		return err
@@ -288,11 +320,17 @@ func serve(c serveConfig) error {
 		return fail(err)
 	}
 
-	// kube-controller-manager, in a child process.
-	exe, err := os.Executable()
-	if err != nil {
-		return fail(err)
+	controllers := c.controllers
+	var kcmNodeArgs []string
+	if node != nil {
+		kcmNodeArgs = node.controllerManagerArgs()
+		controllers = withNodeControllers(controllers)
+		if err := node.startHostSide(); err != nil {
+			return fail(err)
+		}
 	}
+
+	// kube-controller-manager, in a child process.
 	env := map[string]string{
 		"TESTCLUSTER_DIR": dir,
 		"TESTCLUSTER_PID": strconv.Itoa(os.Getpid()),
@@ -301,14 +339,15 @@ func serve(c serveConfig) error {
 		"KUBECONFIG":      adminKubeconfig,
 	}
 	kcm := &supervisor{
-		exe:     exe,
-		logPath: filepath.Join(dir, "logs", kcmLogName),
-		grace:   5 * time.Second,
-		args: func(port int) []string {
+		name:     "controller-manager",
+		wantPort: true,
+		logPath:  filepath.Join(dir, "logs", kcmLogName),
+		grace:    5 * time.Second,
+		command: selfCommand("controller-manager", func(port int) []string {
 			return append([]string{
 				"--kubeconfig=" + kcmKubeconfig,
 				"--leader-elect=false",
-				"--controllers=" + c.controllers,
+				"--controllers=" + controllers,
 				"--service-account-private-key-file=" + filepath.Join(pkiDir, saKeyFile),
 				"--root-ca-file=" + filepath.Join(pkiDir, caCertFile),
 				"--use-service-account-credentials=false",
@@ -316,8 +355,8 @@ func serve(c serveConfig) error {
 				"--secure-port=" + strconv.Itoa(port),
 				"--cert-dir=" + filepath.Join(pkiDir, "controller-manager-generated"),
 				"--profiling=false",
-			}, c.kcmArgs...)
-		},
+			}, append(kcmNodeArgs, c.kcmArgs...)...)
+		}),
 		onStart: func(pid, port int) {
 			env["CONTROLLER_MANAGER_PID"] = strconv.Itoa(pid)
 			env["CONTROLLER_MANAGER_HEALTHZ"] = fmt.Sprintf("https://127.0.0.1:%d/healthz", port)
@@ -329,6 +368,7 @@ func serve(c serveConfig) error {
 	}
 	kcm.run()
 	fail = func(err error) error {
+		node.stop()
 		kcm.Stop()
 		stopAPIServer()
 		closeEtcd()
@@ -372,6 +412,23 @@ func serve(c serveConfig) error {
 		return fail(err)
 	}
 
+	if node != nil {
+		if err := node.bringUp(ctx, client, waitFor); err != nil {
+			return fail(fmt.Errorf("node: %w", err))
+		}
+		if err := writeEnv(filepath.Join(dir, nodeEnvName), node.env); err != nil {
+			return fail(err)
+		}
+		env["NODE"] = "1"
+		if pid, port := node.sched.current(); pid != 0 {
+			env["SCHEDULER_PID"] = strconv.Itoa(pid)
+			env["SCHEDULER_HEALTHZ"] = fmt.Sprintf("https://127.0.0.1:%d/healthz", port)
+		}
+		if err := writeEnv(filepath.Join(dir, envName), env); err != nil {
+			return fail(err)
+		}
+	}
+
 	ready := fmt.Sprintf("%s\n%s\n", server, time.Now().UTC().Format(time.RFC3339))
 	if err := writeFileAtomic(filepath.Join(dir, readyName), []byte(ready), 0o644); err != nil {
 		return fail(err)
@@ -386,16 +443,27 @@ func serve(c serveConfig) error {
 		runErr = fmt.Errorf("kube-apiserver ended: %v", err)
 	case err := <-etcd.Err():
 		runErr = fmt.Errorf("etcd failed: %v", err)
+	case err := <-nodeDied:
+		runErr = err
 	}
 	os.Remove(filepath.Join(dir, readyName))
 
 	// A watchdog: shutting down must not hang.
+	watchdog := 45 * time.Second
+	if node != nil {
+		watchdog += 60 * time.Second
+	}
 	go func() {
-		time.Sleep(45 * time.Second)
+		time.Sleep(watchdog)
 		log.Printf("shutdown took too long, exiting")
 		os.Remove(pidPath)
 		os.Exit(2)
 	}()
+	t1 := time.Now()
+	node.stop()
+	if node != nil {
+		log.Printf("node stopped in %s", time.Since(t1).Round(time.Millisecond))
+	}
 	kcm.Stop()
 	stopAPIServer()
 	closeEtcd()
