@@ -7,6 +7,8 @@ pub mod e2e;
 pub mod envoy;
 pub mod gateway;
 pub mod gitops;
+pub mod node;
+pub mod realnode;
 pub mod sim;
 pub mod tools;
 pub mod xds;

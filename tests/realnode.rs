@@ -1,0 +1,443 @@
+//! llmroute on a real one-node cluster (containerd, kubelet, kube-proxy, CoreDNS: `scripts/testcluster
+//! up --node`), installed and used as a user does: `kubectl apply -f crds/ && kubectl apply -k` of an
+//! overlay of `deploy/` (the operator as two Pods, leader election, its RBAC), and `helm install` in
+//! the second test. Gateways are real Pods (Envoy and the shutdown-manager as the kubelet runs them,
+//! with their volumes), providers are simulator Pods over HTTPS with a private CA given to the
+//! gateways, and the workloads are Pods using the official OpenAI Python SDK with the workload
+//! Secret as `envFrom`, reaching `http://llmroute-gateway.<ns>.svc:8080/<route>/v1` by cluster DNS.
+//!
+//! The tests of this binary run one at a time: each installs the operator cluster-wide.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use llmroute::api::LLMRoute;
+use support::cluster::{TestNamespace, cluster, eventually};
+use support::node::{self, OPERATOR_IMAGE};
+use support::realnode::{
+    self, OPENAI_ADMIN, OPENAI_KEY, Sims, ZHIPU_ADMIN, ZHIPU_KEY, chat_route, condition, key_secret,
+};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const GATEWAY_PODS: &str = "app.kubernetes.io/name=llmroute-gateway";
+
+async fn wait_programmed(routes: &Api<LLMRoute>, name: &str, message: &str) {
+    eventually(
+        Duration::from_secs(120),
+        &format!("{name}: Programmed \"{message}\""),
+        || {
+            let routes = routes.clone();
+            async move {
+                let (status, _, m) = condition(&routes, name, "Programmed").await?;
+                (status == "True" && m == message).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    node::node();
+    node::images(env!("CARGO_BIN_EXE_llmroute"));
+    let c = cluster();
+    let client = c.client().await;
+
+    // Install as a user does.
+    c.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        support::envoy::repo_root().join("crds").to_str().unwrap(),
+    ]);
+    let overlay = realnode::overlay(&[]);
+    let applied = c.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    // The restricted Pod Security level of the operator's namespace admits it (no warning), and
+    // two replicas run: one leads and serves xDS.
+    assert!(
+        !String::from_utf8_lossy(&applied.stderr).contains("PodSecurity"),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let leader = realnode::operator_ready(&client, "llmroute-system", 2).await;
+
+    // Simulators, keys and the route.
+    let ns = TestNamespace::new("rn").await;
+    let sims = Sims::start(&ns, &client).await;
+    ns.apply(&key_secret("openai-key", OPENAI_KEY));
+    ns.apply(&key_secret("zhipu-key", ZHIPU_KEY));
+    ns.apply(&chat_route(&ns.name));
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    wait_programmed(&routes, "chat", "2/2 gateway replicas serve generation 1").await;
+    let (ready, _, _) = condition(&routes, "chat", "Ready").await.unwrap();
+    assert_eq!(ready, "True");
+
+    // The gateway Pods as the kubelet runs them: both containers up, as uid 101 with the
+    // certificate's key readable (fsGroup), not restarted.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let gateways = node::ready_pods(&client, &ns.name, GATEWAY_PODS, 2).await;
+    for (name, _) in &gateways {
+        let pod = pods.get(name).await.unwrap();
+        let statuses = pod.status.unwrap().container_statuses.unwrap();
+        let mut names: Vec<&str> = statuses.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["envoy", "shutdown-manager"]);
+        assert!(
+            statuses.iter().all(|s| s.ready && s.restart_count == 0),
+            "{statuses:?}"
+        );
+    }
+
+    // A workload with the OpenAI SDK: a chat completion and a stream, by cluster DNS.
+    realnode::start_workload(&ns, "first", &["once"]).await;
+    let results =
+        realnode::workload_results(&client, &ns.name, "first", Duration::from_secs(120)).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0]["status"], 200, "{results:?}");
+    assert_eq!(results[0]["backend"], "openai");
+    assert_eq!(results[0]["model"], "gpt-4o-mini");
+    assert_eq!(results[1]["kind"], "stream");
+    assert_eq!(results[1]["status"], 200, "{results:?}");
+    assert!(results[1]["chunks"].as_u64().unwrap() >= 2, "{results:?}");
+    // The provider got its key from the gateway, never the route's.
+    let auth = sims.authorizations(OPENAI_ADMIN).await;
+    assert!(
+        !auth.is_empty() && auth.iter().all(|a| a == &format!("Bearer {OPENAI_KEY}")),
+        "{auth:?}"
+    );
+
+    // OpenAI starts refusing the region while a workload sends a request every 100 ms: every
+    // request is answered (the next one by Zhipu, within the same request), the route moves off
+    // OpenAI and says why.
+    realnode::start_workload(&ns, "during-block", &["loop", "60", "0.1"]).await;
+    eventually(Duration::from_secs(60), "the loop workload running", || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("during-block").await.ok()?;
+            (p.status?.phase? == "Running").then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sims.set_fault(OPENAI_ADMIN, "region-blocked").await;
+    let results =
+        realnode::workload_results(&client, &ns.name, "during-block", Duration::from_secs(120))
+            .await;
+    let failed: Vec<&serde_json::Value> = results.iter().filter(|r| r["status"] != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed during the region block: {failed:?}"
+    );
+    let backends: Vec<&str> = results
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends.first(), Some(&"openai"), "{backends:?}");
+    assert_eq!(backends.last(), Some(&"zhipu"), "{backends:?}");
+    eventually(
+        Duration::from_secs(30),
+        "status: zhipu active, openai RegionBlocked",
+        || {
+            let routes = routes.clone();
+            async move {
+                let s = routes.get("chat").await.ok()?.status?;
+                let openai = s.backends.iter().find(|b| b.name == "openai")?;
+                (s.active_backend.as_deref() == Some("zhipu") && openai.state == "RegionBlocked")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Key rotation: the new key reaches every replica (each asked directly) without a restart.
+    let key = realnode::route_key(&client, &ns.name, "chat").await;
+    sims.set_keys(ZHIPU_ADMIN, &[ZHIPU_KEY, "zk-realnode-2"])
+        .await;
+    sims.admin(ZHIPU_ADMIN, "DELETE", "/requests", None).await;
+    ns.apply(&key_secret("zhipu-key", "zk-realnode-2"));
+    for (name, ip) in &gateways {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{name} to use the rotated key"),
+            || {
+                let (addr, key, sims) = (format!("{ip}:8080"), key.clone(), &sims);
+                async move {
+                    sims.admin(ZHIPU_ADMIN, "DELETE", "/requests", None).await;
+                    let (status, backend) = realnode::chat_via(&addr, "chat", &key).await;
+                    let auth = sims.authorizations(ZHIPU_ADMIN).await;
+                    (status == 200 && backend == "zhipu" && auth == ["Bearer zk-realnode-2"])
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    sims.set_keys(ZHIPU_ADMIN, &["zk-realnode-2"]).await;
+    assert_eq!(
+        realnode::chat_via(&format!("{}:8080", gateways[0].1), "chat", &key)
+            .await
+            .0,
+        200
+    );
+
+    // A gateway Pod deleted under load: its preStop drains it, the other replica takes the new
+    // connections, and the Deployment replaces it. No request fails.
+    let service = node::service_ip(&client, &ns.name, "llmroute-gateway").await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(realnode::load(
+        format!("{service}:8080"),
+        "chat",
+        key.clone(),
+        4,
+        stopped,
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let victim = gateways[0].0.clone();
+    pods.delete(&victim, &DeleteParams::default())
+        .await
+        .unwrap();
+    // The drain lasts at least 10 s; load runs through it and the replacement's start.
+    let replaced = Instant::now();
+    let new_pods = eventually(
+        Duration::from_secs(120),
+        "a replacement gateway Pod ready",
+        || {
+            let (client, ns, victim) = (client.clone(), ns.name.clone(), victim.clone());
+            async move {
+                let pods: Api<Pod> = Api::namespaced(client, &ns);
+                let list = pods
+                    .list(&ListParams::default().labels(GATEWAY_PODS))
+                    .await
+                    .ok()?;
+                let ready: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.metadata.name.as_deref() != Some(&victim)
+                            && p.metadata.deletion_timestamp.is_none()
+                    })
+                    .filter(|p| {
+                        p.status.as_ref().is_some_and(|s| {
+                            s.conditions
+                                .iter()
+                                .flatten()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                    })
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect();
+                (ready.len() == 2).then_some(ready)
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(replaced.elapsed())).await;
+    stop.send_replace(true);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed while a gateway Pod was deleted: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "too few requests under load: {ok}");
+    assert!(!new_pods.contains(&victim));
+    wait_programmed(&routes, "chat", "2/2 gateway replicas serve generation 1").await;
+
+    // The leader goes away: the standby takes over, the gateways reconnect to it, status stands,
+    // and an edit is served by the new leader.
+    let operators: Api<Pod> = Api::namespaced(client.clone(), "llmroute-system");
+    operators
+        .delete(&leader, &DeleteParams::default())
+        .await
+        .unwrap();
+    let new_leader = eventually(Duration::from_secs(120), "a new leader", || {
+        let client = client.clone();
+        let leader = leader.clone();
+        async move {
+            let l = realnode::operator_ready(&client, "llmroute-system", 2).await;
+            (l != leader).then_some(l)
+        }
+    })
+    .await;
+    let patch = serde_json::json!({ "spec": { "backends": [
+        { "name": "openai", "provider": "openai", "endpoint": format!("https://openai-sim.{}.svc/v1", ns.name),
+          "credentialsSecretRef": { "name": "openai-key", "key": "api-key" }, "models": { "gpt-4o": "gpt-4o-mini", "gpt-4o-mini": "gpt-4o-mini" } },
+        { "name": "zhipu", "provider": "zhipu", "priority": 1, "endpoint": format!("https://zhipu-sim.{}.svc/api/paas/v4", ns.name),
+          "credentialsSecretRef": { "name": "zhipu-key", "key": "api-key" }, "models": { "gpt-4o": "glm-4-flash" } },
+    ] } });
+    routes
+        .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_programmed(&routes, "chat", "2/2 gateway replicas serve generation 2").await;
+    let log = node::logs(&client, "llmroute-system", &new_leader, "operator").await;
+    assert!(
+        log.contains("gateway connected"),
+        "the new leader serves the gateways:\n{log}"
+    );
+
+    // Nothing of any key in the operators' or gateways' logs, the ConfigMap, status or events.
+    let mut haystack = String::new();
+    for p in operators.list(&ListParams::default()).await.unwrap() {
+        haystack.push_str(
+            &node::logs(
+                &client,
+                "llmroute-system",
+                &p.metadata.name.unwrap(),
+                "operator",
+            )
+            .await,
+        );
+    }
+    for p in pods
+        .list(&ListParams::default().labels(GATEWAY_PODS))
+        .await
+        .unwrap()
+    {
+        let name = p.metadata.name.unwrap();
+        haystack.push_str(&node::logs(&client, &ns.name, &name, "envoy").await);
+        haystack.push_str(&node::logs(&client, &ns.name, &name, "shutdown-manager").await);
+    }
+    haystack.push_str(&c.kubectl_ok(&[
+        "get",
+        "configmaps,events,llmroutes",
+        "-n",
+        &ns.name,
+        "-o",
+        "yaml",
+    ]));
+    assert!(haystack.len() > 10_000, "{}", haystack.len());
+    for secret in [OPENAI_KEY, ZHIPU_KEY, "zk-realnode-2", key.as_str()] {
+        assert!(
+            !haystack.contains(secret),
+            "a key appeared in logs, ConfigMaps, status or events"
+        );
+    }
+
+    drop(ns);
+    realnode::uninstall_kustomize(c, &overlay).await;
+}
+
+/// `helm install` with a provider CA in a ConfigMap, first with an Envoy image that does not exist:
+/// the route says which gateway Pod cannot start and why; `helm upgrade` to the right image, and
+/// workloads are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_installs_with_helm_and_a_broken_gateway_image_is_named_in_status() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    node::node();
+    node::images(env!("CARGO_BIN_EXE_llmroute"));
+    let c = cluster();
+    let client = c.client().await;
+    let helm = support::tools::helm();
+    let release_ns = "llmroute-helm";
+    // The chart installs the CRD (crds.install): one that another installation left must go first.
+    let _ = c.kubectl(&[
+        "delete",
+        "crd",
+        "llmroutes.llmroute.io",
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    let _ = c.kubectl(&["create", "namespace", release_ns]);
+    let ca = std::env::temp_dir().join(format!("llmroute-realnode-ca-{}.crt", std::process::id()));
+    std::fs::write(&ca, &realnode::sim_ca().ca_pem).unwrap();
+    let _ = c.kubectl(&[
+        "create",
+        "configmap",
+        "provider-ca",
+        "-n",
+        release_ns,
+        &format!("--from-file=ca.crt={}", ca.display()),
+    ]);
+    let chart = support::envoy::repo_root().join("deploy/helm/llmroute");
+    let helm_run = |args: &[&str]| {
+        let out = std::process::Command::new(&helm)
+            .args(args)
+            .env("KUBECONFIG", c.kubeconfig())
+            .output()
+            .expect("run helm");
+        assert!(
+            out.status.success(),
+            "helm {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (repo, tag) = OPERATOR_IMAGE.rsplit_once(':').unwrap();
+    let common = [
+        "--namespace",
+        release_ns,
+        "--set",
+        &format!("image.repository={repo}"),
+        "--set",
+        &format!("image.tag={tag}"),
+        "--set",
+        "upstreamCA.configMap=provider-ca",
+        "--set",
+        "replicaCount=1",
+    ];
+    let mut install = vec!["install", "llmroute", chart.to_str().unwrap()];
+    install.extend(common);
+    install.extend([
+        "--set",
+        "gateway.envoyImage=localhost/llmroute/no-such-envoy:1",
+    ]);
+    helm_run(&install);
+    realnode::operator_ready(&client, release_ns, 1).await;
+
+    let ns = TestNamespace::new("rnhelm").await;
+    let _sims = Sims::start(&ns, &client).await;
+    ns.apply(&key_secret("openai-key", OPENAI_KEY));
+    ns.apply(&key_secret("zhipu-key", ZHIPU_KEY));
+    ns.apply(&chat_route(&ns.name));
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    let (_, reason, message) = eventually(
+        Duration::from_secs(120),
+        "the broken image named in status",
+        || {
+            let routes = routes.clone();
+            async move {
+                let (status, reason, message) = condition(&routes, "chat", "Programmed").await?;
+                (status == "False" && message.contains("ImagePull"))
+                    .then_some((status, reason, message))
+            }
+        },
+    )
+    .await;
+    assert_eq!(reason, "GatewayPending");
+    assert!(message.contains("container envoy is"), "{message}");
+    assert_eq!(
+        condition(&routes, "chat", "Ready").await.unwrap().0,
+        "False"
+    );
+
+    let mut upgrade = vec!["upgrade", "llmroute", chart.to_str().unwrap()];
+    upgrade.extend(common);
+    helm_run(&upgrade);
+    wait_programmed(&routes, "chat", "2/2 gateway replicas serve generation 1").await;
+    realnode::start_workload(&ns, "helm-workload", &["once"]).await;
+    let results =
+        realnode::workload_results(&client, &ns.name, "helm-workload", Duration::from_secs(120))
+            .await;
+    assert!(results.iter().all(|r| r["status"] == 200), "{results:?}");
+    assert_eq!(results.len(), 2);
+
+    drop(ns);
+    helm_run(&["uninstall", "llmroute", "--namespace", release_ns, "--wait"]);
+    let _ = c.kubectl(&["delete", "namespace", release_ns, "--wait=false"]);
+    let _ = std::fs::remove_file(&ca);
+}
