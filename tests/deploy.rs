@@ -133,16 +133,24 @@ fn kustomize_applied() -> &'static String {
         let (workload, rest): (Vec<Value>, Vec<Value>) = docs
             .into_iter()
             .partition(|d| d["kind"] == "Deployment" || d["kind"] == "PodDisruptionBudget");
-        let list = |items: Vec<Value>| json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string();
+        let list = |items: Vec<Value>| {
+            json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string()
+        };
         let out = c.kubectl_as(&c.kubeconfig(), &["apply", "-f", "-"], Some(&list(rest)));
-        let mut stdout = stdout_of(out, "kubectl apply (the kustomize base without the operator's Pods)");
+        let mut stdout = stdout_of(
+            out,
+            "kubectl apply (the kustomize base without the operator's Pods)",
+        );
         let out = c.kubectl_as(
             &c.kubeconfig(),
             &["apply", "--dry-run=server", "-f", "-"],
             Some(&list(workload)),
         );
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        stdout.push_str(&stdout_of(out, "kubectl apply --dry-run=server (the operator's Deployment)"));
+        stdout.push_str(&stdout_of(
+            out,
+            "kubectl apply --dry-run=server (the operator's Deployment)",
+        ));
         // The namespace warns about (and enforces) the `restricted` Pod Security level.
         assert!(
             !stderr.contains("PodSecurity"),

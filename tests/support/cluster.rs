@@ -3,9 +3,9 @@
 //!
 //! - `LLMROUTE_TEST_CLUSTER=DIR` (set by `scripts/test` / `.ci/run`): use the control plane already
 //!   running in DIR.
-//! - otherwise: start (or reuse) one in `target/testcluster`, under a file lock so that parallel test
-//!   binaries share it. It is left running for the next run; `scripts/testcluster down target/testcluster`
-//!   stops it.
+//! - otherwise: start (or reuse) one in `target/testcluster`, with its real node (`--node`), under a
+//!   file lock so that parallel test binaries share it. It is left running for the next run;
+//!   `scripts/testcluster down target/testcluster` stops it.
 //!
 //! If the control plane cannot be had, tests fail loudly: they never skip.
 
@@ -49,6 +49,7 @@ pub fn cluster() -> &'static TestCluster {
         let out = Command::new(repo_root().join("scripts/testcluster"))
             .arg("up")
             .arg(&dir)
+            .arg("--node")
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .output()
