@@ -43,3 +43,39 @@ pub fn machine() -> String {
         mem_kib as f64 / 1024.0 / 1024.0
     )
 }
+
+/// The operator's writes as the API server counted them: mutating requests on the kinds it writes.
+pub async fn operator_writes(client: &kube::Client) -> u64 {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.expect("apiserver /metrics");
+    let mut total = 0u64;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("")
+        };
+        let mutating = matches!(label("verb"), "POST" | "PUT" | "PATCH" | "APPLY");
+        let ours = matches!(
+            (label("group"), label("resource"), label("subresource")),
+            ("", "configmaps" | "secrets" | "services", "")
+                | ("apps", "deployments", "")
+                | ("policy", "poddisruptionbudgets", "")
+                | ("discovery.k8s.io", "endpointslices", "")
+                | ("llmroute.io", "llmroutes", _)
+                | ("events.k8s.io", "events", _)
+        );
+        if mutating && ours {
+            total += line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+    }
+    total
+}
