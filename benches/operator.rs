@@ -1,29 +1,29 @@
-//! Operator benchmark on the real test control plane: 1,000 LLMRoutes (3 backends each) across 50
-//! namespaces, from operator start to every route Ready=True. Prints the time, the API writes the
-//! operator made (from the API server's own request metrics), the operator's peak RSS, and the writes
-//! of a 60 s steady state. Prints figures; asserts nothing.
+//! Operator benchmark on the real node: 1,000 LLMRoutes (3 backends each) across 50 namespaces, then
+//! the operator installed as a user does (`kubectl apply -k`, two replicas, this build's binary as
+//! its image; one gateway replica per namespace, `--gateway-replicas=1`: 50 gateway Pods), until every
+//! route is Ready, which now means its gateway Pod serves it. Prints the time, the API writes the
+//! operator made (its own `llmroute_api_writes_total`), its peak memory, and the writes of a 60 s
+//! steady state. Prints figures; asserts nothing.
 //!
-//!   cargo bench --bench operator                         # starts a control plane in target/testcluster-bench
-//!   LLMROUTE_TEST_CLUSTER=DIR cargo bench --bench operator   # uses a running one
+//!   cargo bench --bench operator         (root: the real node; builds the images from the release binary)
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use llmroute::api::LLMRoute;
+use support::cluster::cluster;
+use support::node;
+use support::realnode;
 
 const NAMESPACES: usize = 50;
 const ROUTES: usize = 1000;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn route(i: usize) -> serde_json::Value {
     serde_json::json!({
@@ -41,63 +41,99 @@ fn route(i: usize) -> serde_json::Value {
 }
 
 mod common;
-use common::{operator_writes, peak_rss_kib};
+use common::peak_rss_kib;
+
+/// The leader's `/metrics` (the operator Pod whose metrics show reconciles), read from the node's
+/// network.
+async fn leader_metrics(client: &kube::Client) -> String {
+    for _ in 0..60 {
+        let pods = node::ready_pods(
+            client,
+            "llmroute-system",
+            "app.kubernetes.io/component=operator",
+            2,
+        )
+        .await;
+        for (_, ip) in pods {
+            let url = format!("http://{ip}:9090/metrics");
+            let text = node::in_node(move || async move {
+                llmroute_devkit::tls::http_client()
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()
+            })
+            .await
+            .unwrap_or_default();
+            if text.contains("llmroute_reconciles_total{") {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("no operator replica reports reconciles");
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The pids of the operator's processes (the node shares this machine's process table).
+fn operator_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .starts_with("/usr/local/bin/llmroute\0run")
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
 
 #[tokio::main]
 async fn main() {
-    let cluster = match std::env::var_os("LLMROUTE_TEST_CLUSTER") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let dir = root().join("target/testcluster-bench");
-            let ok = Command::new(root().join("scripts/testcluster"))
-                .arg("up")
-                .arg(&dir)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "scripts/testcluster up failed");
-            dir
-        }
-    };
-    let kubeconfig = cluster.join("kubeconfig");
-    let config = Config::from_custom_kubeconfig(
-        Kubeconfig::read_from(&kubeconfig).unwrap(),
-        &KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    let client = Client::try_from(config).unwrap();
-    let kubectl = cluster.join("bin/kubectl");
-    let crds = root().join("crds");
-    assert!(
-        Command::new(&kubectl)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["apply", "--server-side", "-f"])
-            .arg(&crds)
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        Command::new(&kubectl)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args([
-                "wait",
-                "--for=condition=established",
-                "crd/llmroutes.llmroute.io"
-            ])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let c = cluster();
+    node::node();
+    node::images(env!("CARGO_BIN_EXE_llmroute"));
+    let client = c.client().await;
+    println!("machine: {}", common::machine());
+    c.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        support::envoy::repo_root().join("crds").to_str().unwrap(),
+    ]);
+    // No operator of an earlier run: it would reconcile the routes before the measurement.
+    let overlay = realnode::overlay(&["--gateway-replicas=1", "--default-region=cn"]);
+    realnode::uninstall_kustomize(c, &overlay).await;
+    let overlay = realnode::overlay(&["--gateway-replicas=1", "--default-region=cn"]);
+    c.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        support::envoy::repo_root().join("crds").to_str().unwrap(),
+    ]);
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "crd/llmroutes.llmroute.io",
+    ]);
 
-    // Earlier runs' namespaces must be gone: while they terminate, other clients write (garbage
-    // collector, namespace controller) and an operator would reconcile their routes.
-    let ns_list: Api<Namespace> = Api::all(client.clone());
+    // Earlier runs' namespaces must be gone.
+    let ns_api: Api<Namespace> = Api::all(client.clone());
     let wait_start = Instant::now();
-    while ns_list
+    while ns_api
         .list(&ListParams::default())
         .await
         .unwrap()
@@ -131,7 +167,6 @@ async fn main() {
         "creating {NAMESPACES} namespaces, {} Secrets and {ROUTES} LLMRoutes ...",
         NAMESPACES * 3
     );
-    let ns_api: Api<Namespace> = Api::all(client.clone());
     for ns in &namespaces {
         ns_api
             .create(
@@ -174,27 +209,11 @@ async fn main() {
         .collect::<Vec<_>>()
         .await;
 
-    let writes_before = operator_writes(&client).await;
-    let log = std::fs::File::create(root().join("target/bench-operator.log")).unwrap();
     let start = Instant::now();
-    let mut op = Command::new(root().join("target/release/llmroute"))
-        .args([
-            "run",
-            "--leader-elect=false",
-            "--default-region",
-            "cn",
-            "--log-level",
-            "warn",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start target/release/llmroute (build it with cargo build --release)");
-    let pid = op.id();
+    c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
     let routes: Api<LLMRoute> = Api::all(client.clone());
     let mut ready = 0;
-    while start.elapsed() < Duration::from_secs(300) {
+    while start.elapsed() < Duration::from_secs(600) {
         let list = routes.list(&ListParams::default()).await.unwrap();
         ready = list
             .items
@@ -220,38 +239,47 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = start.elapsed();
-    let writes_converge = operator_writes(&client).await - writes_before;
-    let rss_converge = peak_rss_kib(Some(pid));
+    let metrics = leader_metrics(&client).await;
+    let writes = metric(&metrics, "llmroute_api_writes_total");
+    let rss: Vec<u64> = operator_pids()
+        .into_iter()
+        .map(|p| peak_rss_kib(Some(p)))
+        .collect();
     println!(
-        "machine: {} cores; test control plane on the same machine",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
-    println!(
-        "{ROUTES} LLMRoutes x 3 backends in {NAMESPACES} namespaces: {ready} Ready=True after {:.1} s (target <= 20 s)",
+        "{ROUTES} LLMRoutes x 3 backends in {NAMESPACES} namespaces (one gateway Pod each), operator as 2 Pods: \
+         {ready} Ready=True (served by their gateway Pod) {:.1} s after kubectl apply -k (target <= 20 s before \
+         Ready meant served)",
         elapsed.as_secs_f64()
     );
     println!(
-        "  API writes by the operator: {writes_converge} ({:.1} per route)",
-        writes_converge as f64 / ROUTES as f64
+        "  API writes by the operator: {writes} ({:.1} per route); xDS resources pushed: {}",
+        writes / ROUTES as f64,
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("llmroute_xds_pushes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
     );
     println!(
-        "  operator peak RSS: {:.1} MiB (target <= 100 MB)",
-        rss_converge as f64 / 1024.0
+        "  operator peak RSS: {:.1} MiB (the leader; the standby {:.1} MiB; target <= 100 MB)",
+        rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        rss.iter().copied().min().unwrap_or(0) as f64 / 1024.0
     );
-
-    let steady_start = operator_writes(&client).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let steady_start = metric(&leader_metrics(&client).await, "llmroute_api_writes_total");
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let steady = operator_writes(&client).await - steady_start;
+    let steady = metric(&leader_metrics(&client).await, "llmroute_api_writes_total") - steady_start;
+    let rss: Vec<u64> = operator_pids()
+        .into_iter()
+        .map(|p| peak_rss_kib(Some(p)))
+        .collect();
     println!(
         "  steady state, 60 s: {steady} writes (target 0); peak RSS now {:.1} MiB",
-        peak_rss_kib(Some(pid)) as f64 / 1024.0
+        rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0
     );
 
-    let _ = op.kill();
-    let _ = op.wait();
     for ns in &namespaces {
         let _ = ns_api.delete(ns, &Default::default()).await;
     }
+    realnode::uninstall_kustomize(c, &overlay).await;
 }

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// Writes to the API server (server-side applies, status patches, events).
+    pub api_writes: Counter,
     pub config_revisions: Family<NamespaceLabels, Counter>,
     /// 1 for a backend's current state, one series per (route, backend, state) seen; states
     /// left are set to 0. Set through [`Metrics::set_backend_state`].
@@ -130,6 +132,12 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time to reconcile a namespace",
             reconcile_duration.clone(),
+        );
+        let api_writes = Counter::default();
+        registry.register(
+            "api_writes",
+            "Writes the operator made to the API server (server-side applies, status patches, events); 0 in a steady state",
+            api_writes.clone(),
         );
         let config_revisions = Family::<NamespaceLabels, Counter>::default();
         registry.register(
@@ -207,6 +215,7 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             reconcile_duration,
+            api_writes,
             config_revisions,
             backend_state,
             route_condition,

@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use llmroute::api::LLMRoute;
 use support::cluster::{TestNamespace, cluster, eventually};
 use support::node::{self, OPERATOR_IMAGE};
@@ -191,8 +191,9 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
         200
     );
 
-    // A gateway Pod deleted under load: its preStop drains it, the other replica takes the new
-    // connections, and the Deployment replaces it. No request fails.
+    // A gateway Pod evicted under load (as a node drain does): its preStop drains it, the other
+    // replica takes the new connections, and the Deployment replaces it. No request fails; the
+    // PodDisruptionBudget refuses to evict the other replica meanwhile.
     let service = node::service_ip(&client, &ns.name, "llmroute-gateway").await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(realnode::load(
@@ -204,9 +205,13 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     ));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = gateways[0].0.clone();
-    pods.delete(&victim, &DeleteParams::default())
+    pods.evict(&victim, &EvictParams::default())
         .await
-        .unwrap();
+        .expect("the first gateway Pod may be evicted");
+    match pods.evict(&gateways[1].0, &EvictParams::default()).await {
+        Err(kube::Error::Api(s)) if s.code == 429 => {}
+        other => panic!("the budget let both gateway Pods go: {other:?}"),
+    }
     // The drain lasts at least 10 s; load runs through it and the replacement's start.
     let replaced = Instant::now();
     let new_pods = eventually(
@@ -247,7 +252,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     let (ok, failed) = load.await.unwrap();
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed while a gateway Pod was deleted: {:?}",
+        "{} of {} requests failed while a gateway Pod was evicted: {:?}",
         failed.len(),
         ok as usize + failed.len(),
         &failed[..failed.len().min(5)]

@@ -9,12 +9,13 @@
 --   status or the Ready condition older than the spec       -> Progressing (observedGeneration behind)
 --   Ready True                                              -> Healthy; when Degraded is True too the
 --                                                              message says it serves from a fallback
---   Ready False, reason KeysPropagating (transient)         -> Progressing
+--   Ready False, reason GatewayPending or Propagating        -> Progressing (the gateway's replicas
+--                                                              are starting or loading it)
 --   Ready False, any other reason (InvalidSpec, SecretNotFound, NoEligibleBackend, ...)
 --                                                           -> Degraded: it needs a change to serve
 --   Ready Unknown                                           -> Progressing
 
-local TRANSIENT_REASONS = { KeysPropagating = true }
+local TRANSIENT_REASONS = { GatewayPending = true, Propagating = true }
 
 local function condition(conditions, type_)
   if conditions == nil then return nil end

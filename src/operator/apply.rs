@@ -12,16 +12,27 @@ use serde_json::Value;
 /// Field manager of every write.
 pub const FIELD_MANAGER: &str = "llmroute";
 
-/// Counts the writes the operator makes (benchmarks and the steady-state test read it).
+/// Counts the writes the operator makes (tests read it; the metric `llmroute_api_writes_total`
+/// reports the same once [`WriteCounter::report_to`] linked it).
 #[derive(Debug, Default)]
-pub struct WriteCounter(AtomicU64);
+pub struct WriteCounter {
+    count: AtomicU64,
+    metric: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
+}
 
 impl WriteCounter {
     pub fn add(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metric.get() {
+            m.inc();
+        }
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
+    }
+    /// Counts every write in `metric` too (the first call wins).
+    pub fn report_to(&self, metric: prometheus_client::metrics::counter::Counter) {
+        let _ = self.metric.set(metric);
     }
 }
 

@@ -126,6 +126,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    writes.report_to(opts.metrics.api_writes.clone());
     let gateway_events = xds.server.subscribe();
     let (prober, changes) = match Prober::new(&opts.prober, opts.metrics.clone()) {
         Ok(p) => p,
