@@ -41,63 +41,6 @@ fn route(i: usize) -> serde_json::Value {
 }
 
 mod common;
-use common::peak_rss_kib;
-
-/// The leader's `/metrics` (the operator Pod whose metrics show reconciles), read from the node's
-/// network.
-async fn leader_metrics(client: &kube::Client) -> String {
-    for _ in 0..60 {
-        let pods = node::ready_pods(
-            client,
-            "llmroute-system",
-            "app.kubernetes.io/component=operator",
-            2,
-        )
-        .await;
-        for (_, ip) in pods {
-            let url = format!("http://{ip}:9090/metrics");
-            let text = node::in_node(move || async move {
-                llmroute_devkit::tls::http_client()
-                    .get(url)
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()
-            })
-            .await
-            .unwrap_or_default();
-            if text.contains("llmroute_reconciles_total{") {
-                return text;
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("no operator replica reports reconciles");
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The pids of the operator's processes (the node shares this machine's process table).
-fn operator_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmd)
-                .starts_with("/usr/local/bin/llmroute\0run")
-                .then(|| e.file_name().to_str()?.parse().ok())
-                .flatten()
-        })
-        .collect()
-}
 
 #[tokio::main]
 async fn main() {
@@ -106,29 +49,12 @@ async fn main() {
     node::images(env!("CARGO_BIN_EXE_llmroute"));
     let client = c.client().await;
     println!("machine: {}", common::machine());
-    c.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        support::envoy::repo_root().join("crds").to_str().unwrap(),
-    ]);
+    realnode::apply_crds(c);
     // No operator of an earlier run: it would reconcile the routes before the measurement.
     let overlay = realnode::overlay(&["--gateway-replicas=1", "--default-region=cn"]);
     realnode::uninstall_kustomize(c, &overlay).await;
     let overlay = realnode::overlay(&["--gateway-replicas=1", "--default-region=cn"]);
-    c.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        support::envoy::repo_root().join("crds").to_str().unwrap(),
-    ]);
-    c.kubectl_ok(&[
-        "wait",
-        "--for=condition=established",
-        "crd/llmroutes.llmroute.io",
-    ]);
+    realnode::apply_crds(c);
 
     // Earlier runs' namespaces must be gone.
     let ns_api: Api<Namespace> = Api::all(client.clone());
@@ -209,6 +135,7 @@ async fn main() {
         .collect::<Vec<_>>()
         .await;
 
+    let mark = c.audit_mark();
     let start = Instant::now();
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
     let routes: Api<LLMRoute> = Api::all(client.clone());
@@ -239,11 +166,11 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = start.elapsed();
-    let metrics = leader_metrics(&client).await;
-    let writes = metric(&metrics, "llmroute_api_writes_total");
-    let rss: Vec<u64> = operator_pids()
-        .into_iter()
-        .map(|p| peak_rss_kib(Some(p)))
+    let metrics = realnode::operator_metrics(&client, "llmroute_reconciles_total{").await;
+    let writes = realnode::metric(&metrics, "llmroute_api_writes_total");
+    let rss: Vec<u64> = realnode::operator_memory()
+        .iter()
+        .map(|m| m.peak_kib)
         .collect();
     println!(
         "{ROUTES} LLMRoutes x 3 backends in {NAMESPACES} namespaces (one gateway Pod each), operator as 2 Pods: \
@@ -251,9 +178,11 @@ async fn main() {
          Ready meant served)",
         elapsed.as_secs_f64()
     );
+    let audited = realnode::operator_writes(c, &mark).len();
     println!(
-        "  API writes by the operator: {writes} ({:.1} per route); xDS resources pushed: {}",
-        writes / ROUTES as f64,
+        "  API writes by the operator: {audited} in the audit log, {writes} by its own count ({:.1} per route); \
+         xDS resources pushed: {}",
+        audited as f64 / ROUTES as f64,
         metrics
             .lines()
             .filter(|l| l.starts_with("llmroute_xds_pushes_total{"))
@@ -266,16 +195,21 @@ async fn main() {
         rss.iter().copied().min().unwrap_or(0) as f64 / 1024.0
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let steady_start = metric(&leader_metrics(&client).await, "llmroute_api_writes_total");
+    let mark = c.audit_mark();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let steady = metric(&leader_metrics(&client).await, "llmroute_api_writes_total") - steady_start;
-    let rss: Vec<u64> = operator_pids()
-        .into_iter()
-        .map(|p| peak_rss_kib(Some(p)))
+    let steady = realnode::operator_writes(c, &mark);
+    let rss: Vec<u64> = realnode::operator_memory()
+        .iter()
+        .map(|m| m.peak_kib)
         .collect();
     println!(
-        "  steady state, 60 s: {steady} writes (target 0); peak RSS now {:.1} MiB",
-        rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0
+        "  steady state, 60 s: {} writes (audit log; target 0); peak RSS now {:.1} MiB{}",
+        steady.len(),
+        rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        steady
+            .iter()
+            .map(|w| format!("\n    {w}"))
+            .collect::<String>()
     );
 
     for ns in &namespaces {

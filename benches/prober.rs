@@ -69,7 +69,7 @@ async fn main() {
     let metrics = Arc::new(Metrics::new());
     let (prober, mut changes) =
         Prober::new(&ProberOptions::default(), metrics.clone()).expect("prober");
-    let rss_before = common::peak_rss_kib(None);
+    let rss_before = common::peak_rss_kib();
     let started = Instant::now();
     prober.sync_namespace("bench", targets);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -120,7 +120,7 @@ async fn main() {
     );
     println!(
         "  peak RSS (prober + simulator in one process): {:.1} MiB (before probing {:.1} MiB)",
-        common::peak_rss_kib(None) as f64 / 1024.0,
+        common::peak_rss_kib() as f64 / 1024.0,
         rss_before as f64 / 1024.0
     );
 }

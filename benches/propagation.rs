@@ -100,29 +100,6 @@ async fn first_answer(addrs: &[String], route: &str, key: &str) -> bool {
     false
 }
 
-/// VmRSS and VmHWM (KiB) of the operator processes on this machine (the node shares its process
-/// table): the largest of each.
-fn operator_memory() -> (u64, u64) {
-    let mut best = (0, 0);
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if !cmd.starts_with("/usr/local/bin/llmroute run") {
-            continue;
-        }
-        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        best = (best.0.max(field("VmRSS:")), best.1.max(field("VmHWM:")));
-    }
-    best
-}
-
 #[tokio::main]
 async fn main() {
     let c = cluster();
@@ -130,13 +107,9 @@ async fn main() {
     node::images(env!("CARGO_BIN_EXE_llmroute"));
     let client = c.client().await;
     println!("machine: {}", common::machine());
-    c.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        support::envoy::repo_root().join("crds").to_str().unwrap(),
-    ]);
+    realnode::apply_crds(c);
+    // No operator of an earlier run: its rollout would overlap the measurement.
+    realnode::uninstall_kustomize(c, &realnode::overlay(&[])).await;
     let overlay = realnode::overlay(&[]);
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
     realnode::operator_ready(&client, "llmroute-system", 2).await;
@@ -205,21 +178,27 @@ async fn main() {
     );
     summary("route created -> every replica answers", &mut every, "");
 
-    // A reorder by a spec edit (openai first, then zhipu first, and back).
-    let mut reorder = Vec::new();
-    for i in 0..TRIALS {
-        let zhipu_first = i % 2 == 0;
+    // A reorder by a spec edit (zhipu first, then openai first, and so on), ending with openai first.
+    let order = |zhipu_first: bool| {
         let (p_openai, p_zhipu) = if zhipu_first { (1, 0) } else { (0, 1) };
-        let patch = serde_json::json!({ "spec": { "backends": [
+        serde_json::json!({ "spec": { "backends": [
             { "name": "openai", "provider": "openai", "priority": p_openai, "endpoint": format!("https://openai-sim.{}.svc/v1", ns.name),
               "credentialsSecretRef": { "name": "openai-key", "key": "api-key" }, "models": { "gpt-4o": "gpt-4o-mini" } },
             { "name": "zhipu", "provider": "zhipu", "priority": p_zhipu, "endpoint": format!("https://zhipu-sim.{}.svc/api/paas/v4", ns.name),
               "credentialsSecretRef": { "name": "zhipu-key", "key": "api-key" }, "models": { "gpt-4o": "glm-4-flash" } },
-        ] } });
+        ] } })
+    };
+    let mut reorder = Vec::new();
+    for i in 0..TRIALS.next_multiple_of(2) {
+        let zhipu_first = i % 2 == 0;
         let head = if zhipu_first { "zhipu" } else { "openai" };
         let t0 = Instant::now();
         routes
-            .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                "chat",
+                &PatchParams::default(),
+                &Patch::Merge(&order(zhipu_first)),
+            )
             .await
             .unwrap();
         reorder.push(
@@ -411,44 +390,9 @@ async fn main() {
     );
 
     // The operator's own figure, its memory, and a steady state.
-    let metrics = eventually(Duration::from_secs(30), "the leader's metrics", || {
-        let client = client.clone();
-        async move {
-            let pods = node::ready_pods(
-                &client,
-                "llmroute-system",
-                "app.kubernetes.io/component=operator",
-                2,
-            )
-            .await;
-            for (_, ip) in pods {
-                let url = format!("http://{ip}:9090/metrics");
-                let text = node::in_node(move || async move {
-                    llmroute_devkit::tls::http_client()
-                        .get(url)
-                        .send()
-                        .await
-                        .ok()?
-                        .text()
-                        .await
-                        .ok()
-                })
-                .await?;
-                if text.contains("llmroute_xds_propagation_seconds_count") {
-                    return Some(text);
-                }
-            }
-            None
-        }
-    })
-    .await;
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let metrics =
+        realnode::operator_metrics(&client, "llmroute_xds_propagation_seconds_count").await;
+    let value = |name: &str| realnode::metric(&metrics, name);
     let (count, sum) = (
         value("llmroute_xds_propagation_seconds_count"),
         value("llmroute_xds_propagation_seconds_sum"),
@@ -457,11 +401,20 @@ async fn main() {
         "  operator: publish -> every connected replica acknowledged: mean {:.1} ms over {count} changes",
         if count > 0.0 { sum / count * 1e3 } else { 0.0 }
     );
-    let writes_before = common::operator_writes(&client).await;
+    let mark = c.audit_mark();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let steady = common::operator_writes(&client).await - writes_before;
-    let (rss, hwm) = operator_memory();
-    println!("  steady state, 60 s: {steady} API writes by the operator (target 0)");
+    let steady = realnode::operator_writes(c, &mark);
+    let memory = realnode::operator_memory();
+    let rss = memory.iter().map(|m| m.rss_kib).max().unwrap_or(0);
+    let hwm = memory.iter().map(|m| m.peak_kib).max().unwrap_or(0);
+    println!(
+        "  steady state, 60 s: {} API writes by the operator (audit log; target 0){}",
+        steady.len(),
+        steady
+            .iter()
+            .map(|w| format!("\n    {w}"))
+            .collect::<String>()
+    );
     println!(
         "  operator memory: RSS {:.1} MiB, peak {:.1} MiB",
         rss as f64 / 1024.0,

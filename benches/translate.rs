@@ -100,7 +100,7 @@ fn main() {
         let ads = envoy::ads_config(&t.gateway, &opts, &keys_of(t), None);
         Snapshot::next(previous, ads.resources, ads.routes).expect("valid configuration")
     };
-    let rss_before = peak_rss_kib(None);
+    let rss_before = peak_rss_kib();
 
     // Warm-up, then timed iterations of a full build (every resource encoded).
     let first = snapshot(&gateway::translate("bench", &routes, &facts), None);
@@ -127,7 +127,7 @@ fn main() {
         std::hint::black_box(next);
     }
     changes.sort();
-    let rss_after = peak_rss_kib(None);
+    let rss_after = peak_rss_kib();
     let start = Instant::now();
     let t = gateway::translate("bench", &routes, &facts);
     let translate_only = start.elapsed();

@@ -484,9 +484,22 @@ fn backend_status(
     }
 }
 
-/// Whether two statuses differ in anything but timestamps that only move on change.
+/// Whether `new` says something `old` does not. The time and latency of the last probe alone are
+/// no reason to write: probes that change nothing must not cost a write per route and probe
+/// interval (they are refreshed whenever the status changes otherwise; metrics count every probe).
 pub fn status_changed(old: Option<&LLMRouteStatus>, new: &LLMRouteStatus) -> bool {
-    old != Some(new)
+    let Some(old) = old else {
+        return true;
+    };
+    let without_probe_times = |s: &LLMRouteStatus| {
+        let mut s = s.clone();
+        for b in &mut s.backends {
+            b.last_probe_time = None;
+            b.last_probe_latency_ms = None;
+        }
+        s
+    };
+    without_probe_times(old) != without_probe_times(new)
 }
 
 #[cfg(test)]
@@ -520,6 +533,34 @@ mod tests {
             observed_generation: Some(7),
             last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
         }
+    }
+
+    #[test]
+    fn a_probe_alone_is_no_reason_to_write_status() {
+        let backend = |state: &str, at: i64, latency: u32| BackendStatus {
+            name: "openai".into(),
+            state: state.into(),
+            reason: Some("Active".into()),
+            message: None,
+            last_probe_time: time_of(at as u64),
+            last_probe_latency_ms: Some(latency),
+            last_transition_time: time_of(1_000),
+        };
+        let status = |b: BackendStatus| LLMRouteStatus {
+            observed_generation: Some(1),
+            backends: vec![b],
+            ..Default::default()
+        };
+        let old = status(backend("Healthy", 5_000, 40));
+        assert!(!status_changed(
+            Some(&old),
+            &status(backend("Healthy", 9_000, 55))
+        ));
+        assert!(status_changed(
+            Some(&old),
+            &status(backend("RateLimited", 9_000, 55))
+        ));
+        assert!(status_changed(None, &old));
     }
 
     #[test]

@@ -25,6 +25,7 @@ const QIANFAN_KEY: &str = "bce-v3/qianfan-test-key-77aa";
 
 struct Running {
     writes: Arc<WriteCounter>,
+    metrics: Arc<llmroute::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     stop_xds: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -34,6 +35,16 @@ struct Running {
 }
 
 impl Running {
+    /// Reconciles finished so far (`llmroute_reconciles_total`, any result).
+    fn reconciles(&self) -> u64 {
+        self.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("llmroute_reconciles_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -107,6 +118,7 @@ async fn start_operator(ns: &TestNamespace, gw: &Gateway, xds_port: u16) -> Runn
         identity: "test".into(),
         ..Default::default()
     };
+    let metrics = opts.metrics.clone();
     let writes = Arc::new(WriteCounter::default());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let xds_port = xds.local_addr.port();
@@ -122,6 +134,7 @@ async fn start_operator(ns: &TestNamespace, gw: &Gateway, xds_port: u16) -> Runn
     ));
     Running {
         writes,
+        metrics,
         stop: Some(tx),
         stop_xds: Some(stop_xds),
         task,
@@ -461,6 +474,71 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     );
     assert_eq!(models(route_key).await, 200);
     op2.stop().await;
+}
+
+/// The reconciler translates a whole namespace whichever route it is given: a change that concerns
+/// every route of a namespace costs one reconcile, not one per route, and the status the operator
+/// writes does not wake it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_change_costs_one_reconcile_however_many_routes() {
+    const ROUTES: usize = 12;
+    let ns = TestNamespace::new("once").await;
+    ns.cluster().install_crds();
+    let client = ns.cluster().client().await;
+    let gw = Gateway::new();
+    let op = start_operator(&ns, &gw, 0).await;
+    ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
+    let names: Vec<String> = (0..ROUTES).map(|i| format!("r{i:02}")).collect();
+    for name in &names {
+        ns.apply(&format!(
+            r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: {name} }}
+spec:
+  region: cn
+  policy: {{ healthCheck: {{ enabled: false }} }}
+  backends:
+    - name: zhipu
+      provider: zhipu
+      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-plus }}
+"#
+        ));
+    }
+    let _envoy = gw.start(&ns).await;
+    let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
+    for name in &names {
+        wait_condition(&routes, name, "Ready", "True").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The Secret every route uses goes away: every route's status changes.
+    let (reconciles, writes) = (op.reconciles(), op.writes.get());
+    ns.cluster()
+        .kubectl_ok(&["-n", &ns.name, "delete", "secret", "zhipu-key"]);
+    for name in &names {
+        let r = wait_condition(&routes, name, "ResolvedRefs", "False").await;
+        assert_eq!(condition(&r, "ResolvedRefs").unwrap().1, "SecretNotFound");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (reconciles, writes) = (op.reconciles() - reconciles, op.writes.get() - writes);
+    println!("{ROUTES} routes changed by one Secret: {reconciles} reconciles, {writes} writes");
+    // One for the Secret; the gateway's acknowledgement of the new configuration may wake one
+    // more. Before, each route and each status write woke a reconcile of the namespace.
+    assert!(reconciles <= 3, "{reconciles} reconciles");
+    assert!(writes >= ROUTES as u64, "{writes} writes");
+
+    // And nothing after that.
+    let (reconciles, writes) = (op.reconciles(), op.writes.get());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        op.reconciles(),
+        reconciles,
+        "reconciles while nothing changes"
+    );
+    assert_eq!(op.writes.get(), writes, "writes while nothing changes");
+    op.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,10 +534,11 @@ pub struct BackendStatus {
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// When the backend was last probed.
+    /// When the backend was last probed, as of the status's last change: a probe that changes
+    /// nothing does not rewrite status (the llmroute_probes_total metric counts every probe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe_time: Option<Time>,
-    /// Latency of the last probe, in milliseconds.
+    /// Latency of that probe, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe_latency_ms: Option<u32>,
     /// When `state` last changed.

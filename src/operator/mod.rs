@@ -9,7 +9,7 @@ pub mod xds;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -17,7 +17,7 @@ use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
@@ -104,13 +104,19 @@ fn drop_managed_fields<K: kube::Resource>(obj: &mut K) {
 }
 
 /// Routes of a namespace, as controller triggers.
-fn routes_in(store: &Store<LLMRoute>, ns: &str) -> Vec<ObjectRef<LLMRoute>> {
+/// The route that stands for its namespace in the controller's queue: the reconciler translates a
+/// whole namespace whichever of its routes it is given, so every trigger of a namespace names the
+/// same route (the first by name) and the queue merges them into one reconcile.
+fn namespace_route(store: &Store<LLMRoute>, ns: &str) -> Option<Arc<LLMRoute>> {
     store
         .state()
-        .iter()
+        .into_iter()
         .filter(|r| r.namespace().as_deref() == Some(ns))
-        .map(|r| ObjectRef::from_obj(r.as_ref()))
-        .collect()
+        .min_by(|a, b| a.name_any().cmp(&b.name_any()))
+}
+
+fn namespace_ref(store: &Store<LLMRoute>, ns: &str) -> Option<ObjectRef<LLMRoute>> {
+    namespace_route(store, ns).map(|r| ObjectRef::from_obj(r.as_ref()))
 }
 
 /// Runs the controller until `shutdown` resolves, serving the gateways' configuration through `xds`.
@@ -175,7 +181,22 @@ pub async fn run(
         }
         _ => {}
     })
-    .touched_objects();
+    .touched_objects()
+    // What the operator writes itself (status) changes neither generation, labels nor
+    // annotations: its own writes do not wake it.
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        Default::default(),
+    )
+    .map_ok({
+        let routes = routes.clone();
+        move |route| {
+            let ns = route.namespace().unwrap_or_default();
+            namespace_route(&routes, &ns).map_or(route, |r| r.as_ref().clone())
+        }
+    });
     let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
         .default_backoff()
         .modify(drop_managed_fields)
@@ -259,7 +280,7 @@ pub async fn run(
         futures::stream::unfold(changes, |mut rx| async move {
             rx.recv().await.map(|ns| (ns, rx))
         })
-        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
     };
 
     let after_deletion = {
@@ -267,7 +288,7 @@ pub async fn run(
         futures::stream::unfold(deleted, |mut rx| async move {
             rx.recv().await.map(|ns| (ns, rx))
         })
-        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
     };
     // So does a change of what its gateway replicas serve (connected, acknowledged, rejected).
     let gateways_changed = {
@@ -275,12 +296,18 @@ pub async fn run(
         futures::stream::unfold(gateway_events, |mut rx| async move {
             rx.recv().await.map(|ns| (ns, rx))
         })
-        .filter_map(move |ns| std::future::ready(routes_in(&routes, &ns).into_iter().next()))
+        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
     };
 
-    let by_ns = {
+    // The gateway's objects and Pods stand for their namespace.
+    let gateway_object = {
         let routes = routes.clone();
-        move |ns: Option<String>| ns.map(|ns| routes_in(&routes, &ns)).unwrap_or_default()
+        move |name: Option<String>, ns: Option<String>| {
+            if name.is_some_and(|n| n != GATEWAY_NAME) {
+                return None;
+            }
+            namespace_ref(&routes, &ns?)
+        }
     };
     let secret_mapper = {
         let routes = routes.clone();
@@ -293,28 +320,27 @@ pub async fn run(
                     .get("app.kubernetes.io/managed-by")
                     .map(String::as_str)
                     == Some("llmroute");
-            routes
-                .state()
-                .iter()
-                .filter(|r| r.namespace().as_deref() == Some(ns.as_str()))
-                .filter(|r| {
-                    owned
-                        || r.spec.backends.iter().any(|b| {
+            let referenced = || {
+                routes.state().iter().any(|r| {
+                    r.namespace().as_deref() == Some(ns.as_str())
+                        && r.spec.backends.iter().any(|b| {
                             b.credentials_secret_ref
                                 .as_ref()
                                 .is_some_and(|s| s.name == name)
                         })
                 })
-                .map(|r| ObjectRef::from_obj(r.as_ref()))
-                .collect::<Vec<_>>()
+            };
+            (owned || referenced())
+                .then(|| namespace_ref(&routes, &ns))
+                .flatten()
         }
     };
-    let (m1, m2, m3, m4, m5) = (
-        by_ns.clone(),
-        by_ns.clone(),
-        by_ns.clone(),
-        by_ns.clone(),
-        by_ns,
+    let (g1, g2, g3, g4, g5) = (
+        gateway_object.clone(),
+        gateway_object.clone(),
+        gateway_object.clone(),
+        gateway_object.clone(),
+        gateway_object,
     );
     Controller::for_stream(route_stream, routes)
         .reconcile_on(probed)
@@ -322,34 +348,19 @@ pub async fn run(
         .reconcile_on(after_deletion)
         .watches_stream(secret_stream, secret_mapper)
         .watches_stream(cm_stream, move |o: ConfigMap| {
-            if o.name_any() == GATEWAY_NAME {
-                m1(o.namespace())
-            } else {
-                vec![]
-            }
+            g1(Some(o.name_any()), o.namespace())
         })
         .watches_stream(dep_stream, move |o: Deployment| {
-            if o.name_any() == GATEWAY_NAME {
-                m2(o.namespace())
-            } else {
-                vec![]
-            }
+            g2(Some(o.name_any()), o.namespace())
         })
         .watches_stream(svc_stream, move |o: Service| {
-            if o.name_any() == GATEWAY_NAME {
-                m3(o.namespace())
-            } else {
-                vec![]
-            }
+            g3(Some(o.name_any()), o.namespace())
         })
         .watches_stream(pdb_stream, move |o: PodDisruptionBudget| {
-            if o.name_any() == GATEWAY_NAME {
-                m4(o.namespace())
-            } else {
-                vec![]
-            }
+            g4(Some(o.name_any()), o.namespace())
         })
-        .watches_stream(pod_stream, move |o: Pod| m5(o.namespace()))
+        // Every Pod of the stream is a gateway Pod (label selector), whatever its name.
+        .watches_stream(pod_stream, move |o: Pod| g5(None, o.namespace()))
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
         .with_config(kube::runtime::controller::Config::default().concurrency(8))

@@ -28,6 +28,42 @@ pub struct TestCluster {
     pub dir: PathBuf,
 }
 
+/// A place in the API server's audit log.
+pub struct AuditMark(u64);
+
+/// One write the API server's audit log recorded.
+#[derive(Clone, Debug)]
+pub struct AuditedWrite {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The HTTP status the API server answered.
+    pub code: u64,
+}
+
+impl std::fmt::Display for AuditedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            String::new()
+        } else {
+            format!(".{}", self.group)
+        };
+        let sub = if self.subresource.is_empty() {
+            String::new()
+        } else {
+            format!("/{}", self.subresource)
+        };
+        write!(
+            f,
+            "{} {}{group}{sub} {}/{} -> {}",
+            self.verb, self.resource, self.namespace, self.name, self.code
+        )
+    }
+}
+
 /// The shared control plane, started on first use.
 pub fn cluster() -> &'static TestCluster {
     static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
@@ -122,6 +158,53 @@ impl TestCluster {
     /// `kubectl apply -f -` with `yaml`.
     pub fn apply_yaml(&self, yaml: &str) -> Output {
         self.kubectl_as(&self.kubeconfig(), &["apply", "-f", "-"], Some(yaml))
+    }
+
+    /// The current end of the API server's audit log (`scripts/testcluster` starts kube-apiserver
+    /// with one that records every write): where [`TestCluster::writes_since`] starts reading.
+    pub fn audit_mark(&self) -> AuditMark {
+        let path = self.dir.join("audit.log");
+        let len = std::fs::metadata(&path)
+            .map(|m| m.len())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}; a cluster started by an older scripts/testcluster has no audit log: \
+                 run `scripts/testcluster down {}` and start it again",
+                    path.display(),
+                    self.dir.display()
+                )
+            });
+        AuditMark(len)
+    }
+
+    /// The writes (create, update, patch, delete) `user` made since `mark`, as the API server's
+    /// audit log recorded them: a count independent of the client's own figures.
+    pub fn writes_since(&self, mark: &AuditMark, user: &str) -> Vec<AuditedWrite> {
+        let text = std::fs::read(self.dir.join("audit.log")).unwrap_or_default();
+        // A rotated log starts again from the beginning.
+        let from = if (mark.0 as usize) <= text.len() {
+            mark.0 as usize
+        } else {
+            0
+        };
+        String::from_utf8_lossy(&text[from..])
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
+            .map(|e| {
+                let field = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+                let object = &e["objectRef"];
+                AuditedWrite {
+                    verb: field(&e["verb"]),
+                    group: field(&object["apiGroup"]),
+                    resource: field(&object["resource"]),
+                    subresource: field(&object["subresource"]),
+                    namespace: field(&object["namespace"]),
+                    name: field(&object["name"]),
+                    code: e["responseStatus"]["code"].as_u64().unwrap_or(0),
+                }
+            })
+            .collect()
     }
 
     /// Mints a kubeconfig for a non-admin identity (client certificate signed by the cluster CA).

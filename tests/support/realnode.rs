@@ -10,13 +10,16 @@ use kube::api::{Api, DeleteParams};
 use llmroute::api::LLMRoute;
 use llmroute_devkit::tls::TestCa;
 
-use super::cluster::{TestCluster, TestNamespace, eventually};
+use super::cluster::{AuditMark, AuditedWrite, TestCluster, TestNamespace, eventually};
 use super::envoy::repo_root;
 use super::node::{self, OPENAI_IMAGE, SIM_IMAGE};
 
 /// The provider keys the simulators accept at first.
 pub const OPENAI_KEY: &str = "sk-realnode-openai-1";
 pub const ZHIPU_KEY: &str = "zk-realnode-1";
+
+/// The operator's identity as `deploy/` installs it (its ServiceAccount).
+pub const OPERATOR_USER: &str = "system:serviceaccount:llmroute-system:llmroute";
 
 /// The CA of the simulators' certificates: what the operator is told to trust (`--upstream-ca-file`).
 pub fn sim_ca() -> &'static TestCa {
@@ -26,7 +29,8 @@ pub fn sim_ca() -> &'static TestCa {
 
 /// A kustomize overlay of `deploy/` (in `target/`, so that it names the base by a relative path),
 /// as a user with a private CA for a provider writes it: the CA in a ConfigMap, mounted into the
-/// operator, `--upstream-ca-file` pointing at it.
+/// operator, `--upstream-ca-file` pointing at it. The ConfigMap's name carries kustomize's content
+/// hash, so a new CA rolls the operator's Pods (the operator reads the file when it starts).
 pub fn overlay(extra_args: &[&str]) -> PathBuf {
     let dir = repo_root().join(format!("target/realnode-overlay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -48,8 +52,6 @@ configMapGenerator:
   - name: llmroute-upstream-ca
     namespace: llmroute-system
     files: [ca.crt]
-generatorOptions:
-  disableNameSuffixHash: true
 patches:
   - target: {{ group: apps, version: v1, kind: Deployment, name: llmroute-operator }}
     patch: |-
@@ -469,4 +471,100 @@ pub async fn uninstall_kustomize(c: &TestCluster, dir: &Path) {
         "--timeout=120s",
     ]);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `kubectl apply -f crds/` as a user does it (server-side, so that a re-run takes the fields over),
+/// then waits until the API server serves LLMRoutes.
+pub fn apply_crds(c: &TestCluster) {
+    c.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        repo_root().join("crds").to_str().unwrap(),
+    ]);
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "crd/llmroutes.llmroute.io",
+    ]);
+}
+
+/// The `/metrics` of the operator replica (in `llmroute-system`) whose text contains `needle`, read
+/// from the node's network: the leader's shows reconciles and xDS figures, a standby's does not.
+pub async fn operator_metrics(client: &kube::Client, needle: &str) -> String {
+    eventually(Duration::from_secs(60), "the leader's metrics", || {
+        let (client, needle) = (client.clone(), needle.to_string());
+        async move {
+            let pods = node::ready_pods(
+                &client,
+                "llmroute-system",
+                "app.kubernetes.io/component=operator",
+                2,
+            )
+            .await;
+            for (_, ip) in pods {
+                let url = format!("http://{ip}:9090/metrics");
+                let text = node::in_node(move || async move {
+                    let response = llmroute_devkit::tls::http_client().get(url).send().await;
+                    response.ok()?.text().await.ok()
+                })
+                .await;
+                if let Some(text) = text.filter(|t| t.contains(&needle)) {
+                    return Some(text);
+                }
+            }
+            None
+        }
+    })
+    .await
+}
+
+/// The value of the first sample of a Prometheus text exposition whose line starts with `name`
+/// (0 when there is none).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Memory of one operator process, KiB, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorMemory {
+    pub rss_kib: u64,
+    pub peak_kib: u64,
+}
+
+/// The memory of each operator process on this machine (the node shares its process table), the
+/// leader's and the standby's.
+pub fn operator_memory() -> Vec<OperatorMemory> {
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            cmdline.starts_with(b"/usr/local/bin/llmroute\0run")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .map(|status| OperatorMemory {
+            rss_kib: field(&status, "VmRSS:"),
+            peak_kib: field(&status, "VmHWM:"),
+        })
+        .collect()
+}
+
+/// The operator's writes since `mark` as the API server's audit log recorded them, its leader
+/// Lease renewals aside.
+pub fn operator_writes(c: &TestCluster, mark: &AuditMark) -> Vec<AuditedWrite> {
+    let mut writes = c.writes_since(mark, OPERATOR_USER);
+    writes.retain(|w| w.resource != "leases");
+    writes
 }
