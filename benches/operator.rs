@@ -166,7 +166,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = start.elapsed();
-    let metrics = realnode::operator_metrics(&client, "llmroute_reconciles_total{").await;
+    let leader = realnode::operator_ready(&client, "llmroute-system", 2).await;
+    let metrics = realnode::operator_metrics(&client, &leader).await;
     let writes = realnode::metric(&metrics, "llmroute_api_writes_total");
     let rss: Vec<u64> = realnode::operator_memory()
         .iter()

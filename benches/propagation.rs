@@ -112,7 +112,7 @@ async fn main() {
     realnode::uninstall_kustomize(c, &realnode::overlay(&[])).await;
     let overlay = realnode::overlay(&[]);
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
-    realnode::operator_ready(&client, "llmroute-system", 2).await;
+    let leader = realnode::operator_ready(&client, "llmroute-system", 2).await;
 
     let ns = TestNamespace::new("prop").await;
     let sims = Sims::start(&ns, &client).await;
@@ -390,8 +390,7 @@ async fn main() {
     );
 
     // The operator's own figure, its memory, and a steady state.
-    let metrics =
-        realnode::operator_metrics(&client, "llmroute_xds_propagation_seconds_count").await;
+    let metrics = realnode::operator_metrics(&client, &leader).await;
     let value = |name: &str| realnode::metric(&metrics, name);
     let (count, sum) = (
         value("llmroute_xds_propagation_seconds_count"),
@@ -401,6 +400,29 @@ async fn main() {
         "  operator: publish -> every connected replica acknowledged: mean {:.1} ms over {count} changes",
         if count > 0.0 { sum / count * 1e3 } else { 0.0 }
     );
+    // Steady state once the trials' after-effects are over: the new namespaces gone, the chat
+    // route back on OpenAI (its failback delay).
+    eventually(Duration::from_secs(180), "the trials settled", || {
+        let (client, ns) = (client.clone(), ns.name.clone());
+        async move {
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+            let list = namespaces.list(&Default::default()).await.ok()?;
+            let cold = list.items.iter().any(|n| {
+                n.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("t-prop-cold-"))
+            });
+            let chat = Api::<LLMRoute>::namespaced(client, &ns)
+                .get("chat")
+                .await
+                .ok()?;
+            let back = chat.status?.active_backend.as_deref() == Some("openai");
+            (!cold && back).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let mark = c.audit_mark();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let steady = realnode::operator_writes(c, &mark);

@@ -490,31 +490,20 @@ pub fn apply_crds(c: &TestCluster) {
     ]);
 }
 
-/// The `/metrics` of the operator replica (in `llmroute-system`) whose text contains `needle`, read
-/// from the node's network: the leader's shows reconciles and xDS figures, a standby's does not.
-pub async fn operator_metrics(client: &kube::Client, needle: &str) -> String {
-    eventually(Duration::from_secs(60), "the leader's metrics", || {
-        let (client, needle) = (client.clone(), needle.to_string());
+/// The `/metrics` of the operator Pod `pod` (in `llmroute-system`; the leader's shows the
+/// reconciles and the xDS figures), read from the node's network.
+pub async fn operator_metrics(client: &kube::Client, pod: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "llmroute-system");
+    eventually(Duration::from_secs(60), "the operator's metrics", || {
+        let pods = pods.clone();
         async move {
-            let pods = node::ready_pods(
-                &client,
-                "llmroute-system",
-                "app.kubernetes.io/component=operator",
-                2,
-            )
-            .await;
-            for (_, ip) in pods {
-                let url = format!("http://{ip}:9090/metrics");
-                let text = node::in_node(move || async move {
-                    let response = llmroute_devkit::tls::http_client().get(url).send().await;
-                    response.ok()?.text().await.ok()
-                })
-                .await;
-                if let Some(text) = text.filter(|t| t.contains(&needle)) {
-                    return Some(text);
-                }
-            }
-            None
+            let ip = pods.get(pod).await.ok()?.status?.pod_ip?;
+            let url = format!("http://{ip}:9090/metrics");
+            node::in_node(move || async move {
+                let response = llmroute_devkit::tls::http_client().get(url).send().await;
+                response.ok()?.text().await.ok()
+            })
+            .await
         }
     })
     .await
