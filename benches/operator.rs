@@ -2,8 +2,8 @@
 //! the operator installed as a user does (`kubectl apply -k`, two replicas, this build's binary as
 //! its image; one gateway replica per namespace, `--gateway-replicas=1`: 50 gateway Pods), until every
 //! route is Ready, which now means its gateway Pod serves it. Prints the time, the API writes the
-//! operator made (its own `llmroute_api_writes_total`), its peak memory, and the writes of a 60 s
-//! steady state. Prints figures; asserts nothing.
+//! operator made (the API server's audit log, and its own `llmroute_api_writes_total`), its peak
+//! memory, and the writes of a 60 s steady state. Prints figures; asserts nothing.
 //!
 //!   cargo bench --bench operator         (root: the real node; builds the images from the release binary)
 

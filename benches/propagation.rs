@@ -9,7 +9,7 @@
 //! - a probe result (a region block): from the fault until every replica routes around the provider;
 //! - a new namespace: from its first route until its gateway Pods answer (they start);
 //! - the operator's own measure of publish → every replica acknowledged (`llmroute_xds_propagation_seconds`),
-//!   API writes in a 60 s steady state, and the operator's memory.
+//!   its API writes in a 60 s steady state (counted by the API server's audit log), and its memory.
 //!
 //!   cargo bench --bench propagation        (needs root: the real node; builds the images)
 
