@@ -47,6 +47,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     node::images(env!("CARGO_BIN_EXE_llmroute"));
     let c = cluster();
     let client = c.client().await;
+    realnode::clean_slate(c);
 
     // Install as a user does.
     realnode::apply_crds(c);
@@ -202,9 +203,23 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     pods.evict(&victim, &EvictParams::default())
         .await
         .expect("the first gateway Pod may be evicted");
-    match pods.evict(&gateways[1].0, &EvictParams::default()).await {
+    let no_retries: Api<Pod> = Api::namespaced(c.client_without_retries().await, &ns.name);
+    match no_retries
+        .evict(&gateways[1].0, &EvictParams::default())
+        .await
+    {
         Err(kube::Error::Api(s)) if s.code == 429 => {}
-        other => panic!("the budget let both gateway Pods go: {other:?}"),
+        other => panic!(
+            "the budget let both gateway Pods go: {other:?}\n{}\n{}",
+            String::from_utf8_lossy(
+                &c.kubectl(&["get", "pods,replicasets", "-n", &ns.name, "-o", "wide"])
+                    .stdout
+            ),
+            String::from_utf8_lossy(
+                &c.kubectl(&["get", "pdb", "-n", &ns.name, "-o", "yaml"])
+                    .stdout
+            )
+        ),
     }
     // The drain lasts at least 10 s; load runs through it and the replacement's start.
     let replaced = Instant::now();
@@ -352,17 +367,9 @@ async fn a_user_installs_with_helm_and_a_broken_gateway_image_is_named_in_status
     node::images(env!("CARGO_BIN_EXE_llmroute"));
     let c = cluster();
     let client = c.client().await;
+    realnode::clean_slate(c);
     let helm = support::tools::helm();
     let release_ns = "llmroute-helm";
-    // The chart installs the CRD (crds.install): one that another installation left must go first.
-    let _ = c.kubectl(&[
-        "delete",
-        "crd",
-        "llmroutes.llmroute.io",
-        "--ignore-not-found",
-        "--wait=true",
-        "--timeout=120s",
-    ]);
     let _ = c.kubectl(&["create", "namespace", release_ns]);
     let ca = std::env::temp_dir().join(format!("llmroute-realnode-ca-{}.crt", std::process::id()));
     std::fs::write(&ca, &realnode::sim_ca().ca_pem).unwrap();

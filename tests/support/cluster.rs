@@ -227,6 +227,14 @@ impl TestCluster {
         client_for(&self.kubeconfig()).await
     }
 
+    /// An admin client that returns the API server's answer as it is: kube's client otherwise
+    /// retries a 429 (an eviction the PodDisruptionBudget refuses, for one) until it passes.
+    pub async fn client_without_retries(&self) -> Client {
+        let mut config = config_for(&self.kubeconfig()).await;
+        config.default_retry = false;
+        Client::try_from(config).expect("kube client")
+    }
+
     /// Installs the CRDs from `crds/` and waits until they are established.
     pub fn install_crds(&self) {
         let crds = repo_root().join("crds");
@@ -248,11 +256,14 @@ impl TestCluster {
 
 /// A kube client for a kubeconfig file.
 pub async fn client_for(kubeconfig: &Path) -> Client {
+    Client::try_from(config_for(kubeconfig).await).expect("kube client")
+}
+
+async fn config_for(kubeconfig: &Path) -> Config {
     let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .expect("kube config");
-    Client::try_from(config).expect("kube client")
+        .expect("kube config")
 }
 
 /// A namespace of its own for one test, deleted when dropped.

@@ -473,6 +473,35 @@ pub async fn uninstall_kustomize(c: &TestCluster, dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Removes what an earlier installation left in the shared test cluster, so that this one starts as
+/// on a fresh cluster: `tests/deploy.rs` applies the kustomize base (without its Pods) and leaves it,
+/// and a failed test here leaves its install. Helm refuses to adopt objects it did not create (the
+/// chart installs the CRD too), and a second operator would fight this one over the gateways. The
+/// CRD goes as well, and with it every LLMRoute other tests left: a namespace being deleted keeps its
+/// objects until its gateway Pods' grace period has passed, and the operator under test would
+/// otherwise go on reconciling (and writing the status of) routes it was never meant to see.
+pub fn clean_slate(c: &TestCluster) {
+    for args in [
+        &["delete", "crd", "llmroutes.llmroute.io"][..],
+        &["delete", "namespace", "llmroute-system", "llmroute-helm"][..],
+        &[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "llmroute-operator",
+        ][..],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--ignore-not-found", "--wait=true", "--timeout=180s"]);
+        let out = c.kubectl(&args);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// `kubectl apply -f crds/` as a user does it (server-side, so that a re-run takes the fields over),
 /// then waits until the API server serves LLMRoutes.
 pub fn apply_crds(c: &TestCluster) {
