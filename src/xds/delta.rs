@@ -149,6 +149,11 @@ pub enum Serving {
 pub struct Acks {
     pending: HashMap<String, Pending>,
     acked: HashMap<&'static str, HashMap<String, Acked>>,
+    /// Versions the gateway reported having when it (re)connected. Kept as reported, not matched
+    /// against the snapshot of that moment: a gateway often reconnects to a restarted operator
+    /// before its first snapshot exists, and what it already has is then never sent (so never
+    /// acknowledged) again. An acknowledgement of the same name supersedes it.
+    held: HashMap<&'static str, HashMap<String, String>>,
     /// (type, name) → Envoy's error, until a newer version of it is acknowledged.
     rejected: BTreeMap<(&'static str, String), String>,
 }
@@ -193,6 +198,9 @@ impl Acks {
                 }
                 for name in p.removed {
                     acked.remove(&name);
+                    if let Some(held) = self.held.get_mut(p.type_url) {
+                        held.remove(&name);
+                    }
                     self.rejected.remove(&(p.type_url, name));
                 }
                 Answer::Ack
@@ -216,26 +224,27 @@ impl Acks {
         }
     }
 
-    /// Versions a reconnecting gateway reported: those equal to the snapshot's count as acknowledged.
-    pub fn initial(
-        &mut self,
-        type_url: &'static str,
-        versions: &HashMap<String, String>,
-        snapshot: Option<&Snapshot>,
-    ) {
-        for (name, version) in versions {
-            if let Some(entry) = snapshot.and_then(|s| s.entry(type_url, name))
-                && &entry.version == version
-            {
-                self.acked.entry(type_url).or_default().insert(
-                    name.clone(),
-                    Acked {
-                        version: version.clone(),
-                        since: entry.since,
-                    },
-                );
-            }
+    /// Versions a reconnecting gateway reported: those equal to a snapshot's (this one or a later
+    /// one) count as acknowledged.
+    pub fn initial(&mut self, type_url: &'static str, versions: &HashMap<String, String>) {
+        self.held
+            .entry(type_url)
+            .or_default()
+            .extend(versions.iter().map(|(n, v)| (n.clone(), v.clone())));
+    }
+
+    /// `since` of what the gateway has loaded of `name`, when that is `entry`'s content or was
+    /// acknowledged: the last acknowledgement, else the version it reported on connecting if that
+    /// is the current one.
+    fn loaded_since(&self, t: &'static str, name: &str, entry: &Entry) -> Option<u64> {
+        if let Some(a) = self.acked.get(t).and_then(|m| m.get(name)) {
+            return Some(a.since);
         }
+        self.held
+            .get(t)
+            .and_then(|m| m.get(name))
+            .filter(|v| **v == entry.version)
+            .map(|_| entry.since)
     }
 
     /// Whether responses are waiting for an answer.
@@ -257,10 +266,8 @@ impl Acks {
             };
             let needed = route.since.min(entry.since);
             let ok = self
-                .acked
-                .get(t)
-                .and_then(|m| m.get(name))
-                .is_some_and(|a| a.since >= needed);
+                .loaded_since(t, name, entry)
+                .is_some_and(|since| since >= needed);
             current &= ok;
         }
         if current {
@@ -273,12 +280,12 @@ impl Acks {
     /// Whether every resource of `snapshot` is acknowledged at its current version.
     pub fn has_all(&self, snapshot: &Snapshot) -> bool {
         snapshot.resources.iter().all(|(t, entries)| {
-            entries.iter().all(|(n, e)| {
-                self.acked
-                    .get(t)
-                    .and_then(|m| m.get(n))
-                    .is_some_and(|a| a.version == e.version)
-            })
+            entries
+                .iter()
+                .all(|(n, e)| match self.acked.get(t).and_then(|m| m.get(n)) {
+                    Some(a) => a.version == e.version,
+                    None => self.loaded_since(t, n, e).is_some(),
+                })
         })
     }
 }
@@ -378,8 +385,52 @@ mod tests {
         );
         assert_eq!(u.removed, ["gone"]);
         let mut acks = Acks::default();
-        acks.initial(api::CLUSTER, &have, Some(&s));
+        acks.initial(api::CLUSTER, &have);
         assert!(!acks.has_all(&s));
+    }
+
+    /// A gateway that reconnects to a restarted operator before its first snapshot exists: what it
+    /// reported having is never sent again, and it counts as loaded once a snapshot has it.
+    #[test]
+    fn a_gateway_that_reconnects_before_the_first_snapshot_serves_what_it_has() {
+        let s1 = snapshot(
+            None,
+            &[("front", "1s"), ("ra", "1s")],
+            &[("a", "A", &["front", "ra"])],
+        );
+        let have: HashMap<String, String> = ["front", "ra"]
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    s1.entry(api::CLUSTER, n).unwrap().version.clone(),
+                )
+            })
+            .collect();
+        let mut st = TypeState::default();
+        let mut acks = Acks::default();
+        st.subscribe(api::CLUSTER, true, &[], &[]);
+        st.initial_versions(&have);
+        acks.initial(api::CLUSTER, &have);
+        // The snapshot comes afterwards: nothing to send, and the route is served.
+        assert!(st.diff(s1.resources.get(api::CLUSTER)).is_empty());
+        assert_eq!(acks.serving(&s1.routes["a"], &s1), Serving::Current);
+        assert!(acks.has_all(&s1));
+        // A later change of one resource is pending until acknowledged.
+        let s2 = snapshot(
+            Some(&s1),
+            &[("front", "1s"), ("ra", "2s")],
+            &[("a", "A2", &["front", "ra"])],
+        );
+        let u = st.diff(s2.resources.get(api::CLUSTER));
+        assert_eq!(u.resources.len(), 1);
+        st.mark_sent(&u);
+        acks.sent("n1", api::CLUSTER, &u);
+        assert_eq!(acks.serving(&s2.routes["a"], &s2), Serving::Pending);
+        assert!(!acks.has_all(&s2));
+        assert_eq!(acks.answer("n1", None), Answer::Ack);
+        assert_eq!(acks.serving(&s2.routes["a"], &s2), Serving::Current);
+        assert!(acks.has_all(&s2));
     }
 
     #[test]

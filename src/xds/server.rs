@@ -463,8 +463,7 @@ impl GatewayStream {
         );
         if !m.initial_resource_versions.is_empty() {
             state.initial_versions(&m.initial_resource_versions);
-            let snapshot = self.snapshot.borrow().clone();
-            self.with_acks(|a| a.initial(t, &m.initial_resource_versions, snapshot.as_deref()));
+            self.with_acks(|a| a.initial(t, &m.initial_resource_versions));
             self.server.event(&self.ns);
         }
         self.push(t).await
