@@ -394,6 +394,168 @@ async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback()
     }
 }
 
+/// The front listener's access-log lines of `route`'s chat completions.
+fn access_log_of(log: &str, route: &str) -> Vec<serde_json::Value> {
+    let prefix = format!("/{route}/v1/chat/completions");
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .filter(|v| v["path"].as_str().is_some_and(|p| p.starts_with(&prefix)))
+        .collect()
+}
+
+fn tokens(line: &serde_json::Value, kind: &str) -> Option<u64> {
+    line[kind].as_f64().map(|n| n as u64)
+}
+
+/// Token usage of every answer, whole or streamed, reaches the access log exactly as the provider
+/// reported it. A stream whose client asked for no usage is asked for it where the provider takes
+/// `stream_options` (OpenAI), and the extra chunk is hidden from that client; a client that asked
+/// gets it; a provider not known to take `stream_options` (Zhipu here) gets the request unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_s_token_usage_is_read_streamed_or_not() {
+    let mut s = Stack::start("dp-usage", "us").await;
+    let openai = s
+        .sim_with(
+            SimConfig::new(SimProvider::OpenAI)
+                .key("o-key-0001")
+                .stream(4, Duration::from_millis(5))
+                .record(true),
+        )
+        .await;
+    let zhipu = s
+        .sim_with(
+            SimConfig::new(SimProvider::Zhipu)
+                .key("z-key-0001")
+                .stream(4, Duration::from_millis(5))
+                .record(true),
+        )
+        .await;
+    s.ns.apply(&key_secret("openai-key", "o-key-0001"));
+    s.ns.apply(&key_secret("zhipu-key", "z-key-0001"));
+    s.ns.apply(&route(
+        "metered",
+        "",
+        &[backend("openai", "openai", &openai, "gpt-4o-mini", "")],
+    ));
+    s.ns.apply(&route(
+        "glm",
+        "",
+        &[backend("zhipu", "zhipu", &zhipu, "glm-4-flash", "")],
+    ));
+    let w = s.serve("metered").await;
+    let g = s.serve("glm").await;
+
+    const REQUESTS: usize = 30;
+    let send = |w: &support::e2e::Workload, i: usize| {
+        let (w, words) = (w.clone(), vec!["word"; i % 7 + 1].join(" "));
+        async move {
+            let mut body = serde_json::json!({
+                "model": "chat",
+                "messages": [
+                    { "role": "system", "content": "be brief" },
+                    { "role": "user", "content": words },
+                ],
+            });
+            match i % 3 {
+                0 => {}
+                1 => body["stream"] = true.into(),
+                _ => {
+                    body["stream"] = true.into();
+                    body["stream_options"] = serde_json::json!({ "include_usage": true });
+                }
+            }
+            let r = w
+                .client
+                .post(format!("{}/chat/completions", w.base))
+                .bearer_auth(&w.key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let usage_events = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter(|v| v["choices"] == serde_json::json!([]) && v["usage"].is_object())
+            .count()
+    };
+    for i in 0..REQUESTS {
+        let text = send(&w, i).await;
+        let asked = openai.last_request().unwrap().body["stream_options"]["include_usage"] == true;
+        match i % 3 {
+            0 => {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0, "{text}");
+                assert!(!asked);
+            }
+            1 => {
+                // Asked for the client, hidden from it; the rest of the stream is intact.
+                assert!(asked, "OpenAI was not asked for the stream's usage");
+                assert_eq!(usage_events(&text), 0, "{text}");
+                assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+                assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+            }
+            _ => assert_eq!(usage_events(&text), 1, "the client asked: {text}"),
+        }
+        // Zhipu is not known to take stream_options: its requests go as the client sent them.
+        let text = send(&g, i).await;
+        let body = zhipu.last_request().unwrap().body;
+        assert_eq!(
+            body.get("stream_options").is_some(),
+            i % 3 == 2,
+            "{body}: {text}"
+        );
+    }
+
+    // Every answer is in the access log with the usage the provider sent, summed exactly.
+    let sent = openai.usage_sent();
+    assert!(
+        sent.prompt > 0 && sent.completion > 0 && sent.cached > 0,
+        "{sent:?}"
+    );
+    let lines = support::cluster::eventually(
+        Duration::from_secs(10),
+        "every request of the route in the access log",
+        || {
+            let lines = access_log_of(&s.envoy_log(), "metered");
+            async move { (lines.len() == REQUESTS).then_some(lines) }
+        },
+    )
+    .await;
+    assert!(
+        lines.iter().all(|l| tokens(l, "total_tokens").is_some()),
+        "an answer without usage in the log: {lines:?}"
+    );
+    assert_eq!(sum_of(&lines, "prompt_tokens"), sent.prompt);
+    assert_eq!(sum_of(&lines, "completion_tokens"), sent.completion);
+    assert_eq!(sum_of(&lines, "cached_tokens"), sent.cached);
+    assert_eq!(sum_of(&lines, "total_tokens"), sent.total());
+    assert!(
+        lines.iter().all(|l| l["provider_model"] == "gpt-4o-mini"),
+        "{lines:?}"
+    );
+
+    // Zhipu: whole answers and the streams whose client asked are counted; the others have no usage
+    // to count (none was sent), and the log says so rather than counting zero.
+    let sent = zhipu.usage_sent();
+    let lines = access_log_of(&s.envoy_log(), "glm");
+    assert_eq!(lines.len(), REQUESTS);
+    let counted = lines
+        .iter()
+        .filter(|l| tokens(l, "total_tokens").is_some())
+        .count();
+    assert_eq!(counted, REQUESTS - REQUESTS / 3, "{lines:?}");
+    assert_eq!(sum_of(&lines, "total_tokens"), sent.total());
+}
+
+fn sum_of(lines: &[serde_json::Value], kind: &str) -> u64 {
+    lines.iter().map(|l| tokens(l, kind).unwrap_or(0)).sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_split_traffic_90_10() {
     let mut s = Stack::start("dp-weights", "us").await;

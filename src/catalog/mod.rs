@@ -25,6 +25,18 @@ pub enum Credentials {
     Optional,
 }
 
+/// How a provider reports token usage in a streamed answer.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Only when the request asks with `stream_options.include_usage` (OpenAI's contract): the
+    /// gateway asks for a client that did not, and hides the extra usage chunk from it.
+    IncludeUsage,
+    /// Not verified: the gateway sends the request as it is, and counts a stream's usage only when
+    /// the provider sends it unasked.
+    #[default]
+    Unverified,
+}
+
 /// The header that carries the key.
 #[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Auth {
@@ -78,6 +90,8 @@ pub struct Provider {
     pub models: Vec<String>,
     #[serde(default)]
     pub errors: Vec<ErrorRule>,
+    #[serde(default)]
+    pub stream_usage: StreamUsage,
     pub docs: String,
 }
 

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use super::ir::{AccountIr, BackendIr, GatewayIr, RouteIr, UpstreamIr};
 use super::objects::KeyMaterial;
 use super::shapes;
-use crate::catalog::PathStyle;
+use crate::catalog::{PathStyle, StreamUsage};
 use crate::xds::api as xds_api;
 use crate::xds::snapshot::{ResourceInput, RouteInput};
 
@@ -709,22 +709,104 @@ fn access_log() -> Value {
                 "duration_ms": "%DURATION%",
                 "flags": "%RESPONSE_FLAGS%",
                 "request_id": "%REQ(X-REQUEST-ID)%",
+                "provider_model": "%DYNAMIC_METADATA(llmroute:provider_model)%",
+                "prompt_tokens": "%DYNAMIC_METADATA(llmroute:prompt_tokens)%",
+                "completion_tokens": "%DYNAMIC_METADATA(llmroute:completion_tokens)%",
+                "cached_tokens": "%DYNAMIC_METADATA(llmroute:cached_tokens)%",
+                "total_tokens": "%DYNAMIC_METADATA(llmroute:total_tokens)%",
             } },
         })),
     }])
 }
 
+/// Where an answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and the
+/// `llmroute` dynamic metadata key each goes to.
+const USAGE_FIELDS: [(&[&str], &str); 6] = [
+    (&["usage", "prompt_tokens"], "prompt_tokens"),
+    (&["usage", "completion_tokens"], "completion_tokens"),
+    (&["usage", "total_tokens"], "total_tokens"),
+    (
+        &["usage", "prompt_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["usage", "prompt_cache_hit_tokens"], "cached_tokens"),
+    (&["model"], "provider_model"),
+];
+
+/// The dynamic metadata namespace of an answer's usage.
+pub const USAGE_METADATA: &str = "llmroute";
+
+/// `json_to_metadata` rules for [`USAGE_FIELDS`]. A field an answer lacks sets nothing.
+fn usage_rules() -> Vec<Value> {
+    USAGE_FIELDS
+        .iter()
+        .map(|(path, key)| {
+            let kind = if *key == "provider_model" {
+                "STRING"
+            } else {
+                "NUMBER"
+            };
+            json!({
+                "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
+                "on_present": { "metadata_namespace": USAGE_METADATA, "key": key, "type": kind },
+            })
+        })
+        .collect()
+}
+
+/// Usage of a whole (non-streamed) JSON answer. The filter holds the answer until its end (a
+/// completion is sent at once anyway), within the listener's buffer limit.
+fn usage_from_json() -> Value {
+    json!({
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": typed("envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata", json!({
+            "response_rules": { "rules": usage_rules() },
+        })),
+    })
+}
+
+/// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
+/// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass,
+/// an event split across reads included; nothing is held back or changed.
+fn usage_from_sse() -> Value {
+    let rules: Vec<Value> = usage_rules()
+        .into_iter()
+        .map(|rule| json!({ "rule": rule }))
+        .collect();
+    json!({
+        "name": "envoy.filters.http.sse_to_metadata",
+        "typed_config": typed("envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata", json!({
+            "response_rules": {
+                "max_event_size": 65536,
+                "content_parser": {
+                    "name": "envoy.content_parsers.json",
+                    "typed_config": typed("envoy.extensions.content_parsers.json.v3.JsonContentParser", json!({
+                        "rules": rules,
+                    })),
+                },
+            },
+        })),
+    })
+}
+
+/// How much of a request or an answer the front listener may hold: the Lua filter reads request
+/// bodies whole (the model), the usage reader holds whole JSON answers.
+const FRONT_BUFFER_LIMIT_BYTES: u32 = 8 * 1024 * 1024;
+
 fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
     json!({
         "name": FRONT,
         "address": { "socket_address": { "address": opts.address, "port_value": opts.port } },
+        "per_connection_buffer_limit_bytes": FRONT_BUFFER_LIMIT_BYTES,
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", json!({
                 "stat_prefix": FRONT,
                 "codec_type": "AUTO",
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
-                "http_filters": [lua_filter(LUA_FRONT), router_filter()],
+                // The encode path runs these in reverse: the usage readers see the provider's
+                // bytes before the Lua filter hides a usage chunk the client did not ask for.
+                "http_filters": [lua_filter(LUA_FRONT), usage_from_json(), usage_from_sse(), router_filter()],
                 "access_log": access_log(),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",
@@ -770,12 +852,13 @@ fn account_lua_prelude(account: &AccountIr) -> String {
         })
         .collect();
     format!(
-        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal RULES = {{\n{}\n}}\n",
+        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal STREAM_USAGE = {}\nlocal RULES = {{\n{}\n}}\n",
         account.name,
         account.provider.id,
         lua_string(&account.base_path),
         matches!(account.path_style, PathStyle::AzureDeployment),
         lua_string(account.api_version.as_deref().unwrap_or_default()),
+        account.provider.stream_usage == StreamUsage::IncludeUsage,
         rules.join("\n")
     )
 }

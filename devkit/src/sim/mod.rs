@@ -324,6 +324,8 @@ struct Shared {
     conn_faults: AtomicBool,
     records: Mutex<Vec<Received>>,
     count: AtomicU64,
+    /// The usage of every answer sent whole (a completion, a stream's usage chunk).
+    usage_sent: Arc<Mutex<Usage>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -427,6 +429,7 @@ impl Sim {
             conn_faults: AtomicBool::new(false),
             records: Mutex::new(Vec::new()),
             count: AtomicU64::new(0),
+            usage_sent: Arc::default(),
             stop: stop_rx.clone(),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -550,6 +553,10 @@ impl Sim {
     /// connections reset by `ConnectionRefused` are not requests).
     pub fn request_count(&self) -> u64 {
         self.shared.count.load(Ordering::Relaxed)
+    }
+    /// The usage reported in every answer sent whole since start (see [`Usage`]).
+    pub fn usage_sent(&self) -> Usage {
+        *self.shared.usage_sent.lock().unwrap()
     }
 }
 
@@ -718,12 +725,84 @@ fn presented_key(provider: SimProvider, headers: &HeaderMap) -> Option<&str> {
     .filter(|k| !k.is_empty())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct Peek<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    messages: Vec<PeekMessage>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekMessage {
+    #[serde(default)]
+    content: Value,
+}
+
+/// Token usage as the simulator reports it. The rule is the simulator's own, deterministic so that
+/// tests can predict it: one prompt token per whitespace-separated word of the messages' text, one
+/// completion token per word or streamed piece of the answer, a quarter of the prompt (rounded
+/// down) reported as cached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+}
+
+impl Usage {
+    fn of(messages: &[PeekMessage], completion: u64) -> Usage {
+        let words = |s: &str| s.split_whitespace().count() as u64;
+        let prompt = messages
+            .iter()
+            .map(|m| match &m.content {
+                Value::String(s) => words(s),
+                // Content parts: [{"type": "text", "text": "..."}, ...].
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .map(words)
+                    .sum(),
+                _ => 0,
+            })
+            .sum();
+        Usage {
+            prompt,
+            completion,
+            cached: prompt / 4,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.prompt + self.completion
+    }
+
+    /// OpenAI's `usage` object.
+    fn json(&self) -> String {
+        format!(
+            r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{}}}}}"#,
+            self.prompt,
+            self.completion,
+            self.total(),
+            self.cached
+        )
+    }
+
+    fn add(&mut self, other: &Usage) {
+        self.prompt += other.prompt;
+        self.completion += other.completion;
+        self.cached += other.cached;
+    }
 }
 
 fn json_response(status: StatusCode, provider: SimProvider, body: String) -> Response {
@@ -761,13 +840,9 @@ async fn handle(
     }
     let n = shared.count.fetch_add(1, Ordering::Relaxed) + 1;
 
-    let (model, stream): (Option<Cow<'_, str>>, bool) = if shared.record {
+    let peek: Peek<'_> = serde_json::from_slice(&body).unwrap_or_default();
+    if shared.record {
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let model = json
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let mut hs = BTreeMap::new();
         for (name, value) in &headers {
             let value = String::from_utf8_lossy(value.as_bytes());
@@ -784,7 +859,7 @@ async fn handle(
             }) => Some(d.to_string()),
             _ => None,
         };
-        let received_model = deployment.or(model.clone());
+        let received_model = deployment.or(peek.model.as_deref().map(str::to_string));
         shared.records.lock().unwrap().push(Received {
             method: method.to_string(),
             path: uri
@@ -794,16 +869,18 @@ async fn handle(
             headers: hs,
             body: json,
             model: received_model,
-            stream,
+            stream: peek.stream.unwrap_or(false),
             at: Instant::now(),
         });
-        (model.map(Cow::Owned), stream)
-    } else {
-        match serde_json::from_slice::<Peek<'_>>(&body) {
-            Ok(p) => (p.model, p.stream.unwrap_or(false)),
-            Err(_) => (None, false),
-        }
-    };
+    }
+    let stream = peek.stream.unwrap_or(false);
+    // OpenAI sends usage in a stream only when asked (`stream_options.include_usage`).
+    let stream_usage = peek
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let model = peek.model;
 
     let op = match route(&shared, path, uri.query()) {
         Ok(op) => op,
@@ -878,9 +955,17 @@ async fn handle(
                 return failure(&shared, Failure::UnknownModel(&model));
             }
             if stream {
-                sse(&shared, n, &model, break_after)
+                let usage = Usage::of(&peek.messages, shared.stream_chunks as u64);
+                sse(
+                    &shared,
+                    n,
+                    &model,
+                    break_after,
+                    stream_usage.then_some(usage),
+                )
             } else {
-                completion(&shared, n, &model, break_after)
+                let usage = Usage::of(&peek.messages, 3);
+                completion(&shared, n, &model, break_after, usage)
             }
         }
     }
@@ -905,12 +990,20 @@ fn models_list(shared: &Shared) -> Response {
     )
 }
 
-fn completion(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) -> Response {
+/// A completion: "hello from <provider>" (three completion tokens), with its usage.
+fn completion(
+    shared: &Shared,
+    n: u64,
+    model: &str,
+    break_after: Option<usize>,
+    usage: Usage,
+) -> Response {
     let p = shared.provider.id();
     let body = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}}}"#,
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
         t = unix_now(),
         m = Value::from(model),
+        u = usage.json(),
     );
     if break_after.is_some() {
         // Half the body, then the connection is cut (no content-length, chunked, never finished).
@@ -942,6 +1035,7 @@ fn completion(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) 
         );
         return resp;
     }
+    shared.usage_sent.lock().unwrap().add(&usage);
     json_response(StatusCode::OK, shared.provider, body)
 }
 
@@ -958,20 +1052,36 @@ fn piece(provider: &str, i: usize, total: usize) -> String {
     words.get(i).cloned().unwrap_or_else(|| " .".to_string())
 }
 
-fn sse(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) -> Response {
+/// A streamed completion. With `usage` (the request asked with `stream_options.include_usage`), as
+/// OpenAI does: every chunk carries `"usage": null` and a last chunk with no choices carries the
+/// usage, before `[DONE]`.
+fn sse(
+    shared: &Shared,
+    n: u64,
+    model: &str,
+    break_after: Option<usize>,
+    usage: Option<Usage>,
+) -> Response {
     let total = shared.stream_chunks;
     let interval = shared.stream_interval;
     let provider = shared.provider.id();
-    let head = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion.chunk","created":{t},"model":{m},"choices":[{{"index":0,"#,
+    let sent = shared.usage_sent.clone();
+    let prefix = format!(
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion.chunk","created":{t},"model":{m},"#,
         t = unix_now(),
         m = Value::from(model),
     );
-    // Events: content chunks 0..total, then the finish chunk, then [DONE].
+    let tail = if usage.is_some() {
+        r#"}],"usage":null}"#
+    } else {
+        "}]}"
+    };
+    // Events: content chunks 0..total, the finish chunk, the usage chunk when asked, [DONE].
+    let last = total + 1 + usize::from(usage.is_some());
     let stream = futures::stream::unfold(0usize, move |i| {
-        let head = head.clone();
+        let (prefix, sent) = (prefix.clone(), sent.clone());
         async move {
-            if i > total + 1 {
+            if i > last {
                 return None;
             }
             if break_after.is_some_and(|b| i >= b.min(total)) {
@@ -988,15 +1098,23 @@ fn sse(shared: &Shared, n: u64, model: &str, break_after: Option<usize>) -> Resp
             if i > 0 && i < total {
                 tokio::time::sleep(interval).await;
             }
+            let head = format!(r#"{prefix}"choices":[{{"index":0,"#);
             let event = if i < total {
                 let delta = if i == 0 {
                     json!({ "role": "assistant", "content": piece(provider, i, total) })
                 } else {
                     json!({ "content": piece(provider, i, total) })
                 };
-                format!("data: {head}\"delta\":{delta},\"finish_reason\":null}}]}}\n\n")
+                format!("data: {head}\"delta\":{delta},\"finish_reason\":null{tail}\n\n")
             } else if i == total {
-                format!("data: {head}\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n")
+                format!("data: {head}\"delta\":{{}},\"finish_reason\":\"stop\"{tail}\n\n")
+            } else if i < last {
+                let usage = usage.unwrap_or_default();
+                sent.lock().unwrap().add(&usage);
+                format!(
+                    "data: {prefix}\"choices\":[],\"usage\":{}}}\n\n",
+                    usage.json()
+                )
             } else {
                 "data: [DONE]\n\n".to_string()
             };

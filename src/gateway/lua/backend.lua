@@ -2,8 +2,11 @@
 -- provider's, and rewrites the path to the provider's layout. Response: classifies failures from
 -- status *and* body with the catalog's rules for this provider, marks the ones listed in the route's
 -- failoverOn as retriable (the front route retries on x-llmroute-retry), and names the backend.
+-- A stream the client asked no usage for (the front listener marks it x-llmroute-stream) asks the
+-- provider for it when the provider takes stream_options (STREAM_USAGE), and the answer says so
+-- (x-llmroute-usage-added) for the front listener to hide the extra chunk.
 -- One such listener serves a provider account for every route using it. The account's data (BASE_PATH,
--- AZURE, API_VERSION, RULES) is generated above this code; per-route data comes from the route
+-- AZURE, API_VERSION, STREAM_USAGE, RULES) is generated above this code; per-route data comes from the route
 -- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"). The provider key is
 -- not handled here: the listener's credential_injector filter sets it (an SDS secret).
 
@@ -23,6 +26,8 @@ function envoy_on_request(handle)
   local models = md:get("models")
   local passthrough = md:get("passthrough")
   local headers = handle:headers()
+  local add_usage = STREAM_USAGE and headers:get("x-llmroute-stream") == "1"
+  headers:remove("x-llmroute-stream")
   local path = headers:get(":path") or "/"
   local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
   if op == nil then
@@ -42,10 +47,12 @@ function envoy_on_request(handle)
         return
       end
     end
-    -- The body is read only when the model has to be renamed in it, or was not read in front.
-    if model == nil or provider_model ~= model then
+    -- The body is read only when the model has to be renamed in it, or was not read in front, or
+    -- the provider is asked for a stream's usage.
+    if model == nil or provider_model ~= model or add_usage then
       local raw, body = body_string(handle)
       if raw ~= nil then
+        local out = raw
         local first, last, found = raw:find('"model"%s*:%s*"([^"]*)"')
         if found ~= nil then
           if model == nil then
@@ -57,9 +64,17 @@ function envoy_on_request(handle)
             end
           end
           if provider_model ~= found then
-            body:setBytes(raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1))
+            out = raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1)
           end
         end
+        if add_usage then
+          local brace = out:find("{", 1, true)
+          if brace ~= nil then
+            out = out:sub(1, brace) .. '"stream_options":{"include_usage":true},' .. out:sub(brace + 1)
+            handle:streamInfo():dynamicMetadata():set("llmroute", "usage_added", "1")
+          end
+        end
+        if out ~= raw then body:setBytes(out) end
       end
       -- A headers handle taken before body() is invalid afterwards: take it again.
       headers = handle:headers()
@@ -78,7 +93,11 @@ function envoy_on_response(handle)
   local status = tonumber(headers:get(":status")) or 0
   -- The route names the backend on the provider's answers (response_headers_to_add); only
   -- failures, local replies among them, need the route's data here.
-  if status < 400 then return end
+  if status < 400 then
+    local added = handle:streamInfo():dynamicMetadata():get("llmroute")
+    if added ~= nil and added["usage_added"] ~= nil then headers:replace("x-llmroute-usage-added", "1") end
+    return
+  end
   local md = handle:metadata()
   local backend = md:get("backend")
   if backend == nil then return end -- no route matched: Envoy's own 404

@@ -3,7 +3,10 @@
 -- (filter_metadata["envoy.filters.http.lua"]): route, key, models, passthrough, chains.
 -- The model it read from the body goes to the backend listeners in x-llmroute-model, so that a
 -- backend that does not rename it never reads (and buffers) the body again; a client's own
--- x-llmroute-model never gets through.
+-- x-llmroute-model never gets through. A stream whose request asks for no usage is marked
+-- x-llmroute-stream: the backend listener asks the provider for it where the provider takes
+-- stream_options, and its answer then carries x-llmroute-usage-added: the usage-only chunk the
+-- client did not ask for is taken out here (the usage readers after this filter have seen it).
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
@@ -27,6 +30,7 @@ function envoy_on_request(handle)
   end
   headers:remove("authorization")
   headers:remove("x-llmroute-model")
+  headers:remove("x-llmroute-stream")
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
   if method == "GET" and (path:match("/v1/models$") or path:match("/v1/models%?")) then
@@ -48,7 +52,11 @@ function envoy_on_request(handle)
   for _, m in ipairs(models) do
     if m == model then
       -- A headers handle taken before body() is invalid afterwards: take it again.
-      if not model:find("%c") then handle:headers():add("x-llmroute-model", model) end
+      headers = handle:headers()
+      if not model:find("%c") then headers:add("x-llmroute-model", model) end
+      if raw:find('"stream"%s*:%s*true') and not raw:find('"stream_options"', 1, true) then
+        headers:add("x-llmroute-stream", "1")
+      end
       return
     end
   end
@@ -58,14 +66,42 @@ function envoy_on_request(handle)
     "invalid_request_error", "model_not_found", "model"))
 end
 
+-- Passes a stream on event by event without the usage-only event (no choices, a usage object):
+-- complete events go on as they arrive, a partial one waits for its end (one the stream ends in
+-- the middle of is dropped, as an SSE client drops it).
+local function hide_usage_event(handle)
+  local partial = ""
+  for chunk in handle:bodyChunks() do
+    local data = partial .. chunk:getBytes(0, chunk:length())
+    local out = {}
+    local pos = 1
+    while true do
+      local s, e = data:find("\r?\n\r?\n", pos)
+      if s == nil then break end
+      local event = data:sub(pos, e)
+      if not (event:find('"choices"%s*:%s*%[%s*%]') and event:find('"usage"%s*:%s*{')) then
+        out[#out + 1] = event
+      end
+      pos = e + 1
+    end
+    partial = data:sub(pos)
+    chunk:setBytes(table.concat(out))
+  end
+end
+
 -- When the answer is a failure the route fails over on (the backend listener marked it retriable)
 -- the whole chain has been tried: answer with one OpenAI-shaped error naming every backend tried,
 -- instead of only the last backend's own error. Earlier attempts' responses are gone by now (Envoy
 -- discards them when it retries), so for those the error says that they failed over.
 function envoy_on_response(handle)
   local headers = handle:headers()
+  if headers:get("x-llmroute-usage-added") ~= nil then
+    headers:remove("x-llmroute-usage-added")
+    hide_usage_event(handle)
+    return
+  end
   -- The marker is internal: it never reaches clients. Only failures carry it: a successful answer
-  -- costs one header lookup here.
+  -- costs two header lookups here.
   if headers:get("x-llmroute-retry") == nil then return end
   headers:remove("x-llmroute-retry")
   local md = handle:metadata()
