@@ -414,24 +414,16 @@ fn tokens(line: &serde_json::Value, kind: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_s_token_usage_is_read_streamed_or_not() {
     let mut s = Stack::start("dp-usage", "us").await;
-    let openai = s
-        .sim_with(
-            SimConfig::new(SimProvider::OpenAI)
-                .key("o-key-0001")
-                .stream(4, Duration::from_millis(5))
-                .record(true),
-        )
-        .await;
-    let zhipu = s
-        .sim_with(
-            SimConfig::new(SimProvider::Zhipu)
-                .key("z-key-0001")
-                .stream(4, Duration::from_millis(5))
-                .record(true),
-        )
-        .await;
-    s.ns.apply(&key_secret("openai-key", "o-key-0001"));
-    s.ns.apply(&key_secret("zhipu-key", "z-key-0001"));
+    let mut sims = Vec::new();
+    for (provider, key) in [
+        (SimProvider::OpenAI, "o-key-0001"),
+        (SimProvider::Zhipu, "z-key-0001"),
+    ] {
+        let config = SimConfig::new(provider).key(key).record(true);
+        sims.push(s.sim_with(config.stream(4, Duration::from_millis(5))).await);
+        s.ns.apply(&key_secret(&format!("{}-key", provider.id()), key));
+    }
+    let (openai, zhipu) = (sims[0].clone(), sims[1].clone());
     s.ns.apply(&route(
         "metered",
         "",
