@@ -40,14 +40,25 @@ async fn wait_programmed(routes: &Api<LLMRoute>, name: &str, message: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+/// What each test starts with: its turn, the node with this build's images, and a cluster that no
+/// earlier installation has left anything in.
+async fn start() -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    &'static support::cluster::TestCluster,
+    kube::Client,
+) {
+    let serial = ONE_AT_A_TIME.lock().await;
     node::node();
     node::images(env!("CARGO_BIN_EXE_llmroute"));
     let c = cluster();
     let client = c.client().await;
     realnode::clean_slate(c);
+    (serial, c, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
+    let (_serial, c, client) = start().await;
 
     // Install as a user does.
     realnode::apply_crds(c);
@@ -362,12 +373,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
 /// workloads are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_installs_with_helm_and_a_broken_gateway_image_is_named_in_status() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    node::node();
-    node::images(env!("CARGO_BIN_EXE_llmroute"));
-    let c = cluster();
-    let client = c.client().await;
-    realnode::clean_slate(c);
+    let (_serial, c, client) = start().await;
     let helm = support::tools::helm();
     let release_ns = "llmroute-helm";
     let _ = c.kubectl(&["create", "namespace", release_ns]);
