@@ -19,8 +19,6 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use llmroute::api::LLMRoute;
-use support::cluster::cluster;
-use support::node;
 use support::realnode;
 
 const NAMESPACES: usize = 12;
@@ -45,17 +43,8 @@ mod common;
 
 #[tokio::main]
 async fn main() {
-    let c = cluster();
-    node::node();
-    node::images(env!("CARGO_BIN_EXE_llmroute"));
-    let client = c.client().await;
+    let (c, client, overlay) = realnode::bench_start(&["--gateway-replicas=1"]).await;
     println!("machine: {}", common::machine());
-    realnode::apply_crds(c);
-    // No operator of an earlier run: it would reconcile the routes before the measurement.
-    let overlay = realnode::overlay(&["--gateway-replicas=1"]);
-    realnode::uninstall_kustomize(c, &overlay).await;
-    let overlay = realnode::overlay(&["--gateway-replicas=1"]);
-    realnode::apply_crds(c);
 
     // Earlier runs' namespaces must be gone.
     let ns_api: Api<Namespace> = Api::all(client.clone());

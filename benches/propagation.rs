@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use llmroute::api::LLMRoute;
-use support::cluster::{TestNamespace, cluster, eventually};
+use support::cluster::{TestNamespace, eventually};
 use support::node;
 use support::realnode::{self, OPENAI_ADMIN, OPENAI_KEY, Sims, ZHIPU_ADMIN, ZHIPU_KEY, key_secret};
 
@@ -102,15 +102,8 @@ async fn first_answer(addrs: &[String], route: &str, key: &str) -> bool {
 
 #[tokio::main]
 async fn main() {
-    let c = cluster();
-    node::node();
-    node::images(env!("CARGO_BIN_EXE_llmroute"));
-    let client = c.client().await;
+    let (c, client, overlay) = realnode::bench_start(&[]).await;
     println!("machine: {}", common::machine());
-    realnode::apply_crds(c);
-    // No operator of an earlier run: its rollout would overlap the measurement.
-    realnode::uninstall_kustomize(c, &realnode::overlay(&[])).await;
-    let overlay = realnode::overlay(&[]);
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
     let leader = realnode::operator_ready(&client, "llmroute-system", 2).await;
 

@@ -502,6 +502,19 @@ pub fn clean_slate(c: &TestCluster) {
     }
 }
 
+/// What a benchmark on the real node starts from: the node with this build's images, a cluster no
+/// earlier installation (an earlier run's operator would reconcile during the measurement) has left
+/// anything in, the CRDs, and the test overlay of `deploy/` with `extra_args` for the operator.
+pub async fn bench_start(extra_args: &[&str]) -> (&'static TestCluster, kube::Client, PathBuf) {
+    let c = super::cluster::cluster();
+    node::node();
+    node::images(env!("CARGO_BIN_EXE_llmroute"));
+    let client = c.client().await;
+    clean_slate(c);
+    apply_crds(c);
+    (c, client, overlay(extra_args))
+}
+
 /// `kubectl apply -f crds/` as a user does it (server-side, so that a re-run takes the fields over),
 /// then waits until the API server serves LLMRoutes.
 pub fn apply_crds(c: &TestCluster) {
