@@ -230,24 +230,23 @@ impl Metrics {
     /// `llmroute_backend_state`: 1 for `state`, 0 for the other states this backend had.
     pub fn set_backend_state(&self, namespace: &str, route: &str, backend: &str, state: &str) {
         let mut series = self.route_series.lock().expect("route series");
-        let known = &mut series
+        let states = series
             .entry((namespace.to_string(), route.to_string()))
             .or_default()
-            .backends;
-        let labels = BackendLabels {
+            .backends
+            .entry(backend.to_string())
+            .or_default();
+        let labels = |state: &str| BackendLabels {
             namespace: namespace.to_string(),
             route: route.to_string(),
             backend: backend.to_string(),
             state: state.to_string(),
         };
-        for other in known
-            .iter()
-            .filter(|l| l.backend == backend && l.state != state)
-        {
-            self.backend_state.get_or_create(other).set(0);
+        for other in states.iter().filter(|s| *s != state) {
+            self.backend_state.get_or_create(&labels(other)).set(0);
         }
-        self.backend_state.get_or_create(&labels).set(1);
-        known.insert(labels);
+        self.backend_state.get_or_create(&labels(state)).set(1);
+        states.insert(state.to_string());
     }
 
     /// `llmroute_route_condition`: each condition's current status is 1, the other two 0.
@@ -263,7 +262,7 @@ impl Metrics {
             .or_default()
             .conditions;
         for (condition, current) in conditions {
-            for status in ["True", "False", "Unknown"] {
+            for status in CONDITION_STATUSES {
                 let labels = ConditionLabels {
                     namespace: namespace.to_string(),
                     route: route.to_string(),
@@ -273,7 +272,9 @@ impl Metrics {
                 self.route_condition
                     .get_or_create(&labels)
                     .set(i64::from(status == current));
-                known.insert(labels);
+            }
+            if !known.contains(condition) {
+                known.insert(condition.to_string());
             }
         }
     }
@@ -285,11 +286,25 @@ impl Metrics {
             if ns != namespace || routes.contains(route) {
                 return true;
             }
-            for labels in &set.backends {
-                self.backend_state.remove(labels);
+            for (backend, states) in &set.backends {
+                for state in states {
+                    self.backend_state.remove(&BackendLabels {
+                        namespace: ns.clone(),
+                        route: route.clone(),
+                        backend: backend.clone(),
+                        state: state.clone(),
+                    });
+                }
             }
-            for labels in &set.conditions {
-                self.route_condition.remove(labels);
+            for condition in &set.conditions {
+                for status in CONDITION_STATUSES {
+                    self.route_condition.remove(&ConditionLabels {
+                        namespace: ns.clone(),
+                        route: route.clone(),
+                        condition: condition.clone(),
+                        status,
+                    });
+                }
             }
             false
         });
@@ -304,11 +319,18 @@ impl Metrics {
     }
 }
 
+/// Which per-route series exist, so a deleted route's can be removed: names only, the label sets
+/// are rebuilt from them (at 1,000 routes the families hold some 50,000 series; keeping a second
+/// copy of every label set here cost megabytes).
 #[derive(Default)]
 struct RouteSeries {
-    backends: BTreeSet<BackendLabels>,
-    conditions: BTreeSet<ConditionLabels>,
+    /// Backend name → the states it has had a series for.
+    backends: BTreeMap<String, BTreeSet<String>>,
+    /// Condition types with a series for each of [`CONDITION_STATUSES`].
+    conditions: BTreeSet<String>,
 }
+
+const CONDITION_STATUSES: [&str; 3] = ["True", "False", "Unknown"];
 
 fn probe_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))

@@ -40,6 +40,8 @@ pub struct Options {
     pub envoy: crate::gateway::envoy::EnvoyOptions,
     /// Name of this instance (events, leader election).
     pub identity: String,
+    /// Namespaces reconciled at once at most.
+    pub reconcile_concurrency: u16,
     /// How backends are probed.
     pub prober: crate::probe::ProberOptions,
     /// Where the operator records its metrics.
@@ -56,6 +58,7 @@ impl Default for Options {
             gateway: GatewayDeploymentOptions::default(),
             envoy: Default::default(),
             identity: "llmroute".into(),
+            reconcile_concurrency: RECONCILE_CONCURRENCY,
             prober: Default::default(),
             metrics: Default::default(),
             runtime: Default::default(),
@@ -119,6 +122,10 @@ fn namespace_ref(store: &Store<LLMRoute>, ns: &str) -> Option<ObjectRef<LLMRoute
     namespace_route(store, ns).map(|r| ObjectRef::from_obj(r.as_ref()))
 }
 
+/// Namespaces reconciled at once by default. A reconcile spends most of its time waiting on the API
+/// server (status writes), so a few overlap well; each holds its namespace's configuration meanwhile.
+pub const RECONCILE_CONCURRENCY: u16 = 4;
+
 /// Runs the controller until `shutdown` resolves, serving the gateways' configuration through `xds`.
 pub async fn run(
     client: Client,
@@ -134,6 +141,7 @@ pub async fn run(
     });
     writes.report_to(opts.metrics.api_writes.clone());
     let gateway_events = xds.server.subscribe();
+    let reconcile_concurrency = opts.reconcile_concurrency;
     let (prober, changes) = match Prober::new(&opts.prober, opts.metrics.clone()) {
         Ok(p) => p,
         Err(e) => {
@@ -363,7 +371,9 @@ pub async fn run(
         .watches_stream(pod_stream, move |o: Pod| g5(None, o.namespace()))
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
-        .with_config(kube::runtime::controller::Config::default().concurrency(8))
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(reconcile_concurrency),
+        )
         .graceful_shutdown_on(stopped(stop_rx))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

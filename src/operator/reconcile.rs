@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -329,12 +329,22 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     // 1. The configuration, to the gateway replicas (xDS): all of it at once, keys included, so no
     //    replica ever loads a route whose key or provider key it lacks. A configuration Envoy's API
     //    refuses is not served; the replicas keep what they have.
+    // What is left for the writes below is the routes' outcomes: the gateway's IR, the routes'
+    // copies and the configuration's JSON go before the first await (a reconcile waits on the API
+    // server for most of its time, up to `--reconcile-concurrency` of them at once).
+    let gateway::Translation {
+        gateway: ir,
+        routes: outcomes,
+    } = translation;
+    drop(valid);
     let mut ads = envoy::ads_config(
-        &translation.gateway,
+        &ir,
         &ctx.opts.envoy,
         &material,
         ctx.xds.upstream_ca.as_deref(),
     );
+    let served_routes = ir.routes.len();
+    drop(ir);
     for r in &mut ads.routes {
         r.generation = routes
             .iter()
@@ -351,7 +361,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             if changed {
                 info!(
                     namespace = ns,
-                    routes = translation.gateway.routes.len(),
+                    routes = served_routes,
                     resources,
                     snapshot = number,
                     "published gateway configuration"
@@ -462,40 +472,46 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let pod_problem = status::gateway_pod_problem(gateway_pods.iter().map(|p| p.as_ref()));
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let mut per_route = Vec::new();
-    for route in &routes {
-        let name = route.name_any();
-        let view = GatewayView {
-            publish_error: publish_error.clone(),
-            generation: route.meta().generation,
-            replicas: serving.get(&name).cloned().unwrap_or_default(),
-            ready_replicas,
-            desired_replicas,
-            pod_problem: pod_problem.clone(),
-            settling: ctx.xds.server.settling(),
-            previous: route
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::PROGRAMMED))
-                .filter(|c| c.observed_generation == route.meta().generation)
-                .cloned(),
-        };
-        per_route.push(write_route(
-            ctx,
-            ns,
-            route,
-            &translation,
-            &material,
-            &invalid,
-            view,
-            &secrets_api,
-            now.clone(),
-        ));
+    // At most `STATUS_WRITES` in flight, each built when a slot frees up, so a namespace's routes
+    // never hold memory all at once.
+    let mut pending = routes.iter();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    loop {
+        while in_flight.len() < STATUS_WRITES
+            && let Some(route) = pending.next()
+        {
+            let view = GatewayView {
+                publish_error: publish_error.clone(),
+                generation: route.meta().generation,
+                replicas: serving.get(&route.name_any()).cloned().unwrap_or_default(),
+                ready_replicas,
+                desired_replicas,
+                pod_problem: pod_problem.clone(),
+                settling: ctx.xds.server.settling(),
+                previous: route
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::PROGRAMMED))
+                    .filter(|c| c.observed_generation == route.meta().generation)
+                    .cloned(),
+            };
+            in_flight.push(write_route(
+                ctx,
+                ns,
+                route,
+                &outcomes,
+                &material,
+                &invalid,
+                view,
+                &secrets_api,
+                now.clone(),
+            ));
+        }
+        match in_flight.next().await {
+            Some(written) => written?,
+            None => break,
+        }
     }
-    futures::stream::iter(per_route)
-        .buffer_unordered(8)
-        .try_collect::<Vec<()>>()
-        .await?;
 
     let by_time = recheck_at_ms.map(|at| {
         Duration::from_millis(at.saturating_sub(facts.now_ms)) + Duration::from_millis(50)
@@ -522,6 +538,9 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or(renew);
     Ok(Action::requeue(next))
 }
+
+/// Routes of a namespace whose workload Secret and status are written at once.
+const STATUS_WRITES: usize = 8;
 
 /// How long a reconcile waits for the connected replicas to load a changed configuration before it
 /// writes status.
@@ -650,7 +669,7 @@ async fn write_route(
     ctx: &Context,
     ns: &str,
     route: &LLMRoute,
-    translation: &gateway::Translation,
+    outcomes: &[gateway::RouteOutcome],
     material: &KeyMaterial,
     invalid: &BTreeMap<String, Problem>,
     gateway: GatewayView,
@@ -661,8 +680,7 @@ async fn write_route(
     let state = match invalid.get(&name) {
         Some(problem) => RouteState::Invalid(problem.clone()),
         None => {
-            let outcome = translation
-                .routes
+            let outcome = outcomes
                 .iter()
                 .find(|o| o.name == name)
                 .expect("one outcome per valid route");

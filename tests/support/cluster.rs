@@ -296,9 +296,22 @@ impl TestNamespace {
             ..Default::default()
         };
         let api: Api<Namespace> = Api::all(cluster.client().await);
-        api.create(&PostParams::default(), &ns)
-            .await
-            .expect("create test namespace");
+        // A loaded API server sometimes drops a connection before it answers (seen in CI as
+        // hyper's IncompleteMessage); the name is unique, so trying again is safe, and an
+        // AlreadyExists then means the first try went through.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match api.create(&PostParams::default(), &ns).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if tries > 1 && e.code == 409 => break,
+                Err(e @ (kube::Error::HyperError(_) | kube::Error::Service(_))) if tries < 3 => {
+                    eprintln!("creating namespace {name}: {e}; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("create test namespace {name}: {e:?}"),
+            }
+        }
         TestNamespace { name, cluster }
     }
 
