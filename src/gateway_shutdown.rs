@@ -35,6 +35,8 @@ use crate::gateway::objects;
 pub const READY_PATH: &str = objects::SHUTDOWN_READY_PATH;
 /// Port of the manager.
 pub const DEFAULT_MANAGER_PORT: u16 = objects::SHUTDOWN_MANAGER_PORT;
+/// Port on 127.0.0.1 where the manager receives Envoy's access log.
+pub const DEFAULT_USAGE_PORT: u16 = objects::USAGE_LOG_PORT;
 /// Where the manager and `shutdown` share state (an emptyDir mounted in the sidecar).
 pub const DEFAULT_STATE_DIR: &str = objects::SHUTDOWN_STATE_DIR;
 /// The file `shutdown` writes into the state directory once the drain is over.
@@ -250,9 +252,14 @@ pub struct ManagerOptions {
     pub state_dir: PathBuf,
     /// Longest hold of a GET of [`READY_PATH`].
     pub ready_timeout: Duration,
+    /// Where Envoy's gRPC access log is received (127.0.0.1), to count token usage; None: not.
+    pub usage_addr: Option<SocketAddr>,
+    /// The gateway's namespace (a label of the usage metrics).
+    pub namespace: String,
 }
 
 struct ManagerState {
+    usage: Arc<crate::usage::UsageCounters>,
     state_dir: PathBuf,
     ready_timeout: Duration,
     /// Set on SIGTERM: waiters are answered at once so the process can exit.
@@ -289,10 +296,25 @@ async fn ready(State(state): State<Arc<ManagerState>>) -> (StatusCode, &'static 
     }
 }
 
-/// The manager's routes: only `GET` [`READY_PATH`].
+/// `GET /metrics`: the Pod's usage counters (Prometheus text).
+async fn metrics(State(state): State<Arc<ManagerState>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.usage.encode(),
+    )
+}
+
+/// Path of the usage metrics.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The manager's routes: `GET` [`READY_PATH`] and [`METRICS_PATH`].
 fn router(state: Arc<ManagerState>) -> Router {
     Router::new()
         .route(READY_PATH, get(ready))
+        .route(METRICS_PATH, get(metrics))
         .with_state(state)
 }
 
@@ -315,7 +337,24 @@ pub async fn serve_manager(
     }
     let listener = tokio::net::TcpListener::bind(opts.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, path = READY_PATH, "shutdown manager serving");
+    let usage = Arc::new(crate::usage::UsageCounters::new(&opts.namespace));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = opts.usage_addr {
+        let als = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(addr = %als.local_addr()?, "receiving the gateway's access log (token usage)");
+        let counters = usage.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::usage::als::serve(als, counters, stopped).await {
+                tracing::error!(error = %e, "access-log receiver failed: token usage is not counted");
+            }
+        });
+    }
     let state = Arc::new(ManagerState {
+        usage,
         state_dir: opts.state_dir,
         ready_timeout: opts.ready_timeout,
         stopping: AtomicBool::new(false),
@@ -327,6 +366,7 @@ pub async fn serve_manager(
             stop.await;
             tracing::info!("shutdown manager stopping");
             on_stop.stopping.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
         })
         .await
 }

@@ -18,5 +18,6 @@ pub mod policy;
 pub mod probe;
 pub mod render;
 pub mod status;
+pub mod usage;
 pub mod validate;
 pub mod xds;

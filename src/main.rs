@@ -58,6 +58,13 @@ struct ShutdownManagerArgs {
     /// maximum drain plus 10 s).
     #[arg(long, default_value = "310s")]
     ready_timeout: String,
+    /// Port on 127.0.0.1 where Envoy's gRPC access log is received to count token usage (served
+    /// at /metrics); 0: none.
+    #[arg(long, default_value_t = llmroute::gateway_shutdown::DEFAULT_USAGE_PORT)]
+    usage_port: u16,
+    /// The gateway's namespace, a label of the usage metrics.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    namespace: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
     log_level: String,
@@ -108,6 +115,10 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 addr: std::net::SocketAddr::new(args.address, args.port),
                 state_dir: args.state_dir,
                 ready_timeout,
+                usage_addr: (args.usage_port != 0).then(|| {
+                    std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, args.usage_port))
+                }),
+                namespace: args.namespace,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             match runtime.block_on(gs::serve_manager(opts, shutdown_signal())) {
@@ -202,6 +213,10 @@ struct RunArgs {
     /// Port of the gateway's admin interface (bound to 127.0.0.1).
     #[arg(long, default_value_t = 9901)]
     gateway_admin_port: u16,
+    /// Port on 127.0.0.1 where the gateway Pod's sidecar receives Envoy's access log over gRPC to
+    /// count token usage; 0: no usage log.
+    #[arg(long, default_value_t = llmroute::gateway::objects::USAGE_LOG_PORT)]
+    gateway_usage_log_port: u16,
     /// CA bundle (a file of the gateway's image) the gateway verifies providers' TLS certificates
     /// against, when --upstream-ca-file is not given.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
@@ -221,6 +236,10 @@ struct RunArgs {
     /// Health probes in flight at most.
     #[arg(long, default_value_t = 32)]
     probe_concurrency: usize,
+    /// Namespaces reconciled at once at most. Each reconcile holds its namespace's configuration
+    /// while it waits on the API server: more overlap more waiting, and cost memory.
+    #[arg(long, default_value_t = llmroute::operator::RECONCILE_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     /// Extra CA certificates (PEM) trusted for providers' TLS besides the system's (private
     /// endpoints, a corporate CA): by the prober, and by the gateways (served to them over xDS with
     /// the system roots of --system-ca-file).
@@ -325,8 +344,10 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 admin_port: args.gateway_admin_port,
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,
+                usage_log_port: args.gateway_usage_log_port,
             },
             identity,
+            reconcile_concurrency: args.reconcile_concurrency,
             prober: llmroute::probe::ProberOptions {
                 concurrency: args.probe_concurrency,
                 extra_ca: args.upstream_ca_file,
@@ -447,6 +468,9 @@ struct RenderArgs {
     /// Port of the readiness and metrics listener.
     #[arg(long, default_value_t = 19003)]
     health_port: u16,
+    /// Port on 127.0.0.1 of the token-usage log receiver (the gateway Pod's sidecar); 0: none.
+    #[arg(long, default_value_t = llmroute::gateway::objects::USAGE_LOG_PORT)]
+    usage_log_port: u16,
     /// CA bundle used to verify providers' TLS certificates.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     trusted_ca: String,
@@ -485,6 +509,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
         admin_port: args.admin_port,
         health_port: args.health_port,
         trusted_ca: args.trusted_ca,
+        usage_log_port: args.usage_log_port,
     };
     let opts = RenderOptions {
         namespace: args.namespace,

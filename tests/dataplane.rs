@@ -414,6 +414,8 @@ fn tokens(line: &serde_json::Value, kind: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_s_token_usage_is_read_streamed_or_not() {
     let mut s = Stack::start("dp-usage", "us").await;
+    // What the gateway Pod's sidecar runs: the receiver of Envoy's gRPC usage log.
+    let usage = s.usage_log().await;
     let mut sims = Vec::new();
     for (provider, key) in [
         (SimProvider::OpenAI, "o-key-0001"),
@@ -542,6 +544,81 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         .count();
     assert_eq!(counted, REQUESTS - REQUESTS / 3, "{lines:?}");
     assert_eq!(sum_of(&lines, "total_tokens"), sent.total());
+
+    // The same answers, counted by the usage-log receiver (the metrics the Pod serves).
+    let metrics = support::cluster::eventually(
+        Duration::from_secs(10),
+        "every answer in the usage metrics",
+        || {
+            let text = usage.encode();
+            async move {
+                // (`serve` asked each route for its models list too: the gateway answers that.)
+                let answered = metric(
+                    &text,
+                    "llmroute_gateway_requests_total",
+                    &[r#"outcome="success""#, r#"model="chat""#],
+                );
+                (answered == 2 * REQUESTS as u64).then_some(text)
+            }
+        },
+    )
+    .await;
+    let ns = format!(r#"namespace="{}""#, s.ns.name);
+    let (openai_sent, zhipu_sent) = (openai.usage_sent(), zhipu.usage_sent());
+    for (route, backend, provider_model, sent) in [
+        ("metered", "openai", "gpt-4o-mini", openai_sent),
+        ("glm", "zhipu", "glm-4-flash", zhipu_sent),
+    ] {
+        let labels = |kind: &'static str| {
+            [
+                ns.clone(),
+                format!(r#"route="{route}""#),
+                format!(r#"backend="{backend}""#),
+                r#"model="chat""#.to_string(),
+                format!(r#"provider_model="{provider_model}""#),
+                format!(r#"kind="{kind}""#),
+            ]
+        };
+        let count = |kind| {
+            let l = labels(kind);
+            metric(
+                &metrics,
+                "llmroute_gateway_tokens_total",
+                &l.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(count("prompt"), sent.prompt, "{route}: {metrics}");
+        assert_eq!(count("completion"), sent.completion, "{route}: {metrics}");
+        assert_eq!(count("cached"), sent.cached, "{route}: {metrics}");
+    }
+    // Zhipu's streams whose client asked for no usage had none to count, and say so.
+    assert_eq!(
+        metric(
+            &metrics,
+            "llmroute_gateway_usage_unreported_total",
+            &[r#"route="glm""#]
+        ),
+        (REQUESTS / 3) as u64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "llmroute_gateway_usage_unreported_total",
+            &[r#"route="metered""#]
+        ),
+        0,
+        "{metrics}"
+    );
+}
+
+/// The sum of the series of `name` whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn sum_of(lines: &[serde_json::Value], kind: &str) -> u64 {

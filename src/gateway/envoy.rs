@@ -53,6 +53,9 @@ pub struct EnvoyOptions {
     /// CA bundle (a file in the gateway's container) that providers' TLS certificates are verified
     /// against, unless the operator serves one (`--upstream-ca-file`).
     pub trusted_ca: String,
+    /// Port on 127.0.0.1 where the Pod's sidecar receives the access log over gRPC to count token
+    /// usage (`crate::usage`); 0: no usage log.
+    pub usage_log_port: u16,
 }
 
 impl Default for EnvoyOptions {
@@ -63,6 +66,7 @@ impl Default for EnvoyOptions {
             admin_port: 9901,
             health_port: 19003,
             trusted_ca: "/etc/ssl/certs/ca-certificates.crt".into(),
+            usage_log_port: crate::gateway::objects::USAGE_LOG_PORT,
         }
     }
 }
@@ -228,6 +232,9 @@ fn resources<'a>(
             .iter()
             .map(|u| ClusterEntry::Other(upstream_cluster(u, opts, served_ca.is_some()))),
     );
+    if opts.usage_log_port != 0 {
+        clusters.push(ClusterEntry::Other(usage_log_cluster(opts.usage_log_port)));
+    }
     clusters.sort_by(|a, b| a.name().cmp(b.name()));
     for c in &mut clusters {
         if let ClusterEntry::Other(v) = c {
@@ -692,8 +699,52 @@ fn health_listener(opts: &EnvoyOptions) -> Value {
     })
 }
 
-/// Access log of the front listener: no request or response headers that could carry keys.
-fn access_log() -> Value {
+/// Cluster of the Pod's usage-log receiver (the sidecar, on 127.0.0.1; gRPC over plain HTTP/2).
+/// Delivered with the listeners (CDS before LDS), so a gateway started from an older bootstrap gets
+/// it too.
+fn usage_log_cluster(port: u16) -> Value {
+    let mut c = static_cluster(USAGE_LOG_CLUSTER, "127.0.0.1", port);
+    c["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            json!({ "explicit_http_config": { "http2_protocol_options": {} } }),
+        ),
+    });
+    c
+}
+
+/// Name of the cluster of the usage-log receiver.
+pub const USAGE_LOG_CLUSTER: &str = "llmroute-usage-log";
+
+/// Access log of the front listener: no request or response headers that could carry keys. With a
+/// usage-log port, every answer also goes over gRPC to the Pod's sidecar, which counts its tokens
+/// (`crate::usage::als`): the route, the dynamic metadata the usage extractors wrote, the requested
+/// model and the backend and failure headers; no other header.
+fn access_log(opts: &EnvoyOptions) -> Value {
+    let mut logs = stdout_access_log();
+    if opts.usage_log_port != 0 {
+        logs.as_array_mut().expect("an array").push(json!({
+            "name": "envoy.access_loggers.http_grpc",
+            "typed_config": typed("envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig", json!({
+                "common_config": {
+                    "log_name": "llmroute-usage",
+                    "transport_api_version": "V3",
+                    "grpc_service": { "envoy_grpc": { "cluster_name": USAGE_LOG_CLUSTER } },
+                    // Batches of up to 16 KiB, sent at least every second.
+                    "buffer_flush_interval": "1s",
+                },
+                "additional_request_headers_to_log": [crate::usage::als::MODEL_HEADER],
+                "additional_response_headers_to_log": [
+                    crate::usage::als::BACKEND_HEADER,
+                    crate::usage::als::FAILURE_HEADER,
+                ],
+            })),
+        }));
+    }
+    logs
+}
+
+fn stdout_access_log() -> Value {
     json!([{
         "name": "envoy.access_loggers.stdout",
         "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", json!({
@@ -807,7 +858,7 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 // The encode path runs these in reverse: the usage readers see the provider's
                 // bytes before the Lua filter hides a usage chunk the client did not ask for.
                 "http_filters": [lua_filter(LUA_FRONT), usage_from_json(), usage_from_sse(), router_filter()],
-                "access_log": access_log(),
+                "access_log": access_log(opts),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",
             })),

@@ -53,8 +53,10 @@ pub const MIN_DRAIN_SECONDS: i64 = 10;
 pub const MAX_DRAIN_SECONDS: i64 = 300;
 /// The grace period covers the drain plus a margin for the admin calls and Envoy's own exit.
 pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 15;
-/// Port of the shutdown manager.
+/// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
+/// Port on 127.0.0.1 where the sidecar receives Envoy's gRPC access log (token usage).
+pub const USAGE_LOG_PORT: u16 = 19005;
 /// The manager's path whose GET answers once the drain is done (Envoy's preStop).
 pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
 /// Where the sidecar's emptyDir holding the drain state is mounted.
@@ -343,7 +345,21 @@ pub fn deployment(
             SHUTDOWN_STATE_DIR,
             "--ready-timeout",
             &format!("{}s", MAX_DRAIN_SECONDS + 10),
+            "--usage-port",
+            &envoy.usage_log_port.to_string(),
         ])),
+        // The gateway's namespace labels its usage metrics.
+        env: Some(vec![EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
         ports: Some(vec![ContainerPort {
             name: Some("shutdown".into()),
             container_port: SHUTDOWN_MANAGER_PORT as i32,

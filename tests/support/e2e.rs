@@ -154,6 +154,22 @@ impl Stack {
         workload_of(&self.client, &self.ns.name, route, self.port).await
     }
 
+    /// Starts the receiver of the gateway's usage log (what the Pod's sidecar runs) and returns
+    /// its counters.
+    pub async fn usage_log(&self) -> std::sync::Arc<llmroute::usage::UsageCounters> {
+        let counters = std::sync::Arc::new(llmroute::usage::UsageCounters::new(&self.ns.name));
+        let listener =
+            tokio::net::TcpListener::bind(("127.0.0.1", self.gateway.ports.usage_log_port))
+                .await
+                .expect("bind the usage log receiver");
+        tokio::spawn(llmroute::usage::als::serve(
+            listener,
+            counters.clone(),
+            std::future::pending(),
+        ));
+        counters
+    }
+
     pub fn operator_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
     }

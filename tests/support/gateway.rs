@@ -19,6 +19,8 @@ pub struct GatewayPorts {
     pub port: u16,
     pub admin_port: u16,
     pub health_port: u16,
+    /// Where the gateway sends its usage log (a receiver the test may start; see `usage_log`).
+    pub usage_log_port: u16,
 }
 
 impl GatewayPorts {
@@ -27,6 +29,7 @@ impl GatewayPorts {
             port: free_port(),
             admin_port: free_port(),
             health_port: free_port(),
+            usage_log_port: free_port(),
         }
     }
 
@@ -37,6 +40,7 @@ impl GatewayPorts {
             "--gateway-address=127.0.0.1".into(),
             format!("--gateway-admin-port={}", self.admin_port),
             format!("--gateway-health-port={}", self.health_port),
+            format!("--gateway-usage-log-port={}", self.usage_log_port),
         ]
     }
 }

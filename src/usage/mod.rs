@@ -1,0 +1,254 @@
+//! Token usage counted per answer, in the gateway Pod. Envoy reads every answer's usage (see
+//! `gateway::envoy::usage_from_json` / `usage_from_sse`) and sends one access-log entry per request
+//! over gRPC to the Pod's sidecar ([`als`]), which counts here and serves the counts at `/metrics`.
+//!
+//! This module is the pure part: an access-log entry reduced to [`Answer`], and the counters it feeds.
+//! Counters are cumulative per Pod (Prometheus sums the replicas: `sum by (route)`); why they live
+//! here and not in Envoy's own stats is in docs/design/usage.md.
+
+pub mod als;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// What the sidecar learns of one answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answer {
+    /// The LLMRoute (the front route's name).
+    pub route: String,
+    /// The backend that answered (`x-llmroute-backend`), empty when none did (no route, no key...).
+    pub backend: String,
+    /// The model the client asked for (the logical model), empty when it named none.
+    pub model: String,
+    /// The model the provider says it ran (`model` of its answer).
+    pub provider_model: String,
+    /// HTTP status the client got.
+    pub status: u32,
+    /// The failure class the gateway gave a failed answer (`x-llmroute-failure`).
+    pub failure: String,
+    /// The usage the answer reported; None for each count the answer did not carry.
+    pub usage: Usage,
+}
+
+/// Token counts of one answer, as the provider reported them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+    pub cached: Option<u64>,
+    pub total: Option<u64>,
+}
+
+impl Usage {
+    /// True when the answer carried any count.
+    pub fn reported(&self) -> bool {
+        self.prompt.is_some() || self.completion.is_some() || self.total.is_some()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    namespace: String,
+    route: String,
+    backend: String,
+    model: String,
+    /// `success`, or the failure class (`RateLimited`, `RegionBlocked`...), or `error` for a
+    /// failed answer without one.
+    outcome: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    namespace: String,
+    route: String,
+    backend: String,
+    model: String,
+    provider_model: String,
+    /// `prompt`, `completion` or `cached` (cached tokens are part of the prompt tokens).
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnreportedLabels {
+    namespace: String,
+    route: String,
+    backend: String,
+    model: String,
+}
+
+/// The gateway Pod's usage counters.
+pub struct UsageCounters {
+    namespace: String,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    unreported: Family<UnreportedLabels, Counter>,
+}
+
+impl UsageCounters {
+    /// Counters of the gateway of `namespace` (a label on every series, so sums across namespaces
+    /// need no relabelling).
+    pub fn new(namespace: &str) -> Self {
+        let mut registry = Registry::with_prefix("llmroute_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Answers the gateway gave, by route, backend, requested model, outcome and status code",
+            requests.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens the providers reported in their answers (prompt, completion; cached tokens are part of prompt)",
+            tokens.clone(),
+        );
+        let unreported = Family::<UnreportedLabels, Counter>::default();
+        registry.register(
+            "usage_unreported",
+            "Successful answers that carried no token usage (a provider that reports none in streams)",
+            unreported.clone(),
+        );
+        UsageCounters {
+            namespace: namespace.to_string(),
+            registry,
+            requests,
+            tokens,
+            unreported,
+        }
+    }
+
+    /// Counts one answer.
+    pub fn record(&self, answer: &Answer) {
+        let success = (200..300).contains(&answer.status);
+        let outcome = if success {
+            "success".to_string()
+        } else if answer.failure.is_empty() {
+            "error".to_string()
+        } else {
+            answer.failure.clone()
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                namespace: self.namespace.clone(),
+                route: answer.route.clone(),
+                backend: answer.backend.clone(),
+                model: answer.model.clone(),
+                outcome,
+                code: answer.status.to_string(),
+            })
+            .inc();
+        let u = &answer.usage;
+        // An answer of the gateway itself (the models list) has no usage to report.
+        if success && !u.reported() && !answer.backend.is_empty() {
+            self.unreported
+                .get_or_create(&UnreportedLabels {
+                    namespace: self.namespace.clone(),
+                    route: answer.route.clone(),
+                    backend: answer.backend.clone(),
+                    model: answer.model.clone(),
+                })
+                .inc();
+        }
+        // A total without its parts (some providers) counts as completion only when nothing says
+        // otherwise; here the parts are what is counted, and a missing part is not guessed.
+        for (kind, count) in [
+            ("prompt", u.prompt),
+            ("completion", u.completion),
+            ("cached", u.cached),
+        ] {
+            let Some(count) = count else { continue };
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    namespace: self.namespace.clone(),
+                    route: answer.route.clone(),
+                    backend: answer.backend.clone(),
+                    model: answer.model.clone(),
+                    provider_model: answer.provider_model.clone(),
+                    kind,
+                })
+                .inc_by(count);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u32, usage: Usage) -> Answer {
+        Answer {
+            route: "chat".into(),
+            backend: "zhipu".into(),
+            model: "fast".into(),
+            provider_model: "glm-4-flash".into(),
+            status,
+            failure: String::new(),
+            usage,
+        }
+    }
+
+    fn line<'a>(text: &'a str, starts: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(starts))
+    }
+
+    #[test]
+    fn answers_add_up_by_kind_and_outcome() {
+        let c = UsageCounters::new("team-a");
+        let full = Usage {
+            prompt: Some(10),
+            completion: Some(3),
+            cached: Some(2),
+            total: Some(13),
+        };
+        c.record(&answer(200, full));
+        c.record(&answer(200, full));
+        c.record(&answer(200, Usage::default()));
+        let mut limited = answer(429, Usage::default());
+        limited.failure = "RateLimited".into();
+        c.record(&limited);
+        let text = c.encode();
+        let labels = r#"namespace="team-a",route="chat",backend="zhipu",model="fast",provider_model="glm-4-flash""#;
+        assert_eq!(
+            line(
+                &text,
+                &format!("llmroute_gateway_tokens_total{{{labels},kind=\"prompt\"}}")
+            ),
+            Some(format!("llmroute_gateway_tokens_total{{{labels},kind=\"prompt\"}} 20").as_str())
+        );
+        assert!(text.contains(&format!(
+            "llmroute_gateway_tokens_total{{{labels},kind=\"completion\"}} 6"
+        )));
+        assert!(text.contains(&format!(
+            "llmroute_gateway_tokens_total{{{labels},kind=\"cached\"}} 4"
+        )));
+        assert!(text.contains(r#"llmroute_gateway_requests_total{namespace="team-a",route="chat",backend="zhipu",model="fast",outcome="success",code="200"} 3"#));
+        assert!(text.contains(r#"llmroute_gateway_requests_total{namespace="team-a",route="chat",backend="zhipu",model="fast",outcome="RateLimited",code="429"} 1"#));
+        assert!(text.contains(r#"llmroute_gateway_usage_unreported_total{namespace="team-a",route="chat",backend="zhipu",model="fast"} 1"#));
+    }
+
+    #[test]
+    fn a_failed_answer_or_the_gateway_s_own_is_not_unreported_usage() {
+        let c = UsageCounters::new("ns");
+        c.record(&answer(503, Usage::default()));
+        let mut models_list = answer(200, Usage::default());
+        models_list.backend.clear();
+        c.record(&models_list);
+        let text = c.encode();
+        assert!(
+            !text.contains("llmroute_gateway_usage_unreported_total{"),
+            "{text}"
+        );
+        assert!(text.contains(r#"outcome="error",code="503"} 1"#));
+    }
+}
