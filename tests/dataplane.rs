@@ -591,6 +591,13 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         assert_eq!(count("completion"), sent.completion, "{route}: {metrics}");
         assert_eq!(count("cached"), sent.cached, "{route}: {metrics}");
     }
+    // The chart's dashboard queries only series the gateway exports.
+    support::alerts::assert_all_exported(
+        &support::alerts::dashboard_metrics("llmroute_gateway_"),
+        &metrics,
+        3,
+        "the dashboard",
+    );
     // Zhipu's streams whose client asked for no usage had none to count, and say so.
     assert_eq!(
         metric(

@@ -1281,4 +1281,9 @@ fn the_alerts_use_metrics_the_operator_exports() {
         .inc();
     m.xds_propagation.observe(0.01);
     support::alerts::assert_exported("llmroute_", &m.encode(), 6, "the operator");
+    // The dashboard's route and backend panels read the operator's series (its token panels the
+    // gateways': tests/dataplane.rs).
+    let mut operator_series = support::alerts::dashboard_metrics("llmroute_");
+    operator_series.retain(|n| !n.starts_with("llmroute_gateway_"));
+    support::alerts::assert_all_exported(&operator_series, &m.encode(), 3, "the dashboard");
 }
