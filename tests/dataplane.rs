@@ -429,7 +429,13 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
     s.ns.apply(&route(
         "metered",
         "",
-        &[backend("openai", "openai", &openai, "gpt-4o-mini", "")],
+        &[backend(
+            "openai",
+            "openai",
+            &openai,
+            "gpt-4o-mini",
+            "      cost: { input: \"2.5\", output: \"10\" }\n",
+        )],
     ));
     s.ns.apply(&route(
         "glm",
@@ -591,6 +597,23 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         assert_eq!(count("completion"), sent.completion, "{route}: {metrics}");
         assert_eq!(count("cached"), sent.cached, "{route}: {metrics}");
     }
+    // Cost at the backend's price (per million tokens); a backend without one has no cost series.
+    let cost = metrics
+        .lines()
+        .find(|l| l.starts_with("llmroute_gateway_cost_total{") && l.contains(r#"route="metered""#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no cost of route metered: {metrics}"));
+    let expected = (openai_sent.prompt as f64 * 2.5 + openai_sent.completion as f64 * 10.0) / 1e6;
+    assert!(
+        (cost - expected).abs() < 1e-9,
+        "cost {cost}, expected {expected}"
+    );
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("llmroute_gateway_cost_total{") && l.contains(r#"route="glm""#)),
+        "{metrics}"
+    );
     // The chart's dashboard queries only series the gateway exports.
     support::alerts::assert_all_exported(
         &support::alerts::dashboard_metrics("llmroute_gateway_"),

@@ -732,6 +732,17 @@ fn access_log(opts: &EnvoyOptions) -> Value {
                     "grpc_service": { "envoy_grpc": { "cluster_name": USAGE_LOG_CLUSTER } },
                     // Batches of up to 16 KiB, sent at least every second.
                     "buffer_flush_interval": "1s",
+                    // The route's prices, and nothing else of its metadata (which holds its key).
+                    "custom_tags": [{
+                        "tag": crate::usage::als::PRICES_TAG,
+                        "metadata": {
+                            "kind": { "route": {} },
+                            "metadata_key": {
+                                "key": "envoy.filters.http.lua",
+                                "path": [{ "key": crate::usage::als::PRICES_TAG }],
+                            },
+                        },
+                    }],
                 },
                 "additional_request_headers_to_log": [crate::usage::als::MODEL_HEADER],
                 "additional_response_headers_to_log": [
@@ -1079,6 +1090,12 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
             models: &route.models,
             passthrough: route.passthrough,
             chains: &route.chain_backends,
+            prices: crate::usage::prices_tag(
+                route
+                    .backends
+                    .iter()
+                    .filter_map(|b| Some((b.name.as_str(), b.cost.as_ref()?))),
+            ),
         }),
         request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         request_headers_to_add: [shapes::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],

@@ -64,6 +64,8 @@ pub struct BackendIr {
     pub account: String,
     pub models: BTreeMap<String, String>,
     pub passthrough: bool,
+    /// Price per million input and output tokens (`spec.backends[].cost`), for the usage metrics.
+    pub cost: Option<crate::api::Cost>,
 }
 
 /// A provider account: one provider at one base URL with one key. It is one internal listener (and
@@ -414,6 +416,7 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             passthrough: b.models.contains_key("*"),
+            cost: b.cost.clone(),
         });
         accounts.insert(i, account);
     }

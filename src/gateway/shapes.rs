@@ -206,6 +206,11 @@ pub struct FrontMetadata<'a> {
     pub passthrough: bool,
     /// Backend names of each failover chain, first tried first.
     pub chains: &'a [Vec<String>],
+    /// Prices of the backends that have one, `backend=input/output` per million tokens, comma
+    /// separated: the usage log carries this value (and only this one of the route's metadata) to
+    /// the sidecar, which counts cost (`crate::usage`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prices: String,
 }
 
 // ---- account listener routes ----

@@ -51,6 +51,9 @@ pub struct AccessLogCommon {
     pub metadata: Option<Metadata>,
     #[prost(string, tag = "19")]
     pub route_name: String,
+    /// The log's custom tags (the route's prices, [`PRICES_TAG`]).
+    #[prost(map = "string, string", tag = "22")]
+    pub custom_tags: HashMap<String, String>,
     /// An entry logged while the request still runs (periodic logging); not an answer.
     #[prost(bool, tag = "27")]
     pub intermediate_log_entry: bool,
@@ -90,6 +93,8 @@ pub const MODEL_HEADER: &str = "x-llmroute-model";
 /// Response headers naming the backend that answered and the failure class of a failed answer.
 pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 pub const FAILURE_HEADER: &str = "x-llmroute-failure";
+/// Custom tag of the usage log with the route's prices (see [`super::prices_tag`]).
+pub const PRICES_TAG: &str = "prices";
 
 /// One access-log entry as an [`Answer`]; None for an entry that is not an answer (intermediate).
 pub fn answer(entry: &HttpAccessLogEntry) -> Option<Answer> {
@@ -132,9 +137,15 @@ pub fn answer(entry: &HttpAccessLogEntry) -> Option<Answer> {
             .and_then(|r| r.response_headers.get(name).cloned())
             .unwrap_or_default()
     };
+    let backend = response_header(BACKEND_HEADER);
+    let price = common
+        .custom_tags
+        .get(PRICES_TAG)
+        .and_then(|tag| super::price_in_tag(tag, &backend));
     Some(Answer {
         route: common.route_name.clone(),
-        backend: response_header(BACKEND_HEADER),
+        price,
+        backend,
         model: request_header(MODEL_HEADER),
         provider_model: text("provider_model"),
         status: response.and_then(|r| r.response_code).unwrap_or(0),
@@ -273,6 +284,7 @@ mod tests {
                             filter_metadata: [(METADATA_NAMESPACE.to_string(), usage)].into(),
                         }),
                         route_name: "chat".into(),
+                        custom_tags: [(PRICES_TAG.to_string(), "zhipu=1/2".to_string())].into(),
                         intermediate_log_entry: false,
                     }),
                     request: Some(HttpRequestProperties {
@@ -297,6 +309,13 @@ mod tests {
         assert_eq!(a.usage.prompt, Some(12));
         assert_eq!(a.usage.completion, Some(5));
         assert_eq!(a.usage.cached, None);
+        assert_eq!(
+            a.price,
+            Some(super::super::Price {
+                input: 1.0,
+                output: 2.0
+            })
+        );
     }
 
     /// The field numbers above against Envoy's own descriptors: a message written as Envoy's JSON
@@ -307,6 +326,7 @@ mod tests {
             "http_logs": { "log_entry": [{
                 "common_properties": {
                     "route_name": "chat",
+                    "custom_tags": { "prices": "zhipu=1/2,deepseek=0.27/1.1" },
                     "metadata": { "filter_metadata": { "llmroute": {
                         "prompt_tokens": 7, "completion_tokens": 2, "cached_tokens": 1,
                         "total_tokens": 9, "provider_model": "deepseek-chat"
@@ -350,6 +370,10 @@ mod tests {
                     cached: Some(1),
                     total: Some(9),
                 },
+                price: Some(crate::usage::Price {
+                    input: 0.27,
+                    output: 1.1,
+                }),
             }
         );
     }

@@ -12,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// What the sidecar learns of one answer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,6 +31,51 @@ pub struct Answer {
     pub failure: String,
     /// The usage the answer reported; None for each count the answer did not carry.
     pub usage: Usage,
+    /// The answering backend's price, when its route gives one (`spec.backends[].cost`).
+    pub price: Option<Price>,
+}
+
+/// Price per million input (prompt) and output (completion) tokens, in the route's currency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+impl Price {
+    /// What `usage` costs: prompt tokens at the input price, completion tokens at the output price
+    /// (cached prompt tokens at the full input price: providers' discounts for them differ and the
+    /// spec has no field for them, so cost is an upper bound there).
+    pub fn of(&self, usage: &Usage) -> f64 {
+        (usage.prompt.unwrap_or(0) as f64 * self.input
+            + usage.completion.unwrap_or(0) as f64 * self.output)
+            / 1e6
+    }
+}
+
+/// The route's prices as one tag value of its usage log: `backend=input/output` for each backend
+/// with a price, comma separated (backend names are DNS labels: no `=`, `/` or `,`).
+pub fn prices_tag<'a>(
+    backends: impl IntoIterator<Item = (&'a str, &'a crate::api::Cost)>,
+) -> String {
+    backends
+        .into_iter()
+        .map(|(name, cost)| format!("{name}={}/{}", cost.input, cost.output))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The price of `backend` in a tag written by [`prices_tag`].
+pub fn price_in_tag(tag: &str, backend: &str) -> Option<Price> {
+    tag.split(',').find_map(|entry| {
+        let (name, prices) = entry.split_once('=')?;
+        let (input, output) = prices.split_once('/')?;
+        (name == backend).then_some(())?;
+        Some(Price {
+            input: input.parse().ok()?,
+            output: output.parse().ok()?,
+        })
+    })
 }
 
 /// Token counts of one answer, as the provider reported them.
@@ -72,6 +118,14 @@ struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CostLabels {
+    namespace: String,
+    route: String,
+    backend: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UnreportedLabels {
     namespace: String,
     route: String,
@@ -85,6 +139,7 @@ pub struct UsageCounters {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     unreported: Family<UnreportedLabels, Counter>,
 }
 
@@ -105,6 +160,12 @@ impl UsageCounters {
             "Tokens the providers reported in their answers (prompt, completion; cached tokens are part of prompt)",
             tokens.clone(),
         );
+        let cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "cost",
+            "Cost of the reported tokens at the backends' prices (spec.backends[].cost, per million tokens; in the route's currency)",
+            cost.clone(),
+        );
         let unreported = Family::<UnreportedLabels, Counter>::default();
         registry.register(
             "usage_unreported",
@@ -116,6 +177,7 @@ impl UsageCounters {
             registry,
             requests,
             tokens,
+            cost,
             unreported,
         }
     }
@@ -171,6 +233,16 @@ impl UsageCounters {
                 })
                 .inc_by(count);
         }
+        if let Some(price) = answer.price.filter(|_| u.reported()) {
+            self.cost
+                .get_or_create(&CostLabels {
+                    namespace: self.namespace.clone(),
+                    route: answer.route.clone(),
+                    backend: answer.backend.clone(),
+                    model: answer.model.clone(),
+                })
+                .inc_by(price.of(u));
+        }
     }
 
     /// The Prometheus text exposition.
@@ -195,6 +267,7 @@ mod tests {
             status,
             failure: String::new(),
             usage,
+            price: None,
         }
     }
 
@@ -250,5 +323,45 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"outcome="error",code="503"} 1"#));
+    }
+
+    #[test]
+    fn cost_is_counted_at_the_backend_s_price() {
+        let cost = |input: &str, output: &str| crate::api::Cost {
+            input: input.into(),
+            output: output.into(),
+        };
+        let (zhipu, deepseek) = (cost("0.5", "1.5"), cost("2", "8.25"));
+        let tag = prices_tag([("zhipu", &zhipu), ("deepseek", &deepseek)]);
+        assert_eq!(tag, "zhipu=0.5/1.5,deepseek=2/8.25");
+        assert_eq!(
+            price_in_tag(&tag, "deepseek"),
+            Some(Price {
+                input: 2.0,
+                output: 8.25
+            })
+        );
+        assert_eq!(price_in_tag(&tag, "zhi"), None);
+        assert_eq!(price_in_tag("", "zhipu"), None);
+
+        let c = UsageCounters::new("ns");
+        let mut a = answer(
+            200,
+            Usage {
+                prompt: Some(1_000_000),
+                completion: Some(2_000_000),
+                cached: None,
+                total: Some(3_000_000),
+            },
+        );
+        a.price = price_in_tag(&tag, "zhipu");
+        c.record(&a);
+        c.record(&a);
+        let text = c.encode();
+        // 2 x (1 M x 0.5 + 2 M x 1.5) per million = 7.
+        assert!(
+            text.contains(r#"llmroute_gateway_cost_total{namespace="ns",route="chat",backend="zhipu",model="fast"} 7.0"#),
+            "{text}"
+        );
     }
 }
