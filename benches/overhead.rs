@@ -431,6 +431,8 @@ struct Gateway {
     _envoy: Proc,
     port: u16,
     route_key: String,
+    /// What the gateway Pod's sidecar counts from the usage log (the same receiver).
+    usage: std::sync::Arc<llmroute::usage::UsageCounters>,
 }
 
 fn route_yaml(primary_base: &str, fallback_base: &str) -> String {
@@ -475,8 +477,19 @@ fn start_gateway(
         address: "127.0.0.1".into(),
         admin_port: free_port(),
         health_port: free_port(),
+        usage_log_port: free_port(),
         ..Default::default()
     };
+    // The usage log goes where it goes in a Pod: to the sidecar's receiver, run here in-process.
+    let usage = std::sync::Arc::new(llmroute::usage::UsageCounters::new("bench"));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", opts.usage_log_port))
+        .expect("bind the usage log receiver");
+    listener.set_nonblocking(true).unwrap();
+    tokio::spawn(llmroute::usage::als::serve(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+        usage.clone(),
+        std::future::pending(),
+    ));
     let renders = render::translate_offline(
         &routes,
         &RenderOptions {
@@ -519,6 +532,7 @@ fn start_gateway(
         _envoy: envoy,
         port: opts.port,
         route_key: route_keys["chat"].clone(),
+        usage,
     }
 }
 
@@ -1160,6 +1174,14 @@ async fn run(s: Settings) {
         out,
         "\nPercentiles are nearest-rank over all rounds; differences are taken percentile by percentile."
     );
+    // Every answer of the gateway reached the usage counters (the log is flushed every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counted = gateway_answers(&gateway.usage.encode());
+    let _ = writeln!(
+        out,
+        "Usage log: {} answers of the gateway counted by the sidecar's receiver ({} prompt and {} completion tokens).",
+        counted.0, counted.1, counted.2
+    );
     println!("{out}");
     drop(litellm);
     drop(plain);
@@ -1171,4 +1193,19 @@ async fn run(s: Settings) {
             scratch.keep().display()
         );
     }
+}
+
+/// Answers, prompt and completion tokens in a usage-counter exposition.
+fn gateway_answers(text: &str) -> (u64, u64, u64) {
+    let sum = |name: &str, filter: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    (
+        sum("llmroute_gateway_requests_total{", ""),
+        sum("llmroute_gateway_tokens_total{", r#"kind="prompt""#),
+        sum("llmroute_gateway_tokens_total{", r#"kind="completion""#),
+    )
 }
