@@ -206,6 +206,21 @@ fn quantity(s: &str) -> Quantity {
     Quantity(s.to_string())
 }
 
+/// An environment variable holding a field of the Pod (the downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The gateway Deployment: Envoy started from the bootstrap in the ConfigMap, with the xDS client
 /// certificate of the namespace; `cert_not_after` (the certificate's expiry) is in the Pod template,
 /// so a renewed certificate rolls the Pods.
@@ -291,17 +306,7 @@ pub fn deployment(
             }),
             ..Default::default()
         }),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        env: Some(vec![field_env("POD_NAME", "metadata.name")]),
         // Envoy's last log lines become the termination message of a container that fails (a
         // bootstrap it cannot load, a certificate it cannot read): the operator reports it in the
         // routes' status.
@@ -349,17 +354,7 @@ pub fn deployment(
             &envoy.usage_log_port.to_string(),
         ])),
         // The gateway's namespace labels its usage metrics.
-        env: Some(vec![EnvVar {
-            name: "POD_NAMESPACE".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.namespace".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        env: Some(vec![field_env("POD_NAMESPACE", "metadata.namespace")]),
         ports: Some(vec![ContainerPort {
             name: Some("shutdown".into()),
             container_port: SHUTDOWN_MANAGER_PORT as i32,

@@ -474,6 +474,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     // At most `STATUS_WRITES` in flight, each built when a slot frees up, so a namespace's routes
     // never hold memory all at once.
+    let settling = ctx.xds.server.settling();
     let mut pending = routes.iter();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
@@ -487,7 +488,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
                 ready_replicas,
                 desired_replicas,
                 pod_problem: pod_problem.clone(),
-                settling: ctx.xds.server.settling(),
+                settling,
                 previous: route
                     .status
                     .as_ref()
