@@ -31,6 +31,7 @@ fn backend(name: &str, provider: &str, priority: u32, secret: &str, model: &str)
         regions: None,
         cost: None,
         azure: None,
+        budget: None,
     }
 }
 

@@ -307,6 +307,18 @@ async fn metrics(State(state): State<Arc<ManagerState>>) -> impl axum::response:
     )
 }
 
+/// `GET /usage`: the Pod's cumulative counts per route and backend, read by the operator leader
+/// for budgets (see `usage::ledger`).
+async fn usage(State(state): State<Arc<ManagerState>>) -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&state.usage.report()).expect("counts serialize"),
+    )
+}
+
+/// Path of the cumulative counts budgets are counted from.
+pub const USAGE_PATH: &str = "/usage";
+
 /// Path of the usage metrics.
 pub const METRICS_PATH: &str = "/metrics";
 
@@ -315,6 +327,7 @@ fn router(state: Arc<ManagerState>) -> Router {
     Router::new()
         .route(READY_PATH, get(ready))
         .route(METRICS_PATH, get(metrics))
+        .route(USAGE_PATH, get(usage))
         .with_state(state)
 }
 

@@ -240,6 +240,11 @@ struct RunArgs {
     /// while it waits on the API server: more overlap more waiting, and cost memory.
     #[arg(long, default_value_t = llmroute::operator::RECONCILE_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
+    /// How often the leader reads every gateway replica's token and cost counts (Go-style
+    /// duration): budgets are enforced and status usage is updated at this pace, so traffic can
+    /// overshoot a budget by this much. `0s`: never (no budgets, no status usage).
+    #[arg(long, default_value = "10s")]
+    usage_interval: String,
     /// Extra CA certificates (PEM) trusted for providers' TLS besides the system's (private
     /// endpoints, a corporate CA): by the prober, and by the gateways (served to them over xDS with
     /// the system roots of --system-ca-file).
@@ -318,6 +323,10 @@ fn run_operator(args: RunArgs) -> ExitCode {
         }),
         cert_dir: args.gateway_xds_cert_dir.clone(),
     };
+    let usage_interval = match duration_arg("usage-interval", &args.usage_interval) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
         let client = match kube::Client::try_default().await {
@@ -348,6 +357,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             },
             identity,
             reconcile_concurrency: args.reconcile_concurrency,
+            usage_interval,
             prober: llmroute::probe::ProberOptions {
                 concurrency: args.probe_concurrency,
                 extra_ca: args.upstream_ca_file,

@@ -330,7 +330,21 @@ pub fn route_status(
                 .decision
                 .preferred
                 .map(|i| outcome.decision.backends[i].name.clone());
+            status.usage = Some(outcome.usage.clone());
             match (&programmed, &outcome.active_backend) {
+                (Ok(_), Some(active)) if outcome.decision.over_budget.is_some() => {
+                    let why = outcome.decision.over_budget.clone().unwrap_or_default();
+                    conditions.push(condition(
+                        READY,
+                        false,
+                        "BudgetExhausted",
+                        format!("the {why}: the gateway answers its requests with 429"),
+                        generation,
+                        &now,
+                    ));
+                    status.active_backend = Some(active.clone());
+                    status.endpoint = Some(endpoint.clone());
+                }
                 (Ok(_), Some(active)) => {
                     conditions.push(condition(
                         READY,

@@ -860,3 +860,210 @@ async fn route_edits_under_continuous_load_fail_no_request() {
     assert_eq!(rejected, 0, "Envoy rejected an update");
     leak_check(&s, ["a-key-0001", "b-key-0001", "c-key-0001"]);
 }
+
+/// Budgets, counted across operator and sidecar restarts. A free-tier backend serves until its own
+/// budget is used, then the paid one serves; the counts in status equal what the providers
+/// reported, exactly, after a new leader and a restarted sidecar; once the route's own budget is
+/// used, the gateway answers 429 in OpenAI's shape and the route says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
+    let mut s = Stack::start("dp-budget", "us").await;
+    s.start_sidecar();
+    let free = s
+        .sim_with(SimConfig::new(SimProvider::OpenAI).key("free-key-0001"))
+        .await;
+    let paid = s
+        .sim_with(SimConfig::new(SimProvider::Zhipu).key("paid-key-0001"))
+        .await;
+    s.ns.apply(&key_secret("free-key", "free-key-0001"));
+    s.ns.apply(&key_secret("paid-key", "paid-key-0001"));
+    const FREE_BUDGET: u64 = 150;
+    let spec = |route_budget: Option<u64>| {
+        let policy = route_budget
+            .map(|t| format!("    budget: {{ tokens: {t} }}\n"))
+            .unwrap_or_default();
+        route(
+            "metered",
+            &policy,
+            &[
+                backend(
+                    "free",
+                    "openai",
+                    &free,
+                    "gpt-4o-mini",
+                    &format!("      budget: {{ tokens: {FREE_BUDGET}, period: Day }}\n"),
+                ),
+                backend(
+                    "paid",
+                    "zhipu",
+                    &paid,
+                    "glm-4-flash",
+                    "      priority: 1\n      cost: { input: \"1\", output: \"2\" }\n",
+                ),
+            ],
+        )
+    };
+    s.ns.apply(&spec(None));
+    let w = s.serve("metered").await;
+    // 20 prompt words, non-streamed or streamed with usage: every answer reports its usage.
+    let send = |i: usize| {
+        let w = w.clone();
+        async move {
+            let mut body = serde_json::json!({
+                "model": "chat",
+                "messages": [{ "role": "user", "content": vec!["word"; 20].join(" ") }],
+            });
+            if i % 2 == 1 {
+                body["stream"] = true.into();
+                body["stream_options"] = serde_json::json!({ "include_usage": true });
+            }
+            let r = w
+                .client
+                .post(format!("{}/chat/completions", w.base))
+                .bearer_auth(&w.key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let (status, backend) = (r.status().as_u16(), backend_of(&r));
+            let failure = r
+                .headers()
+                .get("x-llmroute-failure")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, backend, failure, r.text().await.unwrap())
+        }
+    };
+    let sent = || free.usage_sent().total() + paid.usage_sent().total();
+    let routes = s.routes();
+    let usage_is = |tokens: u64, what: &str| {
+        let routes = routes.clone();
+        let what = what.to_string();
+        async move {
+            support::cluster::eventually(Duration::from_secs(20), &what, || {
+                let routes = routes.clone();
+                async move {
+                    let u = routes.get("metered").await.ok()?.status?.usage?;
+                    (u.tokens == tokens).then_some(u)
+                }
+            })
+            .await
+        }
+    };
+
+    // The free backend serves until its budget is counted as used (at most a second late).
+    let started = Instant::now();
+    let mut i = 0;
+    loop {
+        let (status, backend, _, text) = send(i).await;
+        assert_eq!(status, 200, "{text}");
+        i += 1;
+        if backend == "paid" {
+            break;
+        }
+        assert_eq!(backend, "free");
+        assert!(
+            i < 300 && started.elapsed() < Duration::from_secs(60),
+            "the free backend still serves after {i} requests"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let free_used = free.usage_sent().total();
+    assert!(free_used >= FREE_BUDGET, "{free_used}");
+    println!(
+        "free tier: budget {FREE_BUDGET} tokens, used {free_used} before traffic moved ({i} requests)"
+    );
+    let u = usage_is(sent(), "status usage to equal what the providers reported").await;
+    let free_usage = u.backends.iter().find(|b| b.name == "free").unwrap();
+    assert_eq!(free_usage.tokens, free_used);
+    assert_eq!(free_usage.remaining.as_ref().unwrap().tokens, Some(0));
+    assert_eq!(free_usage.period.len(), "2026-12-01".len());
+    let paid_usage = u.backends.iter().find(|b| b.name == "paid").unwrap();
+    assert_eq!(paid_usage.tokens, paid.usage_sent().total());
+    // Cost at paid's prices (1 and 2 per million): prompt + 2 x completion, per million.
+    let p = paid.usage_sent();
+    let cost: f64 = paid_usage.cost.as_deref().unwrap().parse().unwrap();
+    assert!(
+        (cost - (p.prompt + 2 * p.completion) as f64 / 1e6).abs() < 1e-6,
+        "{cost} {p:?}"
+    );
+    let status = routes.get("metered").await.unwrap().status.unwrap();
+    let free_status = status.backends.iter().find(|b| b.name == "free").unwrap();
+    assert_eq!(
+        free_status.reason.as_deref(),
+        Some("BudgetExhausted"),
+        "{free_status:?}"
+    );
+    assert_eq!(status.active_backend.as_deref(), Some("paid"));
+
+    // A new leader resumes from the stored ledger: nothing counted twice, nothing lost.
+    s.restart_operator();
+    for _ in 0..3 {
+        let (status, backend, _, _) = send(i).await;
+        i += 1;
+        assert_eq!((status, backend.as_str()), (200, "paid"));
+    }
+    usage_is(sent(), "exact counts after an operator restart").await;
+
+    // A restarted sidecar counts from zero under a new boot id: added, not lost, not doubled.
+    let boot = s.sidecar_usage().await.boot;
+    s.stop_sidecar();
+    s.start_sidecar();
+    assert_ne!(s.sidecar_usage().await.boot, boot);
+    for _ in 0..3 {
+        assert_eq!(send(i).await.0, 200);
+        i += 1;
+    }
+    let total = sent();
+    usage_is(total, "exact counts after a sidecar restart").await;
+
+    // The route's own budget: room for a few more requests, then 429s that say why.
+    s.ns.apply(&spec(Some(total + 60)));
+    let mut refused = None;
+    for _ in 0..100 {
+        let (status, backend, failure, text) = send(i).await;
+        i += 1;
+        if status == 429 {
+            refused = Some((failure, text));
+            break;
+        }
+        assert_eq!((status, backend.as_str()), (200, "paid"), "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (failure, text) = refused.expect("the route's budget never stopped it");
+    assert_eq!(failure.as_deref(), Some("BudgetExhausted"));
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{text}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens for 20"),
+        "{text}"
+    );
+    let u = usage_is(sent(), "exact counts with the route over its budget").await;
+    assert_eq!(u.remaining.unwrap().tokens, Some(0));
+    let ready = routes
+        .get("metered")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "BudgetExhausted"),
+        "{ready:?}"
+    );
+    // The route key still guards the route: no key, no 429 with budget details.
+    let r = w
+        .client
+        .post(format!("{}/chat/completions", w.base))
+        .json(&serde_json::json!({ "model": "chat", "messages": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

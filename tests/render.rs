@@ -405,6 +405,24 @@ fn bad_inputs_are_rejected_with_one_precise_line() {
             "spec.policy.strategy: spec.policy.strategy LowestCost needs",
         ),
         (
+            "budget without a limit",
+            with_backend("  policy: { budget: { period: Day } }"),
+            "spec.policy.budget.tokens: a budget needs tokens or cost",
+        ),
+        (
+            "cost budget without prices",
+            with_backend("  policy: { budget: { cost: \"5\" } }"),
+            "spec.policy.budget.cost: spec.policy.budget.cost needs spec.backends[].cost",
+        ),
+        (
+            "backend cost budget without its price",
+            route_yaml(
+                "r",
+                &format!("  backends:{VALID_BACKEND}\n      budget: {{ cost: \"1\" }}"),
+            ),
+            "spec.backends[0].budget.cost: spec.backends[].budget.cost needs spec.backends[].cost",
+        ),
+        (
             "region not a code",
             with_backend("  region: china"),
             "spec.region",

@@ -149,6 +149,12 @@ pub struct Backend {
     /// Settings that only apply to `azure-openai` backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureOptions>,
+
+    /// What this backend may use per period. When it is used up the backend is taken out of
+    /// rotation like an exhausted quota until the period ends, and the next backend serves (for
+    /// example a provider's free tier first, then a paid account). A `cost` budget needs `cost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 fn default_weight() -> u32 {
@@ -181,6 +187,37 @@ pub struct Cost {
     /// Price per million output (completion) tokens, for example `"10.00"`.
     #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"), length(max = 19))]
     pub output: String,
+}
+
+/// A limit on the tokens or the cost used per period, counted from the usage the providers report
+/// in their answers, across every gateway replica. The count is updated every few seconds (the
+/// operator's `--usage-interval`), so traffic can overshoot a budget by that much.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::budget_rules_transform)]
+pub struct Budget {
+    /// `Month` (default) or `Day`: calendar periods in UTC. Counts start again at 0 when one begins.
+    #[serde(default)]
+    pub period: BudgetPeriod,
+    /// Tokens (prompt plus completion, as the providers report them) per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens: Option<u64>,
+    /// Cost per period at the backends' `cost` prices, as a decimal string in their currency (for
+    /// example `"50.00"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"), length(max = 19))]
+    pub cost: Option<String>,
+}
+
+/// A budget's period.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BudgetPeriod {
+    /// A calendar day, UTC.
+    Day,
+    /// A calendar month, UTC.
+    #[default]
+    Month,
 }
 
 /// Options of `azure-openai` backends.
@@ -239,6 +276,13 @@ pub struct Policy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64), schema_with = "schema::region_list")]
     pub data_residency: Option<Vec<String>>,
+
+    /// What the whole route may use per period. When it is used up the gateway answers the
+    /// route's requests with an OpenAI-shaped 429 (`code: budget_exceeded`) until the period ends.
+    /// A `cost` budget needs `cost` on every backend. Without a budget, usage is still counted per
+    /// calendar month (`status.usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 impl Default for Policy {
@@ -250,6 +294,7 @@ impl Default for Policy {
             health_check: HealthCheck::default(),
             failback: Failback::default(),
             data_residency: None,
+            budget: None,
         }
     }
 }
@@ -517,6 +562,58 @@ pub struct LLMRouteStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "schema::backend_status_list")]
     pub backends: Vec<BackendStatus>,
+    /// Tokens and cost of the current period across every gateway replica, and what is left of
+    /// the budgets. Updated at most every `--usage-interval`, and only when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// Usage of a route in its current period.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// The period counted: `2026-12` (month) or `2026-12-01` (day), UTC.
+    pub period: String,
+    /// When the period ends and the counts start again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Time>,
+    /// Tokens (prompt plus completion) the route's answers reported this period.
+    pub tokens: u64,
+    /// Their cost at the backends' prices (backends without `cost` count nothing), as a decimal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
+    /// What is left of `spec.policy.budget` (0 once it is used up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<Remaining>,
+    /// The same per backend that answered or has a budget, each in its own budget's period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::backend_usage_list")]
+    pub backends: Vec<BackendUsage>,
+}
+
+/// Usage of one backend in its current period.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendUsage {
+    pub name: String,
+    /// `2026-12` or `2026-12-01`: the backend's budget period, else the route's.
+    pub period: String,
+    pub tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
+    /// What is left of `spec.backends[].budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<Remaining>,
+}
+
+/// What is left of a budget.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Remaining {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
 }
 
 /// Observed state of one backend.

@@ -51,13 +51,26 @@ pub fn spec_rules() -> Vec<(String, String, &'static str)> {
             "spec.policy.healthCheck.model must be a key of some spec.backends[].models".into(),
             ".policy.healthCheck.model",
         ),
+        (
+            "!has(self.policy) || !has(self.policy.budget) || !has(self.policy.budget.cost) || \
+             self.backends.all(b, has(b.cost))"
+                .into(),
+            "spec.policy.budget.cost needs spec.backends[].cost on every backend (the prices usage is counted at)"
+                .into(),
+            ".policy.budget.cost",
+        ),
     ]
 }
 
 /// The rules on each `spec.backends[]` entry, derived from the catalog.
 fn backend_rules() -> Vec<(String, String, &'static str)> {
     let providers = catalog::providers();
-    let mut rules = Vec::new();
+    let mut rules = vec![(
+        "!has(self.budget) || !has(self.budget.cost) || has(self.cost)".into(),
+        "spec.backends[].budget.cost needs spec.backends[].cost (the price usage is counted at)"
+            .into(),
+        ".budget.cost",
+    )];
 
     let without_base_url: Vec<&str> = providers
         .iter()
@@ -137,6 +150,15 @@ fn backend_rules() -> Vec<(String, String, &'static str)> {
     rules
 }
 
+/// The rules on a budget (`spec.policy.budget`, `spec.backends[].budget`).
+fn budget_rules() -> Vec<(String, String, &'static str)> {
+    vec![(
+        "has(self.tokens) || has(self.cost)".into(),
+        "a budget needs tokens or cost (or both)".into(),
+        ".tokens",
+    )]
+}
+
 fn apply(schema: &mut Schema, rules: Vec<(String, String, &'static str)>) {
     for (rule, message, field_path) in rules {
         add_rule(
@@ -157,4 +179,9 @@ pub fn spec_rules_transform(schema: &mut Schema) {
 /// schemars transform for `Backend`.
 pub fn backend_rules_transform(schema: &mut Schema) {
     apply(schema, backend_rules());
+}
+
+/// schemars transform for `Budget`.
+pub fn budget_rules_transform(schema: &mut Schema) {
+    apply(schema, budget_rules());
 }

@@ -4,7 +4,7 @@
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::json;
 
-use super::{Backend, BackendStatus, FailureClass};
+use super::{Backend, BackendStatus, BackendUsage, FailureClass};
 use crate::catalog;
 
 /// Matches Go's `time.ParseDuration` for the units that make sense here.
@@ -31,9 +31,9 @@ pub fn backend_list(generator: &mut SchemaGenerator) -> Schema {
     })
 }
 
-/// `status.backends`: a list-map keyed by `name`.
-pub fn backend_status_list(generator: &mut SchemaGenerator) -> Schema {
-    let items = inline::<BackendStatus>(generator);
+/// A status list of at most 16 `T`, one per backend: a list-map keyed by `name`.
+fn per_backend<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    let items = inline::<T>(generator);
     json_schema!({
         "type": "array",
         "maxItems": 16,
@@ -41,6 +41,16 @@ pub fn backend_status_list(generator: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["name"],
     })
+}
+
+/// `status.backends`.
+pub fn backend_status_list(generator: &mut SchemaGenerator) -> Schema {
+    per_backend::<BackendStatus>(generator)
+}
+
+/// `status.usage.backends`.
+pub fn backend_usage_list(generator: &mut SchemaGenerator) -> Schema {
+    per_backend::<BackendUsage>(generator)
 }
 
 /// `status.conditions`: standard `metav1.Condition`s, a list-map keyed by `type`.

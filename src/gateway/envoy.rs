@@ -1102,6 +1102,31 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
     }
 }
 
+/// A route whose budget is used up: the same match and metadata (the front Lua still checks the
+/// route key and answers the models list), and an OpenAI-shaped 429 instead of the upstream.
+/// `x-llmroute-failure: BudgetExhausted` tells it from a provider's rate limit.
+fn over_budget_route(route: shapes::FrontRoute, why: &str) -> Value {
+    let mut v = serde_json::to_value(route).expect("routes serialize");
+    let o = v.as_object_mut().expect("a route is an object");
+    o.remove("route");
+    o.remove("request_headers_to_add");
+    let message = format!("llmroute: this {why}.");
+    o.insert(
+        "direct_response".into(),
+        json!({ "status": 429, "body": { "inline_string":
+            json!({ "error": { "message": message, "type": "insufficient_quota", "param": null, "code": "budget_exceeded" } }).to_string()
+        } }),
+    );
+    o.insert(
+        "response_headers_to_add".into(),
+        json!([
+            { "header": { "key": "content-type", "value": "application/json" } },
+            { "header": { "key": "x-llmroute-failure", "value": "BudgetExhausted" } },
+        ]),
+    );
+    v
+}
+
 fn front_route_config<'a>(
     gw: &'a GatewayIr,
     keys: &'a KeyMaterial,
@@ -1116,7 +1141,10 @@ fn front_route_config<'a>(
                 .get(&r.name)
                 .map(String::as_str)
                 .unwrap_or_default();
-            FrontEntry::Route(front_route(r, key))
+            match &r.over_budget {
+                None => FrontEntry::Route(front_route(r, key)),
+                Some(why) => FrontEntry::Other(over_budget_route(front_route(r, key), why)),
+            }
         })
         .collect();
     let names: Vec<&str> = gw.routes.iter().map(|r| r.name.as_str()).collect();

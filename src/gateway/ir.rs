@@ -45,6 +45,8 @@ pub struct RouteIr {
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub failover_on: BTreeSet<FailureClass>,
+    /// Why the route's budget admits no request now: the gateway answers 429 with it.
+    pub over_budget: Option<String>,
 }
 
 /// An ordered list of provider accounts tried one after the other within one client request.
@@ -476,6 +478,7 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
         request_timeout_ms: duration_ms(&timeouts.request)?,
         idle_timeout_ms: duration_ms(&timeouts.idle)?,
         failover_on: route.spec.policy.failover_on.iter().copied().collect(),
+        over_budget: None,
         name,
     };
     Ok(BuiltRoute {

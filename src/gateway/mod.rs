@@ -39,6 +39,8 @@ pub struct RouteOutcome {
     pub decision: Decision,
     /// The backend that serves first.
     pub active_backend: Option<String>,
+    /// `status.usage`: the route's counted usage and what is left of its budgets.
+    pub usage: crate::api::UsageStatus,
 }
 
 /// The outcome of translating one namespace.
@@ -86,14 +88,17 @@ pub fn translate(namespace: &str, routes: &[LLMRoute], facts: &Facts) -> Transla
             ))
         } else {
             match build_route(route, &decision.plan) {
-                Ok(built) => {
+                Ok(mut built) => {
+                    built.route.over_budget = decision.over_budget.clone();
                     programmed.push(built);
                     Ok(())
                 }
                 Err(message) => Err(Problem::new("InvalidBackend", message)),
             }
         };
+        let usage = crate::usage::ledger::usage_status(route, facts.usage.get(&name), facts.now_ms);
         outcomes.push(RouteOutcome {
+            usage,
             name,
             resolved_refs,
             programmed: result,

@@ -57,6 +57,15 @@ pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 15;
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
 /// Port on 127.0.0.1 where the sidecar receives Envoy's gRPC access log (token usage).
 pub const USAGE_LOG_PORT: u16 = 19005;
+
+/// The `--config-yaml` bootstrap overlay giving Envoy's node the address of its sidecar's usage
+/// counts (`host` is `$(POD_IP)` in the Deployment, expanded by the kubelet).
+pub fn usage_address_overlay(host: &str, port: u16) -> String {
+    format!(
+        r#"{{"node":{{"metadata":{{"{}":"{host}:{port}"}}}}}}"#,
+        crate::xds::server::USAGE_ADDRESS_METADATA
+    )
+}
 /// The manager's path whose GET answers once the drain is done (Envoy's preStop).
 pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
 /// Where the sidecar's emptyDir holding the drain state is mounted.
@@ -158,6 +167,31 @@ pub fn config_map(namespace: &str, bootstrap: &str, owners: &[OwnerReference]) -
     }
 }
 
+/// Name of the ConfigMap holding a namespace's usage ledger (`usage::ledger`).
+pub const USAGE_LEDGER_NAME: &str = "llmroute-usage";
+/// Its key.
+pub const USAGE_LEDGER_KEY: &str = "ledger.json";
+
+/// The namespace's usage ledger: period totals and the replicas' watermarks, written by the
+/// operator leader. With `resource_version`, a write fails if another writer got there first.
+pub fn usage_ledger(
+    namespace: &str,
+    ledger_json: String,
+    owners: &[OwnerReference],
+    resource_version: Option<String>,
+) -> ConfigMap {
+    let mut metadata = meta(USAGE_LEDGER_NAME, namespace, owners);
+    metadata.resource_version = resource_version;
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            USAGE_LEDGER_KEY.to_string(),
+            ledger_json,
+        )])),
+        ..Default::default()
+    }
+}
+
 /// The gateway's xDS client certificate (it names the namespace, see [`crate::xds::tls`]), its key
 /// and the CA that signed the server's certificate, as a `kubernetes.io/tls` Secret.
 pub fn xds_secret(
@@ -251,6 +285,10 @@ pub fn deployment(
             // The node id the xDS server knows this replica by (and reports in status).
             "--service-node".to_string(),
             "$(POD_NAME)".to_string(),
+            // Merged into the bootstrap's node metadata: where the operator reads this replica's
+            // usage counts (the sidecar's port on the Pod's IP), for budgets.
+            "--config-yaml".to_string(),
+            usage_address_overlay("$(POD_IP)", SHUTDOWN_MANAGER_PORT),
             "--log-level".to_string(),
             "info".to_string(),
             "--disable-hot-restart".to_string(),
@@ -306,7 +344,10 @@ pub fn deployment(
             }),
             ..Default::default()
         }),
-        env: Some(vec![field_env("POD_NAME", "metadata.name")]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_IP", "status.podIP"),
+        ]),
         // Envoy's last log lines become the termination message of a container that fails (a
         // bootstrap it cannot load, a certificate it cannot read): the operator reports it in the
         // routes' status.

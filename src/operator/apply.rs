@@ -99,6 +99,26 @@ where
     Ok(true)
 }
 
+/// Applies `desired` unconditionally and returns the object written. A `resourceVersion` in
+/// `desired` makes it a compare-and-swap: the API server answers 409 Conflict if the object
+/// changed since (for state where a lost update would count twice, the usage ledger).
+pub async fn apply_exactly<K>(
+    api: &Api<K>,
+    desired: &K,
+    writes: &WriteCounter,
+) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let written = api
+        .patch(&desired.name_any(), &params, &Patch::Apply(desired))
+        .await?;
+    writes.add();
+    tracing::debug!(target: "llmroute::write", name = %desired.name_any(), namespace = ?desired.namespace(), "applied exactly");
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod http;
 pub mod leader;
 pub mod reconcile;
+pub mod usage;
 pub mod xds;
 
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub struct Options {
     pub reconcile_concurrency: u16,
     /// How backends are probed.
     pub prober: crate::probe::ProberOptions,
+    /// How often the leader reads the gateway replicas' usage counts (budgets, status usage);
+    /// zero: never.
+    pub usage_interval: std::time::Duration,
     /// Where the operator records its metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Readiness, read by `/readyz`.
@@ -60,6 +64,7 @@ impl Default for Options {
             identity: "llmroute".into(),
             reconcile_concurrency: RECONCILE_CONCURRENCY,
             prober: Default::default(),
+            usage_interval: usage::USAGE_INTERVAL,
             metrics: Default::default(),
             runtime: Default::default(),
         }
@@ -270,6 +275,20 @@ pub async fn run(
         prober,
         xds,
     ));
+    // Usage counts read from the gateway replicas re-reconcile their namespace (status, budgets).
+    let (usage_tx, usage_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(usage::collect(
+        ctx.clone(),
+        usage_tx,
+        stopped(stop_rx.clone()),
+    ));
+    let usage_changed = {
+        let routes = routes.clone();
+        futures::stream::unfold(usage_rx, |mut rx| async move {
+            rx.recv().await.map(|ns| (ns, rx))
+        })
+        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
+    };
     let runtime = ctx.opts.runtime.clone();
     let synced_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -354,6 +373,7 @@ pub async fn run(
         .reconcile_on(probed)
         .reconcile_on(gateways_changed)
         .reconcile_on(after_deletion)
+        .reconcile_on(usage_changed)
         .watches_stream(secret_stream, secret_mapper)
         .watches_stream(cm_stream, move |o: ConfigMap| {
             g1(Some(o.name_any()), o.namespace())

@@ -70,6 +70,8 @@ pub struct Context {
     pub prober: Prober,
     /// The xDS server the gateways get their configuration from.
     pub xds: XdsSetup,
+    /// The usage ledgers the leader's collector keeps (budgets, status usage).
+    pub usage: Arc<super::usage::UsageBook>,
     /// Whether every cache has its initial list.
     synced: tokio::sync::watch::Sender<bool>,
     /// One reconciliation per namespace at a time.
@@ -109,6 +111,7 @@ impl Context {
             writes,
             prober,
             xds,
+            usage: Default::default(),
             synced: tokio::sync::watch::Sender::new(false),
             locks: Mutex::default(),
             route_keys: Mutex::default(),
@@ -166,7 +169,7 @@ fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
         .unwrap_or_default()
 }
 
-fn owner_ref(route: &LLMRoute, controller: bool) -> Option<OwnerReference> {
+pub(super) fn owner_ref(route: &LLMRoute, controller: bool) -> Option<OwnerReference> {
     let mut o = route.controller_owner_ref(&())?;
     o.controller = Some(controller);
     o.block_owner_deletion = Some(true);
@@ -257,6 +260,12 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let mut facts = Facts {
         default_region: ctx.opts.default_region.clone(),
         health: ctx.prober.health(ns),
+        usage: ctx.usage.routes(
+            ns,
+            ctx.config_maps
+                .get(&ObjectRef::new(objects::USAGE_LEDGER_NAME).within(ns))
+                .as_deref(),
+        ),
         now_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -289,7 +298,10 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
             .find(|o| o.name == route.name_any())
             .and_then(|o| o.decision.backends.get(i))
             .and_then(|b| b.excluded.as_ref())
-            .is_some_and(|e| e.is_by_design() || e.reason.starts_with("Secret"))
+            // A backend over its budget is not probed either: a chat probe would spend more of it.
+            .is_some_and(|e| {
+                e.is_by_design() || e.reason.starts_with("Secret") || e.reason == "BudgetExhausted"
+            })
     };
     let key_of = |r: &crate::api::SecretKeyRef| {
         ctx.secret(ns, &r.name)

@@ -21,6 +21,8 @@ pub struct Facts {
     pub secrets: BTreeMap<String, BTreeSet<String>>,
     /// Probe observations by [`probe_key`]. A backend absent from the map has not been probed.
     pub health: BTreeMap<String, HealthView>,
+    /// Usage of each route (by name) and its backends, as counted across the gateway replicas.
+    pub usage: BTreeMap<String, crate::usage::ledger::RouteTotals>,
     /// The time of the decision, in milliseconds since the Unix epoch.
     pub now_ms: u64,
 }
@@ -142,9 +144,11 @@ pub struct Decision {
     pub preferred: Option<usize>,
     /// One verdict per `spec.backends` entry, in spec order.
     pub backends: Vec<BackendVerdict>,
-    /// When the decision changes with time alone (a cooldown or failback delay ends), in
-    /// milliseconds since the Unix epoch.
+    /// When the decision changes with time alone (a cooldown or failback delay ends, a budget
+    /// period starts), in milliseconds since the Unix epoch.
     pub recheck_at_ms: Option<u64>,
+    /// Why the route's own budget (`spec.policy.budget`) admits no more requests this period.
+    pub over_budget: Option<String>,
 }
 
 impl Decision {
@@ -189,6 +193,8 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
     let mut backends = Vec::new();
     let mut recheck_at_ms: Option<u64> = None;
     let mut parked = Vec::new();
+    let usage = facts.usage.get(&kube::ResourceExt::name_any(route));
+    let mut recheck = |at: u64| recheck_at_ms = Some(recheck_at_ms.map_or(at, |r: u64| r.min(at)));
     for (i, b) in route.spec.backends.iter().enumerate() {
         let mut excluded = match catalog::provider(&b.provider) {
             None => Some(Exclusion {
@@ -223,6 +229,18 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
                 }
             }
         };
+        if excluded.is_none()
+            && let Some(budget) = &b.budget
+        {
+            let bucket = usage.and_then(|u| u.backends.get(&b.name));
+            if let Some((why, resets_at)) = spent(budget, bucket, facts.now_ms) {
+                recheck(resets_at);
+                excluded = Some(Exclusion {
+                    reason: "BudgetExhausted",
+                    message: format!("backend {why}"),
+                });
+            }
+        }
         if excluded.as_ref().is_none_or(|e| !e.is_by_design()) {
             allowed.push(i);
         }
@@ -239,7 +257,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         {
             let (assessment, until) = assess(view, &thresholds, facts.now_ms);
             if let Some(until) = until {
-                recheck_at_ms = Some(recheck_at_ms.map_or(until, |r| r.min(until)));
+                recheck(until);
             }
             match assessment {
                 Assessment::Usable => {}
@@ -281,6 +299,11 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             health_since_ms: view.and_then(|v| v.state_since_ms),
         });
     }
+    let over_budget = route.spec.policy.budget.as_ref().and_then(|budget| {
+        let (why, resets_at) = spent(budget, usage.map(|u| &u.route), facts.now_ms)?;
+        recheck(resets_at);
+        Some(format!("route {why}"))
+    });
     let mut plan = with_last_resorts(route, &usable, &demoted);
     if !plan.chains.iter().all(|(_, m)| m.is_empty()) {
         plan.parked = parked;
@@ -291,7 +314,35 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         preferred: order_by_strategy(route, &allowed).active(),
         backends,
         recheck_at_ms,
+        over_budget,
     }
+}
+
+/// Whether `bucket` used up `budget` in the period current at `now_ms`: what it used and when the
+/// period ends (as a sentence ending the caller's subject) and that end in milliseconds.
+pub fn spent(
+    budget: &crate::api::Budget,
+    bucket: Option<&crate::usage::ledger::Bucket>,
+    now_ms: u64,
+) -> Option<(String, u64)> {
+    let (period, resets_at) = crate::usage::ledger::period_key(budget.period, now_ms);
+    let used = bucket.map(|b| b.of(&period)).unwrap_or_default();
+    let limit_cost = budget.cost.as_deref().and_then(|c| c.parse::<f64>().ok());
+    let over_tokens = budget.tokens.filter(|&t| used.tokens >= t);
+    let over_cost = limit_cost.filter(|&c| used.cost >= c);
+    let what = match (over_tokens, over_cost) {
+        (Some(t), _) => format!("used {} of its {t} tokens for {period}", used.tokens),
+        (None, Some(_)) => format!(
+            "used {:.4} of its cost budget {} for {period}",
+            used.cost,
+            budget.cost.as_deref().unwrap_or_default()
+        ),
+        (None, None) => return None,
+    };
+    let at = k8s_openapi::jiff::Timestamp::from_millisecond(resets_at as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Some((format!("{what}; the budget resets at {at}"), resets_at))
 }
 
 /// The strategy's order of the usable backends, each chain followed by the demoted backends (in
@@ -317,3 +368,129 @@ fn with_last_resorts(route: &LLMRoute, usable: &[usize], demoted: &[usize]) -> R
 
 #[cfg(test)]
 mod props;
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use crate::usage::ledger::{Bucket, RouteTotals, Totals};
+
+    /// 2026-12-01T10:00:00Z
+    const NOW: u64 = 1_796_119_200_000;
+
+    fn route() -> LLMRoute {
+        serde_yaml_ng::from_str(
+            r#"
+apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: { name: chat, namespace: team }
+spec:
+  region: cn
+  policy:
+    healthCheck: { enabled: false }
+    budget: { tokens: 1000, cost: "5" }
+  backends:
+    - name: free
+      provider: zhipu
+      credentialsSecretRef: { name: k, key: free }
+      models: { chat: glm-4-flash }
+      cost: { input: "0", output: "0" }
+      budget: { tokens: 100, period: Day }
+    - name: paid
+      provider: zhipu
+      priority: 1
+      credentialsSecretRef: { name: k, key: paid }
+      models: { chat: glm-4-plus }
+      cost: { input: "5", output: "5" }
+"#,
+        )
+        .unwrap()
+    }
+
+    fn facts(free: (&str, u64), route: (&str, u64, f64)) -> Facts {
+        let mut f = Facts {
+            now_ms: NOW,
+            ..Default::default()
+        };
+        f.secrets
+            .insert("k".into(), ["free".to_string(), "paid".to_string()].into());
+        let bucket = |period: &str, tokens, cost| Bucket {
+            period: period.into(),
+            totals: Totals { tokens, cost },
+        };
+        f.usage.insert(
+            "chat".into(),
+            RouteTotals {
+                route: bucket(route.0, route.1, route.2),
+                backends: [("free".to_string(), bucket(free.0, free.1, 0.0))].into(),
+            },
+        );
+        f
+    }
+
+    fn active(d: &Decision, r: &LLMRoute) -> Option<String> {
+        d.plan.active().map(|i| r.spec.backends[i].name.clone())
+    }
+
+    #[test]
+    fn a_spent_backend_is_taken_out_until_its_period_ends() {
+        let r = route();
+        let d = decide(&r, "team", &facts(("2026-12-01", 99), ("2026-12", 99, 0.0)));
+        assert_eq!(active(&d, &r).as_deref(), Some("free"));
+        assert_eq!(d.over_budget, None);
+
+        let d = decide(
+            &r,
+            "team",
+            &facts(("2026-12-01", 100), ("2026-12", 100, 0.0)),
+        );
+        assert_eq!(active(&d, &r).as_deref(), Some("paid"));
+        let why = d.backends[0].excluded.as_ref().unwrap();
+        assert_eq!(why.reason, "BudgetExhausted");
+        assert_eq!(
+            why.message,
+            "backend used 100 of its 100 tokens for 2026-12-01; the budget resets at 2026-12-02T00:00:00Z"
+        );
+        // Looked at again when the day ends.
+        assert_eq!(d.recheck_at_ms, Some(1_796_169_600_000));
+
+        // Yesterday's count is no longer this period's.
+        let d = decide(
+            &r,
+            "team",
+            &facts(("2026-11-30", 500), ("2026-12", 100, 0.0)),
+        );
+        assert_eq!(active(&d, &r).as_deref(), Some("free"));
+    }
+
+    #[test]
+    fn a_spent_route_says_so_by_tokens_or_cost() {
+        let r = route();
+        let d = decide(
+            &r,
+            "team",
+            &facts(("2026-12-01", 0), ("2026-12", 1000, 0.0)),
+        );
+        assert_eq!(
+            d.over_budget.as_deref(),
+            Some(
+                "route used 1000 of its 1000 tokens for 2026-12; the budget resets at 2027-01-01T00:00:00Z"
+            )
+        );
+        let d = decide(&r, "team", &facts(("2026-12-01", 0), ("2026-12", 10, 5.25)));
+        assert!(
+            d.over_budget
+                .as_deref()
+                .unwrap()
+                .starts_with("route used 5.2500 of its cost budget 5 for 2026-12"),
+            "{:?}",
+            d.over_budget
+        );
+        // Last month's spending does not count.
+        let d = decide(
+            &r,
+            "team",
+            &facts(("2026-12-01", 0), ("2026-11", 5000, 99.0)),
+        );
+        assert_eq!(d.over_budget, None);
+    }
+}

@@ -7,6 +7,7 @@
 //! here and not in Envoy's own stats is in docs/design/usage.md.
 
 pub mod als;
+pub mod ledger;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -92,6 +93,15 @@ impl Usage {
     pub fn reported(&self) -> bool {
         self.prompt.is_some() || self.completion.is_some() || self.total.is_some()
     }
+
+    /// The tokens a budget counts: prompt plus completion, or the total when the answer gave
+    /// neither part.
+    pub fn budgeted(&self) -> u64 {
+        match (self.prompt, self.completion) {
+            (None, None) => self.total.unwrap_or(0),
+            (p, c) => p.unwrap_or(0) + c.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,6 +151,8 @@ pub struct UsageCounters {
     tokens: Family<TokenLabels, Counter>,
     cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     unreported: Family<UnreportedLabels, Counter>,
+    /// The cumulative counts per route and backend that budgets are counted from (see [`ledger`]).
+    report: std::sync::Mutex<ledger::Report>,
 }
 
 impl UsageCounters {
@@ -179,7 +191,16 @@ impl UsageCounters {
             tokens,
             cost,
             unreported,
+            report: std::sync::Mutex::new(ledger::Report {
+                boot: format!("{:016x}", rand::random::<u64>()),
+                counts: Default::default(),
+            }),
         }
+    }
+
+    /// The cumulative counts per route and backend since this process started (`GET /usage`).
+    pub fn report(&self) -> ledger::Report {
+        self.report.lock().expect("usage report").clone()
     }
 
     /// Counts one answer.
@@ -242,6 +263,17 @@ impl UsageCounters {
                     model: answer.model.clone(),
                 })
                 .inc_by(price.of(u));
+        }
+        if u.reported() && !answer.backend.is_empty() {
+            let mut report = self.report.lock().expect("usage report");
+            let totals = report
+                .counts
+                .entry(answer.route.clone())
+                .or_default()
+                .entry(answer.backend.clone())
+                .or_default();
+            totals.tokens += u.budgeted();
+            totals.cost += answer.price.map_or(0.0, |p| p.of(u));
         }
     }
 
@@ -308,6 +340,15 @@ mod tests {
         assert!(text.contains(r#"llmroute_gateway_requests_total{namespace="team-a",route="chat",backend="zhipu",model="fast",outcome="success",code="200"} 3"#));
         assert!(text.contains(r#"llmroute_gateway_requests_total{namespace="team-a",route="chat",backend="zhipu",model="fast",outcome="RateLimited",code="429"} 1"#));
         assert!(text.contains(r#"llmroute_gateway_usage_unreported_total{namespace="team-a",route="chat",backend="zhipu",model="fast"} 1"#));
+        // What budgets count: prompt + completion of the two answers with usage.
+        let report = c.report();
+        assert_eq!(report.counts["chat"]["zhipu"].tokens, 26);
+        assert_eq!(report.boot.len(), 16);
+        let only_total = Usage {
+            total: Some(9),
+            ..Usage::default()
+        };
+        assert_eq!(only_total.budgeted(), 9);
     }
 
     #[test]

@@ -40,11 +40,29 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(30);
 /// Node metadata key naming the gateway's namespace (the bootstrap sets it).
 pub const NAMESPACE_METADATA: &str = "llmroute.io/namespace";
 
+/// Node metadata key giving where the replica's sidecar serves its usage counts (`IP:port`; the
+/// gateway Deployment passes `$(POD_IP)` on Envoy's command line).
+pub const USAGE_ADDRESS_METADATA: &str = "llmroute.io/usage-address";
+
+/// `IP:port` of [`USAGE_ADDRESS_METADATA`]; an IPv6 address may come without brackets (the
+/// kubelet expands `$(POD_IP):port` as is).
+pub fn parse_usage_address(text: &str) -> Option<std::net::SocketAddr> {
+    text.parse().ok().or_else(|| {
+        let (ip, port) = text.rsplit_once(':')?;
+        Some(std::net::SocketAddr::new(
+            ip.parse().ok()?,
+            port.parse().ok()?,
+        ))
+    })
+}
+
 /// One connected gateway replica.
 struct Gateway {
     namespace: String,
     /// Envoy's node id: the gateway Pod's name.
     node: String,
+    /// Where its sidecar serves its usage counts, if its node metadata says.
+    usage: Option<std::net::SocketAddr>,
     acks: Acks,
     connected_at: Instant,
 }
@@ -213,6 +231,19 @@ impl XdsServer {
             .collect()
     }
 
+    /// The connected replicas (of every namespace) whose sidecar serves usage counts: (namespace,
+    /// node id, address).
+    pub fn usage_sources(&self) -> Vec<(String, String, std::net::SocketAddr)> {
+        let gateways = self.inner.gateways.lock().expect("gateways");
+        let mut sources: Vec<_> = gateways
+            .values()
+            .filter_map(|g| Some((g.namespace.clone(), g.node.clone(), g.usage?)))
+            .collect();
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
     /// Node ids of the replicas of `ns` connected now.
     pub fn connected(&self, ns: &str) -> Vec<String> {
         let gateways = self.inner.gateways.lock().expect("gateways");
@@ -322,12 +353,19 @@ impl XdsServer {
                 "the client certificate is not the gateway certificate of namespace {ns:?}"
             )));
         }
+        let usage = node.metadata_str(USAGE_ADDRESS_METADATA).and_then(|a| {
+            parse_usage_address(a)
+                .ok_or(())
+                .map_err(|_| warn!(namespace = %ns, node = %node.id, address = %a, "unusable usage address in node metadata: its usage is not counted for budgets"))
+                .ok()
+        });
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         self.inner.gateways.lock().expect("gateways").insert(
             id,
             Gateway {
                 namespace: ns.clone(),
                 node: node.id.clone(),
+                usage,
                 acks: Acks::default(),
                 connected_at: Instant::now(),
             },

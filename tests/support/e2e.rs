@@ -30,7 +30,9 @@ pub struct Stack {
     gateway: HostGateway,
     pub http_addr: String,
     operator: Option<Child>,
+    region: String,
     pub envoy: Option<Envoy>,
+    sidecar: Option<Child>,
 }
 
 impl Stack {
@@ -55,7 +57,9 @@ impl Stack {
             http_addr: format!("127.0.0.1:{}", free_port()),
             dir,
             operator: None,
+            region: region.to_string(),
             envoy: None,
+            sidecar: None,
         };
         stack.start_operator(region);
         stack
@@ -63,7 +67,11 @@ impl Stack {
 
     fn start_operator(&mut self, region: &str) {
         let d = self.dir.path();
-        let log = std::fs::File::create(d.join("operator.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("operator.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
             .args(["run", "--leader-elect=false", "--log-format=json"])
             .arg(format!("--namespace={}", self.ns.name))
@@ -73,6 +81,8 @@ impl Stack {
             .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", self.ns.name))
             .arg(format!("--upstream-ca-file={}", self.ca_file.display()))
             .arg(format!("--http-addr={}", self.http_addr))
+            // Usage counts are read every second (budgets and status usage within seconds).
+            .arg("--usage-interval=1s")
             .env("KUBECONFIG", self.ns.cluster().kubeconfig())
             .env("LLMROUTE_LOG", "info,llmroute=debug")
             .stdout(Stdio::null())
@@ -80,6 +90,67 @@ impl Stack {
             .spawn()
             .expect("start llmroute run");
         self.operator = Some(child);
+    }
+
+    /// Stops `llmroute run` (SIGTERM, as a Pod's deletion does) and starts it again: a new leader.
+    pub fn restart_operator(&mut self) {
+        if let Some(op) = self.operator.take() {
+            stop(op);
+        }
+        let region = self.region.clone();
+        self.start_operator(&region);
+    }
+
+    /// Starts the gateway replica's sidecar as the Pod runs it (`llmroute gateway
+    /// shutdown-manager`): it receives the usage log and serves the counts at `/usage`. Again after
+    /// [`Stack::stop_sidecar`]: a restarted sidecar process.
+    pub fn start_sidecar(&mut self) {
+        assert!(self.sidecar.is_none(), "the sidecar runs already");
+        let d = self.dir.path();
+        std::fs::create_dir_all(d.join("shutdown")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("sidecar.log"))
+            .unwrap();
+        let ports = &self.gateway.ports;
+        let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+            .args(["gateway", "shutdown-manager", "--address=127.0.0.1"])
+            .arg(format!("--port={}", ports.sidecar_port))
+            .arg(format!("--usage-port={}", ports.usage_log_port))
+            .arg(format!("--namespace={}", self.ns.name))
+            .arg(format!("--state-dir={}", d.join("shutdown").display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the sidecar");
+        self.sidecar = Some(child);
+    }
+
+    /// Stops the sidecar (SIGTERM).
+    pub fn stop_sidecar(&mut self) {
+        if let Some(c) = self.sidecar.take() {
+            stop(c);
+        }
+    }
+
+    /// The sidecar's `/usage`, once it answers.
+    pub async fn sidecar_usage(&self) -> llmroute::usage::ledger::Report {
+        let url = format!("http://127.0.0.1:{}/usage", self.gateway.ports.sidecar_port);
+        eventually(Duration::from_secs(10), "the sidecar's /usage", || {
+            let url = url.clone();
+            async move {
+                llmroute_devkit::tls::http_client()
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()
+            }
+        })
+        .await
     }
 
     /// An HTTPS simulator of `provider` accepting `key`.
@@ -214,20 +285,26 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if let Some(mut op) = self.operator.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &op.id().to_string()])
-                .status();
-            for _ in 0..50 {
-                if op.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = op.kill();
-            let _ = op.wait();
+        if let Some(op) = self.operator.take() {
+            stop(op);
         }
+        self.stop_sidecar();
     }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..50 {
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// What a workload of `namespace` reads from the workload Secret of `route`, with the gateway

@@ -21,6 +21,9 @@ pub struct GatewayPorts {
     pub health_port: u16,
     /// Where the gateway sends its usage log (a receiver the test may start; see `usage_log`).
     pub usage_log_port: u16,
+    /// Where the replica's sidecar serves (its usage counts at `/usage`), as its Envoy tells the
+    /// operator in its node metadata.
+    pub sidecar_port: u16,
 }
 
 impl GatewayPorts {
@@ -30,6 +33,7 @@ impl GatewayPorts {
             admin_port: free_port(),
             health_port: free_port(),
             usage_log_port: free_port(),
+            sidecar_port: free_port(),
         }
     }
 
@@ -153,18 +157,16 @@ pub async fn start(
     let bootstrap = materialise(client, ns, dir).await;
     let log = dir.join(format!("envoy-{node}.log"));
     let (bootstrap, admin, health) = (bootstrap.clone(), ports.admin_port, ports.health_port);
-    let node = node.to_string();
-    tokio::task::spawn_blocking(move || {
-        Envoy::start_with(
-            &bootstrap,
-            admin,
-            health,
-            log,
-            &["--service-node".into(), node],
-        )
-    })
-    .await
-    .expect("start the gateway's Envoy")
+    // The arguments the gateway Deployment gives Envoy, with the host's address for the Pod's.
+    let args = [
+        "--service-node".into(),
+        node.to_string(),
+        "--config-yaml".into(),
+        llmroute::gateway::objects::usage_address_overlay("127.0.0.1", ports.sidecar_port),
+    ];
+    tokio::task::spawn_blocking(move || Envoy::start_with(&bootstrap, admin, health, log, &args))
+        .await
+        .expect("start the gateway's Envoy")
 }
 
 /// An xDS server for an operator run in the test process: on 127.0.0.1:`port` (0: any), its CA in

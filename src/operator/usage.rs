@@ -1,0 +1,297 @@
+//! The leader's usage collector: every `--usage-interval` it reads each connected gateway
+//! replica's cumulative counts (`GET /usage` on its sidecar, at the address the replica gave in
+//! its xDS node metadata), adds what is new to its namespace's ledger (`usage::ledger`), stores
+//! the ledger in the ConfigMap `llmroute-usage` and asks for the namespace to be reconciled (status
+//! usage, budgets). Why the counts live there: docs/design/usage.md.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use kube::api::Api;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::reconcile::Context;
+use crate::api::{BudgetPeriod, LLMRoute};
+use crate::gateway::objects::{self, USAGE_LEDGER_KEY, USAGE_LEDGER_NAME};
+use crate::usage::ledger::{Ledger, Periods, Report, RouteTotals};
+
+/// Default of `--usage-interval`.
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Replicas not read for this long are dropped from a ledger (their Pods are gone).
+const WATERMARK_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// A replica that disconnected is read this many more times (its last counts), then forgotten.
+const LAST_READS: u32 = 3;
+
+/// The ledgers the collector keeps, shared with the reconciler.
+#[derive(Default)]
+pub struct UsageBook {
+    ledgers: Mutex<HashMap<String, Ledger>>,
+}
+
+impl UsageBook {
+    /// The period totals of `ns`'s routes: the collector's, else the stored ledger in `cached`
+    /// (a new leader before its first read).
+    pub fn routes(&self, ns: &str, cached: Option<&ConfigMap>) -> BTreeMap<String, RouteTotals> {
+        if let Some(l) = self.ledgers.lock().expect("ledgers").get(ns) {
+            return l.routes.clone();
+        }
+        cached
+            .and_then(stored_ledger)
+            .map(|l| l.routes)
+            .unwrap_or_default()
+    }
+
+    fn set(&self, ns: &str, ledger: Option<Ledger>) {
+        let mut ledgers = self.ledgers.lock().expect("ledgers");
+        match ledger {
+            Some(l) => ledgers.insert(ns.to_string(), l),
+            None => ledgers.remove(ns),
+        };
+    }
+}
+
+/// The ledger stored in `cm`, if it has a readable one.
+fn stored_ledger(cm: &ConfigMap) -> Option<Ledger> {
+    let text = cm.data.as_ref()?.get(USAGE_LEDGER_KEY)?;
+    serde_json::from_str(text)
+        .map_err(|e| warn!(namespace = ?cm.namespace(), error = %e, "unreadable usage ledger: counting starts again"))
+        .ok()
+}
+
+/// The budget periods of a namespace's routes, from their specs.
+struct RoutePeriods(HashMap<String, Arc<LLMRoute>>);
+
+impl Periods for RoutePeriods {
+    fn route(&self, route: &str) -> BudgetPeriod {
+        route_period(self.0.get(route).map(|r| r.as_ref()))
+    }
+    fn backend(&self, route: &str, backend: &str) -> BudgetPeriod {
+        let r = self.0.get(route);
+        r.and_then(|r| r.spec.backends.iter().find(|b| b.name == backend))
+            .and_then(|b| b.budget.as_ref())
+            .map(|b| b.period)
+            .unwrap_or_else(|| route_period(r.map(|r| r.as_ref())))
+    }
+}
+
+/// A route's period: its budget's, else a calendar month.
+pub fn route_period(route: Option<&LLMRoute>) -> BudgetPeriod {
+    route
+        .and_then(|r| r.spec.policy.budget.as_ref())
+        .map(|b| b.period)
+        .unwrap_or_default()
+}
+
+/// One namespace's ledger as this leader holds it.
+struct Held {
+    ledger: Ledger,
+    /// The stored ConfigMap's resourceVersion (None: not stored yet).
+    version: Option<String>,
+    /// Changed since the last successful write.
+    dirty: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads replicas and keeps the ledgers until `stop`; sends a namespace on `changed` after each
+/// stored change of its ledger.
+pub async fn collect(
+    ctx: Arc<Context>,
+    changed: mpsc::UnboundedSender<String>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let interval = ctx.opts.usage_interval;
+    if interval.is_zero() {
+        return;
+    }
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot build the usage collector's HTTP client: budgets are not enforced");
+            return;
+        }
+    };
+    ctx.caches_synced().await;
+    let mut held: HashMap<String, Held> = HashMap::new();
+    // Replicas seen connected, and those gone that still get their last reads.
+    let mut connected: HashSet<(String, String, SocketAddr)> = HashSet::new();
+    let mut leaving: HashMap<(String, String, SocketAddr), u32> = HashMap::new();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticks.tick() => {}
+        }
+        let scope = ctx.opts.namespace.as_deref();
+        let now: HashSet<_> = ctx
+            .xds
+            .server
+            .usage_sources()
+            .into_iter()
+            .filter(|(ns, _, _)| scope.is_none_or(|s| s == ns))
+            .collect();
+        for gone in connected.difference(&now) {
+            leaving.insert(gone.clone(), 0);
+        }
+        for back in &now {
+            leaving.remove(back);
+        }
+        connected = now;
+        let sources: Vec<_> = connected.iter().chain(leaving.keys()).cloned().collect();
+        let reads = futures::future::join_all(sources.into_iter().map(|source| {
+            let http = http.clone();
+            async move {
+                let report = read(&http, source.2).await;
+                (source, report)
+            }
+        }))
+        .await;
+        let mut reports: BTreeMap<String, Vec<(String, Report)>> = BTreeMap::new();
+        for (source, report) in reads {
+            match report {
+                Ok(r) => {
+                    leaving.remove(&source);
+                    reports.entry(source.0).or_default().push((source.1, r));
+                }
+                Err(e) => {
+                    debug!(namespace = %source.0, node = %source.1, error = %e, "usage not read");
+                    if let Some(tries) = leaving.get_mut(&source) {
+                        *tries += 1;
+                        if *tries >= LAST_READS {
+                            warn!(namespace = %source.0, node = %source.1, "a gateway replica left before its last usage counts were read");
+                            leaving.remove(&source);
+                        }
+                    }
+                }
+            }
+        }
+        let namespaces: HashSet<String> = reports
+            .keys()
+            .cloned()
+            .chain(
+                held.iter()
+                    .filter(|(_, h)| h.dirty)
+                    .map(|(ns, _)| ns.clone()),
+            )
+            .collect();
+        for ns in namespaces {
+            let list = reports.remove(&ns).unwrap_or_default();
+            if let Some(stored) = update(&ctx, &mut held, &ns, &list).await {
+                ctx.usage.set(&ns, Some(stored));
+                let _ = changed.send(ns);
+            }
+        }
+    }
+}
+
+async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwest::Error> {
+    http.get(format!(
+        "http://{addr}{}",
+        crate::gateway_shutdown::USAGE_PATH
+    ))
+    .send()
+    .await?
+    .error_for_status()?
+    .json()
+    .await
+}
+
+/// Adds `reports` to `ns`'s ledger and stores it if it changed. Returns the ledger once stored.
+async fn update(
+    ctx: &Context,
+    held: &mut HashMap<String, Held>,
+    ns: &str,
+    reports: &[(String, Report)],
+) -> Option<Ledger> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    if !held.contains_key(ns) {
+        // Read from the API server, not the cache: a new leader must start from the last write.
+        let (ledger, version) = match api.get_opt(USAGE_LEDGER_NAME).await {
+            Ok(Some(cm)) => (
+                stored_ledger(&cm).unwrap_or_default(),
+                cm.resource_version(),
+            ),
+            Ok(None) => (Ledger::default(), None),
+            Err(e) => {
+                warn!(namespace = %ns, error = %e, "cannot read the usage ledger; trying again next time");
+                return None;
+            }
+        };
+        held.insert(
+            ns.to_string(),
+            Held {
+                ledger,
+                version,
+                dirty: false,
+            },
+        );
+    }
+    let h = held.get_mut(ns).expect("held");
+    let routes: HashMap<String, Arc<LLMRoute>> = ctx
+        .routes
+        .state()
+        .into_iter()
+        .filter(|r| r.namespace().as_deref() == Some(ns))
+        .map(|r| (r.name_any(), r))
+        .collect();
+    let now = now_ms();
+    let periods = RoutePeriods(routes);
+    for (node, report) in reports {
+        h.dirty |= h.ledger.apply(node, report, now, &periods);
+    }
+    let names: Vec<&str> = periods.0.keys().map(String::as_str).collect();
+    h.dirty |= h.ledger.prune(now, WATERMARK_TTL_MS, names);
+    if !h.dirty {
+        return None;
+    }
+    if periods.0.is_empty() {
+        // No route left: the ledger goes with the routes (it is owned by them).
+        held.remove(ns);
+        ctx.usage.set(ns, None);
+        return None;
+    }
+    let mut owners: Vec<_> = periods.0.values().collect();
+    owners.sort_by_key(|r| r.name_any());
+    let owners: Vec<_> = owners
+        .into_iter()
+        .filter_map(|r| super::reconcile::owner_ref(r, false))
+        .collect();
+    let json = serde_json::to_string(&h.ledger).expect("a ledger serializes");
+    let desired = objects::usage_ledger(ns, json, &owners, h.version.clone());
+    match super::apply::apply_exactly(&api, &desired, &ctx.writes).await {
+        Ok(written) => {
+            h.version = written.resource_version();
+            h.dirty = false;
+            Some(h.ledger.clone())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            // Someone else wrote it (a previous leader still finishing): start again from theirs;
+            // the replicas' counts are cumulative, so the next read adds exactly what is missing.
+            warn!(namespace = %ns, "the usage ledger changed under this leader; reading it again");
+            held.remove(ns);
+            None
+        }
+        Err(e) => {
+            warn!(namespace = %ns, error = %e, "cannot store the usage ledger; trying again next time");
+            None
+        }
+    }
+}

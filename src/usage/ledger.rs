@@ -1,0 +1,436 @@
+//! The global count behind budgets: every gateway replica's sidecar keeps cumulative counts per
+//! route and backend ([`Report`], served at `GET /usage`); the operator leader reads them every
+//! `--usage-interval` and adds what is new to the period totals of a namespace's [`Ledger`].
+//!
+//! The ledger holds, next to the totals, how much of each replica's cumulative counts it already
+//! includes (its watermark). Both are stored together in one object (the namespace's ConfigMap
+//! `llmroute-usage`), so whichever operator replica leads next resumes exactly: it reads the
+//! ledger, reads the replicas' counts, and adds the difference. Nothing is counted twice (a
+//! replica's counts are only ever added beyond its watermark) and nothing is lost while a replica
+//! lives (its counts are cumulative). A replica restarted with a new sidecar process reports a new
+//! `boot`: its counts start again from 0. Pure: no I/O, no clock of its own.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::jiff::civil::Date;
+use k8s_openapi::jiff::tz::TimeZone;
+use k8s_openapi::jiff::{Timestamp, ToSpan};
+use serde::{Deserialize, Serialize};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{BackendUsage, Budget, BudgetPeriod, LLMRoute, Remaining, UsageStatus};
+
+/// Tokens and cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub tokens: u64,
+    pub cost: f64,
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.tokens += other.tokens;
+        self.cost += other.cost;
+    }
+
+    /// What `self` holds beyond `earlier` (counts only grow within one boot).
+    fn beyond(self, earlier: Totals) -> Totals {
+        Totals {
+            tokens: self.tokens.saturating_sub(earlier.tokens),
+            cost: (self.cost - earlier.cost).max(0.0),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.tokens == 0 && self.cost == 0.0
+    }
+}
+
+/// Counts per route, then per backend.
+pub type Counts = BTreeMap<String, BTreeMap<String, Totals>>;
+
+/// What a gateway replica's sidecar serves at `GET /usage`: its cumulative counts since it started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Random id of the sidecar's process: another id means counts that started again at 0.
+    pub boot: String,
+    pub counts: Counts,
+}
+
+/// A period's totals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// The period ([`period_key`]) the totals are of.
+    pub period: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+impl Bucket {
+    /// The totals of `period`: none when the bucket is of an earlier one.
+    pub fn of(&self, period: &str) -> Totals {
+        if self.period == period {
+            self.totals
+        } else {
+            Totals::default()
+        }
+    }
+
+    fn add(&mut self, period: &str, delta: Totals) {
+        if self.period != period {
+            *self = Bucket {
+                period: period.to_string(),
+                totals: Totals::default(),
+            };
+        }
+        self.totals.add(delta);
+    }
+}
+
+/// One route's totals: the whole route in its period, and each backend in its own.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteTotals {
+    pub route: Bucket,
+    #[serde(default)]
+    pub backends: BTreeMap<String, Bucket>,
+}
+
+/// How much of one replica's counts the ledger includes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub boot: String,
+    /// When the replica's counts were last read, in milliseconds since the Unix epoch.
+    pub seen_ms: u64,
+    pub counts: Counts,
+}
+
+/// The periods a route's counts go into: the route's and each backend's.
+pub trait Periods {
+    fn route(&self, route: &str) -> BudgetPeriod;
+    fn backend(&self, route: &str, backend: &str) -> BudgetPeriod;
+}
+
+/// A namespace's usage: period totals per route, and the replicas' watermarks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteTotals>,
+    /// By replica (node id: the gateway Pod's name).
+    #[serde(default)]
+    pub replicas: BTreeMap<String, Watermark>,
+}
+
+impl Ledger {
+    /// Adds what `report` of replica `node` counts beyond the ledger's watermark, to the periods
+    /// current at `now_ms`. Returns whether any total changed.
+    pub fn apply(
+        &mut self,
+        node: &str,
+        report: &Report,
+        now_ms: u64,
+        periods: &impl Periods,
+    ) -> bool {
+        let mark = self.replicas.entry(node.to_string()).or_default();
+        if mark.boot != report.boot {
+            // A new process (or a replica never read): everything it counted is new.
+            mark.boot = report.boot.clone();
+            mark.counts.clear();
+        }
+        mark.seen_ms = now_ms;
+        let mut changed = false;
+        for (route, backends) in &report.counts {
+            for (backend, now) in backends {
+                let before = mark
+                    .counts
+                    .get(route)
+                    .and_then(|b| b.get(backend))
+                    .copied()
+                    .unwrap_or_default();
+                let delta = now.beyond(before);
+                mark.counts
+                    .entry(route.clone())
+                    .or_default()
+                    .insert(backend.clone(), *now);
+                if delta.is_zero() {
+                    continue;
+                }
+                changed = true;
+                let totals = self.routes.entry(route.clone()).or_default();
+                totals
+                    .route
+                    .add(&period_key(periods.route(route), now_ms).0, delta);
+                totals.backends.entry(backend.clone()).or_default().add(
+                    &period_key(periods.backend(route, backend), now_ms).0,
+                    delta,
+                );
+            }
+        }
+        changed
+    }
+
+    /// Forgets replicas not read for `max_age_ms` (Pods long gone) and routes not in `routes`.
+    /// Returns whether anything was forgotten.
+    pub fn prune<'a>(
+        &mut self,
+        now_ms: u64,
+        max_age_ms: u64,
+        routes: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        let before = (self.replicas.len(), self.routes.len());
+        self.replicas
+            .retain(|_, m| now_ms.saturating_sub(m.seen_ms) < max_age_ms);
+        let keep: std::collections::BTreeSet<&str> = routes.into_iter().collect();
+        self.routes.retain(|r, _| keep.contains(r.as_str()));
+        before != (self.replicas.len(), self.routes.len())
+    }
+}
+
+/// A cost as status shows it: a decimal with at most 6 places.
+pub fn format_cost(cost: f64) -> String {
+    let text = format!("{:.6}", cost.max(0.0));
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() {
+        "0".into()
+    } else {
+        text.into()
+    }
+}
+
+fn remaining(budget: Option<&Budget>, used: Totals) -> Option<Remaining> {
+    let budget = budget?;
+    Some(Remaining {
+        tokens: budget.tokens.map(|t| t.saturating_sub(used.tokens)),
+        cost: budget
+            .cost
+            .as_deref()
+            .and_then(|c| c.parse::<f64>().ok())
+            .map(|c| format_cost(c - used.cost)),
+    })
+}
+
+/// `status.usage` of `route` from its totals at `now_ms`: the route's period and each backend's
+/// (those that answered this period or have a budget). Cost only when some backend has a price.
+pub fn usage_status(route: &LLMRoute, totals: Option<&RouteTotals>, now_ms: u64) -> UsageStatus {
+    let priced = route.spec.backends.iter().any(|b| b.cost.is_some());
+    let cost = |t: Totals| priced.then(|| format_cost(t.cost));
+    let budget = route.spec.policy.budget.as_ref();
+    let period = budget.map(|b| b.period).unwrap_or_default();
+    let (key, resets_at) = period_key(period, now_ms);
+    let used = totals.map(|t| t.route.of(&key)).unwrap_or_default();
+    let backends = route
+        .spec
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let period = b.budget.as_ref().map_or(period, |x| x.period);
+            let (key, _) = period_key(period, now_ms);
+            let bucket = totals.and_then(|t| t.backends.get(&b.name));
+            let used = bucket.map(|x| x.of(&key)).unwrap_or_default();
+            (b.budget.is_some() || !used.is_zero()).then(|| BackendUsage {
+                name: b.name.clone(),
+                period: key,
+                tokens: used.tokens,
+                cost: cost(used),
+                remaining: remaining(b.budget.as_ref(), used),
+            })
+        })
+        .collect();
+    UsageStatus {
+        period: key,
+        resets_at: Timestamp::from_millisecond(resets_at as i64).ok().map(Time),
+        tokens: used.tokens,
+        cost: cost(used),
+        remaining: remaining(budget, used),
+        backends,
+    }
+}
+
+/// The period `at_ms` falls in: its key (`2026-12` for a month, `2026-12-01` for a day, UTC) and
+/// when it ends, in milliseconds since the Unix epoch.
+pub fn period_key(period: BudgetPeriod, at_ms: u64) -> (String, u64) {
+    let date = Timestamp::from_millisecond(at_ms as i64)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .to_zoned(TimeZone::UTC)
+        .date();
+    let (key, next): (String, Option<Date>) = match period {
+        BudgetPeriod::Day => (
+            format!("{:04}-{:02}-{:02}", date.year(), date.month(), date.day()),
+            date.checked_add(1.day()).ok(),
+        ),
+        BudgetPeriod::Month => (
+            format!("{:04}-{:02}", date.year(), date.month()),
+            date.first_of_month().checked_add(1.month()).ok(),
+        ),
+    };
+    let end = next
+        .and_then(|d| d.to_zoned(TimeZone::UTC).ok())
+        .map(|z| z.timestamp().as_millisecond().max(0) as u64)
+        .unwrap_or(u64::MAX);
+    (key, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Monthly;
+    impl Periods for Monthly {
+        fn route(&self, _: &str) -> BudgetPeriod {
+            BudgetPeriod::Month
+        }
+        fn backend(&self, _: &str, backend: &str) -> BudgetPeriod {
+            if backend == "free" {
+                BudgetPeriod::Day
+            } else {
+                BudgetPeriod::Month
+            }
+        }
+    }
+
+    /// 2026-12-01T10:00:00Z
+    const DEC_1: u64 = 1_796_119_200_000;
+    const DAY: u64 = 86_400_000;
+
+    fn report(boot: &str, counts: &[(&str, &str, u64, f64)]) -> Report {
+        let mut r = Report {
+            boot: boot.into(),
+            counts: Counts::new(),
+        };
+        for (route, backend, tokens, cost) in counts {
+            r.counts.entry(route.to_string()).or_default().insert(
+                backend.to_string(),
+                Totals {
+                    tokens: *tokens,
+                    cost: *cost,
+                },
+            );
+        }
+        r
+    }
+
+    fn route_tokens(l: &Ledger, route: &str, at: u64) -> u64 {
+        l.routes[route]
+            .route
+            .of(&period_key(BudgetPeriod::Month, at).0)
+            .tokens
+    }
+
+    #[test]
+    fn periods_are_utc_calendar_days_and_months() {
+        assert_eq!(
+            period_key(BudgetPeriod::Month, DEC_1),
+            ("2026-12".to_string(), 1_798_761_600_000)
+        );
+        assert_eq!(
+            period_key(BudgetPeriod::Day, DEC_1),
+            ("2026-12-01".to_string(), 1_796_169_600_000)
+        );
+        // The last millisecond of a day is in it; the next is not.
+        let end = period_key(BudgetPeriod::Day, DEC_1).1;
+        assert_eq!(period_key(BudgetPeriod::Day, end - 1).0, "2026-12-01");
+        assert_eq!(period_key(BudgetPeriod::Day, end).0, "2026-12-02");
+    }
+
+    #[test]
+    fn two_replicas_add_up_and_nothing_is_counted_twice() {
+        let mut l = Ledger::default();
+        assert!(l.apply(
+            "gw-a",
+            &report("a1", &[("chat", "zhipu", 100, 0.5)]),
+            DEC_1,
+            &Monthly
+        ));
+        assert!(l.apply(
+            "gw-b",
+            &report("b1", &[("chat", "zhipu", 40, 0.25)]),
+            DEC_1,
+            &Monthly
+        ));
+        // The same counts read again add nothing.
+        assert!(!l.apply(
+            "gw-a",
+            &report("a1", &[("chat", "zhipu", 100, 0.5)]),
+            DEC_1 + 1,
+            &Monthly
+        ));
+        assert!(l.apply(
+            "gw-a",
+            &report("a1", &[("chat", "zhipu", 130, 0.75)]),
+            DEC_1 + 2,
+            &Monthly
+        ));
+        assert_eq!(route_tokens(&l, "chat", DEC_1), 170);
+        let cost = l.routes["chat"].backends["zhipu"].totals.cost;
+        assert!((cost - 1.0).abs() < 1e-9, "{cost}");
+    }
+
+    #[test]
+    fn a_restarted_sidecar_counts_from_zero_and_a_new_leader_resumes_from_the_stored_ledger() {
+        let mut l = Ledger::default();
+        l.apply(
+            "gw-a",
+            &report("a1", &[("chat", "zhipu", 100, 0.0)]),
+            DEC_1,
+            &Monthly,
+        );
+        // Stored, then read back by the next leader, which reads the replica again.
+        let stored = serde_json::to_string(&l).unwrap();
+        let mut next: Ledger = serde_json::from_str(&stored).unwrap();
+        assert_eq!(next, l);
+        next.apply(
+            "gw-a",
+            &report("a1", &[("chat", "zhipu", 150, 0.0)]),
+            DEC_1 + 5,
+            &Monthly,
+        );
+        assert_eq!(route_tokens(&next, "chat", DEC_1), 150);
+        // The sidecar restarted: its 20 tokens are all new.
+        next.apply(
+            "gw-a",
+            &report("a2", &[("chat", "zhipu", 20, 0.0)]),
+            DEC_1 + 9,
+            &Monthly,
+        );
+        assert_eq!(route_tokens(&next, "chat", DEC_1), 170);
+    }
+
+    #[test]
+    fn each_bucket_starts_again_in_its_own_next_period() {
+        let mut l = Ledger::default();
+        l.apply(
+            "gw-a",
+            &report("a", &[("chat", "free", 10, 0.0)]),
+            DEC_1,
+            &Monthly,
+        );
+        l.apply(
+            "gw-a",
+            &report("a", &[("chat", "free", 25, 0.0)]),
+            DEC_1 + DAY,
+            &Monthly,
+        );
+        let free = &l.routes["chat"].backends["free"];
+        assert_eq!(free.period, "2026-12-02");
+        assert_eq!(free.of("2026-12-02").tokens, 15);
+        assert_eq!(free.of("2026-12-01").tokens, 0);
+        // The route's month goes on.
+        assert_eq!(route_tokens(&l, "chat", DEC_1 + DAY), 25);
+    }
+
+    #[test]
+    fn replicas_long_gone_and_deleted_routes_are_forgotten() {
+        let mut l = Ledger::default();
+        l.apply(
+            "gw-a",
+            &report("a", &[("chat", "x", 1, 0.0), ("old", "x", 1, 0.0)]),
+            DEC_1,
+            &Monthly,
+        );
+        l.apply("gw-b", &report("b", &[]), DEC_1 + DAY, &Monthly);
+        assert!(l.prune(DEC_1 + DAY + 1, DAY, ["chat"]));
+        assert_eq!(l.replicas.keys().collect::<Vec<_>>(), ["gw-b"]);
+        assert_eq!(l.routes.keys().collect::<Vec<_>>(), ["chat"]);
+        assert!(!l.prune(DEC_1 + DAY + 1, DAY, ["chat"]));
+    }
+}
