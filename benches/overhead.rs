@@ -13,6 +13,8 @@
 //!   (d) the primary answers OpenAI's region block (403 `unsupported_country_region_territory`): a
 //!       request through the gateway fails over to the fallback; its latency minus the failing
 //!       primary's own latency (measured directly) is the cost of a failover.
+//!   (e) usage exactness: BENCH_USAGE_REQUESTS mixed whole and streamed requests through the gateway;
+//!       the answers and tokens the sidecar's receiver counted against what the simulators reported.
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must
@@ -21,7 +23,7 @@
 //! requests in flight = keep-alive connections per path, [8]), BENCH_FAILOVER_RATE ([50]),
 //! BENCH_FAILOVER_REQUESTS (per failover phase, [450]), BENCH_ENVOY_CONCURRENCY (Envoy worker
 //! threads, [2]), BENCH_LITELLM_WORKERS (LiteLLM processes, [2]), BENCH_SKIP_LITELLM ([0]; 1: without
-//! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference), BENCH_KEEP ([0]; 1: keep the
+//! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference), BENCH_USAGE_REQUESTS ([10000]; 0: no (e)), BENCH_KEEP ([0]; 1: keep the
 //! scratch directory with the configurations and logs), BENCH_VARIANTS ([]; `name=command;...`: more
 //! gateways measured next to (b), each on the rendered files edited in place by `sh -c command` in
 //! their directory; `name@N` runs that one with --concurrency N). LLMROUTE_BENCH_ENVOY and
@@ -67,6 +69,7 @@ struct Settings {
     litellm_workers: usize,
     skip_litellm: bool,
     reference: bool,
+    usage_requests: usize,
 }
 
 impl Settings {
@@ -83,6 +86,7 @@ impl Settings {
             litellm_workers: knob("BENCH_LITELLM_WORKERS", 2),
             skip_litellm: knob::<String>("BENCH_SKIP_LITELLM", "0".into()) == "1",
             reference: knob::<String>("BENCH_REFERENCE", "1".into()) == "1",
+            usage_requests: knob("BENCH_USAGE_REQUESTS", 10_000),
         };
         assert!(s.rate > 0.0 && s.rounds > 0 && s.connections > 0 && s.requests >= s.rounds);
         s
@@ -1027,6 +1031,18 @@ async fn run(s: Settings) {
         }
     }
     primary.set_fault(Fault::None);
+
+    // (e) usage exactness: mixed whole and streamed answers through the gateway, every one counted
+    // once by the sidecar's receiver against what the simulators reported.
+    let exactness = usage_exactness(
+        &http,
+        &via_gateway,
+        &gateway,
+        [&primary, &fallback],
+        s.usage_requests,
+        s.connections,
+    )
+    .await;
     let load_end = load_average();
     let measured = started.elapsed() - setup;
 
@@ -1182,6 +1198,7 @@ async fn run(s: Settings) {
         "Usage log: {} answers of the gateway counted by the sidecar's receiver ({} prompt and {} completion tokens).",
         counted.0, counted.1, counted.2
     );
+    let _ = writeln!(out, "{exactness}");
     println!("{out}");
     drop(litellm);
     drop(plain);
@@ -1193,6 +1210,106 @@ async fn run(s: Settings) {
             scratch.keep().display()
         );
     }
+}
+
+/// Sends `n` chat completions through the gateway, a third whole, a third streamed, a third
+/// streamed with `stream_options.include_usage` (at most `connections` at once, bounded to 10 min),
+/// then compares the sidecar receiver's counts with what the simulators reported. Returns the
+/// printed line.
+async fn usage_exactness(
+    http: &reqwest::Client,
+    target: &Target,
+    gateway: &Gateway,
+    sims: [&Sim; 2],
+    n: usize,
+    connections: usize,
+) -> String {
+    if n == 0 {
+        return "Usage exactness: not run (BENCH_USAGE_REQUESTS=0).".into();
+    }
+    let sent_before: u64 = sims.iter().map(|s| s.usage_sent().prompt).sum::<u64>();
+    let completion_before: u64 = sims.iter().map(|s| s.usage_sent().completion).sum::<u64>();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = gateway_answers(&gateway.usage.encode());
+    let started = Instant::now();
+    let slots = Arc::new(Semaphore::new(connections));
+    let mut tasks = JoinSet::new();
+    let mut ok = 0usize;
+    let mut failed = Vec::new();
+    for i in 0..n {
+        if started.elapsed() > Duration::from_secs(600) {
+            failed.push(format!("not sent: {} (10 min bound)", n - i));
+            break;
+        }
+        let slot = slots.clone().acquire_owned().await.expect("semaphore");
+        let (http, url, key) = (http.clone(), target.url.clone(), target.bearer.clone());
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&request_body(target.model)).expect("json");
+        if i % 3 > 0 {
+            body["stream"] = true.into();
+        }
+        if i % 3 == 2 {
+            body["stream_options"] = serde_json::json!({ "include_usage": true });
+        }
+        tasks.spawn(async move {
+            let _slot = slot;
+            let r = http.post(url).bearer_auth(key).json(&body).send().await;
+            match r {
+                Ok(r) if r.status() == 200 => {
+                    r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                }
+                Ok(r) => Err(format!("status {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        while let Some(done) = tasks.try_join_next() {
+            match done.expect("request task") {
+                Ok(()) => ok += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("request task") {
+            Ok(()) => ok += 1,
+            Err(e) => failed.push(e),
+        }
+    }
+    let took = started.elapsed();
+    // The log is flushed every second; wait (bounded) until every answer is in.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut after = gateway_answers(&gateway.usage.encode());
+    while after.0 < before.0 + ok as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = gateway_answers(&gateway.usage.encode());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    after = gateway_answers(&gateway.usage.encode());
+    let prompt_sent = sims.iter().map(|s| s.usage_sent().prompt).sum::<u64>() - sent_before;
+    let completion_sent =
+        sims.iter().map(|s| s.usage_sent().completion).sum::<u64>() - completion_before;
+    let counted = after.0 - before.0;
+    let (prompt, completion) = (after.1 - before.1, after.2 - before.2);
+    format!(
+        "Usage exactness: {n} requests ({} whole, {} streamed, {} streamed with include_usage) in {:.1} s: {ok} answered 200, {} failed{}; \
+         answers counted {counted} (lost {}, extra {}); prompt tokens counted {prompt} of {prompt_sent} reported, completion tokens {completion} of {completion_sent}: {}.",
+        n.div_ceil(3),
+        (n + 1) / 3,
+        n / 3,
+        took.as_secs_f64(),
+        failed.len(),
+        failed
+            .first()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        (ok as u64).saturating_sub(counted),
+        counted.saturating_sub(ok as u64),
+        if counted == ok as u64 && prompt == prompt_sent && completion == completion_sent {
+            "exact"
+        } else {
+            "NOT exact"
+        }
+    )
 }
 
 /// Answers, prompt and completion tokens in a usage-counter exposition.

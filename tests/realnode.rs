@@ -62,7 +62,8 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
 
     // Install as a user does.
     realnode::apply_crds(c);
-    let overlay = realnode::overlay(&[]);
+    // Usage counts are read every 2 s (budgets below; default 10 s).
+    let overlay = realnode::overlay(&["--usage-interval=2s"]);
     let applied = c.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
     assert!(
         applied.status.success(),
@@ -316,8 +317,10 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
 
     // Steady state: nothing changes, so the operator writes nothing (counted by the API server's
     // audit log for the operator's ServiceAccount; the leader's Lease renewals aside). Its events
-    // of the edit are written within a few seconds of it being served.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // of the edit are written within a few seconds of it being served, and so are the counts of the
+    // load above that the old leader had not stored yet (the new one finds them in the replicas'
+    // cumulative counts at its first reads, every 2 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let mark = c.audit_mark();
     tokio::time::sleep(Duration::from_secs(20)).await;
     let writes: Vec<String> = realnode::operator_writes(c, &mark)
@@ -363,6 +366,85 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
             "a key appeared in logs, ConfigMaps, status or events"
         );
     }
+
+    // A budget across both gateway replicas: the leader adds up what each replica's sidecar
+    // counted (4 tokens per answer here), so requests through either Pod use the same budget, and
+    // once it is used both answer 429.
+    ns.apply(&format!(
+        r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: metered }}
+spec:
+  defaultModel: gpt-4o
+  policy:
+    healthCheck: {{ enabled: false }}
+    budget: {{ tokens: 40 }}
+  backends:
+    - name: zhipu
+      provider: zhipu
+      endpoint: https://zhipu-sim.{}.svc/api/paas/v4
+      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-flash }}
+"#,
+        ns.name
+    ));
+    wait_programmed(
+        &routes,
+        "metered",
+        "2/2 gateway replicas serve generation 1",
+    )
+    .await;
+    let metered_key = realnode::route_key(&client, &ns.name, "metered").await;
+    let replicas = node::ready_pods(&client, &ns.name, GATEWAY_PODS, 2).await;
+    let via = |i: usize| format!("{}:8080", replicas[i % 2].1);
+    for i in 0..9 {
+        let (status, _) = realnode::chat_via(&via(i), "metered", &metered_key).await;
+        assert_eq!(status, 200, "request {i} through {}", via(i));
+    }
+    let usage_is = |tokens: u64| {
+        let routes = routes.clone();
+        async move {
+            eventually(
+                Duration::from_secs(60),
+                &format!("status usage of {tokens} tokens"),
+                || {
+                    let routes = routes.clone();
+                    async move {
+                        let u = routes.get("metered").await.ok()?.status?.usage?;
+                        (u.tokens == tokens).then_some(u)
+                    }
+                },
+            )
+            .await
+        }
+    };
+    usage_is(36).await;
+    assert_eq!(
+        realnode::chat_via(&via(0), "metered", &metered_key).await.0,
+        200
+    );
+    let u = usage_is(40).await;
+    assert_eq!(u.remaining.and_then(|r| r.tokens), Some(0));
+    for (name, ip) in &replicas {
+        eventually(
+            Duration::from_secs(30),
+            &format!("429 from gateway replica {name}"),
+            || {
+                let (addr, key) = (format!("{ip}:8080"), metered_key.clone());
+                async move {
+                    (realnode::chat_via(&addr, "metered", &key).await.0 == 429).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let (ready, reason, _) = condition(&routes, "metered", "Ready").await.unwrap();
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "BudgetExhausted")
+    );
+    // The 429s are the gateway's own answers: nothing more is counted.
+    assert_eq!(usage_is(40).await.tokens, 40);
 
     drop(ns);
     realnode::uninstall_kustomize(c, &overlay).await;
