@@ -1067,3 +1067,262 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// Embeddings, text completions and responses, for every provider of the catalog: a provider that
+/// serves the operation gets it at its own path (Azure: under the deployment) and its usage is
+/// counted, streamed responses included; a route whose providers do not serve it gets a 404 that
+/// says so, without a request to any provider. One model of the list answers `/models/{id}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_clearly() {
+    use llmroute::catalog::Endpoint;
+    use llmroute_devkit::sim::ALL_PROVIDERS;
+    let mut s = Stack::start("dp-endpoints", "us").await;
+    let usage = s.usage_log().await;
+    let mut cases = Vec::new();
+    for provider in ALL_PROVIDERS {
+        let name = provider.id();
+        let key = format!("{name}-key-0001");
+        let sim = s.sim(provider, &key).await;
+        s.ns.apply(&key_secret(&format!("{name}-key"), &key));
+        let chat = provider.catalog_models()[0];
+        let emb = provider
+            .embedding_models()
+            .first()
+            .copied()
+            .unwrap_or("text-embedding-3-small");
+        s.ns.apply(&route(
+            name,
+            "",
+            &[backend(name, name, &sim, chat, "").replace(
+                &format!("models: {{ chat: {chat} }}"),
+                &format!("models: {{ chat: \"{chat}\", emb: \"{emb}\" }}"),
+            )],
+        ));
+        cases.push((provider, sim, chat, emb));
+    }
+    let post = |w: &support::e2e::Workload, op: &str, body: serde_json::Value| {
+        let (w, op) = (w.clone(), op.to_string());
+        async move {
+            let r = w
+                .client
+                .post(format!("{}/{op}", w.base))
+                .bearer_auth(&w.key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    for (provider, sim, chat, emb) in &cases {
+        let name = provider.id();
+        let served = &llmroute::catalog::provider(name).unwrap().endpoints;
+        let w = s.serve(name).await;
+        for (endpoint, op, body) in [
+            (
+                Endpoint::Embeddings,
+                "embeddings",
+                serde_json::json!({ "model": "emb", "input": ["one two", "three"] }),
+            ),
+            (
+                Endpoint::Completions,
+                "completions",
+                serde_json::json!({ "model": "chat", "prompt": "say hi now" }),
+            ),
+            (
+                Endpoint::Responses,
+                "responses",
+                serde_json::json!({ "model": "chat", "input": "say hi" }),
+            ),
+        ] {
+            // The simulator follows the provider's contract on its own: both sides must agree.
+            let sim_serves = llmroute_devkit::sim::Endpoint::ALL
+                .into_iter()
+                .find(|e| e.path() == op)
+                .is_some_and(|e| provider.serves(e));
+            assert_eq!(
+                served.contains(&endpoint),
+                sim_serves,
+                "{name} {op}: catalog and simulator disagree"
+            );
+            sim.clear_requests();
+            let (status, text) = post(&w, op, body).await;
+            if served.contains(&endpoint) {
+                assert_eq!(status, 200, "{name} {op}: {text}");
+                let got = sim.last_request().expect("the provider got it");
+                let model = if op == "embeddings" { *emb } else { *chat };
+                let path = if *provider == SimProvider::AzureOpenAI {
+                    format!("/openai/deployments/{model}/{op}?api-version=2024-10-21")
+                } else {
+                    format!("{}/{op}", provider.base_path())
+                };
+                assert_eq!(got.path, path, "{name} {op}");
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let object = match op {
+                    "embeddings" => "list",
+                    "completions" => "text_completion",
+                    _ => "response",
+                };
+                assert_eq!(v["object"], object, "{name} {op}: {text}");
+            } else {
+                assert_eq!(status, 404, "{name} {op}: {text}");
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["error"]["code"], "unsupported_endpoint", "{text}");
+                assert!(
+                    v["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains(&format!("serves /v1/{op}")),
+                    "{text}"
+                );
+                assert!(
+                    sim.requests().is_empty(),
+                    "{name} {op} reached the provider"
+                );
+            }
+        }
+        if served.contains(&Endpoint::Responses) {
+            // A streamed response: its usage is in the `response.completed` event.
+            let (status, text) = post(
+                &w,
+                "responses",
+                serde_json::json!({ "model": "chat", "input": "stream this please", "stream": true }),
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert!(text.contains("event: response.completed"), "{text}");
+        }
+        // One model of the list.
+        let r = w.get("/models/chat").await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["id"], "chat");
+        let r = w.get("/models/gpt-9").await.unwrap();
+        assert_eq!(r.status(), 404);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+    }
+    // Every token the providers reported, counted per route (prompt and completion).
+    let ns = format!(r#"namespace="{}""#, s.ns.name);
+    support::cluster::eventually(
+        Duration::from_secs(15),
+        "every operation's usage counted",
+        || {
+            let text = usage.encode();
+            let ok = cases.iter().all(|(provider, sim, _, _)| {
+                let route = format!(r#"route="{}""#, provider.id());
+                let sent = sim.usage_sent();
+                let count = |kind: &str| {
+                    let kind = format!(r#"kind="{kind}""#);
+                    metric(
+                        &text,
+                        "llmroute_gateway_tokens_total",
+                        &[ns.as_str(), route.as_str(), kind.as_str()],
+                    )
+                };
+                count("prompt") == sent.prompt && count("completion") == sent.completion
+            });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// Embeddings move on past a backend whose provider has no embeddings, but not to a backend that
+/// would embed with another model (its vectors would not match the index), unless the route allows
+/// any model. Chat fails over as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_never_change_model_unless_the_route_allows_it() {
+    let mut s = Stack::start("dp-embed", "us").await;
+    let moonshot = s.sim(SimProvider::Moonshot, "moon-key-0001").await;
+    let zhipu = s.sim(SimProvider::Zhipu, "zhipu-key-0001").await;
+    let openai = s.sim(SimProvider::OpenAI, "openai-key-0001").await;
+    for (name, key) in [
+        ("moonshot", "moon-key-0001"),
+        ("zhipu", "zhipu-key-0001"),
+        ("openai", "openai-key-0001"),
+    ] {
+        s.ns.apply(&key_secret(&format!("{name}-key"), key));
+    }
+    let spec = |policy: &str| {
+        route(
+            "mixed",
+            policy,
+            &[
+                backend("moonshot", "moonshot", &moonshot, "moonshot-v1-8k", ""),
+                backend(
+                    "zhipu",
+                    "zhipu",
+                    &zhipu,
+                    "glm-4-flash",
+                    "      priority: 1\n",
+                )
+                .replace(
+                    "models: { chat: glm-4-flash }",
+                    "models: { chat: glm-4-flash, emb: embedding-3 }",
+                ),
+                backend(
+                    "openai",
+                    "openai",
+                    &openai,
+                    "gpt-4o-mini",
+                    "      priority: 2\n",
+                )
+                .replace(
+                    "models: { chat: gpt-4o-mini }",
+                    "models: { chat: gpt-4o-mini, emb: text-embedding-3-small }",
+                ),
+            ],
+        )
+    };
+    s.ns.apply(&spec(""));
+    let w = s.serve("mixed").await;
+    let embed = || {
+        let w = w.clone();
+        async move {
+            let r = w
+                .client
+                .post(format!("{}/embeddings", w.base))
+                .bearer_auth(&w.key)
+                .json(&serde_json::json!({ "model": "emb", "input": "hello there" }))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), backend_of(&r), r.text().await.unwrap())
+        }
+    };
+    // Moonshot has no embeddings: Zhipu, the first that has, answers.
+    let (status, backend, text) = embed().await;
+    assert_eq!((status, backend.as_str()), (200, "zhipu"), "{text}");
+    assert!(moonshot.requests().is_empty());
+    // Zhipu fails: OpenAI would embed with another model, so the request fails and says why.
+    zhipu.set_fault(Fault::ServerError);
+    let (status, _, text) = embed().await;
+    assert_ne!(status, 200, "{text}");
+    assert!(text.contains("EmbeddingModelMismatch"), "{text}");
+    assert!(
+        openai.requests().is_empty(),
+        "OpenAI embedded with another model"
+    );
+    // Chat fails over as always (Moonshot serves first anyway).
+    let r = w.chat("chat").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), backend_of(&r).as_str()),
+        (200, "moonshot")
+    );
+    // Declared: any model will do.
+    s.ns.apply(&spec("    embeddingFailover: AnyModel\n"));
+    support::cluster::eventually(
+        Duration::from_secs(20),
+        "OpenAI embeds once allowed",
+        || {
+            let embed = embed();
+            async move {
+                let (status, backend, _) = embed.await;
+                (status == 200 && backend == "openai").then_some(())
+            }
+        },
+    )
+    .await;
+}

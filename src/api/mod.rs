@@ -283,6 +283,25 @@ pub struct Policy {
     /// calendar month (`status.usage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+
+    /// Which backends may answer an embeddings request. `SameModel` (default): only backends that
+    /// map the requested model to the same provider model as the most preferred backend serving
+    /// embeddings (the same embedding model at another account or region), because vectors of
+    /// different embedding models do not mix in one index; another backend answers 404
+    /// `embedding_model_mismatch` and the request moves on. `AnyModel`: any backend serving
+    /// embeddings, like chat.
+    #[serde(default)]
+    pub embedding_failover: EmbeddingFailover,
+}
+
+/// Which backends may answer an embeddings request (`spec.policy.embeddingFailover`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum EmbeddingFailover {
+    /// Only backends embedding with the same provider model.
+    #[default]
+    SameModel,
+    /// Any backend that serves embeddings.
+    AnyModel,
 }
 
 impl Default for Policy {
@@ -295,6 +314,7 @@ impl Default for Policy {
             failback: Failback::default(),
             data_residency: None,
             budget: None,
+            embedding_failover: EmbeddingFailover::default(),
         }
     }
 }

@@ -37,6 +37,42 @@ pub enum StreamUsage {
     Unverified,
 }
 
+/// An OpenAI API operation, below a provider's base URL.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    /// `POST /chat/completions`.
+    ChatCompletions,
+    /// `POST /embeddings`.
+    Embeddings,
+    /// `POST /completions` (legacy text completions).
+    Completions,
+    /// `POST /responses` (and `/responses/...`).
+    Responses,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Embeddings,
+        Endpoint::Completions,
+        Endpoint::Responses,
+    ];
+
+    fn chat_only() -> Vec<Endpoint> {
+        vec![Endpoint::ChatCompletions]
+    }
+
+    /// The path below the base URL (`chat/completions`, `embeddings`, ...).
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Completions => "completions",
+            Endpoint::Responses => "responses",
+        }
+    }
+}
+
 /// The header that carries the key.
 #[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Auth {
@@ -92,6 +128,9 @@ pub struct Provider {
     pub errors: Vec<ErrorRule>,
     #[serde(default)]
     pub stream_usage: StreamUsage,
+    /// The OpenAI operations the provider serves (chat completions always).
+    #[serde(default = "Endpoint::chat_only")]
+    pub endpoints: Vec<Endpoint>,
     pub docs: String,
 }
 

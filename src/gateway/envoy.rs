@@ -783,7 +783,9 @@ fn stdout_access_log() -> Value {
 
 /// Where an answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and the
 /// `llmroute` dynamic metadata key each goes to.
-const USAGE_FIELDS: [(&[&str], &str); 6] = [
+/// The Responses API names them `input_tokens` and `output_tokens`, and a streamed response
+/// carries them in its `response.completed` event, under `response`.
+const USAGE_FIELDS: [(&[&str], &str); 14] = [
     (&["usage", "prompt_tokens"], "prompt_tokens"),
     (&["usage", "completion_tokens"], "completion_tokens"),
     (&["usage", "total_tokens"], "total_tokens"),
@@ -793,6 +795,20 @@ const USAGE_FIELDS: [(&[&str], &str); 6] = [
     ),
     (&["usage", "prompt_cache_hit_tokens"], "cached_tokens"),
     (&["model"], "provider_model"),
+    (&["usage", "input_tokens"], "prompt_tokens"),
+    (&["usage", "output_tokens"], "completion_tokens"),
+    (
+        &["usage", "input_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["response", "usage", "input_tokens"], "prompt_tokens"),
+    (&["response", "usage", "output_tokens"], "completion_tokens"),
+    (&["response", "usage", "total_tokens"], "total_tokens"),
+    (
+        &["response", "usage", "input_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["response", "model"], "provider_model"),
 ];
 
 /// The dynamic metadata namespace of an answer's usage.
@@ -914,13 +930,21 @@ fn account_lua_prelude(account: &AccountIr) -> String {
         })
         .collect();
     format!(
-        "-- Provider account {} (catalog entry {}).\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal STREAM_USAGE = {}\nlocal RULES = {{\n{}\n}}\n",
+        "-- Provider account {} (catalog entry {}).\nlocal PROVIDER = {}\nlocal BASE_PATH = {}\nlocal AZURE = {}\nlocal API_VERSION = {}\nlocal STREAM_USAGE = {}\nlocal ENDPOINTS = {{ {} }}\nlocal RULES = {{\n{}\n}}\n",
         account.name,
         account.provider.id,
+        lua_string(&account.provider.name),
         lua_string(&account.base_path),
         matches!(account.path_style, PathStyle::AzureDeployment),
         lua_string(account.api_version.as_deref().unwrap_or_default()),
         account.provider.stream_usage == StreamUsage::IncludeUsage,
+        account
+            .provider
+            .endpoints
+            .iter()
+            .map(|e| format!("[{}] = true", lua_string(e.path())))
+            .collect::<Vec<_>>()
+            .join(", "),
         rules.join("\n")
     )
 }
@@ -1049,6 +1073,7 @@ fn account_route_config<'a>(
                 models: &backend.models,
                 passthrough: backend.passthrough,
                 failover_on: failover_classes(route),
+                embedding_family: &route.embedding_family,
             }),
             request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         })
@@ -1096,6 +1121,7 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
                     .iter()
                     .filter_map(|b| Some((b.name.as_str(), b.cost.as_ref()?))),
             ),
+            endpoints: &route.endpoints,
         }),
         request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         request_headers_to_add: [shapes::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],

@@ -47,6 +47,11 @@ pub struct RouteIr {
     pub failover_on: BTreeSet<FailureClass>,
     /// Why the route's budget admits no request now: the gateway answers 429 with it.
     pub over_budget: Option<String>,
+    /// The OpenAI operations some programmed backend serves (`chat/completions`, `embeddings`...).
+    pub endpoints: Vec<&'static str>,
+    /// Per logical model, the provider model every embeddings request must be answered with
+    /// (`spec.policy.embeddingFailover: SameModel`); empty with `AnyModel`.
+    pub embedding_family: BTreeMap<String, String>,
 }
 
 /// An ordered list of provider accounts tried one after the other within one client request.
@@ -372,6 +377,30 @@ pub struct BuiltRoute {
     pub upstreams: Vec<UpstreamIr>,
 }
 
+/// The provider model each logical model's embeddings must come from: the mapping of the first
+/// backend serving embeddings in `order` (the route's preference, by design) that maps it by name.
+/// Empty when the route allows any model (`embeddingFailover: AnyModel`).
+pub fn embedding_family(route: &LLMRoute, order: &[usize]) -> BTreeMap<String, String> {
+    let mut family = BTreeMap::new();
+    if route.spec.policy.embedding_failover == crate::api::EmbeddingFailover::AnyModel {
+        return family;
+    }
+    for &i in order {
+        let b = &route.spec.backends[i];
+        let serves = catalog::provider(&b.provider)
+            .is_some_and(|p| p.endpoints.contains(&crate::catalog::Endpoint::Embeddings));
+        if !serves {
+            continue;
+        }
+        for (logical, provider_model) in b.models.iter().filter(|(k, _)| k.as_str() != "*") {
+            family
+                .entry(logical.clone())
+                .or_insert_with(|| provider_model.clone());
+        }
+    }
+    family
+}
+
 /// Builds a route's IR from its plan. Backends not in any chain are not programmed.
 pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, String> {
     let name = kube::ResourceExt::name_any(route);
@@ -479,6 +508,14 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
         idle_timeout_ms: duration_ms(&timeouts.idle)?,
         failover_on: route.spec.policy.failover_on.iter().copied().collect(),
         over_budget: None,
+        endpoints: {
+            let served: BTreeSet<crate::catalog::Endpoint> = accounts
+                .values()
+                .flat_map(|a| a.provider.endpoints.iter().copied())
+                .collect();
+            served.into_iter().map(|e| e.path()).collect()
+        },
+        embedding_family: BTreeMap::new(),
         name,
     };
     Ok(BuiltRoute {

@@ -90,6 +90,22 @@ pub fn translate(namespace: &str, routes: &[LLMRoute], facts: &Facts) -> Transla
             match build_route(route, &decision.plan) {
                 Ok(mut built) => {
                     built.route.over_budget = decision.over_budget.clone();
+                    // The preference by design (not health, keys or budgets): which embedding
+                    // model a route's vectors come from must not change when a backend fails.
+                    let by_design: Vec<usize> = decision
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.excluded.as_ref().is_none_or(|e| !e.is_by_design()))
+                        .map(|(i, _)| i)
+                        .collect();
+                    let order = ir::order_by_strategy(route, &by_design);
+                    let first: Vec<usize> = order
+                        .chains
+                        .first()
+                        .map(|(_, m)| m.clone())
+                        .unwrap_or_default();
+                    built.route.embedding_family = ir::embedding_family(route, &first);
                     programmed.push(built);
                     Ok(())
                 }

@@ -211,6 +211,8 @@ pub struct FrontMetadata<'a> {
     /// the sidecar, which counts cost (`crate::usage`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub prices: String,
+    /// The OpenAI operations some backend of the route serves: the front answers the others.
+    pub endpoints: &'a [&'static str],
 }
 
 // ---- account listener routes ----
@@ -268,6 +270,10 @@ pub struct AccountMetadata<'a> {
     pub passthrough: bool,
     /// ",Class,Class," (Lua finds ",<class>,").
     pub failover_on: String,
+    /// Logical model → the provider model embeddings must be made with (see
+    /// `RouteIr::embedding_family`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub embedding_family: &'a BTreeMap<String, String>,
 }
 
 // ---- chain clusters ----

@@ -1,6 +1,7 @@
 //! LLM provider simulators on 127.0.0.1: one HTTP server per simulated provider, following that
 //! provider's contract (base path, auth header, models, error bodies; see [`provider`]), answering
-//! OpenAI-shaped chat completions (JSON or incrementally flushed SSE), with faults switchable at run
+//! OpenAI-shaped chat completions (JSON or incrementally flushed SSE) and, where the provider serves
+//! them ([`SimProvider::serves`]), embeddings, text completions and responses, with faults switchable at run
 //! time ([`Fault`]), per-request fault scripts, request recording, and an admin API under `/__sim/`
 //! on the same port for other processes:
 //!
@@ -34,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use provider::Failure;
-pub use provider::{ALL_PROVIDERS, AuthStyle, OPENAI_REGION_BLOCKED, SimProvider};
+pub use provider::{ALL_PROVIDERS, AuthStyle, Endpoint, OPENAI_REGION_BLOCKED, SimProvider};
 
 /// A failure mode of the simulated provider, switchable at run time ([`Sim::set_fault`]).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -668,8 +669,38 @@ impl AsyncWrite for SimIo {
 
 /// What a request asks the provider for.
 enum Op<'a> {
-    Chat { deployment: Option<&'a str> },
+    Chat {
+        deployment: Option<&'a str>,
+    },
     Models,
+    /// Embeddings, completions or a response (Azure: of a deployment).
+    Other {
+        endpoint: Endpoint,
+        deployment: Option<&'a str>,
+    },
+}
+
+impl<'a> Op<'a> {
+    fn deployment(&self) -> Option<&'a str> {
+        match self {
+            Op::Chat { deployment } | Op::Other { deployment, .. } => *deployment,
+            Op::Models => None,
+        }
+    }
+}
+
+/// The operation `rest` (a path below the base) names, if the provider serves it.
+fn op_of<'a>(provider: SimProvider, rest: &str, deployment: Option<&'a str>) -> Option<Op<'a>> {
+    if rest == "chat/completions" {
+        return Some(Op::Chat { deployment });
+    }
+    Endpoint::ALL
+        .into_iter()
+        .find(|e| e.path() == rest && provider.serves(*e))
+        .map(|endpoint| Op::Other {
+            endpoint,
+            deployment,
+        })
 }
 
 fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'a>, Failure<'a>> {
@@ -683,11 +714,9 @@ fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'
             Some("/openai/models") => Some(Op::Models),
             Some(rest) => rest
                 .strip_prefix("/openai/deployments/")
-                .and_then(|r| r.strip_suffix("/chat/completions"))
-                .filter(|d| !d.is_empty() && !d.contains('/'))
-                .map(|d| Op::Chat {
-                    deployment: Some(d),
-                }),
+                .and_then(|r| r.split_once('/'))
+                .filter(|(d, _)| !d.is_empty())
+                .and_then(|(d, op)| op_of(shared.provider, op, Some(d))),
             None => None,
         };
         return match op {
@@ -703,12 +732,25 @@ fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'
         if path.ends_with("/models") {
             return Ok(Op::Models);
         }
+        if let Some(op) = path
+            .rsplit_once('/')
+            .and_then(|(_, last)| op_of(shared.provider, last, None))
+        {
+            return Ok(op);
+        }
     }
     for prefix in &shared.prefixes {
         match path.strip_prefix(prefix.as_str()) {
-            Some("/chat/completions") => return Ok(Op::Chat { deployment: None }),
             Some("/models") => return Ok(Op::Models),
-            _ => {}
+            Some(rest) => {
+                if let Some(op) = rest
+                    .strip_prefix('/')
+                    .and_then(|r| op_of(shared.provider, r, None))
+                {
+                    return Ok(op);
+                }
+            }
+            None => {}
         }
     }
     Err(Failure::UnknownPath { method: "", path })
@@ -853,12 +895,10 @@ async fn handle(
                 })
                 .or_insert_with(|| value.into_owned());
         }
-        let deployment = match route(&shared, path, uri.query()) {
-            Ok(Op::Chat {
-                deployment: Some(d),
-            }) => Some(d.to_string()),
-            _ => None,
-        };
+        let deployment = route(&shared, path, uri.query())
+            .ok()
+            .and_then(|op| op.deployment())
+            .map(str::to_string);
         let received_model = deployment.or(peek.model.as_deref().map(str::to_string));
         shared.records.lock().unwrap().push(Received {
             method: method.to_string(),
@@ -914,12 +954,10 @@ async fn handle(
         return failure(&shared, Failure::MissingAnthropicVersion);
     }
 
-    let model: Cow<'_, str> = match op {
-        Op::Chat {
-            deployment: Some(d),
-        } => Cow::Borrowed(d),
-        Op::Chat { deployment: None } => model.unwrap_or_default(),
-        Op::Models => Cow::Borrowed(""),
+    let model: Cow<'_, str> = match (&op, op.deployment()) {
+        (Op::Models, _) => Cow::Borrowed(""),
+        (_, Some(d)) => Cow::Borrowed(d),
+        (_, None) => model.unwrap_or_default(),
     };
 
     // Faults.
@@ -950,6 +988,23 @@ async fn handle(
 
     match op {
         Op::Models => models_list(&shared),
+        Op::Other { endpoint, .. } => {
+            let known = match endpoint {
+                // Azure: a deployment of the user's; self-hosted: whatever the server loaded.
+                Endpoint::Embeddings => {
+                    shared.provider.embedding_models().contains(&&*model)
+                        || matches!(
+                            shared.provider,
+                            SimProvider::AzureOpenAI | SimProvider::OpenAICompatible
+                        )
+                }
+                _ => shared.models.iter().any(|m| **m == *model),
+            };
+            if !shared.any_model && !known {
+                return failure(&shared, Failure::UnknownModel(&model));
+            }
+            other(&shared, n, endpoint, &model, stream, &body)
+        }
         Op::Chat { .. } => {
             if !shared.any_model && !shared.models.iter().any(|m| **m == *model) {
                 return failure(&shared, Failure::UnknownModel(&model));
@@ -988,6 +1043,123 @@ fn models_list(shared: &Shared) -> Response {
         shared.provider,
         json!({ "object": "list", "data": data }).to_string(),
     )
+}
+
+/// Whitespace-separated words of a string, or of the strings of a list (the `input` of embeddings
+/// and responses, the `prompt` of completions; a response's input items count their text parts).
+fn words_of(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(items) => items.iter().map(words_of).sum(),
+        Value::Object(o) => o
+            .get("content")
+            .or_else(|| o.get("text"))
+            .map(words_of)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Embeddings, a text completion or a response (OpenAI's shapes, which the providers that serve
+/// them follow): usage counts the input's words as prompt tokens and 3 completion tokens ("hello
+/// from <provider>"); a streamed response ends with `response.completed`, which carries usage.
+fn other(
+    shared: &Shared,
+    n: u64,
+    endpoint: Endpoint,
+    model: &str,
+    stream: bool,
+    body: &[u8],
+) -> Response {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let p = shared.provider.id();
+    let t = unix_now();
+    let text = format!("hello from {p}");
+    let (json, usage) = match endpoint {
+        Endpoint::Embeddings => {
+            let inputs = match &request["input"] {
+                Value::Array(a) => a.len().max(1),
+                _ => 1,
+            };
+            let usage = Usage {
+                prompt: words_of(&request["input"]),
+                completion: 0,
+                cached: 0,
+            };
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| json!({ "object": "embedding", "index": i, "embedding": [0.0125, -0.25, 0.5, (i as f64) / 10.0] }))
+                .collect();
+            let body = json!({
+                "object": "list", "data": data, "model": model,
+                "usage": { "prompt_tokens": usage.prompt, "total_tokens": usage.prompt },
+            });
+            (body, usage)
+        }
+        Endpoint::Completions => {
+            let usage = Usage {
+                prompt: words_of(&request["prompt"]),
+                completion: 3,
+                cached: 0,
+            };
+            let body = json!({
+                "id": format!("cmpl-sim-{n}"), "object": "text_completion", "created": t, "model": model,
+                "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": "stop" }],
+                "usage": { "prompt_tokens": usage.prompt, "completion_tokens": 3, "total_tokens": usage.prompt + 3 },
+            });
+            (body, usage)
+        }
+        Endpoint::Responses => {
+            let usage = Usage {
+                prompt: words_of(&request["input"]),
+                completion: 3,
+                cached: 0,
+            };
+            let body = json!({
+                "id": format!("resp_sim{n}"), "object": "response", "created_at": t, "status": "completed",
+                "model": model,
+                "output": [{ "type": "message", "id": format!("msg_sim{n}"), "status": "completed", "role": "assistant",
+                    "content": [{ "type": "output_text", "text": text, "annotations": [] }] }],
+                "usage": {
+                    "input_tokens": usage.prompt, "input_tokens_details": { "cached_tokens": 0 },
+                    "output_tokens": 3, "output_tokens_details": { "reasoning_tokens": 0 },
+                    "total_tokens": usage.prompt + 3,
+                },
+            });
+            (body, usage)
+        }
+    };
+    shared.usage_sent.lock().unwrap().add(&usage);
+    if stream && endpoint == Endpoint::Responses {
+        // The Responses API's events: `event: <type>` and the event as JSON data.
+        let mut events = vec![(
+            "response.created",
+            json!({ "type": "response.created", "sequence_number": 0,
+                "response": { "id": json["id"], "object": "response", "status": "in_progress", "model": model } }),
+        )];
+        for (i, word) in ["hello", " from", &format!(" {p}")].iter().enumerate() {
+            events.push((
+                "response.output_text.delta",
+                json!({ "type": "response.output_text.delta",
+                "sequence_number": i + 1, "item_id": format!("msg_sim{n}"), "output_index": 0,
+                "content_index": 0, "delta": word }),
+            ));
+        }
+        events.push((
+            "response.completed",
+            json!({ "type": "response.completed", "sequence_number": 4, "response": json }),
+        ));
+        let text: String = events
+            .into_iter()
+            .map(|(kind, data)| format!("event: {kind}\ndata: {data}\n\n"))
+            .collect();
+        let mut resp = Response::new(Body::from(text));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        return resp;
+    }
+    json_response(StatusCode::OK, shared.provider, json.to_string())
 }
 
 /// A completion: "hello from <provider>" (three completion tokens), with its usage.

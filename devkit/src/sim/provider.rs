@@ -77,6 +77,34 @@ pub const ALL_PROVIDERS: [SimProvider; 12] = [
     SimProvider::OpenAICompatible,
 ];
 
+/// An OpenAI operation beyond chat completions and the models list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /embeddings`.
+    Embeddings,
+    /// `POST /completions` (legacy text completions).
+    Completions,
+    /// `POST /responses`.
+    Responses,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [
+        Endpoint::Embeddings,
+        Endpoint::Completions,
+        Endpoint::Responses,
+    ];
+
+    /// The path below the base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Completions => "completions",
+            Endpoint::Responses => "responses",
+        }
+    }
+}
+
 /// How a provider expects its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthStyle {
@@ -154,6 +182,37 @@ impl SimProvider {
             SimProvider::MiniMax => &["MiniMax-Text-01", "MiniMax-M1"],
             SimProvider::Anthropic => &["claude-sonnet-4-5", "claude-haiku-4-5"],
             SimProvider::OpenAICompatible => &["meta-llama/Llama-3.1-8B-Instruct", "qwen2.5:7b"],
+        }
+    }
+
+    /// Whether the provider's OpenAI-compatible API serves `endpoint` (as the catalog's
+    /// `endpoints` says; chat completions always). A provider that does not answers its own 404
+    /// for the path, as for any unknown path. Sources: OpenAI's API reference (all four); Azure
+    /// OpenAI serves embeddings and completions per deployment (the Responses API lives at
+    /// `/openai/v1/responses`, outside the deployment paths); Zhipu `/api/paas/v4/embeddings`;
+    /// Qianfan `/v2/embeddings`; Hunyuan `/v1/embeddings`; DashScope
+    /// `/compatible-mode/v1/embeddings`; vLLM serves all four; the others chat only.
+    pub fn serves(self, endpoint: Endpoint) -> bool {
+        use SimProvider::*;
+        match endpoint {
+            Endpoint::Embeddings => matches!(
+                self,
+                OpenAI | AzureOpenAI | Zhipu | Qianfan | Hunyuan | DashScope | OpenAICompatible
+            ),
+            Endpoint::Completions => matches!(self, OpenAI | AzureOpenAI | OpenAICompatible),
+            Endpoint::Responses => matches!(self, OpenAI | OpenAICompatible),
+        }
+    }
+
+    /// Embedding models the provider serves (any name for Azure deployments and self-hosted).
+    pub fn embedding_models(self) -> &'static [&'static str] {
+        match self {
+            SimProvider::OpenAI => &["text-embedding-3-small", "text-embedding-3-large"],
+            SimProvider::Zhipu => &["embedding-3", "embedding-2"],
+            SimProvider::Qianfan => &["embedding-v1", "bge-large-zh"],
+            SimProvider::Hunyuan => &["hunyuan-embedding"],
+            SimProvider::DashScope => &["text-embedding-v3"],
+            _ => &[],
         }
     }
 

@@ -10,13 +10,19 @@
 -- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"). The provider key is
 -- not handled here: the listener's credential_injector filter sets it (an SDS secret).
 
--- Responds that this backend does not map `model`: the front route moves on to the next backend.
-local function not_mapped(handle, backend, model)
+-- Responds that this backend cannot take the request (class `class`): the front route moves on to
+-- the next backend.
+local function skip(handle, backend, class, message, code, param)
   handle:respond({ [":status"] = "404", ["content-type"] = "application/json",
-    ["x-llmroute-failure"] = "ModelNotMapped", ["x-llmroute-retry"] = "1",
+    ["x-llmroute-failure"] = class, ["x-llmroute-retry"] = "1",
     ["x-llmroute-backend"] = backend },
-    openai_error("Backend '" .. backend .. "' does not map model '" .. model .. "'.",
-      "invalid_request_error", "model_not_found", "model"))
+    openai_error(message, "invalid_request_error", code, param))
+end
+
+-- Responds that this backend does not map `model`.
+local function not_mapped(handle, backend, model)
+  skip(handle, backend, "ModelNotMapped", "Backend '" .. backend .. "' does not map model '" .. model .. "'.",
+    "model_not_found", "model")
 end
 
 function envoy_on_request(handle)
@@ -25,6 +31,7 @@ function envoy_on_request(handle)
   local backend = md:get("backend")
   local models = md:get("models")
   local passthrough = md:get("passthrough")
+  local family = md:get("embeddingFamily")
   local headers = handle:headers()
   local add_usage = STREAM_USAGE and headers:get("x-llmroute-stream") == "1"
   headers:remove("x-llmroute-stream")
@@ -34,11 +41,20 @@ function envoy_on_request(handle)
     op = ""
     query = ""
   end
+  -- An operation this provider does not serve (the catalog's endpoints): the next backend may.
+  local kind = endpoint_of(op)
+  if kind ~= nil and not ENDPOINTS[kind] then
+    skip(handle, backend, "EndpointUnsupported", "Backend '" .. backend .. "' (" .. PROVIDER ..
+      ") does not serve /v1/" .. kind .. ".", "unsupported_endpoint", nil)
+    return
+  end
   local provider_model = nil
+  local logical = nil
   if headers:get(":method") == "POST" then
     -- The model the front listener read from the body (the route header's route checked it); the
     -- route removes this header before the provider sees the request.
     local model = headers:get("x-llmroute-model")
+    logical = model
     if model ~= nil then
       provider_model = models[model]
       if provider_model == nil and passthrough then provider_model = model end
@@ -56,6 +72,7 @@ function envoy_on_request(handle)
         local first, last, found = raw:find('"model"%s*:%s*"([^"]*)"')
         if found ~= nil then
           if model == nil then
+            logical = found
             provider_model = models[found]
             if provider_model == nil and passthrough then provider_model = found end
             if provider_model == nil then
@@ -78,6 +95,17 @@ function envoy_on_request(handle)
       end
       -- A headers handle taken before body() is invalid afterwards: take it again.
       headers = handle:headers()
+    end
+  end
+  -- Embeddings only from the route's embedding model: vectors of different models do not mix.
+  if kind == "embeddings" and family ~= nil and logical ~= nil and provider_model ~= nil then
+    local want = family[logical]
+    if want ~= nil and want ~= provider_model then
+      skip(handle, backend, "EmbeddingModelMismatch", "Backend '" .. backend .. "' embeds '" .. logical ..
+        "' with '" .. provider_model .. "', not with the route's embedding model '" .. want ..
+        "' (vectors of different models do not mix; spec.policy.embeddingFailover: AnyModel allows it).",
+        "embedding_model_mismatch", "model")
+      return
     end
   end
   if AZURE then

@@ -21,3 +21,12 @@ local function body_string(handle)
   if body == nil or body:length() == 0 then return nil, body end
   return body:getBytes(0, body:length()), body
 end
+
+-- The OpenAI operation a path below /v1/ names where providers differ in what they serve:
+-- chat/completions, embeddings, completions, responses (with responses/<id>...); nil for any other
+-- path (passed on as it is).
+local function endpoint_of(op)
+  if op == "chat/completions" or op == "embeddings" or op == "completions" then return op end
+  if op == "responses" or op:match("^responses/") then return "responses" end
+  return nil
+end

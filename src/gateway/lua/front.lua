@@ -42,6 +42,39 @@ function envoy_on_request(handle)
     reply(handle, 200, '{"object":"list","data":[' .. table.concat(data, ",") .. ']}')
     return
   end
+  local op = path:match("^/[^/]+/v1/([^?]*)") or ""
+  -- One model of the list: GET /v1/models/{id}.
+  local id = method == "GET" and op:match("^models/(.+)$") or nil
+  if id ~= nil then
+    id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+    local known = md:get("passthrough")
+    for _, m in ipairs(md:get("models")) do
+      if m == id then known = true end
+    end
+    if known then
+      reply(handle, 200, '{"id":"' .. json_escape(id) .. '","object":"model","created":0,"owned_by":"llmroute/' ..
+        json_escape(route) .. '"}')
+    else
+      reply(handle, 404, openai_error("The model '" .. id .. "' does not exist or is not served by llmroute route '" ..
+        route .. "'.", "invalid_request_error", "model_not_found", "model"))
+    end
+    return
+  end
+  -- An operation no backend of the route serves is answered here, naming what they do serve.
+  local kind = endpoint_of(op)
+  if kind ~= nil then
+    local endpoints = md:get("endpoints") or {}
+    local served = false
+    for _, e in ipairs(endpoints) do
+      if e == kind then served = true end
+    end
+    if not served then
+      reply(handle, 404, openai_error("No backend of llmroute route '" .. route .. "' serves /v1/" .. kind ..
+        "; its backends' providers serve: /v1/" .. table.concat(endpoints, ", /v1/") .. ".",
+        "invalid_request_error", "unsupported_endpoint", nil))
+      return
+    end
+  end
   if md:get("passthrough") or method ~= "POST" then return end
   -- Handles taken before body() are invalid afterwards: read what is needed first.
   local models = md:get("models")
