@@ -1326,3 +1326,76 @@ async fn embeddings_never_change_model_unless_the_route_allows_it() {
     )
     .await;
 }
+
+/// Whole (non-streamed) answers are read for their usage up to the front listener's 8 MiB buffer:
+/// a 7 MiB answer is served whole with its usage counted; a 9 MiB one fails plainly with a 500
+/// rather than arriving truncated (streamed answers have no such limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_answers_up_to_8_mib_are_served_and_larger_ones_fail_plainly() {
+    let mut s = Stack::start("dp-large", "us").await;
+    let usage = s.usage_log().await;
+    let seven = s
+        .sim_with(
+            SimConfig::new(SimProvider::OpenAI)
+                .key("seven-key-0001")
+                .padding(7 << 20),
+        )
+        .await;
+    let nine = s
+        .sim_with(
+            SimConfig::new(SimProvider::Zhipu)
+                .key("nine-key-0001")
+                .padding(9 << 20),
+        )
+        .await;
+    s.ns.apply(&key_secret("seven-key", "seven-key-0001"));
+    s.ns.apply(&key_secret("nine-key", "nine-key-0001"));
+    s.ns.apply(&route(
+        "seven",
+        "",
+        &[backend("seven", "openai", &seven, "gpt-4o-mini", "")],
+    ));
+    s.ns.apply(&route(
+        "nine",
+        "",
+        &[backend("nine", "zhipu", &nine, "glm-4-flash", "")],
+    ));
+    let w = s.serve("seven").await;
+    let r = w.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert!(body.len() > 7 << 20, "{}", body.len());
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("the whole answer");
+    assert!(v["usage"]["prompt_tokens"].as_u64().is_some());
+    let w = s.serve("nine").await;
+    let r = w.chat("chat").await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 500, "{}", &text[..text.len().min(300)]);
+    assert!(
+        text.len() < 1 << 20,
+        "a 500, not the answer: {} bytes",
+        text.len()
+    );
+    // The 7 MiB answer's usage is counted; the failed one is counted as a 500.
+    let ns = format!(r#"namespace="{}""#, s.ns.name);
+    let prompt_sent = seven.usage_sent().prompt;
+    support::cluster::eventually(Duration::from_secs(10), "the answers counted", || {
+        let text = usage.encode();
+        let (ns, prompt_sent) = (ns.clone(), prompt_sent);
+        async move {
+            let prompt = metric(
+                &text,
+                "llmroute_gateway_tokens_total",
+                &[ns.as_str(), r#"route="seven""#, r#"kind="prompt""#],
+            );
+            let failed = metric(
+                &text,
+                "llmroute_gateway_requests_total",
+                &[ns.as_str(), r#"route="nine""#, r#"code="500""#],
+            );
+            (prompt == prompt_sent && failed == 1).then_some(())
+        }
+    })
+    .await;
+}

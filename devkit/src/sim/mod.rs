@@ -200,6 +200,9 @@ pub struct SimConfig {
     pub stream_interval: Duration,
     /// Record requests (turn off for benchmarks).
     pub record: bool,
+    /// Spaces appended to a whole completion's content: an answer this much larger (the gateway's
+    /// limit on answers it reads whole is tested with it).
+    pub padding: usize,
 }
 
 impl SimConfig {
@@ -217,6 +220,7 @@ impl SimConfig {
             stream_chunks: 3,
             stream_interval: Duration::from_millis(10),
             record: true,
+            padding: 0,
         }
     }
     pub fn key(mut self, key: impl Into<String>) -> Self {
@@ -259,6 +263,11 @@ impl SimConfig {
     }
     pub fn record(mut self, record: bool) -> Self {
         self.record = record;
+        self
+    }
+    /// Whole completions `bytes` larger (spaces at the end of the content).
+    pub fn padding(mut self, bytes: usize) -> Self {
+        self.padding = bytes;
         self
     }
 }
@@ -316,6 +325,7 @@ struct Shared {
     stream_chunks: usize,
     stream_interval: Duration,
     record: bool,
+    padding: usize,
     port: u16,
     base_url: String,
     started: Instant,
@@ -418,6 +428,7 @@ impl Sim {
             stream_chunks: config.stream_chunks,
             stream_interval: config.stream_interval,
             record: config.record,
+            padding: config.padding,
             port,
             base_url: format!("http://127.0.0.1:{port}{base_path}"),
             started: Instant::now(),
@@ -1172,10 +1183,11 @@ fn completion(
 ) -> Response {
     let p = shared.provider.id();
     let body = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}{pad}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
         t = unix_now(),
         m = Value::from(model),
         u = usage.json(),
+        pad = " ".repeat(shared.padding),
     );
     if break_after.is_some() {
         // Half the body, then the connection is cut (no content-length, chunked, never finished).

@@ -62,7 +62,8 @@ function envoy_on_request(handle)
   end
   -- An operation no backend of the route serves is answered here, naming what they do serve.
   local kind = endpoint_of(op)
-  if kind ~= nil then
+  -- (Every provider serves chat: the common case reads no more metadata.)
+  if kind ~= nil and kind ~= "chat/completions" then
     local endpoints = md:get("endpoints") or {}
     local served = false
     for _, e in ipairs(endpoints) do
