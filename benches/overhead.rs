@@ -14,7 +14,8 @@
 //!       request through the gateway fails over to the fallback; its latency minus the failing
 //!       primary's own latency (measured directly) is the cost of a failover.
 //!   (e) usage exactness: BENCH_USAGE_REQUESTS mixed whole and streamed requests through the gateway;
-//!       the answers and tokens the sidecar's receiver counted against what the simulators reported.
+//!       the answers and tokens the sidecar's receiver counted against what the simulators reported;
+//!   (f) streams: time to the first byte of BENCH_STREAM_REQUESTS [300] streamed answers per path.
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must
@@ -70,6 +71,7 @@ struct Settings {
     skip_litellm: bool,
     reference: bool,
     usage_requests: usize,
+    stream_requests: usize,
 }
 
 impl Settings {
@@ -87,6 +89,7 @@ impl Settings {
             skip_litellm: knob::<String>("BENCH_SKIP_LITELLM", "0".into()) == "1",
             reference: knob::<String>("BENCH_REFERENCE", "1".into()) == "1",
             usage_requests: knob("BENCH_USAGE_REQUESTS", 10_000),
+            stream_requests: knob("BENCH_STREAM_REQUESTS", 300),
         };
         assert!(s.rate > 0.0 && s.rounds > 0 && s.connections > 0 && s.requests >= s.rounds);
         s
@@ -1043,6 +1046,10 @@ async fn run(s: Settings) {
         s.connections,
     )
     .await;
+
+    // (f) streams: time to the first byte of a streamed answer, per path, the paths in turn.
+    let stream_targets: Vec<&Target> = targets.iter().filter(|t| t.name != "litellm").collect();
+    let first_bytes = first_byte_phase(&http, &stream_targets, s.stream_requests).await;
     let load_end = load_average();
     let measured = started.elapsed() - setup;
 
@@ -1198,6 +1205,27 @@ async fn run(s: Settings) {
         "Usage log: {} answers of the gateway counted by the sidecar's receiver ({} prompt and {} completion tokens).",
         counted.0, counted.1, counted.2
     );
+    if !first_bytes.is_empty() {
+        let _ = writeln!(out);
+        header(&mut out, "stream first byte (ms)");
+        for (t, samples) in stream_targets.iter().zip(&first_bytes) {
+            row(&mut out, &t.name, &quantiles(samples), &describe(samples));
+        }
+        if let (Some(direct), Some(gw)) = (
+            first_bytes.first(),
+            stream_targets
+                .iter()
+                .position(|t| t.name == "llmroute")
+                .map(|i| &first_bytes[i]),
+        ) {
+            row(
+                &mut out,
+                "llmroute - direct",
+                &minus(quantiles(gw), quantiles(direct))[..3],
+                "",
+            );
+        }
+    }
     let _ = writeln!(out, "{exactness}");
     println!("{out}");
     drop(litellm);
@@ -1210,6 +1238,55 @@ async fn run(s: Settings) {
             scratch.keep().display()
         );
     }
+}
+
+/// Streams `n` chat completions (without `stream_options`) to each target, the targets in turn one
+/// request at a time, and records each one's time from sending to the first byte of its body.
+async fn first_byte_phase(http: &reqwest::Client, targets: &[&Target], n: usize) -> Vec<Samples> {
+    let mut samples: Vec<Samples> = targets.iter().map(|_| Samples::default()).collect();
+    if n == 0 {
+        return Vec::new();
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        if started.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        for (t, acc) in targets.iter().zip(samples.iter_mut()) {
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&request_body(t.model)).expect("json");
+            body["stream"] = true.into();
+            let sent = Instant::now();
+            let result = async {
+                let mut r = http
+                    .post(&t.url)
+                    .bearer_auth(&t.bearer)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status() != 200 {
+                    return Err(format!("status {}", r.status()));
+                }
+                r.chunk().await.map_err(|e| e.to_string())?;
+                let first = sent.elapsed();
+                while r.chunk().await.map_err(|e| e.to_string())?.is_some() {}
+                Ok(first)
+            }
+            .await;
+            match result {
+                Ok(first) => acc.latencies.push(first),
+                Err(e) => {
+                    acc.failures += 1;
+                    if acc.first_failures.len() < 3 {
+                        acc.first_failures.push(e);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    samples
 }
 
 /// Sends `n` chat completions through the gateway, a third whole, a third streamed, a third
