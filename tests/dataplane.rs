@@ -1057,6 +1057,24 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
         ("False", "BudgetExhausted"),
         "{ready:?}"
     );
+    // Every backend spent, the route's own budget lifted: the route stays on the gateway and says
+    // so with a 429 (it does not vanish into a 404 for an unknown route).
+    s.ns.apply(&spec(None).replace(
+        "      priority: 1\n",
+        "      priority: 1\n      budget: { tokens: 1 }\n",
+    ));
+    support::cluster::eventually(
+        Duration::from_secs(20),
+        "a 429 for a route whose backends all used their budgets",
+        || {
+            let send = send(i);
+            async move {
+                let (status, _, _, text) = send.await;
+                (status == 429 && text.contains("no backend left within its budget")).then_some(())
+            }
+        },
+    )
+    .await;
     // The route key still guards the route: no key, no 429 with budget details.
     let r = w
         .client

@@ -193,6 +193,8 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
     let mut backends = Vec::new();
     let mut recheck_at_ms: Option<u64> = None;
     let mut parked = Vec::new();
+    // Backends taken out because they used their budget.
+    let mut spent_backends = Vec::new();
     let usage = facts.usage.get(&kube::ResourceExt::name_any(route));
     let mut recheck = |at: u64| recheck_at_ms = Some(recheck_at_ms.map_or(at, |r: u64| r.min(at)));
     for (i, b) in route.spec.backends.iter().enumerate() {
@@ -235,6 +237,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             let bucket = usage.and_then(|u| u.backends.get(&b.name));
             if let Some((why, resets_at)) = spent(budget, bucket, facts.now_ms) {
                 recheck(resets_at);
+                spent_backends.push(i);
                 excluded = Some(Exclusion {
                     reason: "BudgetExhausted",
                     message: format!("backend {why}"),
@@ -299,12 +302,27 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             health_since_ms: view.and_then(|v| v.state_since_ms),
         });
     }
-    let over_budget = route.spec.policy.budget.as_ref().and_then(|budget| {
+    let mut over_budget = route.spec.policy.budget.as_ref().and_then(|budget| {
         let (why, resets_at) = spent(budget, usage.map(|u| &u.route), facts.now_ms)?;
         recheck(resets_at);
         Some(format!("route {why}"))
     });
     let mut plan = with_last_resorts(route, &usable, &demoted);
+    if usable.is_empty() && demoted.is_empty() && !spent_backends.is_empty() {
+        // Only budgets stand in the way: the route stays on the gateway and answers 429 (it would
+        // otherwise vanish from it, and its clients get a 404 for an unknown route).
+        let names: Vec<&str> = spent_backends
+            .iter()
+            .map(|&i| route.spec.backends[i].name.as_str())
+            .collect();
+        over_budget.get_or_insert_with(|| {
+            format!(
+                "route has no backend left within its budget ({} used theirs; see status.usage)",
+                names.join(", ")
+            )
+        });
+        plan = order_by_strategy(route, &spent_backends);
+    }
     if !plan.chains.iter().all(|(_, m)| m.is_empty()) {
         plan.parked = parked;
     }
@@ -460,6 +478,29 @@ spec:
             &facts(("2026-11-30", 500), ("2026-12", 100, 0.0)),
         );
         assert_eq!(active(&d, &r).as_deref(), Some("free"));
+    }
+
+    #[test]
+    fn a_route_whose_backends_all_spent_their_budgets_stays_and_refuses() {
+        let mut r = route();
+        r.spec.backends.truncate(1);
+        r.spec.policy.budget = None;
+        let d = decide(
+            &r,
+            "team",
+            &facts(("2026-12-01", 100), ("2026-12", 100, 0.0)),
+        );
+        assert_eq!(active(&d, &r).as_deref(), Some("free"));
+        assert_eq!(
+            d.over_budget.as_deref(),
+            Some(
+                "route has no backend left within its budget (free used theirs; see status.usage)"
+            )
+        );
+        assert_eq!(
+            d.backends[0].excluded.as_ref().unwrap().reason,
+            "BudgetExhausted"
+        );
     }
 
     #[test]
