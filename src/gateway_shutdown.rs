@@ -374,14 +374,43 @@ pub async fn serve_manager(
         logged: AtomicBool::new(false),
     });
     let on_stop = state.clone();
+    let counting = opts.usage_addr.is_some();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             stop.await;
             tracing::info!("shutdown manager stopping");
             on_stop.stopping.store(true, Ordering::SeqCst);
+            if counting && on_stop.usage.unread(true) {
+                last_read(&on_stop.usage).await;
+            }
             let _ = stop_tx.send(true);
         })
         .await
+}
+
+/// How long a stopping sidecar waits for Envoy's last usage-log batch (sent every second).
+const LAST_LOG_WAIT: Duration = Duration::from_millis(1500);
+
+/// How long a stopping sidecar waits for the operator leader to read its last counts: more than
+/// the leader's default `--usage-interval` (10 s), well within the Pod's termination grace period.
+pub const LAST_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The counts of a Pod that goes away would go with it: after Envoy's last batch, wait (bounded)
+/// until the leader read everything counted (it reads a replica that left a few more times).
+async fn last_read(usage: &crate::usage::UsageCounters) {
+    tokio::time::sleep(LAST_LOG_WAIT).await;
+    let deadline = Instant::now() + LAST_READ_TIMEOUT;
+    while usage.unread(false) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if usage.unread(false) {
+        tracing::warn!(
+            timeout_s = LAST_READ_TIMEOUT.as_secs(),
+            "stopping with usage counts the operator has not read: budgets miss them"
+        );
+    } else {
+        tracing::info!("the operator read the last usage counts");
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +439,11 @@ mod tests {
         assert!(DEFAULT_READY_TIMEOUT > DEFAULT_MAX_DRAIN + ADMIN_CALL_TIMEOUT);
         assert!(
             DEFAULT_READY_TIMEOUT < Duration::from_secs(objects::TERMINATION_GRACE_SECONDS as u64)
+        );
+        // After the drain, the last usage read still fits in the grace period.
+        assert!(
+            DEFAULT_READY_TIMEOUT + LAST_LOG_WAIT + LAST_READ_TIMEOUT
+                < Duration::from_secs(objects::TERMINATION_GRACE_SECONDS as u64)
         );
         // The maximum drain is a route's default request timeout.
         let request = crate::api::Timeouts::default().request;

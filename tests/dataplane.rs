@@ -1004,8 +1004,36 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
     }
     usage_is(sent(), "exact counts after an operator restart").await;
 
-    // A restarted sidecar counts from zero under a new boot id: added, not lost, not doubled.
+    // A sidecar stopped just after answers: it waits for the leader to read them before it exits.
+    // The restarted one counts from zero under a new boot id: added, not lost, not doubled.
     let boot = s.sidecar_usage().await.boot;
+    for _ in 0..3 {
+        assert_eq!(send(i).await.0, 200);
+        i += 1;
+    }
+    // Once the sidecar has them (its metrics, which do not count as the leader's read), it stops.
+    let total = sent();
+    support::cluster::eventually(
+        Duration::from_secs(10),
+        "the sidecar counted the answers",
+        || {
+            let metrics = s.sidecar_metrics();
+            async move {
+                let text = metrics.await;
+                let counted = metric(
+                    &text,
+                    "llmroute_gateway_tokens_total",
+                    &[r#"kind="prompt""#],
+                ) + metric(
+                    &text,
+                    "llmroute_gateway_tokens_total",
+                    &[r#"kind="completion""#],
+                );
+                (counted == total).then_some(())
+            }
+        },
+    )
+    .await;
     s.stop_sidecar();
     s.start_sidecar();
     assert_ne!(s.sidecar_usage().await.boot, boot);

@@ -51,8 +51,9 @@ pub const DEFAULT_SHUTDOWN_MANAGER_IMAGE: &str =
 /// request by then with default timeouts); Envoy's preStop waits for it.
 pub const MIN_DRAIN_SECONDS: i64 = 10;
 pub const MAX_DRAIN_SECONDS: i64 = 300;
-/// The grace period covers the drain plus a margin for the admin calls and Envoy's own exit.
-pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 15;
+/// The grace period covers the drain plus a margin for the admin calls and Envoy's own exit, and
+/// for the sidecar to wait until the operator read its last usage counts.
+pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 30;
 /// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
 /// Port on 127.0.0.1 where the sidecar receives Envoy's gRPC access log (token usage).

@@ -152,7 +152,16 @@ pub struct UsageCounters {
     cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     unreported: Family<UnreportedLabels, Counter>,
     /// The cumulative counts per route and backend that budgets are counted from (see [`ledger`]).
-    report: std::sync::Mutex<ledger::Report>,
+    report: std::sync::Mutex<Reported>,
+}
+
+/// The counts budgets read, and whether their last changes were read.
+struct Reported {
+    report: ledger::Report,
+    /// Answers counted into `report`.
+    recorded: u64,
+    /// `recorded` when `report` was last read.
+    read: u64,
 }
 
 impl UsageCounters {
@@ -191,16 +200,33 @@ impl UsageCounters {
             tokens,
             cost,
             unreported,
-            report: std::sync::Mutex::new(ledger::Report {
-                boot: format!("{:016x}", rand::random::<u64>()),
-                counts: Default::default(),
+            report: std::sync::Mutex::new(Reported {
+                report: ledger::Report {
+                    boot: format!("{:016x}", rand::random::<u64>()),
+                    counts: Default::default(),
+                },
+                recorded: 0,
+                read: 0,
             }),
         }
     }
 
-    /// The cumulative counts per route and backend since this process started (`GET /usage`).
+    /// The cumulative counts per route and backend since this process started (`GET /usage`),
+    /// marked as read.
     pub fn report(&self) -> ledger::Report {
-        self.report.lock().expect("usage report").clone()
+        let mut r = self.report.lock().expect("usage report");
+        r.read = r.recorded;
+        r.report.clone()
+    }
+
+    /// Whether answers were counted since the counts were last read (or ever, when `ever`).
+    pub fn unread(&self, ever: bool) -> bool {
+        let r = self.report.lock().expect("usage report");
+        if ever {
+            r.recorded > 0
+        } else {
+            r.recorded > r.read
+        }
     }
 
     /// Counts one answer.
@@ -265,8 +291,10 @@ impl UsageCounters {
                 .inc_by(price.of(u));
         }
         if u.reported() && !answer.backend.is_empty() {
-            let mut report = self.report.lock().expect("usage report");
-            let totals = report
+            let mut reported = self.report.lock().expect("usage report");
+            reported.recorded += 1;
+            let totals = reported
+                .report
                 .counts
                 .entry(answer.route.clone())
                 .or_default()
@@ -341,9 +369,13 @@ mod tests {
         assert!(text.contains(r#"llmroute_gateway_requests_total{namespace="team-a",route="chat",backend="zhipu",model="fast",outcome="RateLimited",code="429"} 1"#));
         assert!(text.contains(r#"llmroute_gateway_usage_unreported_total{namespace="team-a",route="chat",backend="zhipu",model="fast"} 1"#));
         // What budgets count: prompt + completion of the two answers with usage.
+        assert!(c.unread(false));
         let report = c.report();
         assert_eq!(report.counts["chat"]["zhipu"].tokens, 26);
         assert_eq!(report.boot.len(), 16);
+        assert!(!c.unread(false) && c.unread(true));
+        c.record(&answer(200, full));
+        assert!(c.unread(false));
         let only_total = Usage {
             total: Some(9),
             ..Usage::default()

@@ -153,6 +153,20 @@ impl Stack {
         .await
     }
 
+    /// The sidecar's `/metrics` (empty when it does not answer).
+    pub fn sidecar_metrics(&self) -> impl std::future::Future<Output = String> + use<> {
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            self.gateway.ports.sidecar_port
+        );
+        async move {
+            match llmroute_devkit::tls::http_client().get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        }
+    }
+
     /// An HTTPS simulator of `provider` accepting `key`.
     pub async fn sim(&self, provider: SimProvider, key: &str) -> Sim {
         self.sim_with(SimConfig::new(provider).key(key)).await
