@@ -2,8 +2,8 @@
 //! the operator writes (delta ADS over mutual TLS) gets its configuration, keys included, serves a
 //! route with the provider's key injected, picks up a rotated key within milliseconds, reports a
 //! configuration it rejects (NACK) with Envoy's error while it keeps serving the last good one,
-//! reconnects to a restarted server without being sent anything again, and is refused a namespace
-//! its certificate does not name.
+//! reconnects to a restarted server without being sent anything again, gets the whole of snapshots
+//! that follow each other closely, and is refused a namespace its certificate does not name.
 
 mod support;
 
@@ -33,6 +33,18 @@ fn snapshot(
     provider_key: &str,
     previous: Option<&Snapshot>,
 ) -> Snapshot {
+    snapshot_of(dir, sim, opts, provider_key, "model-a", previous)
+}
+
+/// The same, with `gpt-4o` served as `provider_model`.
+fn snapshot_of(
+    dir: &Path,
+    sim: &Sim,
+    opts: &EnvoyOptions,
+    provider_key: &str,
+    provider_model: &str,
+    previous: Option<&Snapshot>,
+) -> Snapshot {
     let route = dir.join("route.yaml");
     std::fs::write(
         &route,
@@ -46,7 +58,7 @@ spec:
       provider: openai-compatible
       endpoint: http://127.0.0.1:{}/v1
       credentialsSecretRef: {{ name: primary, key: key }}
-      models: {{ gpt-4o: model-a }}
+      models: {{ gpt-4o: {provider_model} }}
 "#,
             sim.port()
         ),
@@ -233,6 +245,87 @@ async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
         server.xds.connected(NS).is_empty().then_some(())
     })
     .await;
+}
+
+/// Snapshots that follow each other closely, each changing two kinds of resources (the key's
+/// secret and the backend's model mapping), published while the gateway is still answering the
+/// previous push: the last one always reaches the gateway whole. (A gateway's request handled
+/// between a snapshot's publication and the stream noticing it once marked that snapshot as seen
+/// after pushing only the request's own type; the other types waited for the next snapshot, and
+/// the route stayed "waiting for" the replica.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_published_while_the_gateway_answers_are_all_delivered() {
+    const ROUNDS: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..ROUNDS)
+        .flat_map(|r| [format!("key-{r}a"), format!("key-{r}b")])
+        .chain(["key-1".to_string()])
+        .collect();
+    let sim = Sim::start(
+        SimConfig::new(SimProvider::OpenAI)
+            .keys(keys.clone())
+            .any_model(),
+    )
+    .await
+    .unwrap();
+    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
+    let server = Server::start(authority.clone(), 0).await;
+    let opts = options();
+    let mut previous = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    server.xds.publish(NS, previous.clone());
+    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
+    let envoy = Envoy::start_with(
+        &bootstrap,
+        opts.admin_port,
+        opts.health_port,
+        dir.path().join("envoy.log"),
+        &["--service-node".into(), "gw-1".into()],
+    );
+    assert_eq!(chat(&opts).await.0, 200, "{}", envoy.log_text());
+    let mut slowest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let a = snapshot_of(
+            dir.path(),
+            &sim,
+            &opts,
+            &format!("key-{round}a"),
+            &format!("model-{round}a"),
+            Some(&previous),
+        );
+        let b = snapshot_of(
+            dir.path(),
+            &sim,
+            &opts,
+            &format!("key-{round}b"),
+            &format!("model-{round}b"),
+            Some(&a),
+        );
+        let t0 = Instant::now();
+        server.xds.publish(NS, a);
+        // The gateway answers a push within about a millisecond here: publish the next snapshot
+        // before, around and after that (spread over 0-2 ms, in steps of 7 µs).
+        std::thread::sleep(Duration::from_micros((round as u64 * 7) % 2000));
+        server.xds.publish(NS, b.clone());
+        wait_for(
+            Duration::from_secs(5),
+            &format!("round {round}: the last snapshot acknowledged whole"),
+            || server.xds.all_current(NS).then_some(()),
+        )
+        .await;
+        slowest = slowest.max(t0.elapsed());
+        previous = b;
+    }
+    // The gateway serves the last snapshot: its model and its key.
+    let (status, body) = chat(&opts).await;
+    assert_eq!(status, 200, "{body}");
+    let last = sim.last_request().unwrap();
+    let last_round = ROUNDS - 1;
+    assert_eq!(last.body["model"], format!("model-{last_round}b"));
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer key-{last_round}b").as_str())
+    );
+    println!("{ROUNDS} rounds of two close snapshots; slowest round acknowledged in {slowest:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

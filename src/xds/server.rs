@@ -509,7 +509,10 @@ impl GatewayStream {
 
     /// Sends what the gateway lacks of type `t`, if it subscribed to it.
     async fn push(&mut self, t: &'static str) -> Result<(), String> {
-        let Some(snapshot) = self.snapshot.borrow_and_update().clone() else {
+        // `borrow`, not `borrow_and_update`: a push for one type (answering the gateway's
+        // request) must not mark a snapshot that arrived meanwhile as seen, or its other types
+        // would wait for the next snapshot (`run` pushes every type when it sees one).
+        let Some(snapshot) = self.snapshot.borrow().clone() else {
             return Ok(());
         };
         let Some(state) = self.types.get_mut(t) else {
