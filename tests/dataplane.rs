@@ -421,7 +421,14 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         (SimProvider::OpenAI, "o-key-0001"),
         (SimProvider::Zhipu, "z-key-0001"),
     ] {
-        let config = SimConfig::new(provider).key(key).record(true);
+        let mut config = SimConfig::new(provider).key(key).record(true);
+        if provider == SimProvider::Zhipu {
+            // Zhipu's whole answers say, in their text, what looks like usage: the gateway reads the
+            // answer's own usage, not its content's.
+            config = config.content_suffix(
+                r#" {"usage": {"prompt_tokens": 1000000, "completion_tokens": 1000000, "total_tokens": 2000000, "prompt_tokens_details": {"cached_tokens": 7}}, "model": "decoy"}"#,
+            );
+        }
         sims.push(s.sim_with(config.stream(4, Duration::from_millis(5))).await);
         s.ns.apply(&key_secret(&format!("{}-key", provider.id()), key));
     }

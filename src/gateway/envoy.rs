@@ -781,8 +781,8 @@ fn stdout_access_log() -> Value {
     }])
 }
 
-/// Where an answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and the
-/// `llmroute` dynamic metadata key each goes to.
+/// Where a streamed answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and
+/// the `llmroute` dynamic metadata key each goes to (whole answers: `lua/front.lua`, same keys).
 /// The Responses API names them `input_tokens` and `output_tokens`, and a streamed response
 /// carries them in its `response.completed` event, under `response`.
 const USAGE_FIELDS: [(&[&str], &str); 14] = [
@@ -814,7 +814,7 @@ const USAGE_FIELDS: [(&[&str], &str); 14] = [
 /// The dynamic metadata namespace of an answer's usage.
 pub const USAGE_METADATA: &str = "llmroute";
 
-/// `json_to_metadata` rules for [`USAGE_FIELDS`]. A field an answer lacks sets nothing.
+/// `sse_to_metadata` JSON rules for [`USAGE_FIELDS`]. A field an event lacks sets nothing.
 fn usage_rules() -> Vec<Value> {
     USAGE_FIELDS
         .iter()
@@ -830,17 +830,6 @@ fn usage_rules() -> Vec<Value> {
             })
         })
         .collect()
-}
-
-/// Usage of a whole (non-streamed) JSON answer. The filter holds the answer until its end (a
-/// completion is sent at once anyway), within the listener's buffer limit.
-fn usage_from_json() -> Value {
-    json!({
-        "name": "envoy.filters.http.json_to_metadata",
-        "typed_config": typed("envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata", json!({
-            "response_rules": { "rules": usage_rules() },
-        })),
-    })
 }
 
 /// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
@@ -868,7 +857,7 @@ fn usage_from_sse() -> Value {
 }
 
 /// How much of a request or an answer the front listener may hold: the Lua filter reads request
-/// bodies whole (the model), the usage reader holds whole JSON answers.
+/// bodies whole (the model) and holds whole JSON answers (their usage).
 const FRONT_BUFFER_LIMIT_BYTES: u32 = 8 * 1024 * 1024;
 
 fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
@@ -882,9 +871,10 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 "stat_prefix": FRONT,
                 "codec_type": "AUTO",
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
-                // The encode path runs these in reverse: the usage readers see the provider's
-                // bytes before the Lua filter hides a usage chunk the client did not ask for.
-                "http_filters": [lua_filter(LUA_FRONT), usage_from_json(), usage_from_sse(), router_filter()],
+                // The encode path runs these in reverse: the stream usage reader sees the
+                // provider's bytes before the Lua filter hides a usage chunk the client did not ask
+                // for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
+                "http_filters": [lua_filter(LUA_FRONT), usage_from_sse(), router_filter()],
                 "access_log": access_log(opts),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",

@@ -200,9 +200,10 @@ pub struct SimConfig {
     pub stream_interval: Duration,
     /// Record requests (turn off for benchmarks).
     pub record: bool,
-    /// Spaces appended to a whole completion's content: an answer this much larger (the gateway's
-    /// limit on answers it reads whole is tested with it).
-    pub padding: usize,
+    /// Text appended to a whole completion's content (JSON-escaped in the answer): spaces make an
+    /// answer larger (the gateway's limit on answers it reads whole is tested with it); text that
+    /// looks like JSON tests that the gateway reads the answer's own fields, not its content's.
+    pub content_suffix: String,
 }
 
 impl SimConfig {
@@ -220,7 +221,7 @@ impl SimConfig {
             stream_chunks: 3,
             stream_interval: Duration::from_millis(10),
             record: true,
-            padding: 0,
+            content_suffix: String::new(),
         }
     }
     pub fn key(mut self, key: impl Into<String>) -> Self {
@@ -267,7 +268,12 @@ impl SimConfig {
     }
     /// Whole completions `bytes` larger (spaces at the end of the content).
     pub fn padding(mut self, bytes: usize) -> Self {
-        self.padding = bytes;
+        self.content_suffix = " ".repeat(bytes);
+        self
+    }
+    /// `text` at the end of whole completions' content.
+    pub fn content_suffix(mut self, text: impl Into<String>) -> Self {
+        self.content_suffix = text.into();
         self
     }
 }
@@ -325,7 +331,7 @@ struct Shared {
     stream_chunks: usize,
     stream_interval: Duration,
     record: bool,
-    padding: usize,
+    content_suffix: String,
     port: u16,
     base_url: String,
     started: Instant,
@@ -428,7 +434,7 @@ impl Sim {
             stream_chunks: config.stream_chunks,
             stream_interval: config.stream_interval,
             record: config.record,
-            padding: config.padding,
+            content_suffix: config.content_suffix.clone(),
             port,
             base_url: format!("http://127.0.0.1:{port}{base_path}"),
             started: Instant::now(),
@@ -1183,11 +1189,11 @@ fn completion(
 ) -> Response {
     let p = shared.provider.id();
     let body = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":"hello from {p}{pad}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":{c}}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
         t = unix_now(),
         m = Value::from(model),
         u = usage.json(),
-        pad = " ".repeat(shared.padding),
+        c = Value::from(format!("hello from {p}{}", shared.content_suffix)),
     );
     if break_after.is_some() {
         // Half the body, then the connection is cut (no content-length, chunked, never finished).

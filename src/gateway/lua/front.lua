@@ -123,6 +123,35 @@ local function hide_usage_event(handle)
   end
 end
 
+-- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
+-- of the Responses API) into the dynamic metadata namespace `llmroute`, which the usage log carries
+-- to the Pod's sidecar. Streams are read by sse_to_metadata instead. Holds the answer until its end
+-- (a whole answer is sent at once anyway), within the listener's buffer limit.
+-- Read as text, the way the request's model is read: the usage keys (`prompt_tokens`,
+-- `input_tokens`...) are object keys only in the usage object, and a key inside a string value has
+-- its quotes escaped, so it never matches `"key":`. This costs a fraction of a JSON parse of the
+-- whole answer (docs/benchmarks.md). DeepSeek's `prompt_cache_hit_tokens` wins over `cached_tokens`.
+local USAGE_NUMBERS = {
+  { "prompt_tokens", "prompt_tokens" }, { "input_tokens", "prompt_tokens" },
+  { "completion_tokens", "completion_tokens" }, { "output_tokens", "completion_tokens" },
+  { "total_tokens", "total_tokens" },
+  { "cached_tokens", "cached_tokens" }, { "prompt_cache_hit_tokens", "cached_tokens" },
+}
+
+local function read_usage(handle)
+  local raw = body_string(handle)
+  if raw == nil then return end
+  local at = raw:find('"usage"%s*:%s*{')
+  if at == nil then return end
+  local md = handle:streamInfo():dynamicMetadata()
+  for _, field in ipairs(USAGE_NUMBERS) do
+    local n = raw:match('"' .. field[1] .. '"%s*:%s*(%d+)', at)
+    if n ~= nil then md:set("llmroute", field[2], tonumber(n)) end
+  end
+  local model = raw:match('"model"%s*:%s*"([^"\\]*)"')
+  if model ~= nil then md:set("llmroute", "provider_model", model) end
+end
+
 -- When the answer is a failure the route fails over on (the backend listener marked it retriable)
 -- the whole chain has been tried: answer with one OpenAI-shaped error naming every backend tried,
 -- instead of only the last backend's own error. Earlier attempts' responses are gone by now (Envoy
@@ -134,9 +163,14 @@ function envoy_on_response(handle)
     hide_usage_event(handle)
     return
   end
-  -- The marker is internal: it never reaches clients. Only failures carry it: a successful answer
-  -- costs two header lookups here.
-  if headers:get("x-llmroute-retry") == nil then return end
+  -- The marker is internal: it never reaches clients. Only failures carry it.
+  if headers:get("x-llmroute-retry") == nil then
+    local ct = headers:get("content-type")
+    if ct ~= nil and ct:find("json", 1, true) and (headers:get(":status") or ""):sub(1, 1) == "2" then
+      read_usage(handle)
+    end
+    return
+  end
   headers:remove("x-llmroute-retry")
   local md = handle:metadata()
   local route = md:get("route")
