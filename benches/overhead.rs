@@ -15,7 +15,11 @@
 //!       primary's own latency (measured directly) is the cost of a failover.
 //!   (e) usage exactness: BENCH_USAGE_REQUESTS mixed whole and streamed requests through the gateway;
 //!       the answers and tokens the sidecar's receiver counted against what the simulators reported;
-//!   (f) streams: time to the first byte of BENCH_STREAM_REQUESTS [300] streamed answers per path.
+//!   (f) streams: time to the first byte of BENCH_STREAM_REQUESTS [300] streamed answers per path;
+//!   (g) with BENCH_VARIANTS: each variant in BENCH_PAIRED_REQUESTS [2000] pairs with the gateway as
+//!       rendered (one request to each, one at a time, the order alternating), whole answers and
+//!       streams' first bytes (BENCH_PAIRED_STREAMS [1]; 0: whole answers only): the median of the
+//!       per-pair differences is an edit's cost or saving.
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must
@@ -72,6 +76,8 @@ struct Settings {
     reference: bool,
     usage_requests: usize,
     stream_requests: usize,
+    paired_requests: usize,
+    paired_streams: bool,
 }
 
 impl Settings {
@@ -90,6 +96,8 @@ impl Settings {
             reference: knob::<String>("BENCH_REFERENCE", "1".into()) == "1",
             usage_requests: knob("BENCH_USAGE_REQUESTS", 10_000),
             stream_requests: knob("BENCH_STREAM_REQUESTS", 300),
+            paired_requests: knob("BENCH_PAIRED_REQUESTS", 2000),
+            paired_streams: knob::<String>("BENCH_PAIRED_STREAMS", "1".into()) == "1",
         };
         assert!(s.rate > 0.0 && s.rounds > 0 && s.connections > 0 && s.requests >= s.rounds);
         s
@@ -1050,6 +1058,22 @@ async fn run(s: Settings) {
     // (f) streams: time to the first byte of a streamed answer, per path, the paths in turn.
     let stream_targets: Vec<&Target> = targets.iter().filter(|t| t.name != "litellm").collect();
     let first_bytes = first_byte_phase(&http, &stream_targets, s.stream_requests).await;
+
+    // (g) each variant in pairs with the gateway: whole answers, then streams' first bytes.
+    let mut paired = Vec::new();
+    for (name, _) in &variants {
+        let other = targets
+            .iter()
+            .find(|t| t.name == format!("llmroute [{name}]"))
+            .expect("the variant's target");
+        for stream in [false, true] {
+            if stream && !s.paired_streams {
+                continue;
+            }
+            let p = paired_phase(&http, &via_gateway, other, s.paired_requests, stream).await;
+            paired.push((name.clone(), stream, p));
+        }
+    }
     let load_end = load_average();
     let measured = started.elapsed() - setup;
 
@@ -1226,6 +1250,30 @@ async fn run(s: Settings) {
             );
         }
     }
+    if !paired.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n  paired with llmroute, one request at a time (ms)   llmroute p50  variant p50  median(variant - llmroute)"
+        );
+        for (name, stream, p) in &paired {
+            let what = if *stream {
+                "stream first byte"
+            } else {
+                "whole answer"
+            };
+            let _ = writeln!(
+                out,
+                "  {:<49}{:>12}{:>13}{:>27}  pairs={} failures={}/{}",
+                format!("[{name}] {what}"),
+                ms(quantiles(&p.base)[0]),
+                ms(quantiles(&p.other)[0]),
+                format!("{:+.3}", median(&p.diffs)),
+                p.diffs.len(),
+                p.base.failures,
+                p.other.failures,
+            );
+        }
+    }
     let _ = writeln!(out, "{exactness}");
     println!("{out}");
     drop(litellm);
@@ -1237,6 +1285,49 @@ async fn run(s: Settings) {
             "logs and configuration kept in {}",
             scratch.keep().display()
         );
+    }
+}
+
+/// One request to `t`, alone: the time from sending it to the end of a whole answer, or to the
+/// first byte of a streamed one (without `stream_options`; the rest of the stream is read too).
+async fn timed(http: &reqwest::Client, t: &Target, stream: bool) -> Result<Duration, String> {
+    let mut body: serde_json::Value = serde_json::from_slice(&request_body(t.model)).expect("json");
+    if stream {
+        body["stream"] = true.into();
+    }
+    let sent = Instant::now();
+    let mut r = http
+        .post(&t.url)
+        .bearer_auth(&t.bearer)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("status {}", r.status()));
+    }
+    let mut first = None;
+    while r.chunk().await.map_err(|e| e.to_string())?.is_some() {
+        if stream && first.is_none() {
+            first = Some(sent.elapsed());
+        }
+    }
+    Ok(first.unwrap_or_else(|| sent.elapsed()))
+}
+
+fn record(acc: &mut Samples, result: Result<Duration, String>) -> Option<Duration> {
+    match result {
+        Ok(d) => {
+            acc.latencies.push(d);
+            Some(d)
+        }
+        Err(e) => {
+            acc.failures += 1;
+            if acc.first_failures.len() < 3 {
+                acc.first_failures.push(e);
+            }
+            None
+        }
     }
 }
 
@@ -1253,40 +1344,63 @@ async fn first_byte_phase(http: &reqwest::Client, targets: &[&Target], n: usize)
             break;
         }
         for (t, acc) in targets.iter().zip(samples.iter_mut()) {
-            let mut body: serde_json::Value =
-                serde_json::from_slice(&request_body(t.model)).expect("json");
-            body["stream"] = true.into();
-            let sent = Instant::now();
-            let result = async {
-                let mut r = http
-                    .post(&t.url)
-                    .bearer_auth(&t.bearer)
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status() != 200 {
-                    return Err(format!("status {}", r.status()));
-                }
-                r.chunk().await.map_err(|e| e.to_string())?;
-                let first = sent.elapsed();
-                while r.chunk().await.map_err(|e| e.to_string())?.is_some() {}
-                Ok(first)
-            }
-            .await;
-            match result {
-                Ok(first) => acc.latencies.push(first),
-                Err(e) => {
-                    acc.failures += 1;
-                    if acc.first_failures.len() < 3 {
-                        acc.first_failures.push(e);
-                    }
-                }
-            }
+            record(acc, timed(http, t, true).await);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     samples
+}
+
+/// A variant measured in pairs with the gateway as rendered.
+struct Paired {
+    base: Samples,
+    other: Samples,
+    /// Per pair, variant − gateway (ms).
+    diffs: Vec<f64>,
+}
+
+/// (g) `n` pairs: one request to the gateway as rendered and one to `other`, one at a time, which
+/// goes first alternating; whole answers or streams' first bytes. Both requests of a pair meet the
+/// machine in the same state, so the median of the per-pair differences shows what a variant's
+/// edit costs or saves well below the drift between (b)'s separate rounds. Bounded to 2 min.
+async fn paired_phase(
+    http: &reqwest::Client,
+    base: &Target,
+    other: &Target,
+    n: usize,
+    stream: bool,
+) -> Paired {
+    let mut p = Paired {
+        base: Samples::default(),
+        other: Samples::default(),
+        diffs: Vec::new(),
+    };
+    let started = Instant::now();
+    for i in 0..n {
+        if started.elapsed() > Duration::from_secs(120) {
+            p.base.not_sent = n - i;
+            break;
+        }
+        let (b, o) = if i % 2 == 0 {
+            let b = record(&mut p.base, timed(http, base, stream).await);
+            (b, record(&mut p.other, timed(http, other, stream).await))
+        } else {
+            let o = record(&mut p.other, timed(http, other, stream).await);
+            (record(&mut p.base, timed(http, base, stream).await), o)
+        };
+        if let (Some(b), Some(o)) = (b, o) {
+            p.diffs.push((o.as_secs_f64() - b.as_secs_f64()) * 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    p
+}
+
+/// The median of `v` (ms).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Sends `n` chat completions through the gateway, a third whole, a third streamed, a third
