@@ -781,8 +781,80 @@ fn stdout_access_log() -> Value {
     }])
 }
 
-/// The dynamic metadata namespace of an answer's usage (written by `lua/front.lua`).
+/// Where a streamed answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and
+/// the `llmroute` dynamic metadata key each goes to (whole answers: `lua/front.lua`, same keys).
+/// The Responses API names them `input_tokens` and `output_tokens`, and a streamed response
+/// carries them in its `response.completed` event, under `response`.
+const USAGE_FIELDS: [(&[&str], &str); 14] = [
+    (&["usage", "prompt_tokens"], "prompt_tokens"),
+    (&["usage", "completion_tokens"], "completion_tokens"),
+    (&["usage", "total_tokens"], "total_tokens"),
+    (
+        &["usage", "prompt_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["usage", "prompt_cache_hit_tokens"], "cached_tokens"),
+    (&["model"], "provider_model"),
+    (&["usage", "input_tokens"], "prompt_tokens"),
+    (&["usage", "output_tokens"], "completion_tokens"),
+    (
+        &["usage", "input_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["response", "usage", "input_tokens"], "prompt_tokens"),
+    (&["response", "usage", "output_tokens"], "completion_tokens"),
+    (&["response", "usage", "total_tokens"], "total_tokens"),
+    (
+        &["response", "usage", "input_tokens_details", "cached_tokens"],
+        "cached_tokens",
+    ),
+    (&["response", "model"], "provider_model"),
+];
+
+/// The dynamic metadata namespace of an answer's usage.
 pub const USAGE_METADATA: &str = "llmroute";
+
+/// `sse_to_metadata` JSON rules for [`USAGE_FIELDS`]. A field an event lacks sets nothing.
+fn usage_rules() -> Vec<Value> {
+    USAGE_FIELDS
+        .iter()
+        .map(|(path, key)| {
+            let kind = if *key == "provider_model" {
+                "STRING"
+            } else {
+                "NUMBER"
+            };
+            json!({
+                "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
+                "on_present": { "metadata_namespace": USAGE_METADATA, "key": key, "type": kind },
+            })
+        })
+        .collect()
+}
+
+/// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
+/// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass,
+/// an event split across reads included; nothing is held back or changed.
+fn usage_from_sse() -> Value {
+    let rules: Vec<Value> = usage_rules()
+        .into_iter()
+        .map(|rule| json!({ "rule": rule }))
+        .collect();
+    json!({
+        "name": "envoy.filters.http.sse_to_metadata",
+        "typed_config": typed("envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata", json!({
+            "response_rules": {
+                "max_event_size": 65536,
+                "content_parser": {
+                    "name": "envoy.content_parsers.json",
+                    "typed_config": typed("envoy.extensions.content_parsers.json.v3.JsonContentParser", json!({
+                        "rules": rules,
+                    })),
+                },
+            },
+        })),
+    })
+}
 
 /// How much of a request or an answer the front listener may hold: the Lua filter reads request
 /// bodies whole (the model) and holds whole JSON answers (their usage).
@@ -799,8 +871,10 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 "stat_prefix": FRONT,
                 "codec_type": "AUTO",
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
-                // The Lua filter reads every answer's usage, whole or streamed (lua/front.lua).
-                "http_filters": [lua_filter(LUA_FRONT), router_filter()],
+                // The encode path runs these in reverse: the stream usage reader sees the
+                // provider's bytes before the Lua filter hides a usage chunk the client did not ask
+                // for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
+                "http_filters": [lua_filter(LUA_FRONT), usage_from_sse(), router_filter()],
                 "access_log": access_log(opts),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",

@@ -1,7 +1,7 @@
-//! Token usage counted per answer, in the gateway Pod. Envoy's front Lua filter reads every
-//! answer's usage, whole or streamed (`gateway/lua/front.lua`), and Envoy sends one access-log
-//! entry per request over gRPC to the Pod's sidecar ([`als`]), which counts here and serves the
-//! counts at `/metrics`.
+//! Token usage counted per answer, in the gateway Pod. Envoy reads every answer's usage (see
+//! `gateway/lua/front.lua` for whole answers, `gateway::envoy::usage_from_sse` for streams) and
+//! sends one access-log entry per request over gRPC to the Pod's sidecar ([`als`]), which counts
+//! here and serves the counts at `/metrics`.
 //!
 //! This module is the pure part: an access-log entry reduced to [`Answer`], and the counters it feeds.
 //! Counters are cumulative per Pod (Prometheus sums the replicas: `sum by (route)`); why they live

@@ -1,5 +1,6 @@
--- Cases for tests/lua.rs: the front Lua's usage reading (src/gateway/lua/front.lua) with a mocked
--- Envoy handle. `front` holds the functions under test. Each case raises an error when it fails.
+-- Cases for tests/lua.rs: the front Lua's usage reading of whole answers and its taking out of the
+-- usage event it asked for (src/gateway/lua/front.lua), with a mocked Envoy handle. `front` holds
+-- the functions under test. Each case raises an error when it fails.
 
 -- A handle whose answer arrives as `chunks` (streams) or as `whole` (a held body); it records the
 -- dynamic metadata set and the bytes passed on.
@@ -57,68 +58,22 @@ local FINISH = event('{"id":"c1","object":"chat.completion.chunk","model":"gpt-4
 local USAGE = event('{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}}')
 local DONE = "data: [DONE]\n\n"
 local STREAM = CONTENT .. FINISH .. USAGE .. DONE
-local USAGE_MD = { prompt_tokens = 12, completion_tokens = 3, total_tokens = 15, cached_tokens = 4,
-  provider_model = "gpt-4o-mini" }
 
--- Every place a stream can be cut in two: passed on unchanged, usage read.
-local function stream_read_at_every_cut()
-  for cut = 1, #STREAM - 1 do
-    local h, md, out = handle({ STREAM:sub(1, cut), STREAM:sub(cut + 1) })
-    front.read_stream(h, false)
-    assert(out() == STREAM, "cut " .. cut .. ": the stream was changed")
-    expect(md, USAGE_MD, "cut " .. cut)
-  end
-end
-
--- CRLF line ends, one byte per chunk.
-local function stream_read_byte_by_byte_with_crlf()
-  local s = STREAM:gsub("\n", "\r\n")
-  local chunks = {}
-  for i = 1, #s do chunks[i] = s:sub(i, i) end
-  local h, md, out = handle(chunks)
-  front.read_stream(h, false)
-  assert(out() == s)
-  expect(md, USAGE_MD, "CRLF")
-end
-
--- The usage event the gateway asked for is read and taken out, wherever the stream is cut.
+-- The usage event the gateway asked for is taken out, wherever the stream is cut, and only it
+-- (the content chunk's text imitates usage; the finish chunk has "usage": null); CRLF line ends
+-- and one byte per chunk too.
 local function asked_usage_event_taken_out_at_every_cut()
   for cut = 1, #STREAM - 1 do
-    local h, md, out = handle({ STREAM:sub(1, cut), STREAM:sub(cut + 1) })
-    front.read_stream(h, true)
+    local h, _, out = handle({ STREAM:sub(1, cut), STREAM:sub(cut + 1) })
+    front.hide_usage_event(h)
     assert(out() == CONTENT .. FINISH .. DONE, "cut " .. cut .. ": " .. out())
-    expect(md, USAGE_MD, "cut " .. cut)
   end
-end
-
--- A stream without usage (null, or imitated in the text) sets nothing.
-local function stream_without_usage_sets_nothing()
-  local h, md, out = handle({ CONTENT .. FINISH .. DONE })
-  front.read_stream(h, false)
-  expect(md, {}, "no usage")
-end
-
--- The Responses API: usage in response.completed (under "response"), a last event without its
--- blank line; response.created's "usage": null is not read.
-local function responses_stream_completed_event()
-  local created = 'event: response.created\ndata: {"type":"response.created","response":{"id":"r1","model":"gpt-4o","usage":null}}\n\n'
-  local completed = 'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r1","model":"gpt-4o","output":[],"usage":{"input_tokens":7,"output_tokens":2,"total_tokens":9,"input_tokens_details":{"cached_tokens":1}}}}'
-  local h, md = handle({ created, completed })
-  front.read_stream(h, false)
-  expect(md, { prompt_tokens = 7, completion_tokens = 2, total_tokens = 9, cached_tokens = 1,
-    provider_model = "gpt-4o" }, "responses")
-end
-
--- An event over 1 MiB is passed on unread, and what follows it is read.
-local function an_event_too_long_is_skipped_whole()
-  local big = 'data: {"text":"' .. string.rep("a", 1100000) .. '","usage":{"prompt_tokens":999}}\n\n'
-  local s = big .. USAGE
+  local crlf = STREAM:gsub("\n", "\r\n")
   local chunks = {}
-  for i = 1, #s, 65536 do chunks[#chunks + 1] = s:sub(i, i + 65535) end
-  local h, md, out = handle(chunks)
-  front.read_stream(h, false)
-  assert(out() == s)
-  expect(md, USAGE_MD, "after a long event")
+  for i = 1, #crlf do chunks[i] = crlf:sub(i, i) end
+  local h, _, out = handle(chunks)
+  front.hide_usage_event(h)
+  assert(out() == (CONTENT .. FINISH .. DONE):gsub("\n", "\r\n"), "CRLF: " .. out())
 end
 
 -- Whole answers: chat (DeepSeek's cache field wins), embeddings, the Responses API; text that
@@ -141,11 +96,6 @@ local function whole_answers()
 end
 
 return {
-  stream_read_at_every_cut = stream_read_at_every_cut,
-  stream_read_byte_by_byte_with_crlf = stream_read_byte_by_byte_with_crlf,
   asked_usage_event_taken_out_at_every_cut = asked_usage_event_taken_out_at_every_cut,
-  stream_without_usage_sets_nothing = stream_without_usage_sets_nothing,
-  responses_stream_completed_event = responses_stream_completed_event,
-  an_event_too_long_is_skipped_whole = an_event_too_long_is_skipped_whole,
   whole_answers = whole_answers,
 }

@@ -6,7 +6,7 @@
 -- x-llmroute-model never gets through. A stream whose request asks for no usage is marked
 -- x-llmroute-stream: the backend listener asks the provider for it where the provider takes
 -- stream_options, and its answer then carries x-llmroute-usage-added: the usage-only chunk the
--- client did not ask for is read, then taken out here. Every answer's usage is read here.
+-- client did not ask for is taken out here (the usage readers after this filter have seen it).
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
@@ -100,15 +100,37 @@ function envoy_on_request(handle)
     "invalid_request_error", "model_not_found", "model"))
 end
 
--- Token usage of an answer into the dynamic metadata namespace `llmroute`, which the usage log
--- carries to the Pod's sidecar: of a whole JSON answer (a chat completion, a text completion,
--- embeddings, a response of the Responses API), or of the server-sent event of a stream that
--- carries it (OpenAI's last chunk with `stream_options.include_usage`, the finish chunk of some
--- providers, the Responses API's `response.completed`).
--- Read as text, the way the request's model is read, not parsed: the usage keys (`prompt_tokens`,
+-- Passes a stream on event by event without the usage-only event (no choices, a usage object):
+-- complete events go on as they arrive, a partial one waits for its end (one the stream ends in
+-- the middle of is dropped, as an SSE client drops it).
+local function hide_usage_event(handle)
+  local partial = ""
+  for chunk in handle:bodyChunks() do
+    local data = partial .. chunk:getBytes(0, chunk:length())
+    local out = {}
+    local pos = 1
+    while true do
+      local s, e = data:find("\r?\n\r?\n", pos)
+      if s == nil then break end
+      local event = data:sub(pos, e)
+      if not (event:find('"choices"%s*:%s*%[%s*%]') and event:find('"usage"%s*:%s*{')) then
+        out[#out + 1] = event
+      end
+      pos = e + 1
+    end
+    partial = data:sub(pos)
+    chunk:setBytes(table.concat(out))
+  end
+end
+
+-- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
+-- of the Responses API) into the dynamic metadata namespace `llmroute`, which the usage log carries
+-- to the Pod's sidecar. Streams are read by sse_to_metadata instead. Holds the answer until its end
+-- (a whole answer is sent at once anyway), within the listener's buffer limit.
+-- Read as text, the way the request's model is read: the usage keys (`prompt_tokens`,
 -- `input_tokens`...) are object keys only in the usage object, and a key inside a string value has
--- its quotes escaped, so it never matches `"key":`. This costs a fraction of a JSON parse
--- (docs/benchmarks.md). DeepSeek's `prompt_cache_hit_tokens` wins over `cached_tokens`.
+-- its quotes escaped, so it never matches `"key":`. This costs a fraction of a JSON parse of the
+-- whole answer (docs/benchmarks.md). DeepSeek's `prompt_cache_hit_tokens` wins over `cached_tokens`.
 local USAGE_NUMBERS = {
   { "prompt_tokens", "prompt_tokens" }, { "input_tokens", "prompt_tokens" },
   { "completion_tokens", "completion_tokens" }, { "output_tokens", "completion_tokens" },
@@ -116,78 +138,18 @@ local USAGE_NUMBERS = {
   { "cached_tokens", "cached_tokens" }, { "prompt_cache_hit_tokens", "cached_tokens" },
 }
 
--- Reads the usage in `text` (an answer or one event), if it has a usage object; says whether.
-local function usage_of(handle, text)
-  local at = text:find('"usage"%s*:%s*{')
-  if at == nil then return false end
-  local md = handle:streamInfo():dynamicMetadata()
-  for _, field in ipairs(USAGE_NUMBERS) do
-    local n = text:match('"' .. field[1] .. '"%s*:%s*(%d+)', at)
-    if n ~= nil then md:set("llmroute", field[2], tonumber(n)) end
-  end
-  local model = text:match('"model"%s*:%s*"([^"\\]*)"')
-  if model ~= nil then md:set("llmroute", "provider_model", model) end
-  return true
-end
-
--- A whole answer: held until its end (it is sent at once anyway), within the listener's buffer limit.
 local function read_usage(handle)
   local raw = body_string(handle)
-  if raw ~= nil then usage_of(handle, raw) end
-end
-
--- An event longer than this is passed on unread. A usage event is a few hundred bytes, but the
--- Responses API's `response.completed` repeats the whole response.
-local MAX_EVENT = 1048576
-
--- A stream, read event by event as it passes. Unless `hide`, nothing is held back or changed: each
--- chunk goes on as it came, and only the part of an event that a chunk ends in the middle of is
--- kept to be read with the next chunk. With `hide` (the gateway asked the provider for the usage
--- the client did not ask for) the usage-only event (no choices, a usage object) is taken out:
--- complete events go on as they arrive, a partial one waits for its end (one the stream ends in
--- the middle of is dropped, as an SSE client drops it).
-local function read_stream(handle, hide)
-  local partial = ""
-  local skipping = false
-  for chunk in handle:bodyChunks() do
-    local data = partial .. chunk:getBytes(0, chunk:length())
-    local out = {}
-    local pos = 1
-    if skipping then
-      -- The rest of an event too long to read, up to its end.
-      local _, e = data:find("\r?\n\r?\n")
-      if e == nil then
-        pos = math.max(1, #data - 2) -- keep what may begin the blank line
-      else
-        pos = e + 1
-        skipping = false
-      end
-    end
-    -- Where the next usage object is: most events have none, and are not cut out to be read.
-    local u = (not skipping) and data:find('"usage"%s*:%s*{', pos) or nil
-    while not skipping do
-      local s, e = data:find("\r?\n\r?\n", pos)
-      if s == nil then break end
-      local usage_only = false
-      if u ~= nil and u < e then
-        local event = data:sub(pos, e)
-        usage_of(handle, event)
-        usage_only = hide and event:find('"choices"%s*:%s*%[%s*%]') ~= nil
-        u = data:find('"usage"%s*:%s*{', e + 1)
-      end
-      if hide and not usage_only then out[#out + 1] = data:sub(pos, e) end
-      pos = e + 1
-    end
-    partial = data:sub(pos)
-    if hide then
-      chunk:setBytes(table.concat(out))
-    elseif #partial > MAX_EVENT then
-      partial = ""
-      skipping = true
-    end
+  if raw == nil then return end
+  local at = raw:find('"usage"%s*:%s*{')
+  if at == nil then return end
+  local md = handle:streamInfo():dynamicMetadata()
+  for _, field in ipairs(USAGE_NUMBERS) do
+    local n = raw:match('"' .. field[1] .. '"%s*:%s*(%d+)', at)
+    if n ~= nil then md:set("llmroute", field[2], tonumber(n)) end
   end
-  -- A last event without the blank line that ends it.
-  if not hide and not skipping and partial ~= "" then usage_of(handle, partial) end
+  local model = raw:match('"model"%s*:%s*"([^"\\]*)"')
+  if model ~= nil then md:set("llmroute", "provider_model", model) end
 end
 
 -- When the answer is a failure the route fails over on (the backend listener marked it retriable)
@@ -198,17 +160,14 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   if headers:get("x-llmroute-usage-added") ~= nil then
     headers:remove("x-llmroute-usage-added")
-    read_stream(handle, true)
+    hide_usage_event(handle)
     return
   end
   -- The marker is internal: it never reaches clients. Only failures carry it.
   if headers:get("x-llmroute-retry") == nil then
-    if (headers:get(":status") or ""):sub(1, 1) ~= "2" then return end
-    local ct = headers:get("content-type") or ""
-    if ct:find("json", 1, true) then
+    local ct = headers:get("content-type")
+    if ct ~= nil and ct:find("json", 1, true) and (headers:get(":status") or ""):sub(1, 1) == "2" then
       read_usage(handle)
-    elseif ct:find("text/event-stream", 1, true) then
-      read_stream(handle, false)
     end
     return
   end
