@@ -492,19 +492,16 @@ fn start_gateway(
         address: "127.0.0.1".into(),
         admin_port: free_port(),
         health_port: free_port(),
-        usage_log_port: free_port(),
+        usage_log: dir.join("access.log").display().to_string(),
         ..Default::default()
     };
-    // The usage log goes where it goes in a Pod: to the sidecar's receiver, run here in-process.
-    let usage = std::sync::Arc::new(llmroute::usage::UsageCounters::new("bench"));
-    let listener = std::net::TcpListener::bind(("127.0.0.1", opts.usage_log_port))
-        .expect("bind the usage log receiver");
-    listener.set_nonblocking(true).unwrap();
-    tokio::spawn(llmroute::usage::als::serve(
-        tokio::net::TcpListener::from_std(listener).unwrap(),
-        usage.clone(),
-        std::future::pending(),
-    ));
+    // The access log goes where it goes in a Pod: to a file the sidecar follows to count usage,
+    // followed here in-process (its lines not printed).
+    let (follower, counters) =
+        llmroute::usage::log::Follower::open(Path::new(&opts.usage_log), "bench");
+    let usage = std::sync::Arc::new(counters);
+    let (c, stop) = (usage.clone(), std::sync::Arc::default());
+    std::thread::spawn(move || llmroute::usage::log::follow(follower, c, stop));
     let renders = render::translate_offline(
         &routes,
         &RenderOptions {

@@ -35,8 +35,6 @@ use crate::gateway::objects;
 pub const READY_PATH: &str = objects::SHUTDOWN_READY_PATH;
 /// Port of the manager.
 pub const DEFAULT_MANAGER_PORT: u16 = objects::SHUTDOWN_MANAGER_PORT;
-/// Port on 127.0.0.1 where the manager receives Envoy's access log.
-pub const DEFAULT_USAGE_PORT: u16 = objects::USAGE_LOG_PORT;
 /// Where the manager and `shutdown` share state (an emptyDir mounted in the sidecar).
 pub const DEFAULT_STATE_DIR: &str = objects::SHUTDOWN_STATE_DIR;
 /// The file `shutdown` writes into the state directory once the drain is over.
@@ -252,14 +250,16 @@ pub struct ManagerOptions {
     pub state_dir: PathBuf,
     /// Longest hold of a GET of [`READY_PATH`].
     pub ready_timeout: Duration,
-    /// Where Envoy's gRPC access log is received (127.0.0.1), to count token usage; None: not.
-    pub usage_addr: Option<SocketAddr>,
+    /// Envoy's access log, followed to count token usage and printed to stdout; None: not.
+    pub usage_log: Option<PathBuf>,
     /// The gateway's namespace (a label of the usage metrics).
     pub namespace: String,
 }
 
 struct ManagerState {
     usage: Arc<crate::usage::UsageCounters>,
+    /// Where counts are checkpointed before they are served (with a usage log).
+    checkpoint: Option<PathBuf>,
     state_dir: PathBuf,
     ready_timeout: Duration,
     /// Set on SIGTERM: waiters are answered at once so the process can exit.
@@ -308,12 +308,34 @@ async fn metrics(State(state): State<Arc<ManagerState>>) -> impl axum::response:
 }
 
 /// `GET /usage`: the Pod's cumulative counts per route and backend, read by the operator leader
-/// for budgets (see `usage::ledger`).
-async fn usage(State(state): State<Arc<ManagerState>>) -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string(&state.usage.report()).expect("counts serialize"),
-    )
+/// for budgets (see `usage::ledger`). Counts of a usage log are checkpointed first (a restarted
+/// sidecar resumes from them); when that fails, none are served.
+async fn usage(State(state): State<Arc<ManagerState>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let report = tokio::task::spawn_blocking(move || match &state.checkpoint {
+        Some(path) => state
+            .usage
+            .persist(true, |c| crate::usage::log::write_checkpoint(path, c))
+            .map(|(report, _)| report),
+        None => Ok(state.usage.report()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match report {
+        Ok(report) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&report).expect("counts serialize"),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot checkpoint the usage counts: not serving them");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("usage counts not checkpointed: {e}\n"),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Path of the cumulative counts budgets are counted from.
@@ -350,32 +372,37 @@ pub async fn serve_manager(
     }
     let listener = tokio::net::TcpListener::bind(opts.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, path = READY_PATH, "shutdown manager serving");
-    let usage = Arc::new(crate::usage::UsageCounters::new(&opts.namespace));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = opts.usage_addr {
-        let als = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(addr = %als.local_addr()?, "receiving the gateway's access log (token usage)");
-        let counters = usage.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = crate::usage::als::serve(als, counters, stopped).await {
-                tracing::error!(error = %e, "access-log receiver failed: token usage is not counted");
-            }
-        });
-    }
+    let stop_following = Arc::new(AtomicBool::new(false));
+    let (usage, checkpoint, follower) = match &opts.usage_log {
+        Some(log) => {
+            let (follower, counters) = crate::usage::log::Follower::open(log, &opts.namespace);
+            let counters = Arc::new(counters);
+            let checkpoint = follower.checkpoint_path().to_path_buf();
+            let (c, stop) = (counters.clone(), stop_following.clone());
+            let thread = std::thread::Builder::new()
+                .name("usage-log".into())
+                .spawn(move || {
+                    crate::usage::log::follow(follower.echo(std::io::stdout()), c, stop)
+                })?;
+            (counters, Some(checkpoint), Some(thread))
+        }
+        None => (
+            Arc::new(crate::usage::UsageCounters::new(&opts.namespace)),
+            None,
+            None,
+        ),
+    };
     let state = Arc::new(ManagerState {
         usage,
+        checkpoint,
         state_dir: opts.state_dir,
         ready_timeout: opts.ready_timeout,
         stopping: AtomicBool::new(false),
         logged: AtomicBool::new(false),
     });
     let on_stop = state.clone();
-    let counting = opts.usage_addr.is_some();
-    axum::serve(listener, router(state))
+    let counting = opts.usage_log.is_some();
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             stop.await;
             tracing::info!("shutdown manager stopping");
@@ -383,12 +410,18 @@ pub async fn serve_manager(
             if counting && on_stop.usage.unread(true) {
                 last_read(&on_stop.usage).await;
             }
-            let _ = stop_tx.send(true);
         })
-        .await
+        .await;
+    // A last read of the log and a last checkpoint.
+    stop_following.store(true, Ordering::SeqCst);
+    if let Some(thread) = follower {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    served
 }
 
-/// How long a stopping sidecar waits for Envoy's last usage-log batch (sent every second).
+/// How long a stopping sidecar waits for Envoy's last access-log lines (written out every second)
+/// to be counted.
 const LAST_LOG_WAIT: Duration = Duration::from_millis(1500);
 
 /// How long a stopping sidecar waits for the operator leader to read its last counts: more than

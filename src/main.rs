@@ -58,10 +58,10 @@ struct ShutdownManagerArgs {
     /// maximum drain plus 10 s).
     #[arg(long, default_value = "310s")]
     ready_timeout: String,
-    /// Port on 127.0.0.1 where Envoy's gRPC access log is received to count token usage (served
-    /// at /metrics); 0: none.
-    #[arg(long, default_value_t = llmroute::gateway_shutdown::DEFAULT_USAGE_PORT)]
-    usage_port: u16,
+    /// Envoy's access log (a file in a volume shared with Envoy): followed to count token usage
+    /// (served at /metrics and /usage) and printed to stdout; empty: none.
+    #[arg(long, default_value = llmroute::gateway::objects::USAGE_LOG_FILE)]
+    usage_log: PathBuf,
     /// The gateway's namespace, a label of the usage metrics.
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     namespace: String,
@@ -115,9 +115,7 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 addr: std::net::SocketAddr::new(args.address, args.port),
                 state_dir: args.state_dir,
                 ready_timeout,
-                usage_addr: (args.usage_port != 0).then(|| {
-                    std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, args.usage_port))
-                }),
+                usage_log: (!args.usage_log.as_os_str().is_empty()).then_some(args.usage_log),
                 namespace: args.namespace,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -213,10 +211,10 @@ struct RunArgs {
     /// Port of the gateway's admin interface (bound to 127.0.0.1).
     #[arg(long, default_value_t = 9901)]
     gateway_admin_port: u16,
-    /// Port on 127.0.0.1 where the gateway Pod's sidecar receives Envoy's access log over gRPC to
-    /// count token usage; 0: no usage log.
-    #[arg(long, default_value_t = llmroute::gateway::objects::USAGE_LOG_PORT)]
-    gateway_usage_log_port: u16,
+    /// File of the gateway's access log, which the Pod's sidecar follows to count token usage (a
+    /// volume both share); empty: the access log goes to Envoy's stdout and no usage is counted.
+    #[arg(long, default_value = llmroute::gateway::objects::USAGE_LOG_FILE)]
+    gateway_usage_log: String,
     /// CA bundle (a file of the gateway's image) the gateway verifies providers' TLS certificates
     /// against, when --upstream-ca-file is not given.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
@@ -353,7 +351,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 admin_port: args.gateway_admin_port,
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,
-                usage_log_port: args.gateway_usage_log_port,
+                usage_log: args.gateway_usage_log,
             },
             identity,
             reconcile_concurrency: args.reconcile_concurrency,
@@ -478,9 +476,10 @@ struct RenderArgs {
     /// Port of the readiness and metrics listener.
     #[arg(long, default_value_t = 19003)]
     health_port: u16,
-    /// Port on 127.0.0.1 of the token-usage log receiver (the gateway Pod's sidecar); 0: none.
-    #[arg(long, default_value_t = llmroute::gateway::objects::USAGE_LOG_PORT)]
-    usage_log_port: u16,
+    /// File of the access log, which the gateway Pod's sidecar follows to count token usage;
+    /// empty: the access log goes to stdout.
+    #[arg(long, default_value = llmroute::gateway::objects::USAGE_LOG_FILE)]
+    usage_log: String,
     /// CA bundle used to verify providers' TLS certificates.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     trusted_ca: String,
@@ -519,7 +518,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
         admin_port: args.admin_port,
         health_port: args.health_port,
         trusted_ca: args.trusted_ca,
-        usage_log_port: args.usage_log_port,
+        usage_log: args.usage_log,
     };
     let opts = RenderOptions {
         namespace: args.namespace,

@@ -1012,7 +1012,8 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
     usage_is(sent(), "exact counts after an operator restart").await;
 
     // A sidecar stopped just after answers: it waits for the leader to read them before it exits.
-    // The restarted one counts from zero under a new boot id: added, not lost, not doubled.
+    // The restarted one resumes from its checkpoint under the same boot id, and counts the answers
+    // given while no sidecar ran (they wait in the log): not lost, not doubled.
     let boot = s.sidecar_usage().await.boot;
     for _ in 0..3 {
         assert_eq!(send(i).await.0, 200);
@@ -1042,14 +1043,36 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
     )
     .await;
     s.stop_sidecar();
-    s.start_sidecar();
-    assert_ne!(s.sidecar_usage().await.boot, boot);
     for _ in 0..3 {
         assert_eq!(send(i).await.0, 200);
         i += 1;
     }
+    s.start_sidecar();
+    assert_eq!(s.sidecar_usage().await.boot, boot);
+    for _ in 0..3 {
+        assert_eq!(send(i).await.0, 200);
+        i += 1;
+    }
+    usage_is(
+        sent(),
+        "exact counts after a sidecar restart, with the answers given while it was down",
+    )
+    .await;
+    // Killed: no last read, no last checkpoint. What it counted after its last checkpoint was never
+    // served, and the next one counts it again, once.
+    for _ in 0..3 {
+        assert_eq!(send(i).await.0, 200);
+        i += 1;
+    }
+    s.kill_sidecar();
+    for _ in 0..3 {
+        assert_eq!(send(i).await.0, 200);
+        i += 1;
+    }
+    s.start_sidecar();
+    assert_eq!(s.sidecar_usage().await.boot, boot);
     let total = sent();
-    usage_is(total, "exact counts after a sidecar restart").await;
+    usage_is(total, "exact counts after the sidecar was killed").await;
 
     // The route's own budget: room for a few more requests, then 429s that say why.
     s.ns.apply(&spec(Some(total + 60)));

@@ -156,9 +156,9 @@ async fn start_manager(port: u16, state_dir: &Path, ready_timeout: &str, log: Pa
             state_dir.to_str().unwrap(),
             "--ready-timeout",
             ready_timeout,
-            // Its usage-log receiver too, on a port of its own (tests run side by side).
-            "--usage-port",
-            &free_port().to_string(),
+            // Its usage log in its own directory (tests run side by side).
+            "--usage-log",
+            state_dir.join("access.log").to_str().unwrap(),
         ],
         log,
     );

@@ -331,6 +331,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
 
     // Nothing of any key in the operators' or gateways' logs, the ConfigMap, status or events.
     let mut haystack = String::new();
+    let mut access = Vec::new();
     for p in operators.list(&ListParams::default()).await.unwrap() {
         haystack.push_str(
             &node::logs(
@@ -349,8 +350,22 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     {
         let name = p.metadata.name.unwrap();
         haystack.push_str(&node::logs(&client, &ns.name, &name, "envoy").await);
-        haystack.push_str(&node::logs(&client, &ns.name, &name, "shutdown-manager").await);
+        let sidecar = node::logs(&client, &ns.name, &name, "shutdown-manager").await;
+        // The sidecar prints the access log Envoy writes into their shared volume, which it
+        // follows to count usage: the chat answers through this Pod, without the route's prices.
+        access.extend(
+            sidecar
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["route"] == "chat" && l["status"] == 200),
+        );
+        haystack.push_str(&sidecar);
     }
+    assert!(
+        access.iter().any(|l| l["prompt_tokens"].is_number()),
+        "no access log line with usage in the gateway sidecars' logs"
+    );
+    assert!(access.iter().all(|l| l.get("prices").is_none()));
     haystack.push_str(&c.kubectl_ok(&[
         "get",
         "configmaps,events,llmroutes",

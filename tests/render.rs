@@ -72,7 +72,11 @@ fn render_case(input: &Path) -> BTreeMap<String, String> {
     let opts = RenderOptions {
         namespace: "default".into(),
         default_region: "us".into(),
-        envoy: EnvoyOptions::default(),
+        // As `llmroute render` and the operator render it: the access log to the Pod's usage log.
+        envoy: EnvoyOptions {
+            usage_log: llmroute::gateway::objects::USAGE_LOG_FILE.into(),
+            ..Default::default()
+        },
         xds: Default::default(),
         deployment: Default::default(),
     };
@@ -588,6 +592,7 @@ fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
     use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
     let envoy_opts = EnvoyOptions {
         admin_port: 9911,
+        usage_log: objects::USAGE_LOG_FILE.into(),
         ..Default::default()
     };
     let opts = GatewayDeploymentOptions {
@@ -658,6 +663,25 @@ fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
         .find(|v| v.name == mount.name)
         .expect("the state volume");
     assert!(volume.empty_dir.is_some());
+
+    // The access log: Envoy writes it into a volume the sidecar mounts too, and follows.
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["--usage-log", objects::USAGE_LOG_FILE])
+    );
+    assert!(objects::USAGE_LOG_FILE.starts_with(&format!("{}/", objects::USAGE_LOG_DIR)));
+    for container in [envoy, manager] {
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == objects::USAGE_LOG_DIR)
+            .unwrap_or_else(|| panic!("{} mounts the usage log", container.name));
+        assert_ne!(mount.read_only, Some(true), "both write there");
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name);
+        assert!(volume.and_then(|v| v.empty_dir.as_ref()).is_some());
+    }
     assert!(
         envoy
             .volume_mounts

@@ -53,9 +53,10 @@ pub struct EnvoyOptions {
     /// CA bundle (a file in the gateway's container) that providers' TLS certificates are verified
     /// against, unless the operator serves one (`--upstream-ca-file`).
     pub trusted_ca: String,
-    /// Port on 127.0.0.1 where the Pod's sidecar receives the access log over gRPC to count token
-    /// usage (`crate::usage`); 0: no usage log.
-    pub usage_log_port: u16,
+    /// File the access log goes to, which the Pod's sidecar follows to count token usage and
+    /// prints to its stdout (`crate::usage::log`); empty: the access log goes to Envoy's stdout and
+    /// no usage is counted.
+    pub usage_log: String,
 }
 
 impl Default for EnvoyOptions {
@@ -66,7 +67,9 @@ impl Default for EnvoyOptions {
             admin_port: 9901,
             health_port: 19003,
             trusted_ca: "/etc/ssl/certs/ca-certificates.crt".into(),
-            usage_log_port: crate::gateway::objects::USAGE_LOG_PORT,
+            // The operator's `--gateway-usage-log` gives the Pod's file
+            // (`objects::USAGE_LOG_FILE`); a gateway run elsewhere logs to stdout.
+            usage_log: String::new(),
         }
     }
 }
@@ -232,9 +235,6 @@ fn resources<'a>(
             .iter()
             .map(|u| ClusterEntry::Other(upstream_cluster(u, opts, served_ca.is_some()))),
     );
-    if opts.usage_log_port != 0 {
-        clusters.push(ClusterEntry::Other(usage_log_cluster(opts.usage_log_port)));
-    }
     clusters.sort_by(|a, b| a.name().cmp(b.name()));
     for c in &mut clusters {
         if let ClusterEntry::Other(v) = c {
@@ -699,84 +699,24 @@ fn health_listener(opts: &EnvoyOptions) -> Value {
     })
 }
 
-/// Cluster of the Pod's usage-log receiver (the sidecar, on 127.0.0.1; gRPC over plain HTTP/2).
-/// Delivered with the listeners (CDS before LDS), so a gateway started from an older bootstrap gets
-/// it too.
-fn usage_log_cluster(port: u16) -> Value {
-    let mut c = static_cluster(USAGE_LOG_CLUSTER, "127.0.0.1", port);
-    c["typed_extension_protocol_options"] = json!({
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            json!({ "explicit_http_config": { "http2_protocol_options": {} } }),
-        ),
-    });
-    c
-}
-
-/// Name of the cluster of the usage-log receiver.
-pub const USAGE_LOG_CLUSTER: &str = "llmroute-usage-log";
-
-/// Access log of the front listener: no request or response headers that could carry keys. With a
-/// usage-log port, every answer also goes over gRPC to the Pod's sidecar, which counts its tokens
-/// (`crate::usage::als`): the route, the dynamic metadata the usage extractors wrote, the requested
-/// model and the backend and failure headers; no other header.
+/// Access log of the front listener: one JSON line per request, no header that could carry a key
+/// (`crate::usage::log::format`). With a usage log, the lines go to that file (with the route's
+/// prices) instead of stdout: the Pod's sidecar counts their token usage and prints them to its own
+/// stdout, so a request is logged once and counted from the same line.
 fn access_log(opts: &EnvoyOptions) -> Value {
-    let mut logs = stdout_access_log();
-    if opts.usage_log_port != 0 {
-        logs.as_array_mut().expect("an array").push(json!({
-            "name": "envoy.access_loggers.http_grpc",
-            "typed_config": typed("envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig", json!({
-                "common_config": {
-                    "log_name": "llmroute-usage",
-                    "transport_api_version": "V3",
-                    "grpc_service": { "envoy_grpc": { "cluster_name": USAGE_LOG_CLUSTER } },
-                    // Batches of up to 16 KiB, sent at least every second.
-                    "buffer_flush_interval": "1s",
-                    // The route's prices, and nothing else of its metadata (which holds its key).
-                    "custom_tags": [{
-                        "tag": crate::usage::als::PRICES_TAG,
-                        "metadata": {
-                            "kind": { "route": {} },
-                            "metadata_key": {
-                                "key": "envoy.filters.http.lua",
-                                "path": [{ "key": crate::usage::als::PRICES_TAG }],
-                            },
-                        },
-                    }],
-                },
-                "additional_request_headers_to_log": [crate::usage::als::MODEL_HEADER],
-                "additional_response_headers_to_log": [
-                    crate::usage::als::BACKEND_HEADER,
-                    crate::usage::als::FAILURE_HEADER,
-                ],
+    if opts.usage_log.is_empty() {
+        return json!([{
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", json!({
+                "log_format": { "json_format": crate::usage::log::format() },
             })),
-        }));
+        }]);
     }
-    logs
-}
-
-fn stdout_access_log() -> Value {
     json!([{
-        "name": "envoy.access_loggers.stdout",
-        "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", json!({
-            "log_format": { "json_format": {
-                "time": "%START_TIME%",
-                "route": "%ROUTE_NAME%",
-                "method": "%REQ(:METHOD)%",
-                "path": "%REQ(:PATH)%",
-                "status": "%RESPONSE_CODE%",
-                "backend": "%RESP(X-LLMROUTE-BACKEND)%",
-                "failure": "%RESP(X-LLMROUTE-FAILURE)%",
-                "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
-                "duration_ms": "%DURATION%",
-                "flags": "%RESPONSE_FLAGS%",
-                "request_id": "%REQ(X-REQUEST-ID)%",
-                "provider_model": "%DYNAMIC_METADATA(llmroute:provider_model)%",
-                "prompt_tokens": "%DYNAMIC_METADATA(llmroute:prompt_tokens)%",
-                "completion_tokens": "%DYNAMIC_METADATA(llmroute:completion_tokens)%",
-                "cached_tokens": "%DYNAMIC_METADATA(llmroute:cached_tokens)%",
-                "total_tokens": "%DYNAMIC_METADATA(llmroute:total_tokens)%",
-            } },
+        "name": "envoy.access_loggers.file",
+        "typed_config": typed("envoy.extensions.access_loggers.file.v3.FileAccessLog", json!({
+            "path": opts.usage_log,
+            "log_format": { "json_format": crate::usage::log::format_with_prices() },
         })),
     }])
 }

@@ -56,8 +56,11 @@ pub const MAX_DRAIN_SECONDS: i64 = 300;
 pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 30;
 /// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
-/// Port on 127.0.0.1 where the sidecar receives Envoy's gRPC access log (token usage).
-pub const USAGE_LOG_PORT: u16 = 19005;
+/// Where the emptyDir shared by Envoy (which writes its access log there) and the sidecar (which
+/// follows it, counts token usage and keeps its checkpoint there) is mounted.
+pub const USAGE_LOG_DIR: &str = "/var/run/llmroute-usage";
+/// Envoy's access log, the sidecar's usage log (`crate::usage::log`).
+pub const USAGE_LOG_FILE: &str = "/var/run/llmroute-usage/access.log";
 
 /// The `--config-yaml` bootstrap overlay giving Envoy's node the address of its sidecar's usage
 /// counts (`host` is `$(POD_IP)` in the Deployment, expanded by the kubelet).
@@ -371,6 +374,11 @@ pub fn deployment(
                 mount_path: "/tmp".into(),
                 ..Default::default()
             },
+            VolumeMount {
+                name: "usage-log".into(),
+                mount_path: USAGE_LOG_DIR.into(),
+                ..Default::default()
+            },
         ]),
         ..Default::default()
     };
@@ -392,8 +400,8 @@ pub fn deployment(
             SHUTDOWN_STATE_DIR,
             "--ready-timeout",
             &format!("{}s", MAX_DRAIN_SECONDS + 10),
-            "--usage-port",
-            &envoy.usage_log_port.to_string(),
+            "--usage-log",
+            &envoy.usage_log,
         ])),
         // The gateway's namespace labels its usage metrics.
         env: Some(vec![field_env("POD_NAMESPACE", "metadata.namespace")]),
@@ -432,11 +440,18 @@ pub fn deployment(
             ..Default::default()
         }),
         security_context: Some(hardened),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "shutdown-state".into(),
-            mount_path: SHUTDOWN_STATE_DIR.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "shutdown-state".into(),
+                mount_path: SHUTDOWN_STATE_DIR.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "usage-log".into(),
+                mount_path: USAGE_LOG_DIR.into(),
+                ..Default::default()
+            },
+        ]),
         ..Default::default()
     };
     let mut labels = gateway_labels();
@@ -518,6 +533,16 @@ pub fn deployment(
                         Volume {
                             name: "tmp".into(),
                             empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                        // The sidecar punches out what it has counted and checkpointed: on disk the
+                        // log holds seconds of answers, unless the sidecar stops following it.
+                        Volume {
+                            name: "usage-log".into(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                size_limit: Some(quantity("1Gi")),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         },
                         Volume {

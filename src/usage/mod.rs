@@ -1,14 +1,14 @@
 //! Token usage counted per answer, in the gateway Pod. Envoy reads every answer's usage (see
 //! `gateway/lua/front.lua` for whole answers, `gateway::envoy::usage_from_sse` for streams) and
-//! sends one access-log entry per request over gRPC to the Pod's sidecar ([`als`]), which counts
-//! here and serves the counts at `/metrics`.
+//! writes it into its access log, a file the Pod's sidecar follows ([`log`]), counts here and
+//! serves at `/metrics` and `/usage`.
 //!
-//! This module is the pure part: an access-log entry reduced to [`Answer`], and the counters it feeds.
+//! The counters are the pure part: an access-log line reduced to [`Answer`], and what it feeds.
 //! Counters are cumulative per Pod (Prometheus sums the replicas: `sum by (route)`); why they live
 //! here and not in Envoy's own stats is in docs/design/usage.md.
 
-pub mod als;
 pub mod ledger;
+pub mod log;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -163,6 +163,8 @@ struct Reported {
     recorded: u64,
     /// `recorded` when `report` was last read.
     read: u64,
+    /// Bytes of the usage log counted into `report` ([`log::Follower`]).
+    offset: u64,
 }
 
 impl UsageCounters {
@@ -208,8 +210,65 @@ impl UsageCounters {
                 },
                 recorded: 0,
                 read: 0,
+                offset: 0,
             }),
         }
+    }
+
+    /// Counters of a sidecar that restarted: its boot id and cumulative counts as checkpointed,
+    /// not read by the operator yet as far as it knows.
+    pub fn restored(namespace: &str, checkpoint: log::Checkpoint) -> Self {
+        let counters = Self::new(namespace);
+        {
+            let mut r = counters.report.lock().expect("usage report");
+            r.recorded = u64::from(!checkpoint.counts.is_empty());
+            r.report = ledger::Report {
+                boot: checkpoint.boot,
+                counts: checkpoint.counts,
+            };
+            r.offset = checkpoint.offset;
+        }
+        counters
+    }
+
+    /// Bytes of the usage log counted.
+    pub fn offset(&self) -> u64 {
+        self.report.lock().expect("usage report").offset
+    }
+
+    /// Goes on counting the usage log at `offset` (a log replaced, a checkpoint lost).
+    pub fn skip_to(&self, offset: u64) {
+        self.report.lock().expect("usage report").offset = offset;
+    }
+
+    /// Counts the answers of the usage log's lines up to `offset`, at once: a checkpoint or a read
+    /// of the counts sees all of them with their offset, or none.
+    pub fn record_lines(&self, answers: &[Answer], offset: u64) {
+        let mut reported = self.report.lock().expect("usage report");
+        for answer in answers {
+            self.record_metrics(answer);
+            add_to_report(&mut reported, answer);
+        }
+        reported.offset = offset;
+    }
+
+    /// The counts and the log offset they include, first handed to `persist` (a checkpoint), then,
+    /// if it succeeded, returned (marked read when `read`): no count leaves unless persisted.
+    pub fn persist(
+        &self,
+        read: bool,
+        persist: impl FnOnce(&log::Checkpoint) -> std::io::Result<()>,
+    ) -> std::io::Result<(ledger::Report, u64)> {
+        let mut r = self.report.lock().expect("usage report");
+        persist(&log::Checkpoint {
+            boot: r.report.boot.clone(),
+            counts: r.report.counts.clone(),
+            offset: r.offset,
+        })?;
+        if read {
+            r.read = r.recorded;
+        }
+        Ok((r.report.clone(), r.offset))
     }
 
     /// The cumulative counts per route and backend since this process started (`GET /usage`),
@@ -232,6 +291,12 @@ impl UsageCounters {
 
     /// Counts one answer.
     pub fn record(&self, answer: &Answer) {
+        self.record_metrics(answer);
+        add_to_report(&mut self.report.lock().expect("usage report"), answer);
+    }
+
+    /// The Prometheus counters of one answer.
+    fn record_metrics(&self, answer: &Answer) {
         let success = (200..300).contains(&answer.status);
         let outcome = if success {
             "success".to_string()
@@ -291,19 +356,6 @@ impl UsageCounters {
                 })
                 .inc_by(price.of(u));
         }
-        if u.reported() && !answer.backend.is_empty() {
-            let mut reported = self.report.lock().expect("usage report");
-            reported.recorded += 1;
-            let totals = reported
-                .report
-                .counts
-                .entry(answer.route.clone())
-                .or_default()
-                .entry(answer.backend.clone())
-                .or_default();
-            totals.tokens += u.budgeted();
-            totals.cost += answer.price.map_or(0.0, |p| p.of(u));
-        }
     }
 
     /// The Prometheus text exposition.
@@ -312,6 +364,23 @@ impl UsageCounters {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The budgets' counts of one answer: an answer of a backend with usage.
+fn add_to_report(reported: &mut Reported, answer: &Answer) {
+    let u = &answer.usage;
+    if u.reported() && !answer.backend.is_empty() {
+        reported.recorded += 1;
+        let totals = reported
+            .report
+            .counts
+            .entry(answer.route.clone())
+            .or_default()
+            .entry(answer.backend.clone())
+            .or_default();
+        totals.tokens += u.budgeted();
+        totals.cost += answer.price.map_or(0.0, |p| p.of(u));
     }
 }
 

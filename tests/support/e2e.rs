@@ -117,10 +117,11 @@ impl Stack {
         let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
             .args(["gateway", "shutdown-manager", "--address=127.0.0.1"])
             .arg(format!("--port={}", ports.sidecar_port))
-            .arg(format!("--usage-port={}", ports.usage_log_port))
+            .arg(format!("--usage-log={}", ports.usage_log))
             .arg(format!("--namespace={}", self.ns.name))
             .arg(format!("--state-dir={}", d.join("shutdown").display()))
-            .stdout(Stdio::null())
+            // It prints the gateway's access log.
+            .stdout(self.access_log_file())
             .stderr(log)
             .spawn()
             .expect("start the sidecar");
@@ -131,6 +132,14 @@ impl Stack {
     pub fn stop_sidecar(&mut self) {
         if let Some(c) = self.sidecar.take() {
             stop(c);
+        }
+    }
+
+    /// Kills the sidecar (SIGKILL): no last read, no last checkpoint.
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut c) = self.sidecar.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -239,31 +248,47 @@ impl Stack {
         workload_of(&self.client, &self.ns.name, route, self.port).await
     }
 
-    /// Starts the receiver of the gateway's usage log (what the Pod's sidecar runs) and returns
+    /// Follows the gateway's usage log as the Pod's sidecar does, in this process, and returns
     /// its counters.
     pub async fn usage_log(&self) -> std::sync::Arc<llmroute::usage::UsageCounters> {
-        let counters = std::sync::Arc::new(llmroute::usage::UsageCounters::new(&self.ns.name));
-        let listener =
-            tokio::net::TcpListener::bind(("127.0.0.1", self.gateway.ports.usage_log_port))
-                .await
-                .expect("bind the usage log receiver");
-        tokio::spawn(llmroute::usage::als::serve(
-            listener,
-            counters.clone(),
-            std::future::pending(),
-        ));
+        let (follower, counters) = llmroute::usage::log::Follower::open(
+            std::path::Path::new(&self.gateway.ports.usage_log),
+            &self.ns.name,
+        );
+        let counters = std::sync::Arc::new(counters);
+        let (c, stop) = (counters.clone(), std::sync::Arc::default());
+        let follower = follower.echo(self.access_log_file());
+        std::thread::spawn(move || llmroute::usage::log::follow(follower, c, stop));
         counters
+    }
+
+    /// Where the gateway's access log is printed by whatever follows it (the sidecar, or
+    /// [`Stack::usage_log`]).
+    fn access_log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("access.log"))
+            .expect("the access log file")
     }
 
     pub fn operator_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
     }
 
+    /// Envoy's own log, then its access log: as printed by what follows it (the sidecar, or
+    /// [`Stack::usage_log`]), or, when nothing does, as Envoy wrote it.
     pub fn envoy_log(&self) -> String {
-        self.envoy
+        let mut text = self
+            .envoy
             .as_ref()
             .map(|e| e.log_text())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let access = std::fs::read(self.dir.path().join("access.log"))
+            .or_else(|_| std::fs::read(&self.gateway.ports.usage_log))
+            .unwrap_or_default();
+        text.push_str(&String::from_utf8_lossy(&access).replace('\0', ""));
+        text
     }
 
     /// What the gateway's Envoy has loaded: its admin config dump of `resource` (e.g.

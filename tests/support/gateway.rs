@@ -19,8 +19,10 @@ pub struct GatewayPorts {
     pub port: u16,
     pub admin_port: u16,
     pub health_port: u16,
-    /// Where the gateway sends its usage log (a receiver the test may start; see `usage_log`).
-    pub usage_log_port: u16,
+    /// The gateway's access log, which the replica's sidecar (or the test, see `Stack::usage_log`)
+    /// follows to count usage: in a directory of its own under the build's scratch directory, as
+    /// the Pod's emptyDir.
+    pub usage_log: String,
     /// Where the replica's sidecar serves (its usage counts at `/usage`), as its Envoy tells the
     /// operator in its node metadata.
     pub sidecar_port: u16,
@@ -32,7 +34,7 @@ impl GatewayPorts {
             port: free_port(),
             admin_port: free_port(),
             health_port: free_port(),
-            usage_log_port: free_port(),
+            usage_log: fresh_usage_log(),
             sidecar_port: free_port(),
         }
     }
@@ -44,9 +46,19 @@ impl GatewayPorts {
             "--gateway-address=127.0.0.1".into(),
             format!("--gateway-admin-port={}", self.admin_port),
             format!("--gateway-health-port={}", self.health_port),
-            format!("--gateway-usage-log-port={}", self.usage_log_port),
+            format!("--gateway-usage-log={}", self.usage_log),
         ]
     }
+}
+
+/// A path for a gateway's access log in a new, empty directory (the Pod's emptyDir).
+pub fn fresh_usage_log() -> String {
+    let dir = tempfile::Builder::new()
+        .prefix("usage-log-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a directory for the usage log")
+        .keep();
+    dir.join("access.log").display().to_string()
 }
 
 /// A gateway replica on the host for an operator run as a process: where its files go, its ports,

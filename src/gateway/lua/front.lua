@@ -138,14 +138,20 @@ local USAGE_NUMBERS = {
   { "cached_tokens", "cached_tokens" }, { "prompt_cache_hit_tokens", "cached_tokens" },
 }
 
+-- The pattern of each field, built once.
+local USAGE_PATTERNS = {}
+for i, field in ipairs(USAGE_NUMBERS) do
+  USAGE_PATTERNS[i] = { '"' .. field[1] .. '"%s*:%s*(%d+)', field[2] }
+end
+
 local function read_usage(handle)
   local raw = body_string(handle)
   if raw == nil then return end
   local at = raw:find('"usage"%s*:%s*{')
   if at == nil then return end
   local md = handle:streamInfo():dynamicMetadata()
-  for _, field in ipairs(USAGE_NUMBERS) do
-    local n = raw:match('"' .. field[1] .. '"%s*:%s*(%d+)', at)
+  for _, field in ipairs(USAGE_PATTERNS) do
+    local n = raw:match(field[1], at)
     if n ~= nil then md:set("llmroute", field[2], tonumber(n)) end
   end
   local model = raw:match('"model"%s*:%s*"([^"\\]*)"')

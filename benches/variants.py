@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Variants of the rendered gateway for `scripts/bench-overhead` (BENCH_VARIANTS), each without one
+part of the token-usage work, to measure what that part costs (docs/benchmarks.md, phase g):
+
+    BENCH_VARIANTS="same=true;nousage=python3 benches/variants.py nousage;..."
+
+Run in the variant's directory; edits its listeners.json in place. Modes:
+  noread   the front Lua does not read whole answers' usage
+  nosse    no sse_to_metadata (streams' usage)
+  nolog    the access log to stdout without the route's prices, as without a usage log, instead
+           of the file the sidecar follows
+  nousage  all of the above, and streams are not asked for their usage
+"""
+import json
+import sys
+
+mode = sys.argv[1]
+assert mode in ("noread", "nosse", "nolog", "nousage"), mode
+listeners = json.load(open("listeners.json"))
+
+
+def replace_once(src, old, new):
+    assert src.count(old) == 1, old
+    return src.replace(old, new)
+
+
+edited = False
+for listener in listeners["resources"]:
+    if listener["name"] != "gateway":
+        continue
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            hcm = f["typed_config"]
+            if mode in ("noread", "nousage"):
+                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+                src = replace_once(lua["inline_string"], "      read_usage(handle)\n", "")
+                if mode == "nousage":
+                    src = replace_once(src, '        headers:add("x-llmroute-stream", "1")\n', "")
+                lua["inline_string"] = src
+            if mode in ("nosse", "nousage"):
+                before = len(hcm["http_filters"])
+                hcm["http_filters"] = [
+                    h for h in hcm["http_filters"] if h["name"] != "envoy.filters.http.sse_to_metadata"
+                ]
+                assert len(hcm["http_filters"]) == before - 1
+            if mode in ("nolog", "nousage"):
+                [log] = hcm["access_log"]
+                assert log["name"] == "envoy.access_loggers.file", log["name"]
+                fmt = log["typed_config"]["log_format"]["json_format"]
+                del fmt["prices"]
+                hcm["access_log"] = [{
+                    "name": "envoy.access_loggers.stdout",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                        "log_format": {"json_format": fmt},
+                    },
+                }]
+            edited = True
+assert edited, "no front listener"
+json.dump(listeners, open("listeners.json", "w"))

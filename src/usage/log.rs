@@ -1,0 +1,534 @@
+//! The usage log: a second access log of Envoy's front listener, written to a file in an emptyDir
+//! that the gateway Pod's two containers share, one JSON object per answer ([`format`]), and
+//! followed by the sidecar ([`Follower`]), which counts each line into [`UsageCounters`].
+//!
+//! Why a file: Envoy formats a file log's line on the worker and writes it from its own flush
+//! thread, so an answer costs a line of formatting. The gRPC access-log service this replaced built
+//! a protobuf entry per answer (every common property, the metadata, a custom tag, 3 headers) and
+//! cost 0.07 ms of each answer, measured in pairs (docs/benchmarks.md).
+//!
+//! Exactly once, the sidecar's restarts included: next to the log the sidecar keeps a checkpoint
+//! ([`Checkpoint`]: its boot id, its cumulative counts per route and backend, and the log offset
+//! they include), written whole (a temporary file renamed over the last one). Counts are served
+//! (`GET /usage`) only after a checkpoint of them is written, so a restarted sidecar resumes, with
+//! the same boot id, from counts at least as new as any the operator read, and from the offset
+//! they end at: a line is neither counted twice nor missed. The Prometheus counters start again at
+//! 0 after a restart (a counter reset, which Prometheus expects).
+//!
+//! Space: what a checkpoint covers is punched out of the file (`fallocate` `PUNCH_HOLE`): the file
+//! keeps its length, Envoy appends at its end, and only the part not yet checkpointed takes disk
+//! space. Where a filesystem cannot punch holes, the file grows (a warning says so).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::ledger::Counts;
+use super::{Answer, Usage, UsageCounters};
+
+/// Dynamic-metadata namespace the front listener's usage extractors write (`gateway::envoy`).
+pub const METADATA_NAMESPACE: &str = crate::gateway::envoy::USAGE_METADATA;
+/// Request header the front Lua sets to the model the client asked for.
+pub const MODEL_HEADER: &str = "x-llmroute-model";
+/// Response headers naming the backend that answered and the failure class of a failed answer.
+pub const BACKEND_HEADER: &str = "x-llmroute-backend";
+pub const FAILURE_HEADER: &str = "x-llmroute-failure";
+/// Key of the front route's metadata (under the Lua filter's namespace) holding the route's
+/// prices (see [`super::prices_tag`]).
+pub const PRICES_KEY: &str = "prices";
+
+/// The checkpoint's file name, next to the log.
+pub const CHECKPOINT_FILE: &str = "usage-checkpoint.json";
+
+/// The usage counts [`format`] writes, by key (each also a key of [`METADATA_NAMESPACE`]).
+const COUNT_KEYS: [&str; 4] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "total_tokens",
+];
+
+/// The front listener's access log line (`json_format`), also what the sidecar counts: JSON, so a
+/// value (a header a client sent, a model name a provider returned) can never break a line or
+/// shift a field. A value the answer lacks is `null`. No header that could carry a key.
+pub fn format() -> Value {
+    let mut line = json!({
+        "time": "%START_TIME%",
+        "route": "%ROUTE_NAME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "model": format!("%REQ({MODEL_HEADER})%"),
+        "backend": format!("%RESP({BACKEND_HEADER})%"),
+        "failure": format!("%RESP({FAILURE_HEADER})%"),
+        "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+        "duration_ms": "%DURATION%",
+        "flags": "%RESPONSE_FLAGS%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "provider_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:provider_model)%"),
+    });
+    for key in COUNT_KEYS {
+        line[key] = json!(format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"));
+    }
+    line
+}
+
+/// [`format`] with the route's prices, for the log the sidecar reads (it takes them out of the
+/// lines it prints).
+pub fn format_with_prices() -> Value {
+    let mut line = format();
+    line[PRICES_KEY] = json!(format!(
+        "%METADATA(ROUTE:envoy.filters.http.lua:{PRICES_KEY})%"
+    ));
+    line
+}
+
+/// One line of the log as an [`Answer`].
+pub fn answer(line: &[u8]) -> Result<Answer, serde_json::Error> {
+    Ok(answer_of(&serde_json::from_slice(line)?))
+}
+
+/// The [`Answer`] of a line's fields.
+fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
+    let text = |key: &str| {
+        fields
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Metadata numbers are doubles; a count given as text is read too.
+    let number = |key: &str| match fields.get(key)? {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| *f >= 0.0 && f.is_finite())
+                .map(|f| f as u64)
+        }),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let backend = text("backend");
+    let price = fields
+        .get("prices")
+        .and_then(Value::as_str)
+        .and_then(|tag| super::price_in_tag(tag, &backend));
+    Answer {
+        route: text("route"),
+        price,
+        model: text("model"),
+        provider_model: text("provider_model"),
+        status: number("status")
+            .and_then(|s| u32::try_from(s).ok())
+            .unwrap_or(0),
+        failure: text("failure"),
+        usage: Usage {
+            prompt: number("prompt_tokens"),
+            completion: number("completion_tokens"),
+            cached: number("cached_tokens"),
+            total: number("total_tokens"),
+        },
+        backend,
+    }
+}
+
+/// What a sidecar restarted in the same Pod resumes from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The boot id the sidecar's counts are served under (kept across its restarts).
+    pub boot: String,
+    /// Cumulative counts per route and backend: every answer of the log before `offset`.
+    pub counts: Counts,
+    /// Bytes of the log counted (always the end of a line).
+    pub offset: u64,
+}
+
+/// Writes `checkpoint` to `path` whole: into a temporary file, synced, renamed over the last one.
+pub fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(checkpoint).map_err(io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Most of the log read at once.
+const READ_CHUNK: usize = 4 << 20;
+
+/// The sidecar's reader of the usage log.
+pub struct Follower {
+    log: PathBuf,
+    checkpoint: PathBuf,
+    /// Bytes at the start of the log already punched out.
+    punched: u64,
+    /// False once the filesystem refused to punch holes.
+    punch: bool,
+    /// Offset of the last checkpoint this follower wrote.
+    checkpointed: u64,
+    /// Lines that were not an answer (logged, skipped).
+    malformed: u64,
+    /// Where the lines read are printed (the Pod's access log: the sidecar's stdout), without
+    /// the prices.
+    echo: Option<Box<dyn Write + Send>>,
+}
+
+impl Follower {
+    /// The follower of the log at `log` and the counters it counts into: restored from the
+    /// checkpoint next to it when there is one (a restart of the sidecar), new otherwise.
+    pub fn open(log: &Path, namespace: &str) -> (Follower, UsageCounters) {
+        let checkpoint = log.with_file_name(CHECKPOINT_FILE);
+        let restored = match std::fs::read(&checkpoint) {
+            Ok(bytes) => match serde_json::from_slice::<Checkpoint>(&bytes) {
+                Ok(c) => {
+                    tracing::info!(offset = c.offset, boot = %c.boot, "usage counts restored from the checkpoint");
+                    Some(c)
+                }
+                Err(e) => {
+                    // Never expected (it is written whole). Counting the log again under a new
+                    // boot would count what the operator already has twice: start at its end.
+                    let end = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+                    tracing::warn!(file = %checkpoint.display(), error = %e, offset = end, "unreadable usage checkpoint: counting the log from its current end");
+                    Some(Checkpoint {
+                        boot: String::new(),
+                        counts: Counts::new(),
+                        offset: end,
+                    })
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(file = %checkpoint.display(), error = %e, "cannot read the usage checkpoint: counting the log from its start");
+                None
+            }
+        };
+        let start = restored.as_ref().map_or(0, |c| c.offset);
+        let counters = match restored {
+            Some(c) if !c.boot.is_empty() => UsageCounters::restored(namespace, c),
+            Some(c) => {
+                let counters = UsageCounters::new(namespace);
+                counters.skip_to(c.offset);
+                counters
+            }
+            None => UsageCounters::new(namespace),
+        };
+        let follower = Follower {
+            log: log.to_path_buf(),
+            checkpoint,
+            // What a checkpoint covers was punched by the process that wrote it (or can be again).
+            punched: start & !(BLOCK - 1),
+            punch: true,
+            checkpointed: start,
+            malformed: 0,
+            echo: None,
+        };
+        (follower, counters)
+    }
+
+    /// Prints every line read to `out` (the sidecar's stdout: the log is the gateway's access log).
+    pub fn echo(mut self, out: impl Write + Send + 'static) -> Self {
+        self.echo = Some(Box::new(io::BufWriter::new(out)));
+        self
+    }
+
+    /// Where the checkpoint is.
+    pub fn checkpoint_path(&self) -> &Path {
+        &self.checkpoint
+    }
+
+    /// Counts the whole lines Envoy appended since the last call; returns how many.
+    pub fn poll(&mut self, counters: &UsageCounters) -> io::Result<usize> {
+        let mut file = match File::open(&self.log) {
+            Ok(f) => f,
+            // Envoy creates it with its listeners.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
+        let mut offset = counters.offset();
+        if len < offset {
+            tracing::warn!(file = %self.log.display(), len, offset, "the usage log is shorter than what was counted (replaced?): counting it from its start");
+            counters.skip_to(0);
+            offset = 0;
+            self.punched = 0;
+            self.checkpointed = 0;
+        }
+        let mut lines = 0;
+        let mut buf = Vec::new();
+        while offset < len {
+            let want = (len - offset).min(READ_CHUNK as u64) as usize;
+            buf.resize(want, 0);
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut buf)?;
+            let Some(last) = buf.iter().rposition(|b| *b == b'\n') else {
+                if want < READ_CHUNK {
+                    break; // a line Envoy is still writing
+                }
+                tracing::warn!(
+                    offset,
+                    "a usage log line longer than {READ_CHUNK} bytes: skipped"
+                );
+                offset += want as u64;
+                counters.record_lines(&[], offset);
+                continue;
+            };
+            let mut answers = Vec::new();
+            for line in buf[..last].split(|b| *b == b'\n') {
+                // NULs: a hole punched by an earlier run; never expected past the offset.
+                let line = line.trim_ascii();
+                let line = &line[line.iter().take_while(|b| **b == 0).count()..];
+                if line.is_empty() {
+                    continue;
+                }
+                match serde_json::from_slice::<serde_json::Map<String, Value>>(line) {
+                    Ok(mut fields) => {
+                        answers.push(answer_of(&fields));
+                        if let Some(out) = self.echo.as_mut() {
+                            fields.remove(PRICES_KEY);
+                            // Output gone (nobody reads the Pod's log) is no reason to stop counting.
+                            let _ = serde_json::to_writer(&mut *out, &fields);
+                            let _ = out.write_all(b"\n");
+                        }
+                    }
+                    Err(e) => {
+                        self.malformed += 1;
+                        if self.malformed.is_power_of_two() {
+                            tracing::warn!(error = %e, malformed = self.malformed, "usage log lines that are not an answer: skipped");
+                        }
+                    }
+                }
+            }
+            if let Some(out) = self.echo.as_mut() {
+                let _ = out.flush();
+            }
+            lines += answers.len();
+            offset += last as u64 + 1;
+            counters.record_lines(&answers, offset);
+        }
+        Ok(lines)
+    }
+
+    /// Writes a checkpoint when there is something new to write, then frees the part of the log
+    /// it covers.
+    pub fn checkpoint(&mut self, counters: &UsageCounters) -> io::Result<()> {
+        if counters.offset() == self.checkpointed {
+            return Ok(());
+        }
+        let path = self.checkpoint.clone();
+        let offset = counters.persist(false, |c| write_checkpoint(&path, c))?.1;
+        self.checkpointed = offset;
+        let to = offset & !(BLOCK - 1);
+        if self.punch && to > self.punched {
+            let file = OpenOptions::new().write(true).open(&self.log)?;
+            match rustix::fs::fallocate(
+                &file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                self.punched,
+                to - self.punched,
+            ) {
+                Ok(()) => self.punched = to,
+                Err(e) => {
+                    self.punch = false;
+                    tracing::warn!(file = %self.log.display(), error = %e, "the filesystem cannot punch holes: the usage log keeps growing");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Unit of the holes punched into the log (a filesystem block).
+const BLOCK: u64 = 4096;
+/// How often the log is read (Envoy writes it out every second).
+pub const POLL: Duration = Duration::from_millis(200);
+/// How often a checkpoint is written while the counts change (besides every `GET /usage`).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+
+/// Follows the log until `stop` is set, then reads it a last time and writes a last checkpoint.
+/// Blocking: run it on a thread of its own.
+pub fn follow(mut follower: Follower, counters: Arc<UsageCounters>, stop: Arc<AtomicBool>) {
+    tracing::info!(file = %follower.log.display(), "following the gateway's usage log");
+    let mut last_checkpoint = Instant::now();
+    let mut failing = false;
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        let result = follower.poll(&counters).and_then(|_| {
+            if stopping || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                last_checkpoint = Instant::now();
+                follower.checkpoint(&counters)
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(file = %follower.log.display(), error = %e, "cannot follow the usage log: token usage is not counted");
+            }
+            Err(_) => {}
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(file = %follower.log.display(), "following the usage log again");
+            }
+            Ok(()) => {}
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(route: &str, backend: &str, prompt: u64, completion: u64) -> String {
+        format!(
+            r#"{{"backend":"{backend}","cached_tokens":null,"completion_tokens":{completion},"failure":null,"model":"fast","prices":"zhipu=1/2","prompt_tokens":{prompt},"provider_model":"glm-4-flash","route":"{route}","status":200,"total_tokens":null}}"#
+        ) + "\n"
+    }
+
+    fn append(path: &Path, text: &str) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn tokens(c: &UsageCounters, route: &str, backend: &str) -> u64 {
+        c.report()
+            .counts
+            .get(route)
+            .and_then(|b| b.get(backend))
+            .map_or(0, |t| t.tokens)
+    }
+
+    #[test]
+    fn a_line_as_envoy_writes_it_is_read_back() {
+        let a = answer(br#"{"backend":"deepseek","cached_tokens":1,"completion_tokens":2.0,"failure":"RateLimited","model":"chat","prices":"zhipu=1/2,deepseek=0.27/1.1","prompt_tokens":"7","provider_model":"deepseek-chat","route":"chat","status":429,"total_tokens":9}"#).unwrap();
+        assert_eq!(
+            a,
+            Answer {
+                route: "chat".into(),
+                backend: "deepseek".into(),
+                model: "chat".into(),
+                provider_model: "deepseek-chat".into(),
+                status: 429,
+                failure: "RateLimited".into(),
+                usage: Usage {
+                    prompt: Some(7),
+                    completion: Some(2),
+                    cached: Some(1),
+                    total: Some(9),
+                },
+                price: Some(super::super::Price {
+                    input: 0.27,
+                    output: 1.1
+                }),
+            }
+        );
+        // An answer of the gateway itself: nulls everywhere but the route and status.
+        let own = answer(br#"{"backend":null,"cached_tokens":null,"completion_tokens":null,"failure":null,"model":null,"prices":null,"prompt_tokens":null,"provider_model":null,"route":"chat","status":200,"total_tokens":null}"#).unwrap();
+        assert_eq!(own.backend, "");
+        assert!(!own.usage.reported());
+        assert!(answer(b"not json").is_err());
+    }
+
+    #[test]
+    fn every_format_key_is_read() {
+        let keys: Vec<String> = format().as_object().unwrap().keys().cloned().collect();
+        let mut fields = serde_json::Map::new();
+        for k in &keys {
+            fields.insert(k.clone(), json!(null));
+        }
+        let read = answer(serde_json::to_string(&fields).unwrap().as_bytes()).unwrap();
+        assert_eq!(read, Answer::default());
+        for k in COUNT_KEYS {
+            assert!(keys.iter().any(|key| key == k), "{k}");
+        }
+    }
+
+    #[test]
+    fn lines_are_counted_once_across_restarts_and_half_lines_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("usage.log");
+        let (mut f, c) = Follower::open(&log, "ns");
+        assert_eq!(f.poll(&c).unwrap(), 0, "no log yet");
+        let boot = c.report().boot;
+        append(&log, &line("chat", "zhipu", 10, 5));
+        let half = line("chat", "zhipu", 100, 50);
+        append(&log, &half[..40]);
+        assert_eq!(f.poll(&c).unwrap(), 1);
+        assert_eq!(tokens(&c, "chat", "zhipu"), 15, "the half line waits");
+        append(&log, &half[40..]);
+        assert_eq!(f.poll(&c).unwrap(), 1);
+        assert_eq!(tokens(&c, "chat", "zhipu"), 165);
+
+        // Served counts are checkpointed first; a restart resumes from them with the same boot.
+        let served = c
+            .persist(true, |cp| write_checkpoint(f.checkpoint_path(), cp))
+            .unwrap()
+            .0;
+        assert_eq!(served.counts["chat"]["zhipu"].tokens, 165);
+        append(&log, &line("chat", "zhipu", 1, 1));
+        assert_eq!(
+            f.poll(&c).unwrap(),
+            1,
+            "counted, not checkpointed: lost with the process"
+        );
+        drop((f, c));
+        let (mut f, c) = Follower::open(&log, "ns");
+        assert_eq!(c.report().boot, boot);
+        assert_eq!(
+            f.poll(&c).unwrap(),
+            1,
+            "the line after the checkpoint is counted again"
+        );
+        assert_eq!(tokens(&c, "chat", "zhipu"), 167);
+        assert!(c.unread(true));
+
+        // A log shorter than the offset was replaced: it is counted from its start.
+        std::fs::write(&log, line("chat", "deepseek", 3, 4)).unwrap();
+        assert_eq!(f.poll(&c).unwrap(), 1);
+        assert_eq!(tokens(&c, "chat", "deepseek"), 7);
+        // Garbage is skipped, the lines around it counted.
+        append(
+            &log,
+            &format!("garbage\n{}", line("chat", "deepseek", 1, 0)),
+        );
+        assert_eq!(f.poll(&c).unwrap(), 1);
+        assert_eq!(tokens(&c, "chat", "deepseek"), 8);
+    }
+
+    #[test]
+    fn checkpointed_lines_are_punched_out_and_never_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("usage.log");
+        let (mut f, c) = Follower::open(&log, "ns");
+        let text: String = (0..200).map(|_| line("chat", "zhipu", 2, 1)).collect();
+        append(&log, &text);
+        assert_eq!(f.poll(&c).unwrap(), 200);
+        f.checkpoint(&c).unwrap();
+        let len = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(len, text.len() as u64, "the log keeps its length");
+        let start = std::fs::read(&log).unwrap();
+        if f.punch {
+            assert!(
+                start[..4096].iter().all(|b| *b == 0),
+                "the first block is a hole"
+            );
+        }
+        append(&log, &line("chat", "zhipu", 2, 1));
+        drop((f, c));
+        let (mut f, c) = Follower::open(&log, "ns");
+        assert_eq!(f.poll(&c).unwrap(), 1);
+        assert_eq!(tokens(&c, "chat", "zhipu"), 603);
+    }
+}
