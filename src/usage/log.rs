@@ -323,14 +323,22 @@ impl Follower {
         self.checkpointed = offset;
         let to = offset & !(BLOCK - 1);
         if self.punch && to > self.punched {
-            let file = OpenOptions::new().write(true).open(&self.log)?;
-            match rustix::fs::fallocate(
-                &file,
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                self.punched,
-                to - self.punched,
-            ) {
+            let punched = OpenOptions::new()
+                .write(true)
+                .open(&self.log)
+                .and_then(|file| {
+                    rustix::fs::fallocate(
+                        &file,
+                        rustix::fs::FallocateFlags::PUNCH_HOLE
+                            | rustix::fs::FallocateFlags::KEEP_SIZE,
+                        self.punched,
+                        to - self.punched,
+                    )
+                    .map_err(io::Error::from)
+                });
+            match punched {
                 Ok(()) => self.punched = to,
+                // Counting goes on; only the space is not given back.
                 Err(e) => {
                     self.punch = false;
                     tracing::warn!(file = %self.log.display(), error = %e, "the filesystem cannot punch holes: the usage log keeps growing");
