@@ -561,6 +561,11 @@ fn start_envoy(
         Command::new(envoy_bin)
             .args(["--log-level", "warn", "--disable-hot-restart"])
             .args(["--concurrency", &concurrency.to_string()])
+            // As the gateway Deployment runs it: the access log written out every second.
+            .args([
+                llmroute::gateway::objects::ACCESS_LOG_FLUSH_FLAG,
+                &llmroute::gateway::objects::ACCESS_LOG_FLUSH_MS.to_string(),
+            ])
             .arg("-c")
             .arg(bootstrap),
         bootstrap.with_extension("log"),

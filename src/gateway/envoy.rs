@@ -549,18 +549,11 @@ fn router_filter() -> Value {
     })
 }
 
-/// How often Envoy writes its access log out (the bootstrap's `file_flush_interval_msec`).
-pub const ACCESS_LOG_FLUSH_MS: u64 = 1000;
-
 /// What every bootstrap has: node, admin, the internal listener extension, the overload manager,
 /// the health listener and the admin cluster.
 fn base_bootstrap(opts: &EnvoyOptions, node: Value) -> Value {
     json!({
         "node": node,
-        // The access log is written out every second (Envoy's default is 10 s): the Pod's sidecar
-        // counts usage from it (`crate::usage::log`), and budgets and a stopping sidecar's last
-        // read should not wait for more.
-        "file_flush_interval_msec": ACCESS_LOG_FLUSH_MS,
         "admin": {
             "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } },
         },

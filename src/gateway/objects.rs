@@ -56,6 +56,12 @@ pub const MAX_DRAIN_SECONDS: i64 = 300;
 pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 30;
 /// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
+/// Envoy's flag of how often it writes its access log out, and the value the gateway gets: every
+/// second (Envoy's default is 10 s; there is no bootstrap field for it). The Pod's sidecar counts
+/// usage from the log (`crate::usage::log`): budgets, and a stopping sidecar's last read, should not
+/// wait for more.
+pub const ACCESS_LOG_FLUSH_FLAG: &str = "--file-flush-interval-msec";
+pub const ACCESS_LOG_FLUSH_MS: u64 = 1000;
 /// Where the emptyDir shared by Envoy (which writes its access log there) and the sidecar (which
 /// follows it, counts token usage and keeps its checkpoint there) is mounted.
 pub const USAGE_LOG_DIR: &str = "/var/run/llmroute-usage";
@@ -296,6 +302,8 @@ pub fn deployment(
             "--log-level".to_string(),
             "info".to_string(),
             "--disable-hot-restart".to_string(),
+            ACCESS_LOG_FLUSH_FLAG.to_string(),
+            ACCESS_LOG_FLUSH_MS.to_string(),
             // The drain period after `/drain_listeners?graceful` (and after a listener update): the
             // listeners keep accepting through the whole drain, and `immediate` asks every client to
             // go (`connection: close`, GOAWAY) from its start instead of a growing share of them.

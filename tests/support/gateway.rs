@@ -175,6 +175,8 @@ pub async fn start(
         node.to_string(),
         "--config-yaml".into(),
         llmroute::gateway::objects::usage_address_overlay("127.0.0.1", ports.sidecar_port),
+        llmroute::gateway::objects::ACCESS_LOG_FLUSH_FLAG.into(),
+        llmroute::gateway::objects::ACCESS_LOG_FLUSH_MS.to_string(),
     ];
     tokio::task::spawn_blocking(move || Envoy::start_with(&bootstrap, admin, health, log, &args))
         .await
