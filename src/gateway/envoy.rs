@@ -721,52 +721,40 @@ fn access_log(opts: &EnvoyOptions) -> Value {
     }])
 }
 
-/// Where a streamed answer's token usage is, in OpenAI's shape (and DeepSeek's cache field), and
-/// the `llmroute` dynamic metadata key each goes to (whole answers: `lua/front.lua`, same keys).
-/// The Responses API names them `input_tokens` and `output_tokens`, and a streamed response
-/// carries them in its `response.completed` event, under `response`.
-const USAGE_FIELDS: [(&[&str], &str); 14] = [
-    (&["usage", "prompt_tokens"], "prompt_tokens"),
-    (&["usage", "completion_tokens"], "completion_tokens"),
-    (&["usage", "total_tokens"], "total_tokens"),
+/// Where a streamed answer's usage object and model are, and the `llmroute` dynamic metadata key
+/// each goes to (whole answers: `lua/front.lua`, same keys), with how many matches a rule takes
+/// (0: every one, the last wins). OpenAI-shaped chunks carry `usage` at the top (the last chunk with
+/// `stream_options.include_usage`; some providers in every chunk, as running totals); a streamed
+/// response of the Responses API carries it under `response` in its `response.completed` event.
+/// The usage object goes on whole, as the JSON text the provider sent: the sidecar reads its
+/// counts (`crate::usage::Usage::of_provider`), so Envoy matches 4 rules per event, not one per
+/// count and shape (14, which cost a stream's first byte: docs/benchmarks.md).
+const USAGE_FIELDS: [(&[&str], &str, u32); 4] = [
+    (&["usage"], crate::usage::log::USAGE_KEY, 0),
+    (&["response", "usage"], crate::usage::log::USAGE_KEY, 0),
+    (&["model"], crate::usage::log::PROVIDER_MODEL_KEY, 1),
     (
-        &["usage", "prompt_tokens_details", "cached_tokens"],
-        "cached_tokens",
+        &["response", "model"],
+        crate::usage::log::PROVIDER_MODEL_KEY,
+        1,
     ),
-    (&["usage", "prompt_cache_hit_tokens"], "cached_tokens"),
-    (&["model"], "provider_model"),
-    (&["usage", "input_tokens"], "prompt_tokens"),
-    (&["usage", "output_tokens"], "completion_tokens"),
-    (
-        &["usage", "input_tokens_details", "cached_tokens"],
-        "cached_tokens",
-    ),
-    (&["response", "usage", "input_tokens"], "prompt_tokens"),
-    (&["response", "usage", "output_tokens"], "completion_tokens"),
-    (&["response", "usage", "total_tokens"], "total_tokens"),
-    (
-        &["response", "usage", "input_tokens_details", "cached_tokens"],
-        "cached_tokens",
-    ),
-    (&["response", "model"], "provider_model"),
 ];
 
 /// The dynamic metadata namespace of an answer's usage.
 pub const USAGE_METADATA: &str = "llmroute";
 
-/// `sse_to_metadata` JSON rules for [`USAGE_FIELDS`]. A field an event lacks sets nothing.
+/// `sse_to_metadata` JSON rules for [`USAGE_FIELDS`]. A field an event lacks (or has as `null`)
+/// sets nothing; an object is written as its JSON text (the content parser's `STRING` of an object).
 fn usage_rules() -> Vec<Value> {
     USAGE_FIELDS
         .iter()
-        .map(|(path, key)| {
-            let kind = if *key == "provider_model" {
-                "STRING"
-            } else {
-                "NUMBER"
-            };
+        .map(|(path, key, matches)| {
             json!({
-                "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
-                "on_present": { "metadata_namespace": USAGE_METADATA, "key": key, "type": kind },
+                "rule": {
+                    "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
+                    "on_present": { "metadata_namespace": USAGE_METADATA, "key": key, "type": "STRING" },
+                },
+                "stop_processing_after_matches": matches,
             })
         })
         .collect()
@@ -776,10 +764,6 @@ fn usage_rules() -> Vec<Value> {
 /// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass,
 /// an event split across reads included; nothing is held back or changed.
 fn usage_from_sse() -> Value {
-    let rules: Vec<Value> = usage_rules()
-        .into_iter()
-        .map(|rule| json!({ "rule": rule }))
-        .collect();
     json!({
         "name": "envoy.filters.http.sse_to_metadata",
         "typed_config": typed("envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata", json!({
@@ -788,7 +772,7 @@ fn usage_from_sse() -> Value {
                 "content_parser": {
                     "name": "envoy.content_parsers.json",
                     "typed_config": typed("envoy.extensions.content_parsers.json.v3.JsonContentParser", json!({
-                        "rules": rules,
+                        "rules": usage_rules(),
                     })),
                 },
             },

@@ -46,7 +46,14 @@ pub const PRICES_KEY: &str = "prices";
 /// The checkpoint's file name, next to the log.
 pub const CHECKPOINT_FILE: &str = "usage-checkpoint.json";
 
-/// The usage counts [`format`] writes, by key (each also a key of [`METADATA_NAMESPACE`]).
+/// Key of [`METADATA_NAMESPACE`] (and of a line) holding the provider's usage object as the JSON
+/// text it answered with: Envoy only finds it and hands it on, the sidecar reads it
+/// ([`Usage::of_provider`]), off the answer's path.
+pub const USAGE_KEY: &str = "usage";
+/// Key of [`METADATA_NAMESPACE`] (and of a line) holding the model the provider says it ran.
+pub const PROVIDER_MODEL_KEY: &str = "provider_model";
+
+/// The counts a printed line has in place of the usage object's text, by key.
 const COUNT_KEYS: [&str; 4] = [
     "prompt_tokens",
     "completion_tokens",
@@ -58,7 +65,7 @@ const COUNT_KEYS: [&str; 4] = [
 /// value (a header a client sent, a model name a provider returned) can never break a line or
 /// shift a field. A value the answer lacks is `null`. No header that could carry a key.
 pub fn format() -> Value {
-    let mut line = json!({
+    json!({
         "time": "%START_TIME%",
         "route": "%ROUTE_NAME%",
         "method": "%REQ(:METHOD)%",
@@ -71,12 +78,9 @@ pub fn format() -> Value {
         "duration_ms": "%DURATION%",
         "flags": "%RESPONSE_FLAGS%",
         "request_id": "%REQ(X-REQUEST-ID)%",
-        "provider_model": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:provider_model)%"),
-    });
-    for key in COUNT_KEYS {
-        line[key] = json!(format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"));
-    }
-    line
+        PROVIDER_MODEL_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{PROVIDER_MODEL_KEY})%"),
+        USAGE_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{USAGE_KEY})%"),
+    })
 }
 
 /// [`format`] with the route's prices, for the log the sidecar reads (it takes them out of the
@@ -127,14 +131,37 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
         failure: text("failure"),
-        usage: Usage {
-            prompt: number("prompt_tokens"),
-            completion: number("completion_tokens"),
-            cached: number("cached_tokens"),
-            total: number("total_tokens"),
-        },
+        usage: usage_of(fields),
         backend,
     }
+}
+
+/// The usage of a line: the provider's usage object, as Envoy logged it (its text).
+fn usage_of(fields: &serde_json::Map<String, Value>) -> Usage {
+    fields
+        .get(USAGE_KEY)
+        .and_then(Value::as_str)
+        .map(Usage::of_provider)
+        .unwrap_or_default()
+}
+
+/// A line as the sidecar prints it: without the route's prices, and with the counts read from the
+/// usage object (`prompt_tokens`, `completion_tokens`, `cached_tokens`, `total_tokens`, each
+/// `null` when the answer did not report it) in place of its text.
+fn printable(
+    mut fields: serde_json::Map<String, Value>,
+    usage: &Usage,
+) -> serde_json::Map<String, Value> {
+    fields.remove(PRICES_KEY);
+    fields.remove(USAGE_KEY);
+    for (key, count) in
+        COUNT_KEYS
+            .into_iter()
+            .zip([usage.prompt, usage.completion, usage.cached, usage.total])
+    {
+        fields.insert(key.to_string(), count.into());
+    }
+    fields
 }
 
 /// What a sidecar restarted in the same Pod resumes from.
@@ -285,14 +312,15 @@ impl Follower {
                     continue;
                 }
                 match serde_json::from_slice::<serde_json::Map<String, Value>>(line) {
-                    Ok(mut fields) => {
-                        answers.push(answer_of(&fields));
+                    Ok(fields) => {
+                        let answer = answer_of(&fields);
                         if let Some(out) = self.echo.as_mut() {
-                            fields.remove(PRICES_KEY);
                             // Output gone (nobody reads the Pod's log) is no reason to stop counting.
-                            let _ = serde_json::to_writer(&mut *out, &fields);
+                            let _ =
+                                serde_json::to_writer(&mut *out, &printable(fields, &answer.usage));
                             let _ = out.write_all(b"\n");
                         }
+                        answers.push(answer);
                     }
                     Err(e) => {
                         self.malformed += 1;
@@ -397,7 +425,7 @@ mod tests {
 
     fn line(route: &str, backend: &str, prompt: u64, completion: u64) -> String {
         format!(
-            r#"{{"backend":"{backend}","cached_tokens":null,"completion_tokens":{completion},"failure":null,"model":"fast","prices":"zhipu=1/2","prompt_tokens":{prompt},"provider_model":"glm-4-flash","route":"{route}","status":200,"total_tokens":null}}"#
+            r#"{{"backend":"{backend}","failure":null,"model":"fast","prices":"zhipu=1/2","provider_model":"glm-4-flash","route":"{route}","status":200,"usage":"{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}"}}"#
         ) + "\n"
     }
 
@@ -420,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_line_as_envoy_writes_it_is_read_back() {
-        let a = answer(br#"{"backend":"deepseek","cached_tokens":1,"completion_tokens":2.0,"failure":"RateLimited","model":"chat","prices":"zhipu=1/2,deepseek=0.27/1.1","prompt_tokens":"7","provider_model":"deepseek-chat","route":"chat","status":429,"total_tokens":9}"#).unwrap();
+        let a = answer(br#"{"backend":"deepseek","failure":"RateLimited","model":"chat","prices":"zhipu=1/2,deepseek=0.27/1.1","provider_model":"deepseek-chat","route":"chat","status":429,"usage":"{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9,\"prompt_cache_hit_tokens\":1}"}"#).unwrap();
         assert_eq!(
             a,
             Answer {
@@ -443,7 +471,7 @@ mod tests {
             }
         );
         // An answer of the gateway itself: nulls everywhere but the route and status.
-        let own = answer(br#"{"backend":null,"cached_tokens":null,"completion_tokens":null,"failure":null,"model":null,"prices":null,"prompt_tokens":null,"provider_model":null,"route":"chat","status":200,"total_tokens":null}"#).unwrap();
+        let own = answer(br#"{"backend":null,"failure":null,"model":null,"prices":null,"provider_model":null,"route":"chat","status":200,"usage":null}"#).unwrap();
         assert_eq!(own.backend, "");
         assert!(!own.usage.reported());
         assert!(answer(b"not json").is_err());
@@ -458,8 +486,47 @@ mod tests {
         }
         let read = answer(serde_json::to_string(&fields).unwrap().as_bytes()).unwrap();
         assert_eq!(read, Answer::default());
-        for k in COUNT_KEYS {
+        for k in [
+            USAGE_KEY,
+            PROVIDER_MODEL_KEY,
+            "route",
+            "backend",
+            "model",
+            "status",
+        ] {
             assert!(keys.iter().any(|key| key == k), "{k}");
+        }
+    }
+
+    /// What the sidecar prints: the counts in place of the usage object's text, no prices; and a
+    /// printed line is still the same answer's line for anyone reading it.
+    #[test]
+    fn a_printed_line_has_counts_and_no_prices() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("usage.log");
+        let printed = dir.path().join("printed");
+        append(&log, &line("chat", "zhipu", 10, 5));
+        append(&log, "{\"route\":\"chat\",\"status\":401,\"usage\":null}\n");
+        let (f, c) = Follower::open(&log, "ns");
+        let mut f = f.echo(File::create(&printed).unwrap());
+        assert_eq!(f.poll(&c).unwrap(), 2);
+        drop(f);
+        let text = std::fs::read_to_string(&printed).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["prompt_tokens"], 10);
+        assert_eq!(lines[0]["completion_tokens"], 5);
+        assert_eq!(lines[0]["total_tokens"], Value::Null);
+        assert_eq!(lines[0]["provider_model"], "glm-4-flash");
+        assert_eq!(lines[1]["prompt_tokens"], Value::Null);
+        for l in &lines {
+            assert!(
+                l.get(PRICES_KEY).is_none() && l.get(USAGE_KEY).is_none(),
+                "{l}"
+            );
         }
     }
 

@@ -14,6 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use serde_json::Value;
 use std::sync::atomic::AtomicU64;
 
 /// What the sidecar learns of one answer.
@@ -90,6 +91,44 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The counts of a provider's usage object (`usage` of an answer, or of the Responses API's
+    /// `response`), as Envoy hands it over: its JSON text, unchanged. One reader for every shape
+    /// in the catalog:
+    /// - prompt: `prompt_tokens` (Chat Completions and every OpenAI-shaped provider) or
+    ///   `input_tokens` (Responses API);
+    /// - completion: `completion_tokens` or `output_tokens` (embeddings have none);
+    /// - total: `total_tokens`;
+    /// - cached prompt tokens: DeepSeek's `prompt_cache_hit_tokens`, else
+    ///   `prompt_tokens_details.cached_tokens` (OpenAI, Qwen), `input_tokens_details.cached_tokens`
+    ///   (Responses API), or a top-level `cached_tokens` (Moonshot).
+    ///
+    /// A count that is not a non-negative number is absent. Text that is not a JSON object is no
+    /// usage at all.
+    pub fn of_provider(text: &str) -> Usage {
+        let Ok(Value::Object(usage)) = serde_json::from_str::<Value>(text) else {
+            return Usage::default();
+        };
+        let count = |v: Option<&Value>| match v? {
+            Value::Number(n) => n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| *f >= 0.0 && f.is_finite())
+                    .map(|f| f as u64)
+            }),
+            _ => None,
+        };
+        let first = |keys: &[&str]| keys.iter().find_map(|k| count(usage.get(*k)));
+        let cached = |details: &str| count(usage.get(details)?.get("cached_tokens"));
+        Usage {
+            prompt: first(&["prompt_tokens", "input_tokens"]),
+            completion: first(&["completion_tokens", "output_tokens"]),
+            total: first(&["total_tokens"]),
+            cached: first(&["prompt_cache_hit_tokens"])
+                .or_else(|| cached("prompt_tokens_details"))
+                .or_else(|| cached("input_tokens_details"))
+                .or_else(|| first(&["cached_tokens"])),
+        }
+    }
+
     /// True when the answer carried any count.
     pub fn reported(&self) -> bool {
         self.prompt.is_some() || self.completion.is_some() || self.total.is_some()
@@ -398,6 +437,64 @@ mod tests {
             failure: String::new(),
             usage,
             price: None,
+        }
+    }
+
+    fn counts(prompt: u64, completion: Option<u64>, cached: Option<u64>, total: u64) -> Usage {
+        Usage {
+            prompt: Some(prompt),
+            completion,
+            cached,
+            total: Some(total),
+        }
+    }
+
+    /// Each provider shape of the catalog, as its documentation shows it.
+    #[test]
+    fn every_usage_shape_is_read() {
+        for (text, want) in [
+            // OpenAI Chat Completions (also Qwen, Zhipu, Baidu's v2 API...).
+            (
+                r#"{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}"#,
+                counts(19, Some(10), Some(4), 29),
+            ),
+            // DeepSeek: its own cache counts win over the OpenAI-shaped details.
+            (
+                r#"{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11,"prompt_cache_hit_tokens":8,"prompt_cache_miss_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}"#,
+                counts(9, Some(2), Some(8), 11),
+            ),
+            // The Responses API.
+            (
+                r#"{"input_tokens":36,"input_tokens_details":{"cached_tokens":5},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}"#,
+                counts(36, Some(87), Some(5), 123),
+            ),
+            // Moonshot: cached tokens at the top.
+            (
+                r#"{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"cached_tokens":2}"#,
+                counts(3, Some(1), Some(2), 4),
+            ),
+            // Embeddings: no completion.
+            (
+                r#"{"prompt_tokens":8,"total_tokens":8}"#,
+                counts(8, None, None, 8),
+            ),
+        ] {
+            assert_eq!(Usage::of_provider(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_usage_object_counts_nothing() {
+        for text in [
+            "",
+            "null",
+            "[1]",
+            "{",
+            r#""text""#,
+            r#"{"prompt_tokens":-1,"total_tokens":"x"}"#,
+        ] {
+            let usage = Usage::of_provider(text);
+            assert!(!usage.reported(), "{text}: {usage:?}");
         }
     }
 

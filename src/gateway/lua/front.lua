@@ -124,36 +124,21 @@ local function hide_usage_event(handle)
 end
 
 -- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
--- of the Responses API) into the dynamic metadata namespace `llmroute`, which the usage log carries
+-- of the Responses API) into the dynamic metadata namespace `llmroute`, which the access log carries
 -- to the Pod's sidecar. Streams are read by sse_to_metadata instead. Holds the answer until its end
 -- (a whole answer is sent at once anyway), within the listener's buffer limit.
--- Read as text, the way the request's model is read: the usage keys (`prompt_tokens`,
--- `input_tokens`...) are object keys only in the usage object, and a key inside a string value has
--- its quotes escaped, so it never matches `"key":`. This costs a fraction of a JSON parse of the
--- whole answer (docs/benchmarks.md). DeepSeek's `prompt_cache_hit_tokens` wins over `cached_tokens`.
-local USAGE_NUMBERS = {
-  { "prompt_tokens", "prompt_tokens" }, { "input_tokens", "prompt_tokens" },
-  { "completion_tokens", "completion_tokens" }, { "output_tokens", "completion_tokens" },
-  { "total_tokens", "total_tokens" },
-  { "cached_tokens", "cached_tokens" }, { "prompt_cache_hit_tokens", "cached_tokens" },
-}
-
--- The pattern of each field, built once.
-local USAGE_PATTERNS = {}
-for i, field in ipairs(USAGE_NUMBERS) do
-  USAGE_PATTERNS[i] = { '"' .. field[1] .. '"%s*:%s*(%d+)', field[2] }
-end
-
+-- Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata does): the
+-- sidecar reads the counts, off the answer's path. Read as text, the way the request's model is
+-- read: `"usage":` is an object key only where the answer has its usage, and one inside a string
+-- value has its quotes escaped, so it never matches. `%b{}` takes the object whole, nested
+-- details included. This costs a fraction of a JSON parse of the whole answer (docs/benchmarks.md).
 local function read_usage(handle)
   local raw = body_string(handle)
   if raw == nil then return end
-  local at = raw:find('"usage"%s*:%s*{')
-  if at == nil then return end
+  local usage = raw:match('"usage"%s*:%s*(%b{})')
+  if usage == nil then return end
   local md = handle:streamInfo():dynamicMetadata()
-  for _, field in ipairs(USAGE_PATTERNS) do
-    local n = raw:match(field[1], at)
-    if n ~= nil then md:set("llmroute", field[2], tonumber(n)) end
-  end
+  md:set("llmroute", "usage", usage)
   local model = raw:match('"model"%s*:%s*"([^"\\]*)"')
   if model ~= nil then md:set("llmroute", "provider_model", model) end
 end
