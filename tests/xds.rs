@@ -247,6 +247,50 @@ async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
     .await;
 }
 
+/// A gateway replica that cannot bind its front port (something else holds it) rejects the front
+/// listener: the route says so with Envoy's error (`ConfigurationRejected`), rather than waiting
+/// for the replica as if it were only slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_port_in_use_is_reported_as_a_rejection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
+        .await
+        .unwrap();
+    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
+    let server = Server::start(authority.clone(), 0).await;
+    let opts = options();
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", opts.port)).unwrap();
+    let first = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    assert!(
+        first.routes["chat"]
+            .deps
+            .contains(&(llmroute::xds::api::LISTENER, "gateway".to_string()))
+    );
+    assert!(server.xds.publish(NS, first));
+    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
+    let envoy = Envoy::start_with(
+        &bootstrap,
+        opts.admin_port,
+        opts.health_port,
+        dir.path().join("envoy.log"),
+        &["--service-node".into(), "gw-1".into()],
+    );
+    let error = wait_for(
+        Duration::from_secs(10),
+        "the rejection reported",
+        || match serving(&server.xds).first().map(|(_, s)| s.clone()) {
+            Some(Serving::Rejected(e)) => Some(e),
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        error.contains("gateway") && error.contains("in use"),
+        "Envoy's error names the listener and the cause: {error}\n{}",
+        envoy.log_text()
+    );
+}
+
 /// Snapshots that follow each other closely, each changing two kinds of resources (the key's
 /// secret and the backend's model mapping), published while the gateway is still answering the
 /// previous push: the last one always reaches the gateway whole. (A gateway's request handled

@@ -353,9 +353,13 @@ pub fn ads_config(
     }
 }
 
-/// What a route lives in, and a fingerprint of its own part of the configuration.
+/// What a route lives in, and a fingerprint of its own part of the configuration. The front
+/// listener is every route's: a replica that rejects it (its port taken, say) serves none of them.
 fn route_input(gw: &GatewayIr, route: &RouteIr, keys: &KeyMaterial) -> RouteInput {
-    let mut deps: Vec<(&'static str, String)> = vec![(xds_api::ROUTE, FRONT.to_string())];
+    let mut deps: Vec<(&'static str, String)> = vec![
+        (xds_api::LISTENER, FRONT.to_string()),
+        (xds_api::ROUTE, FRONT.to_string()),
+    ];
     let mut hash = Sha256::new();
     hash.update(format!("{route:?}"));
     hash.update(

@@ -49,13 +49,33 @@ pub fn validate(config: &Path) -> Result<(), String> {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
+/// Ports [`free_port`] hands out: below the kernel's ephemeral range (32768-60999 here, and by
+/// default), where no outgoing connection takes a source port, and below the node's NodePort range
+/// (30000-32767).
+const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
+
+/// A free TCP port on 127.0.0.1 for a server a test starts (Envoy, the operator...), which binds it
+/// later. Not from the kernel's ephemeral range: a port bound to `:0` and released there was
+/// taken again by some connection's source port before Envoy bound it (`Address already in use`,
+/// a route never Ready). Random in [`TEST_PORTS`], free when checked, never the same twice in one
+/// test binary; concurrent test binaries check the port is free too.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let seed = RandomState::new();
+    let mut given = GIVEN.lock().unwrap();
+    let given = given.get_or_insert_with(HashSet::new);
+    for attempt in 0u32..1000 {
+        let span = (TEST_PORTS.end - TEST_PORTS.start) as u64;
+        let port = TEST_PORTS.start + (seed.hash_one((attempt, std::process::id())) % span) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?} after 1000 tries");
 }
 
 /// A running Envoy, stopped on drop.
