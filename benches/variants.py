@@ -10,12 +10,14 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   nolog    the access log to stdout without the route's prices, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
+  nohide   the front Lua does not take out the usage event it asked for (streams)
+  sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
 """
 import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse"), mode
 listeners = json.load(open("listeners.json"))
 
 
@@ -37,6 +39,15 @@ for listener in listeners["resources"]:
                 if mode == "nousage":
                     src = replace_once(src, '        headers:add("x-llmroute-stream", "1")\n', "")
                 lua["inline_string"] = src
+            if mode == "nohide":
+                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+                lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")
+            if mode == "sseparse":
+                [sse] = [h for h in hcm["http_filters"] if h["name"] == "envoy.filters.http.sse_to_metadata"]
+                parser = sse["typed_config"]["response_rules"]["content_parser"]["typed_config"]
+                rule = parser["rules"][0]
+                rule["rule"]["selectors"] = [{"key": "no-such-key"}]
+                parser["rules"] = [rule]
             if mode in ("nosse", "nousage"):
                 before = len(hcm["http_filters"])
                 hcm["http_filters"] = [

@@ -352,7 +352,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
         haystack.push_str(&node::logs(&client, &ns.name, &name, "envoy").await);
         let sidecar = node::logs(&client, &ns.name, &name, "shutdown-manager").await;
         // The sidecar prints the access log Envoy writes into their shared volume, which it
-        // follows to count usage: the chat answers through this Pod, without the route's prices.
+        // follows to count usage: the chat answers through this Pod, without the route's backends.
         access.extend(
             sidecar
                 .lines()
@@ -365,7 +365,7 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
         access.iter().any(|l| l["prompt_tokens"].is_number()),
         "no access log line with usage in the gateway sidecars' logs"
     );
-    assert!(access.iter().all(|l| l.get("prices").is_none()));
+    assert!(access.iter().all(|l| l.get("backends").is_none()));
     haystack.push_str(&c.kubectl_ok(&[
         "get",
         "configmaps,events,llmroutes",

@@ -720,29 +720,22 @@ fn access_log(opts: &EnvoyOptions) -> Value {
         "name": "envoy.access_loggers.file",
         "typed_config": typed("envoy.extensions.access_loggers.file.v3.FileAccessLog", json!({
             "path": opts.usage_log,
-            "log_format": { "json_format": crate::usage::log::format_with_prices() },
+            "log_format": { "json_format": crate::usage::log::format_with_backends() },
         })),
     }])
 }
 
-/// Where a streamed answer's usage object and model are, and the `llmroute` dynamic metadata key
-/// each goes to (whole answers: `lua/front.lua`, same keys), with how many matches a rule takes
-/// (0: every one, the last wins). OpenAI-shaped chunks carry `usage` at the top (the last chunk with
-/// `stream_options.include_usage`; some providers in every chunk, as running totals); a streamed
-/// response of the Responses API carries it under `response` in its `response.completed` event.
-/// The usage object goes on whole, as the JSON text the provider sent: the sidecar reads its
-/// counts (`crate::usage::Usage::of_provider`), so Envoy matches 4 rules per event, not one per
-/// count and shape (14, which cost a stream's first byte: docs/benchmarks.md).
-const USAGE_FIELDS: [(&[&str], &str, u32); 4] = [
-    (&["usage"], crate::usage::log::USAGE_KEY, 0),
-    (&["response", "usage"], crate::usage::log::USAGE_KEY, 0),
-    (&["model"], crate::usage::log::PROVIDER_MODEL_KEY, 1),
-    (
-        &["response", "model"],
-        crate::usage::log::PROVIDER_MODEL_KEY,
-        1,
-    ),
-];
+/// Where a streamed answer's usage object is (whole answers: `lua/front.lua`, same key):
+/// OpenAI-shaped chunks carry `usage` at the top (the last chunk with
+/// `stream_options.include_usage`; some providers in every chunk, as running totals: the last
+/// wins); a streamed response of the Responses API carries it under `response` in its
+/// `response.completed` event. It goes on whole, as the JSON text the provider sent, into the
+/// `llmroute` dynamic metadata key `usage`: the sidecar reads the counts
+/// (`crate::usage::Usage::of_provider`).
+/// Nothing else is read from a stream, the model it names included: a value written from the first
+/// event delays the stream's first byte (about 0.07 ms, docs/benchmarks.md), and the sidecar knows
+/// the model the provider was asked for from the route's backends.
+const USAGE_FIELDS: [&[&str]; 2] = [&["usage"], &["response", "usage"]];
 
 /// The dynamic metadata namespace of an answer's usage.
 pub const USAGE_METADATA: &str = "llmroute";
@@ -752,14 +745,15 @@ pub const USAGE_METADATA: &str = "llmroute";
 fn usage_rules() -> Vec<Value> {
     USAGE_FIELDS
         .iter()
-        .map(|(path, key, matches)| {
-            json!({
-                "rule": {
-                    "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
-                    "on_present": { "metadata_namespace": USAGE_METADATA, "key": key, "type": "STRING" },
+        .map(|path| {
+            json!({ "rule": {
+                "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
+                "on_present": {
+                    "metadata_namespace": USAGE_METADATA,
+                    "key": crate::usage::log::USAGE_KEY,
+                    "type": "STRING",
                 },
-                "stop_processing_after_matches": matches,
-            })
+            } })
         })
         .collect()
 }
@@ -1033,12 +1027,19 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
             models: &route.models,
             passthrough: route.passthrough,
             chains: &route.chain_backends,
-            prices: crate::usage::prices_tag(
-                route
-                    .backends
-                    .iter()
-                    .filter_map(|b| Some((b.name.as_str(), b.cost.as_ref()?))),
-            ),
+            backends: crate::usage::backends_tag(route.backends.iter().map(|b| {
+                let facts = crate::usage::BackendFacts {
+                    cost: b.cost.clone(),
+                    models: b
+                        .models
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "*")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    passthrough: b.passthrough,
+                };
+                (b.name.as_str(), facts)
+            })),
             endpoints: &route.endpoints,
         }),
         request_body_buffer_limit: REQUEST_BUFFER_LIMIT,

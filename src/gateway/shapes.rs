@@ -206,11 +206,10 @@ pub struct FrontMetadata<'a> {
     pub passthrough: bool,
     /// Backend names of each failover chain, first tried first.
     pub chains: &'a [Vec<String>],
-    /// Prices of the backends that have one, `backend=input/output` per million tokens, comma
-    /// separated: the usage log carries this value (and only this one of the route's metadata) to
-    /// the sidecar, which counts cost (`crate::usage`).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub prices: String,
+    /// The backends' prices and model mappings (`crate::usage::backends_tag`, JSON text): the
+    /// usage log carries this value (and only this one of the route's metadata) to the sidecar,
+    /// which counts cost and names the provider's model.
+    pub backends: String,
     /// The OpenAI operations some backend of the route serves: the front answers the others.
     pub endpoints: &'a [&'static str],
 }

@@ -39,9 +39,10 @@ pub const MODEL_HEADER: &str = "x-llmroute-model";
 /// Response headers naming the backend that answered and the failure class of a failed answer.
 pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 pub const FAILURE_HEADER: &str = "x-llmroute-failure";
-/// Key of the front route's metadata (under the Lua filter's namespace) holding the route's
-/// prices (see [`super::prices_tag`]).
-pub const PRICES_KEY: &str = "prices";
+/// Key of the front route's metadata (under the Lua filter's namespace) holding what the sidecar
+/// needs to know of the route's backends: their prices and model mappings
+/// ([`super::backends_tag`]).
+pub const BACKENDS_KEY: &str = "backends";
 
 /// The checkpoint's file name, next to the log.
 pub const CHECKPOINT_FILE: &str = "usage-checkpoint.json";
@@ -50,7 +51,8 @@ pub const CHECKPOINT_FILE: &str = "usage-checkpoint.json";
 /// text it answered with: Envoy only finds it and hands it on, the sidecar reads it
 /// ([`Usage::of_provider`]), off the answer's path.
 pub const USAGE_KEY: &str = "usage";
-/// Key of [`METADATA_NAMESPACE`] (and of a line) holding the model the provider says it ran.
+/// Key of a printed line naming the model the gateway asked the provider for
+/// ([`Answer::provider_model`]).
 pub const PROVIDER_MODEL_KEY: &str = "provider_model";
 
 /// The counts a printed line has in place of the usage object's text, by key.
@@ -78,17 +80,16 @@ pub fn format() -> Value {
         "duration_ms": "%DURATION%",
         "flags": "%RESPONSE_FLAGS%",
         "request_id": "%REQ(X-REQUEST-ID)%",
-        PROVIDER_MODEL_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{PROVIDER_MODEL_KEY})%"),
         USAGE_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{USAGE_KEY})%"),
     })
 }
 
-/// [`format`] with the route's prices, for the log the sidecar reads (it takes them out of the
-/// lines it prints).
-pub fn format_with_prices() -> Value {
+/// [`format`] with the route's backends (prices, model mappings), for the log the sidecar reads
+/// (it takes them out of the lines it prints).
+pub fn format_with_backends() -> Value {
     let mut line = format();
-    line[PRICES_KEY] = json!(format!(
-        "%METADATA(ROUTE:envoy.filters.http.lua:{PRICES_KEY})%"
+    line[BACKENDS_KEY] = json!(format!(
+        "%METADATA(ROUTE:envoy.filters.http.lua:{BACKENDS_KEY})%"
     ));
     line
 }
@@ -117,16 +118,17 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     };
-    let backend = text("backend");
-    let price = fields
-        .get("prices")
+    let (backend, model) = (text("backend"), text("model"));
+    let facts = fields
+        .get(BACKENDS_KEY)
         .and_then(Value::as_str)
-        .and_then(|tag| super::price_in_tag(tag, &backend));
+        .and_then(|tag| super::backend_facts(tag, &backend))
+        .unwrap_or_default();
     Answer {
         route: text("route"),
-        price,
-        model: text("model"),
-        provider_model: text("provider_model"),
+        price: facts.price(),
+        provider_model: facts.provider_model(&model).unwrap_or_default(),
+        model,
         status: number("status")
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
@@ -145,15 +147,19 @@ fn usage_of(fields: &serde_json::Map<String, Value>) -> Usage {
         .unwrap_or_default()
 }
 
-/// A line as the sidecar prints it: without the route's prices, and with the counts read from the
-/// usage object (`prompt_tokens`, `completion_tokens`, `cached_tokens`, `total_tokens`, each
-/// `null` when the answer did not report it) in place of its text.
+/// A line as the sidecar prints it: without the route's backends, with the provider's model
+/// (`null` when no backend answered), and with the counts read from the usage object
+/// (`prompt_tokens`, `completion_tokens`, `cached_tokens`, `total_tokens`, each `null` when the
+/// answer did not report it) in place of its text.
 fn printable(
     mut fields: serde_json::Map<String, Value>,
-    usage: &Usage,
+    answer: &Answer,
 ) -> serde_json::Map<String, Value> {
-    fields.remove(PRICES_KEY);
+    fields.remove(BACKENDS_KEY);
     fields.remove(USAGE_KEY);
+    let provider_model = Some(answer.provider_model.as_str()).filter(|m| !m.is_empty());
+    fields.insert(PROVIDER_MODEL_KEY.to_string(), provider_model.into());
+    let usage = &answer.usage;
     for (key, count) in
         COUNT_KEYS
             .into_iter()
@@ -200,7 +206,7 @@ pub struct Follower {
     /// Lines that were not an answer (logged, skipped).
     malformed: u64,
     /// Where the lines read are printed (the Pod's access log: the sidecar's stdout), without
-    /// the prices.
+    /// the route's backends.
     echo: Option<Box<dyn Write + Send>>,
 }
 
@@ -316,8 +322,7 @@ impl Follower {
                         let answer = answer_of(&fields);
                         if let Some(out) = self.echo.as_mut() {
                             // Output gone (nobody reads the Pod's log) is no reason to stop counting.
-                            let _ =
-                                serde_json::to_writer(&mut *out, &printable(fields, &answer.usage));
+                            let _ = serde_json::to_writer(&mut *out, &printable(fields, &answer));
                             let _ = out.write_all(b"\n");
                         }
                         answers.push(answer);
@@ -425,7 +430,7 @@ mod tests {
 
     fn line(route: &str, backend: &str, prompt: u64, completion: u64) -> String {
         format!(
-            r#"{{"backend":"{backend}","failure":null,"model":"fast","prices":"zhipu=1/2","provider_model":"glm-4-flash","route":"{route}","status":200,"usage":"{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}"}}"#
+            r#"{{"backend":"{backend}","backends":"{{\"zhipu\":{{\"cost\":{{\"input\":\"1\",\"output\":\"2\"}},\"models\":{{\"fast\":\"glm-4-flash\"}}}}}}","failure":null,"model":"fast","route":"{route}","status":200,"usage":"{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}"}}"#
         ) + "\n"
     }
 
@@ -448,7 +453,7 @@ mod tests {
 
     #[test]
     fn a_line_as_envoy_writes_it_is_read_back() {
-        let a = answer(br#"{"backend":"deepseek","failure":"RateLimited","model":"chat","prices":"zhipu=1/2,deepseek=0.27/1.1","provider_model":"deepseek-chat","route":"chat","status":429,"usage":"{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9,\"prompt_cache_hit_tokens\":1}"}"#).unwrap();
+        let a = answer(br#"{"backend":"deepseek","failure":"RateLimited","model":"chat","backends":"{\"zhipu\":{\"cost\":{\"input\":\"1\",\"output\":\"2\"}},\"deepseek\":{\"cost\":{\"input\":\"0.27\",\"output\":\"1.1\"},\"models\":{\"chat\":\"deepseek-chat\"}}}","route":"chat","status":429,"usage":"{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9,\"prompt_cache_hit_tokens\":1}"}"#).unwrap();
         assert_eq!(
             a,
             Answer {
@@ -471,7 +476,7 @@ mod tests {
             }
         );
         // An answer of the gateway itself: nulls everywhere but the route and status.
-        let own = answer(br#"{"backend":null,"failure":null,"model":null,"prices":null,"provider_model":null,"route":"chat","status":200,"usage":null}"#).unwrap();
+        let own = answer(br#"{"backend":null,"failure":null,"model":null,"backends":null,"route":"chat","status":200,"usage":null}"#).unwrap();
         assert_eq!(own.backend, "");
         assert!(!own.usage.reported());
         assert!(answer(b"not json").is_err());
@@ -486,20 +491,13 @@ mod tests {
         }
         let read = answer(serde_json::to_string(&fields).unwrap().as_bytes()).unwrap();
         assert_eq!(read, Answer::default());
-        for k in [
-            USAGE_KEY,
-            PROVIDER_MODEL_KEY,
-            "route",
-            "backend",
-            "model",
-            "status",
-        ] {
+        for k in [USAGE_KEY, "route", "backend", "model", "status"] {
             assert!(keys.iter().any(|key| key == k), "{k}");
         }
     }
 
-    /// What the sidecar prints: the counts in place of the usage object's text, no prices; and a
-    /// printed line is still the same answer's line for anyone reading it.
+    /// What the sidecar prints: the counts in place of the usage object's text, the provider's
+    /// model, and not the route's backends.
     #[test]
     fn a_printed_line_has_counts_and_no_prices() {
         let dir = tempfile::tempdir().unwrap();
@@ -522,9 +520,10 @@ mod tests {
         assert_eq!(lines[0]["total_tokens"], Value::Null);
         assert_eq!(lines[0]["provider_model"], "glm-4-flash");
         assert_eq!(lines[1]["prompt_tokens"], Value::Null);
+        assert_eq!(lines[1]["provider_model"], Value::Null);
         for l in &lines {
             assert!(
-                l.get(PRICES_KEY).is_none() && l.get(USAGE_KEY).is_none(),
+                l.get(BACKENDS_KEY).is_none() && l.get(USAGE_KEY).is_none(),
                 "{l}"
             );
         }

@@ -14,7 +14,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 /// What the sidecar learns of one answer.
@@ -26,7 +28,9 @@ pub struct Answer {
     pub backend: String,
     /// The model the client asked for (the logical model), empty when it named none.
     pub model: String,
-    /// The model the provider says it ran (`model` of its answer).
+    /// The model the gateway asked the backend's provider for: the backend's mapping of `model`
+    /// (`model` itself on a `*` backend). Not the `model` a provider's answer names (often a dated
+    /// version of it): one label value per configured model, streamed or not.
     pub provider_model: String,
     /// HTTP status the client got.
     pub status: u32,
@@ -56,29 +60,53 @@ impl Price {
     }
 }
 
-/// The route's prices as one tag value of its usage log: `backend=input/output` for each backend
-/// with a price, comma separated (backend names are DNS labels: no `=`, `/` or `,`).
-pub fn prices_tag<'a>(
-    backends: impl IntoIterator<Item = (&'a str, &'a crate::api::Cost)>,
-) -> String {
-    backends
-        .into_iter()
-        .map(|(name, cost)| format!("{name}={}/{}", cost.input, cost.output))
-        .collect::<Vec<_>>()
-        .join(",")
+/// What the sidecar needs to know of one backend of a route to count its answers. The sidecar knows
+/// nothing of the routes but what the usage log's lines say: every line carries its route's
+/// [`backends_tag`] (the front route's metadata, JSON text), read by [`backend_facts`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendFacts {
+    /// `spec.backends[].cost`, as written there (per million tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::api::Cost>,
+    /// Logical model → the provider's model (`spec.backends[].models`, without `*`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, String>,
+    /// `*` is among the models: any other model goes to the provider as the client named it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
-/// The price of `backend` in a tag written by [`prices_tag`].
-pub fn price_in_tag(tag: &str, backend: &str) -> Option<Price> {
-    tag.split(',').find_map(|entry| {
-        let (name, prices) = entry.split_once('=')?;
-        let (input, output) = prices.split_once('/')?;
-        (name == backend).then_some(())?;
+impl BackendFacts {
+    /// The model the gateway asks this backend's provider for when a client asks for `model`.
+    pub fn provider_model(&self, model: &str) -> Option<String> {
+        match self.models.get(model) {
+            Some(m) => Some(m.clone()),
+            None => (self.passthrough && !model.is_empty()).then(|| model.to_string()),
+        }
+    }
+
+    /// The price, when the backend has a cost that reads as two numbers.
+    pub fn price(&self) -> Option<Price> {
+        let cost = self.cost.as_ref()?;
         Some(Price {
-            input: input.parse().ok()?,
-            output: output.parse().ok()?,
+            input: cost.input.parse().ok()?,
+            output: cost.output.parse().ok()?,
         })
-    })
+    }
+}
+
+/// A route's backends as the tag its usage log lines carry: a JSON object, backend name →
+/// [`BackendFacts`].
+pub fn backends_tag<'a>(backends: impl IntoIterator<Item = (&'a str, BackendFacts)>) -> String {
+    let map: BTreeMap<&str, BackendFacts> = backends.into_iter().collect();
+    serde_json::to_string(&map).expect("a map of strings serializes")
+}
+
+/// What a line's tag (written by [`backends_tag`]) says of `backend`; None when it names no such
+/// backend or is not such a tag.
+pub fn backend_facts(tag: &str, backend: &str) -> Option<BackendFacts> {
+    let mut map: BTreeMap<String, BackendFacts> = serde_json::from_str(tag).ok()?;
+    map.remove(backend)
 }
 
 /// Token counts of one answer, as the provider reported them.
@@ -571,18 +599,44 @@ mod tests {
             input: input.into(),
             output: output.into(),
         };
-        let (zhipu, deepseek) = (cost("0.5", "1.5"), cost("2", "8.25"));
-        let tag = prices_tag([("zhipu", &zhipu), ("deepseek", &deepseek)]);
-        assert_eq!(tag, "zhipu=0.5/1.5,deepseek=2/8.25");
+        let facts =
+            |c: Option<crate::api::Cost>, models: &[(&str, &str)], passthrough| BackendFacts {
+                cost: c,
+                models: models
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                passthrough,
+            };
+        let tag = backends_tag([
+            (
+                "zhipu",
+                facts(Some(cost("0.5", "1.5")), &[("fast", "glm-4-flash")], false),
+            ),
+            ("deepseek", facts(Some(cost("2", "8.25")), &[], true)),
+            ("local", facts(None, &[("fast", "qwen2.5:7b")], false)),
+        ]);
+        let deepseek = backend_facts(&tag, "deepseek").unwrap();
         assert_eq!(
-            price_in_tag(&tag, "deepseek"),
+            deepseek.price(),
             Some(Price {
                 input: 2.0,
                 output: 8.25
             })
         );
-        assert_eq!(price_in_tag(&tag, "zhi"), None);
-        assert_eq!(price_in_tag("", "zhipu"), None);
+        assert_eq!(
+            deepseek.provider_model("deepseek-chat").as_deref(),
+            Some("deepseek-chat")
+        );
+        let zhipu = backend_facts(&tag, "zhipu").unwrap();
+        assert_eq!(zhipu.provider_model("fast").as_deref(), Some("glm-4-flash"));
+        assert_eq!(zhipu.provider_model("other"), None);
+        let local = backend_facts(&tag, "local").unwrap();
+        assert_eq!(local.price(), None);
+        assert_eq!(local.provider_model("fast").as_deref(), Some("qwen2.5:7b"));
+        assert_eq!(backend_facts(&tag, "zhi"), None);
+        assert_eq!(backend_facts("", "zhipu"), None);
+        assert_eq!(backend_facts("zhipu=0.5/1.5", "zhipu"), None);
 
         let c = UsageCounters::new("ns");
         let mut a = answer(
@@ -594,7 +648,7 @@ mod tests {
                 total: Some(3_000_000),
             },
         );
-        a.price = price_in_tag(&tag, "zhipu");
+        a.price = zhipu.price();
         c.record(&a);
         c.record(&a);
         let text = c.encode();

@@ -77,18 +77,18 @@ local function asked_usage_event_taken_out_at_every_cut()
 end
 
 -- Whole answers: chat (DeepSeek's shape), embeddings, the Responses API: the usage object's text
--- is handed on whole (nested details included), with the provider's model; text that imitates
--- usage in the content is not taken.
+-- is handed on whole (nested details included), and nothing else; text that imitates usage in the
+-- content is not taken.
 local function whole_answers()
   local deepseek = '{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":3},"prompt_cache_hit_tokens":4,"prompt_cache_miss_tokens":6}'
   local responses = '{"input_tokens":7,"input_tokens_details":{"cached_tokens":0},"output_tokens":2,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":9}'
   local cases = {
     { '{"id":"x","model":"deepseek-chat","choices":[{"message":{"content":"\\"usage\\": {\\"prompt_tokens\\": 5}"}}],"usage":' .. deepseek .. '}',
-      { usage = deepseek, provider_model = "deepseek-chat" } },
+      { usage = deepseek } },
     { '{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage": {"prompt_tokens":8,"total_tokens":8}}',
-      { usage = '{"prompt_tokens":8,"total_tokens":8}', provider_model = "text-embedding-3-small" } },
+      { usage = '{"prompt_tokens":8,"total_tokens":8}' } },
     { '{"id":"r1","object":"response","model":"gpt-4o","output":[],"usage":' .. responses .. '}',
-      { usage = responses, provider_model = "gpt-4o" } },
+      { usage = responses } },
     { '{"error":{"message":"no usage here","type":"x"}}', {} },
     { '{"id":"x","model":"m","choices":[],"usage":null}', {} },
   }

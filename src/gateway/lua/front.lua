@@ -128,7 +128,7 @@ end
 -- to the Pod's sidecar. Streams are read by sse_to_metadata instead. Holds the answer until its end
 -- (a whole answer is sent at once anyway), within the listener's buffer limit.
 -- Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata does): the
--- sidecar reads the counts, off the answer's path. Read as text, the way the request's model is
+-- sidecar reads the counts, off the answer's path (and knows the provider's model from the route). Read as text, the way the request's model is
 -- read: `"usage":` is an object key only where the answer has its usage, and one inside a string
 -- value has its quotes escaped, so it never matches. `%b{}` takes the object whole, nested
 -- details included. This costs a fraction of a JSON parse of the whole answer (docs/benchmarks.md).
@@ -137,10 +137,7 @@ local function read_usage(handle)
   if raw == nil then return end
   local usage = raw:match('"usage"%s*:%s*(%b{})')
   if usage == nil then return end
-  local md = handle:streamInfo():dynamicMetadata()
-  md:set("llmroute", "usage", usage)
-  local model = raw:match('"model"%s*:%s*"([^"\\]*)"')
-  if model ~= nil then md:set("llmroute", "provider_model", model) end
+  handle:streamInfo():dynamicMetadata():set("llmroute", "usage", usage)
 end
 
 -- When the answer is a failure the route fails over on (the backend listener marked it retriable)
