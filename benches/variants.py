@@ -7,7 +7,7 @@ part of the token-usage work, to measure what that part costs (docs/benchmarks.m
 Run in the variant's directory; edits its listeners.json in place. Modes:
   noread   the front Lua does not read whole answers' usage
   nosse    no sse_to_metadata (streams' usage)
-  nolog    the access log to stdout without the route's prices, as without a usage log, instead
+  nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
   nohide   the front Lua does not take out the usage event it asked for (streams)
@@ -58,7 +58,7 @@ for listener in listeners["resources"]:
                 [log] = hcm["access_log"]
                 assert log["name"] == "envoy.access_loggers.file", log["name"]
                 fmt = log["typed_config"]["log_format"]["json_format"]
-                del fmt["prices"]
+                del fmt["backends"]
                 hcm["access_log"] = [{
                     "name": "envoy.access_loggers.stdout",
                     "typed_config": {
