@@ -108,16 +108,6 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
             .unwrap_or_default()
             .to_string()
     };
-    // Metadata numbers are doubles; a count given as text is read too.
-    let number = |key: &str| match fields.get(key)? {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| *f >= 0.0 && f.is_finite())
-                .map(|f| f as u64)
-        }),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    };
     let (backend, model) = (text("backend"), text("model"));
     let facts = fields
         .get(BACKENDS_KEY)
@@ -129,7 +119,9 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
         price: facts.price(),
         provider_model: facts.provider_model(&model).unwrap_or_default(),
         model,
-        status: number("status")
+        status: fields
+            .get("status")
+            .and_then(Value::as_u64)
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
         failure: text("failure"),
