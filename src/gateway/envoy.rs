@@ -1030,12 +1030,7 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
             backends: crate::usage::backends_tag(route.backends.iter().map(|b| {
                 let facts = crate::usage::BackendFacts {
                     cost: b.cost.clone(),
-                    models: b
-                        .models
-                        .iter()
-                        .filter(|(k, _)| k.as_str() != "*")
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    models: b.models.clone(),
                     passthrough: b.passthrough,
                 };
                 (b.name.as_str(), facts)

@@ -69,6 +69,7 @@ pub struct BackendIr {
     pub name: String,
     /// The account (internal listener) serving it.
     pub account: String,
+    /// Logical model → provider model (`spec.backends[].models` without `*`: see `passthrough`).
     pub models: BTreeMap<String, String>,
     pub passthrough: bool,
     /// Price per million input and output tokens (`spec.backends[].cost`), for the usage metrics.
