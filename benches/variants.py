@@ -6,11 +6,11 @@ part of the token-usage work, to measure what that part costs (docs/benchmarks.m
 
 Run in the variant's directory; edits its listeners.json in place. Modes:
   noread   the front Lua does not read whole answers' usage
-  nosse    no sse_to_metadata (streams' usage)
+  nosse    no sse_to_metadata (streams' usage, but for those whose usage the gateway asked for)
   nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
-  nohide   the front Lua does not take out the usage event it asked for (streams)
+  nohide   the front Lua does not take out the usage event it asked for (streams), nor read it
   sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
 """
 import json
@@ -19,6 +19,8 @@ import sys
 mode = sys.argv[1]
 assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse"), mode
 listeners = json.load(open("listeners.json"))
+# The front listener's SSE usage reader (src/gateway/envoy.rs, SSE_USAGE_FILTER).
+SSE = "llmroute.stream_usage"
 
 
 def replace_once(src, old, new):
@@ -43,15 +45,16 @@ for listener in listeners["resources"]:
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")
             if mode == "sseparse":
-                [sse] = [h for h in hcm["http_filters"] if h["name"] == "envoy.filters.http.sse_to_metadata"]
-                parser = sse["typed_config"]["response_rules"]["content_parser"]["typed_config"]
+                [sse] = [h for h in hcm["http_filters"] if h["name"] == SSE]
+                reader = sse["typed_config"]["extension_config"]
+                parser = reader["typed_config"]["response_rules"]["content_parser"]["typed_config"]
                 rule = parser["rules"][0]
                 rule["rule"]["selectors"] = [{"key": "no-such-key"}]
                 parser["rules"] = [rule]
             if mode in ("nosse", "nousage"):
                 before = len(hcm["http_filters"])
                 hcm["http_filters"] = [
-                    h for h in hcm["http_filters"] if h["name"] != "envoy.filters.http.sse_to_metadata"
+                    h for h in hcm["http_filters"] if h["name"] != SSE
                 ]
                 assert len(hcm["http_filters"]) == before - 1
             if mode in ("nolog", "nousage"):

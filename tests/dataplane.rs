@@ -518,6 +518,16 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         );
     }
 
+    // The SSE reader read the usage of the streams whose clients asked for it (a third of each
+    // route's requests) and of no other: a stream whose usage the gateway asked for is read by the
+    // front Lua, which takes its usage event out, and the SSE reader is skipped there (it would
+    // otherwise parse the stream's first event before its first byte goes on).
+    let read_by_sse: Vec<_> = s
+        .gateway_stats("sse_to_metadata.resp.json.metadata_added")
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(read_by_sse, [2 * (REQUESTS / 3) as u64]);
     // Every answer is in the access log with the usage the provider sent, summed exactly.
     let sent = openai.usage_sent();
     assert!(
@@ -1266,7 +1276,8 @@ async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_
                 serde_json::json!({ "model": "chat", "input": "stream this please", "stream": true }),
             )
             .await;
-            assert_eq!(status, 200);
+            // (Not asked for with `stream_options`, which the Responses API does not take.)
+            assert_eq!(status, 200, "{name} streamed response: {text}");
             assert!(text.contains("event: response.completed"), "{text}");
         }
         // One model of the list.

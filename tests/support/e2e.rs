@@ -297,6 +297,11 @@ impl Stack {
         self.gateway.loaded(resource)
     }
 
+    /// The gateway's Envoy admin stats whose name contains `needle`, with their values.
+    pub fn gateway_stats(&self, needle: &str) -> Vec<(String, u64)> {
+        self.gateway.stats_matching(needle)
+    }
+
     /// The operator's /metrics.
     pub async fn metrics(&self) -> String {
         llmroute_devkit::tls::http_client()

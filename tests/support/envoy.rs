@@ -157,14 +157,7 @@ impl Envoy {
 
     /// Every admin stat whose name contains `needle`, with its value.
     pub fn stats_matching(&self, needle: &str) -> Vec<(String, u64)> {
-        let body = http_get(self.admin_port, "/stats").unwrap_or_default();
-        body.lines()
-            .filter(|l| l.contains(needle))
-            .filter_map(|l| {
-                l.split_once(": ")
-                    .and_then(|(k, v)| v.trim().parse().ok().map(|v| (k.to_string(), v)))
-            })
-            .collect()
+        stats_matching(self.admin_port, needle)
     }
 
     /// Sends SIGTERM (as the kubelet does) and waits at most `limit` for the exit; `None` if Envoy
@@ -230,4 +223,17 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
         decoded.extend_from_slice(rest.get(start..start + size)?);
         rest = rest.get(start + size + 2..)?;
     }
+}
+
+/// Every stat of the Envoy whose admin listens on `admin_port` whose name contains `needle`, with
+/// its value (counters and gauges; histograms are left out).
+pub fn stats_matching(admin_port: u16, needle: &str) -> Vec<(String, u64)> {
+    let body = http_get(admin_port, "/stats").unwrap_or_default();
+    body.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            l.split_once(": ")
+                .and_then(|(k, v)| v.trim().parse().ok().map(|v| (k.to_string(), v)))
+        })
+        .collect()
 }

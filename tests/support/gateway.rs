@@ -109,6 +109,11 @@ impl HostGateway {
         .unwrap_or_default()
     }
 
+    /// The replica's Envoy admin stats whose name contains `needle`, with their values.
+    pub fn stats_matching(&self, needle: &str) -> Vec<(String, u64)> {
+        super::envoy::stats_matching(self.ports.admin_port, needle)
+    }
+
     /// The version of the SDS secret `name` the replica has loaded.
     pub fn loaded_secret_version(&self, name: &str) -> Option<String> {
         self.loaded("dynamic_active_secrets")["configs"]

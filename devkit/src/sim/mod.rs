@@ -1006,6 +1006,19 @@ async fn handle(
     match op {
         Op::Models => models_list(&shared),
         Op::Other { endpoint, .. } => {
+            // The Responses API has no `stream_options.include_usage` (it always sends a stream's
+            // usage, in `response.completed`); OpenAI rejects parameters an operation lacks.
+            if endpoint == Endpoint::Responses
+                && shared.provider == SimProvider::OpenAI
+                && peek
+                    .stream_options
+                    .is_some_and(|o| o.include_usage.is_some())
+            {
+                return failure(
+                    &shared,
+                    Failure::UnknownParameter("stream_options.include_usage"),
+                );
+            }
             let known = match endpoint {
                 // Azure: a deployment of the user's; self-hosted: whatever the server loaded.
                 Endpoint::Embeddings => {

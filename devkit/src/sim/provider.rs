@@ -270,6 +270,9 @@ pub(crate) enum Failure<'a> {
         method: &'a str,
         path: &'a str,
     },
+    /// A request parameter the operation does not have (OpenAI rejects those, unlike most
+    /// OpenAI-compatible servers, which ignore them).
+    UnknownParameter(&'a str),
     /// Azure without `?api-version=`.
     MissingApiVersion,
     /// Anthropic without `anthropic-version`.
@@ -337,6 +340,18 @@ fn generic(f: &Failure<'_>) -> (StatusCode, Value) {
                 "invalid_request_error",
                 Value::Null,
             ),
+        ),
+        // OpenAI's answer to a parameter an operation does not take, e.g.
+        // `stream_options.include_usage` on the Responses API: 400, `unknown_parameter`, the
+        // parameter named in `param`.
+        UnknownParameter(p) => (
+            StatusCode::BAD_REQUEST,
+            json!({ "error": {
+                "message": format!("Unknown parameter: '{p}'."),
+                "type": "invalid_request_error",
+                "param": p,
+                "code": "unknown_parameter",
+            } }),
         ),
         MissingApiVersion | MissingAnthropicVersion => (
             StatusCode::BAD_REQUEST,

@@ -33,7 +33,7 @@ function envoy_on_request(handle)
   local passthrough = md:get("passthrough")
   local family = md:get("embeddingFamily")
   local headers = handle:headers()
-  local add_usage = STREAM_USAGE and headers:get("x-llmroute-stream") == "1"
+  local stream = headers:get("x-llmroute-stream") == "1"
   headers:remove("x-llmroute-stream")
   local path = headers:get(":path") or "/"
   local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
@@ -43,6 +43,10 @@ function envoy_on_request(handle)
   end
   -- An operation this provider does not serve (the catalog's endpoints): the next backend may.
   local kind = endpoint_of(op)
+  -- stream_options.include_usage is a parameter of chat and text completions only: the Responses
+  -- API always sends a stream's usage (response.completed), and OpenAI rejects parameters it does
+  -- not know.
+  local add_usage = STREAM_USAGE and stream and (kind == "chat/completions" or kind == "completions")
   if kind ~= nil and not ENDPOINTS[kind] then
     skip(handle, backend, "EndpointUnsupported", "Backend '" .. backend .. "' (" .. PROVIDER ..
       ") does not serve /v1/" .. kind .. ".", "unsupported_endpoint", nil)
