@@ -18,8 +18,9 @@
 //!   (f) streams: time to the first byte of BENCH_STREAM_REQUESTS [300] streamed answers per path;
 //!   (g) with BENCH_VARIANTS: each variant in BENCH_PAIRED_REQUESTS [2000] pairs with the gateway as
 //!       rendered (one request to each, one at a time, the order alternating), whole answers and
-//!       streams' first bytes (BENCH_PAIRED_STREAMS [1]; 0: whole answers only): the median of the
-//!       per-pair differences is an edit's cost or saving.
+//!       streams' first bytes (BENCH_PAIRED_STREAMS [2]: streams whose client asks for no usage,
+//!       then streams whose client asks with `stream_options.include_usage`; 1: the first kind only;
+//!       0: whole answers only): the median of the per-pair differences is an edit's cost or saving.
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must
@@ -77,7 +78,8 @@ struct Settings {
     usage_requests: usize,
     stream_requests: usize,
     paired_requests: usize,
-    paired_streams: bool,
+    /// The kinds of answer phase (g) pairs.
+    paired: Vec<Answer>,
 }
 
 impl Settings {
@@ -97,7 +99,11 @@ impl Settings {
             usage_requests: knob("BENCH_USAGE_REQUESTS", 10_000),
             stream_requests: knob("BENCH_STREAM_REQUESTS", 300),
             paired_requests: knob("BENCH_PAIRED_REQUESTS", 2000),
-            paired_streams: knob::<String>("BENCH_PAIRED_STREAMS", "1".into()) == "1",
+            paired: match knob::<String>("BENCH_PAIRED_STREAMS", "2".into()).as_str() {
+                "0" => vec![Answer::Whole],
+                "1" => vec![Answer::Whole, Answer::Stream],
+                _ => vec![Answer::Whole, Answer::Stream, Answer::StreamWithUsage],
+            },
         };
         assert!(s.rate > 0.0 && s.rounds > 0 && s.connections > 0 && s.requests >= s.rounds);
         s
@@ -1068,12 +1074,9 @@ async fn run(s: Settings) {
             .iter()
             .find(|t| t.name == format!("llmroute [{name}]"))
             .expect("the variant's target");
-        for stream in [false, true] {
-            if stream && !s.paired_streams {
-                continue;
-            }
-            let p = paired_phase(&http, &via_gateway, other, s.paired_requests, stream).await;
-            paired.push((name.clone(), stream, p));
+        for &answer in &s.paired {
+            let p = paired_phase(&http, &via_gateway, other, s.paired_requests, answer).await;
+            paired.push((name.clone(), answer, p));
         }
     }
     let load_end = load_average();
@@ -1257,11 +1260,11 @@ async fn run(s: Settings) {
             out,
             "\n  paired with llmroute, one request at a time (ms)   llmroute p50  variant p50  median(variant - llmroute)"
         );
-        for (name, stream, p) in &paired {
-            let what = if *stream {
-                "stream first byte"
-            } else {
-                "whole answer"
+        for (name, answer, p) in &paired {
+            let what = match answer {
+                Answer::Whole => "whole answer",
+                Answer::Stream => "stream first byte",
+                Answer::StreamWithUsage => "stream (usage asked) first byte",
             };
             let _ = writeln!(
                 out,
@@ -1290,12 +1293,28 @@ async fn run(s: Settings) {
     }
 }
 
+/// What a timed request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// A whole answer.
+    Whole,
+    /// A stream, without `stream_options` (the gateway asks the provider for its usage, and hides
+    /// it).
+    Stream,
+    /// A stream whose client asks for its usage (`stream_options.include_usage`).
+    StreamWithUsage,
+}
+
 /// One request to `t`, alone: the time from sending it to the end of a whole answer, or to the
-/// first byte of a streamed one (without `stream_options`; the rest of the stream is read too).
-async fn timed(http: &reqwest::Client, t: &Target, stream: bool) -> Result<Duration, String> {
+/// first byte of a streamed one (the rest of the stream is read too).
+async fn timed(http: &reqwest::Client, t: &Target, answer: Answer) -> Result<Duration, String> {
     let mut body: serde_json::Value = serde_json::from_slice(&request_body(t.model)).expect("json");
+    let stream = answer != Answer::Whole;
     if stream {
         body["stream"] = true.into();
+    }
+    if answer == Answer::StreamWithUsage {
+        body["stream_options"] = serde_json::json!({ "include_usage": true });
     }
     let sent = Instant::now();
     let mut r = http
@@ -1346,7 +1365,7 @@ async fn first_byte_phase(http: &reqwest::Client, targets: &[&Target], n: usize)
             break;
         }
         for (t, acc) in targets.iter().zip(samples.iter_mut()) {
-            record(acc, timed(http, t, true).await);
+            record(acc, timed(http, t, Answer::Stream).await);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -1370,7 +1389,7 @@ async fn paired_phase(
     base: &Target,
     other: &Target,
     n: usize,
-    stream: bool,
+    answer: Answer,
 ) -> Paired {
     let mut p = Paired {
         base: Samples::default(),
@@ -1384,11 +1403,11 @@ async fn paired_phase(
             break;
         }
         let (b, o) = if i % 2 == 0 {
-            let b = record(&mut p.base, timed(http, base, stream).await);
-            (b, record(&mut p.other, timed(http, other, stream).await))
+            let b = record(&mut p.base, timed(http, base, answer).await);
+            (b, record(&mut p.other, timed(http, other, answer).await))
         } else {
-            let o = record(&mut p.other, timed(http, other, stream).await);
-            (record(&mut p.base, timed(http, base, stream).await), o)
+            let o = record(&mut p.other, timed(http, other, answer).await);
+            (record(&mut p.base, timed(http, base, answer).await), o)
         };
         if let (Some(b), Some(o)) = (b, o) {
             p.diffs.push((o.as_secs_f64() - b.as_secs_f64()) * 1000.0);
