@@ -12,13 +12,37 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   nousage  all of the above, and streams are not asked for their usage
   nohide   the front Lua does not take out the usage event it asked for (streams), nor read it
   sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
+  luastreams  no sse_to_metadata: the front Lua reads every stream's usage (the last usage object of
+           its events, written at the stream's end), as it reads the streams whose usage it hides
 """
 import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams"), mode
 listeners = json.load(open("listeners.json"))
+# luastreams: a stream reader in Lua, in front of envoy_on_response.
+READ_STREAM = r'''
+local function read_stream_usage(handle)
+  local last, partial = nil, ""
+  for chunk in handle:bodyChunks() do
+    local data = partial .. chunk:getBytes(0, chunk:length())
+    local pos, whole = 1, 0
+    while true do
+      local s, e = data:find("\r?\n\r?\n", pos)
+      if s == nil then break end
+      whole, pos = e, e + 1
+    end
+    if whole > 0 then
+      for u in data:sub(1, whole):gmatch('"usage"%s*:%s*(%b{})') do last = u end
+    end
+    partial = data:sub(pos)
+  end
+  if last ~= nil then handle:streamInfo():dynamicMetadata():set("llmroute", "usage", last) end
+end
+
+'''
+
 # The front listener's SSE usage reader (src/gateway/envoy.rs, SSE_USAGE_FILTER).
 SSE = "llmroute.stream_usage"
 
@@ -51,7 +75,18 @@ for listener in listeners["resources"]:
                 rule = parser["rules"][0]
                 rule["rule"]["selectors"] = [{"key": "no-such-key"}]
                 parser["rules"] = [rule]
-            if mode in ("nosse", "nousage"):
+            if mode == "luastreams":
+                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+                src = replace_once(lua["inline_string"], "function envoy_on_response(handle)\n", READ_STREAM + "function envoy_on_response(handle)\n")
+                src = replace_once(src, """      read_usage(handle)
+    end
+    return""", """      read_usage(handle)
+    elseif ct ~= nil and ct:find("text/event-stream", 1, true) and (headers:get(":status") or ""):sub(1, 1) == "2" then
+      read_stream_usage(handle)
+    end
+    return""")
+                lua["inline_string"] = src
+            if mode in ("nosse", "nousage", "luastreams"):
                 before = len(hcm["http_filters"])
                 hcm["http_filters"] = [
                     h for h in hcm["http_filters"] if h["name"] != SSE
