@@ -12,6 +12,8 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   nousage  all of the above, and streams are not asked for their usage
   nohide   the front Lua does not take out the usage event it asked for (streams), nor read it
   sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
+  noskip   sse_to_metadata on every stream, not skipped on those whose usage the front Lua reads
+  noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
   luastreams  no sse_to_metadata: the front Lua reads every stream's usage (the last usage object of
            its events, written at the stream's end), as it reads the streams whose usage it hides
 """
@@ -19,7 +21,7 @@ import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams", "noskip", "noask"), mode
 listeners = json.load(open("listeners.json"))
 # luastreams: a stream reader in Lua, in front of envoy_on_response.
 READ_STREAM = r'''
@@ -65,6 +67,13 @@ for listener in listeners["resources"]:
                 if mode == "nousage":
                     src = replace_once(src, '        headers:add("x-llmroute-stream", "1")\n', "")
                 lua["inline_string"] = src
+            if mode == "noask":
+                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+                lua["inline_string"] = replace_once(lua["inline_string"], '        headers:add("x-llmroute-stream", "1")\n', "")
+            if mode == "noskip":
+                hcm["http_filters"] = [
+                    h["typed_config"]["extension_config"] if h["name"] == SSE else h for h in hcm["http_filters"]
+                ]
             if mode == "nohide":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")

@@ -97,6 +97,10 @@ local function whole_answers()
       { usage = '{"prompt_tokens":8,"total_tokens":8}' } },
     { '{"id":"r1","object":"response","model":"gpt-4o","output":[],"usage":' .. responses .. '}',
       { usage = responses } },
+    -- A response echoes the request's tools (and text format): a parameter named "usage" comes
+    -- before the response's own usage.
+    { '{"id":"r2","object":"response","model":"gpt-4o","output":[],"text":{"format":{"type":"json_schema","schema":{"properties":{"usage":{"type":"object"}}}}},"tools":[{"type":"function","name":"meter","parameters":{"type":"object","properties":{"usage":{"type":"string"}}}}],"top_p":1.0,"usage":' .. responses .. ',"user":null,"metadata":{"usage":"x"}}',
+      { usage = responses } },
     { '{"error":{"message":"no usage here","type":"x"}}', {} },
     { '{"id":"x","model":"m","choices":[],"usage":null}', {} },
   }

@@ -131,17 +131,20 @@ end
 -- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
 -- of the Responses API) into the dynamic metadata namespace `llmroute`, which the access log carries
 -- to the Pod's sidecar. Streams are read by sse_to_metadata (those hide_usage_event reads aside).
--- Holds the answer until its end
--- (a whole answer is sent at once anyway), within the listener's buffer limit.
--- Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata does): the
--- sidecar reads the counts, off the answer's path (and knows the provider's model from the route). Read as text, the way the request's model is
--- read: `"usage":` is an object key only where the answer has its usage, and one inside a string
--- value has its quotes escaped, so it never matches. `%b{}` takes the object whole, nested
--- details included. This costs a fraction of a JSON parse of the whole answer (docs/benchmarks.md).
+-- Holds the answer until its end (a whole answer is sent at once anyway), within the listener's
+-- buffer limit. Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata
+-- does): the sidecar reads the counts, off the answer's path (and knows the provider's model from
+-- the route). Read as text, the way the request's model is read: a `"usage":` inside a string value
+-- has its quotes escaped, so it never matches; `%b{}` takes the object whole, nested details
+-- included. The last one is the answer's own: a response of the Responses API echoes the request's
+-- tools and text format, whose JSON schemas may have a property named `usage`, and OpenAI puts
+-- `usage` after them (after `choices` in a completion). This costs a fraction of a JSON parse of the
+-- whole answer (docs/benchmarks.md).
 local function read_usage(handle)
   local raw = body_string(handle)
   if raw == nil then return end
-  local usage = raw:match('"usage"%s*:%s*(%b{})')
+  local usage = nil
+  for u in raw:gmatch('"usage"%s*:%s*(%b{})') do usage = u end
   if usage == nil then return end
   handle:streamInfo():dynamicMetadata():set("llmroute", "usage", usage)
 end
