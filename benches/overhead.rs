@@ -21,6 +21,8 @@
 //!       streams' first bytes (BENCH_PAIRED_STREAMS [2]: streams whose client asks for no usage,
 //!       then streams whose client asks with `stream_options.include_usage`; 1: the first kind only;
 //!       0: whole answers only): the median of the per-pair differences is an edit's cost or saving.
+//!       Run it with BENCH_ENVOY_CONCURRENCY=1: with two workers, which worker serves a path's
+//!       keep-alive connection shifts a whole phase by up to 0.04 ms (docs/benchmarks.md).
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must

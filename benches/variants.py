@@ -6,13 +6,12 @@ part of the token-usage work, to measure what that part costs (docs/benchmarks.m
 
 Run in the variant's directory; edits its listeners.json in place. Modes:
   noread   the front Lua does not read whole answers' usage
-  nosse    no sse_to_metadata (streams' usage, but for those whose usage the gateway asked for)
+  nosse    no sse_to_metadata (streams' usage)
   nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
-  nohide   the front Lua does not take out the usage event it asked for (streams), nor read it
+  nohide   the front Lua does not take out the usage event it asked for (streams)
   sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
-  noskip   sse_to_metadata on every stream, not skipped on those whose usage the front Lua reads
   noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
   luastreams  no sse_to_metadata: the front Lua reads every stream's usage (the last usage object of
            its events, written at the stream's end), as it reads the streams whose usage it hides
@@ -21,7 +20,7 @@ import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams", "noskip", "noask"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams", "noask"), mode
 listeners = json.load(open("listeners.json"))
 # luastreams: a stream reader in Lua, in front of envoy_on_response.
 READ_STREAM = r'''
@@ -45,8 +44,8 @@ end
 
 '''
 
-# The front listener's SSE usage reader (src/gateway/envoy.rs, SSE_USAGE_FILTER).
-SSE = "llmroute.stream_usage"
+# The front listener's SSE usage reader (src/gateway/envoy.rs, usage_from_sse).
+SSE = "envoy.filters.http.sse_to_metadata"
 
 
 def replace_once(src, old, new):
@@ -70,17 +69,12 @@ for listener in listeners["resources"]:
             if mode == "noask":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], '        headers:add("x-llmroute-stream", "1")\n', "")
-            if mode == "noskip":
-                hcm["http_filters"] = [
-                    h["typed_config"]["extension_config"] if h["name"] == SSE else h for h in hcm["http_filters"]
-                ]
             if mode == "nohide":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")
             if mode == "sseparse":
                 [sse] = [h for h in hcm["http_filters"] if h["name"] == SSE]
-                reader = sse["typed_config"]["extension_config"]
-                parser = reader["typed_config"]["response_rules"]["content_parser"]["typed_config"]
+                parser = sse["typed_config"]["response_rules"]["content_parser"]["typed_config"]
                 rule = parser["rules"][0]
                 rule["rule"]["selectors"] = [{"key": "no-such-key"}]
                 parser["rules"] = [rule]

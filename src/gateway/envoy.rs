@@ -758,20 +758,11 @@ fn usage_rules() -> Vec<Value> {
         .collect()
 }
 
-/// The response header the backend listener sets on a stream whose usage it asked the provider for
-/// (`lua/backend.lua`); the front Lua takes it out before the answer leaves.
-const USAGE_ADDED_HEADER: &str = "x-llmroute-usage-added";
-
 /// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
 /// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass,
 /// an event split across reads included; nothing is held back or changed.
-/// Not on a stream whose usage the gateway asked for ([`USAGE_ADDED_HEADER`]): the front Lua goes
-/// through that stream's events anyway, to take out the usage event the client did not ask for, and
-/// reads the usage from that event itself. The SSE reader is skipped there (a matcher on the
-/// response header): its parse of the first event is what a stream's first byte paid for usage
-/// counting (docs/benchmarks.md).
 fn usage_from_sse() -> Value {
-    let reader = json!({
+    json!({
         "name": "envoy.filters.http.sse_to_metadata",
         "typed_config": typed("envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata", json!({
             "response_rules": {
@@ -784,32 +775,8 @@ fn usage_from_sse() -> Value {
                 },
             },
         })),
-    });
-    json!({
-        "name": SSE_USAGE_FILTER,
-        "typed_config": typed("envoy.extensions.common.matching.v3.ExtensionWithMatcher", json!({
-            "extension_config": reader,
-            "xds_matcher": { "matcher_list": { "matchers": [{
-                "predicate": { "single_predicate": {
-                    "input": {
-                        "name": "usage-added",
-                        "typed_config": typed("envoy.type.matcher.v3.HttpResponseHeaderMatchInput", json!({
-                            "header_name": USAGE_ADDED_HEADER,
-                        })),
-                    },
-                    "value_match": { "exact": "1" },
-                } },
-                "on_match": { "action": {
-                    "name": "skip",
-                    "typed_config": typed("envoy.extensions.filters.common.matcher.action.v3.SkipFilter", json!({})),
-                } },
-            }] } },
-        })),
     })
 }
-
-/// The front listener's SSE usage reader, as `benches/variants.py` finds it.
-const SSE_USAGE_FILTER: &str = "llmroute.stream_usage";
 
 /// How much of a request or an answer the front listener may hold: the Lua filter reads request
 /// bodies whole (the model) and holds whole JSON answers (their usage).
@@ -827,9 +794,8 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 "codec_type": "AUTO",
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
                 // The encode path runs these in reverse: the stream usage reader sees the
-                // provider's bytes before the Lua filter. The Lua filter reads the usage of whole
-                // answers, and of the streams whose usage chunk it hides (the client did not ask
-                // for it), itself (lua/front.lua).
+                // provider's bytes before the Lua filter hides a usage chunk the client did not ask
+                // for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
                 "http_filters": [lua_filter(LUA_FRONT), usage_from_sse(), router_filter()],
                 "access_log": access_log(opts),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.

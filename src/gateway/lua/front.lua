@@ -6,7 +6,7 @@
 -- x-llmroute-model never gets through. A stream whose request asks for no usage is marked
 -- x-llmroute-stream: the backend listener asks the provider for it where the provider takes
 -- stream_options, and its answer then carries x-llmroute-usage-added: the usage-only chunk the
--- client did not ask for is taken out here, its usage read on the way.
+-- client did not ask for is taken out here (the usage readers after this filter have seen it).
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
@@ -100,10 +100,9 @@ function envoy_on_request(handle)
     "invalid_request_error", "model_not_found", "model"))
 end
 
--- Passes a stream on event by event without the usage-only event (no choices, a usage object),
--- whose usage object goes to the dynamic metadata instead (as read_usage does for a whole answer;
--- the SSE reader is skipped on these streams): complete events go on as they arrive, a partial one
--- waits for its end (one the stream ends in the middle of is dropped, as an SSE client drops it).
+-- Passes a stream on event by event without the usage-only event (no choices, a usage object):
+-- complete events go on as they arrive, a partial one waits for its end (one the stream ends in
+-- the middle of is dropped, as an SSE client drops it).
 local function hide_usage_event(handle)
   local partial = ""
   for chunk in handle:bodyChunks() do
@@ -114,12 +113,8 @@ local function hide_usage_event(handle)
       local s, e = data:find("\r?\n\r?\n", pos)
       if s == nil then break end
       local event = data:sub(pos, e)
-      local usage = nil
-      if event:find('"choices"%s*:%s*%[%s*%]') then usage = event:match('"usage"%s*:%s*(%b{})') end
-      if usage == nil then
+      if not (event:find('"choices"%s*:%s*%[%s*%]') and event:find('"usage"%s*:%s*{')) then
         out[#out + 1] = event
-      else
-        handle:streamInfo():dynamicMetadata():set("llmroute", "usage", usage)
       end
       pos = e + 1
     end
@@ -130,7 +125,7 @@ end
 
 -- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
 -- of the Responses API) into the dynamic metadata namespace `llmroute`, which the access log carries
--- to the Pod's sidecar. Streams are read by sse_to_metadata (those hide_usage_event reads aside).
+-- to the Pod's sidecar. Streams are read by sse_to_metadata instead.
 -- Holds the answer until its end (a whole answer is sent at once anyway), within the listener's
 -- buffer limit. Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata
 -- does): the sidecar reads the counts, off the answer's path (and knows the provider's model from
