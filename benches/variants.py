@@ -14,7 +14,7 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
   noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
   luastreams  no sse_to_metadata: the front Lua reads every stream's usage (the last usage object of
-           its events, written at the stream's end), as it reads the streams whose usage it hides
+           its events, written at the stream's end), as read_usage reads a whole answer's
 """
 import json
 import sys
