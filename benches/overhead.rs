@@ -23,6 +23,8 @@
 //!       0: whole answers only): the median of the per-pair differences is an edit's cost or saving.
 //!       Run it with BENCH_ENVOY_CONCURRENCY=1: with two workers, which worker serves a path's
 //!       keep-alive connection shifts a whole phase by up to 0.04 ms (docs/benchmarks.md).
+//!       Beside the latencies it prints each Envoy's CPU time per request during the pairs (all
+//!       threads and the workers, from /proc/<pid>/task/*/schedstat): what an edit costs in work.
 //!
 //! Run it with `scripts/bench-overhead` (installs Envoy and LiteLLM, then runs this). Knobs
 //! (environment, defaults in brackets): BENCH_RATE (requests/s for (a)-(c), [20]: LiteLLM's proxy must
@@ -144,6 +146,28 @@ impl Proc {
                 self.log_tail(40)
             )),
         }
+    }
+
+    /// CPU time the process has used so far (ns): all its threads, and its Envoy worker threads
+    /// (`wrk:*`) alone, from /proc/<pid>/task/*/{schedstat,comm} (the scheduler's nanosecond
+    /// accounting, not the 10 ms ticks of /proc/<pid>/stat).
+    fn cpu_ns(&self) -> (u64, u64) {
+        let (mut all, mut workers) = (0, 0);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return (0, 0);
+        };
+        for task in tasks.flatten() {
+            let ran: u64 = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            all += ran;
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("wrk:") {
+                workers += ran;
+            }
+        }
+        (all, workers)
     }
 
     fn log_tail(&self, lines: usize) -> String {
@@ -451,7 +475,7 @@ const PRIMARY_KEY: &str = "sk-bench-openai-0123456789";
 const FALLBACK_KEY: &str = "bench-zhipu.0123456789";
 
 struct Gateway {
-    _envoy: Proc,
+    envoy: Proc,
     port: u16,
     route_key: String,
     /// What the gateway Pod's sidecar counts from the usage log (the same receiver).
@@ -549,7 +573,7 @@ fn start_gateway(
         concurrency,
     );
     Gateway {
-        _envoy: envoy,
+        envoy,
         port: opts.port,
         route_key: route_keys["chat"].clone(),
         usage,
@@ -1071,13 +1095,19 @@ async fn run(s: Settings) {
 
     // (g) each variant in pairs with the gateway: whole answers, then streams' first bytes.
     let mut paired = Vec::new();
-    for (name, _) in &variants {
+    for (name, gw) in &variants {
         let other = targets
             .iter()
             .find(|t| t.name == format!("llmroute [{name}]"))
             .expect("the variant's target");
         for &answer in &s.paired {
-            let p = paired_phase(&http, &via_gateway, other, s.paired_requests, answer).await;
+            let before = (gateway.envoy.cpu_ns(), gw.envoy.cpu_ns());
+            let mut p = paired_phase(&http, &via_gateway, other, s.paired_requests, answer).await;
+            let after = (gateway.envoy.cpu_ns(), gw.envoy.cpu_ns());
+            p.cpu = [
+                (after.0.0 - before.0.0, after.1.0 - before.1.0),
+                (after.0.1 - before.0.1, after.1.1 - before.1.1),
+            ];
             paired.push((name.clone(), answer, p));
         }
     }
@@ -1268,9 +1298,13 @@ async fn run(s: Settings) {
                 Answer::Stream => "stream first byte",
                 Answer::StreamWithUsage => "stream (usage asked) first byte",
             };
+            // Envoy CPU per request (µs): the gateway's, and the variant's minus it.
+            let n = (p.base.latencies.len() + p.base.failures).max(1) as f64;
+            let per = |ns: u64| ns as f64 / n / 1000.0;
+            let [(all_b, all_o), (wrk_b, wrk_o)] = p.cpu;
             let _ = writeln!(
                 out,
-                "  {:<49}{:>12}{:>13}{:>27}  pairs={} failures={}/{}",
+                "  {:<49}{:>12}{:>13}{:>27}  pairs={} failures={}/{}  Envoy CPU/request (us): llmroute {:.1} (workers {:.1}), variant - llmroute {:+.1} (workers {:+.1})",
                 format!("[{name}] {what}"),
                 ms(quantiles(&p.base)[0]),
                 ms(quantiles(&p.other)[0]),
@@ -1278,6 +1312,10 @@ async fn run(s: Settings) {
                 p.diffs.len(),
                 p.base.failures,
                 p.other.failures,
+                per(all_b),
+                per(wrk_b),
+                per(all_o) - per(all_b),
+                per(wrk_o) - per(wrk_b),
             );
         }
     }
@@ -1380,6 +1418,10 @@ struct Paired {
     other: Samples,
     /// Per pair, variant − gateway (ms).
     diffs: Vec<f64>,
+    /// Envoy CPU time during the pairs (ns), gateway and variant: all threads, then workers only.
+    /// Both served the same requests, so the difference per request is what an edit costs in
+    /// work, without the latency's noise (it includes work after a stream's first byte).
+    cpu: [(u64, u64); 2],
 }
 
 /// (g) `n` pairs: one request to the gateway as rendered and one to `other`, one at a time, which
@@ -1397,6 +1439,7 @@ async fn paired_phase(
         base: Samples::default(),
         other: Samples::default(),
         diffs: Vec::new(),
+        cpu: [(0, 0); 2],
     };
     let started = Instant::now();
     for i in 0..n {
