@@ -355,15 +355,23 @@ async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback()
         ],
     ));
     let w = s.serve("chat").await;
+    // The gateway reads every stream's usage as it passes, and asks OpenAI for it when the client
+    // did not (hiding that event again): none of it may hold a stream back.
     for (case, expect) in [
         ("primary", "hello from openai"),
+        ("primary, usage asked by the client", "hello from openai"),
         ("fallback", "hello from qianfan"),
     ] {
         if case == "fallback" {
             primary.set_fault(Fault::RegionBlocked);
         }
+        let mut body = serde_json::json!({ "model": "chat", "stream": true,
+            "messages": [{ "role": "user", "content": "hi" }] });
+        if case.contains("usage asked") {
+            body["stream_options"] = serde_json::json!({ "include_usage": true });
+        }
         let started = Instant::now();
-        let r = w.chat_stream("chat").await.unwrap();
+        let r = w.chat_json(&body).await.unwrap();
         assert_eq!(r.status(), 200);
         assert!(
             r.headers()["content-type"]
@@ -372,13 +380,21 @@ async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback()
                 .starts_with("text/event-stream")
         );
         let (first, last, n, text) = read_stream(r, started).await;
-        // The simulator produces its last chunk ~5 intervals after its first: the first must have
-        // arrived well before that.
+        // The simulator sends its first event at once and each next one an interval later: the
+        // first event reaches the client before the provider has sent its second, and the last
+        // about 5 intervals after the first.
         assert!(n >= 3, "{case}: the stream arrived in {n} piece(s)");
+        assert!(
+            first < interval,
+            "{case}: first chunk at {first:?}, after the provider's second ({interval:?})"
+        );
         assert!(
             first + interval * 3 < last,
             "{case}: first chunk at {first:?}, last at {last:?}"
         );
+        if case.contains("usage asked") {
+            assert!(text.contains(r#""choices":[],"usage":{"#), "{case}: {text}");
+        }
         assert!(text.contains("data: [DONE]"), "{case}: {text}");
         let content: String = text
             .lines()
@@ -471,14 +487,7 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
                     body["stream_options"] = serde_json::json!({ "include_usage": true });
                 }
             }
-            let r = w
-                .client
-                .post(format!("{}/chat/completions", w.base))
-                .bearer_auth(&w.key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = w.chat_json(&body).await.unwrap();
             assert_eq!(r.status(), 200);
             r.text().await.unwrap()
         }
@@ -933,14 +942,7 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
                 body["stream"] = true.into();
                 body["stream_options"] = serde_json::json!({ "include_usage": true });
             }
-            let r = w
-                .client
-                .post(format!("{}/chat/completions", w.base))
-                .bearer_auth(&w.key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = w.chat_json(&body).await.unwrap();
             let (status, backend) = (r.status().as_u16(), backend_of(&r));
             let failure = r
                 .headers()

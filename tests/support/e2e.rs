@@ -401,12 +401,12 @@ impl Workload {
             .await
     }
 
-    /// A streamed chat completion.
-    pub async fn chat_stream(&self, model: &str) -> reqwest::Result<reqwest::Response> {
+    /// A chat completion request with this body (streamed, with options...).
+    pub async fn chat_json(&self, body: &serde_json::Value) -> reqwest::Result<reqwest::Response> {
         self.client
             .post(format!("{}/chat/completions", self.base))
             .bearer_auth(&self.key)
-            .json(&serde_json::json!({ "model": model, "stream": true, "messages": [{ "role": "user", "content": "hi" }] }))
+            .json(body)
             .send()
             .await
     }
