@@ -23,6 +23,8 @@ pub struct GatewayPorts {
     /// follows to count usage: in a directory of its own under the build's scratch directory, as
     /// the Pod's emptyDir.
     pub usage_log: String,
+    /// The usage log's directory, removed when the last copy of these ports goes.
+    _usage_dir: std::sync::Arc<tempfile::TempDir>,
     /// Where the replica's sidecar serves (its usage counts at `/usage`), as its Envoy tells the
     /// operator in its node metadata.
     pub sidecar_port: u16,
@@ -30,11 +32,13 @@ pub struct GatewayPorts {
 
 impl GatewayPorts {
     pub fn free() -> GatewayPorts {
+        let dir = usage_log_dir();
         GatewayPorts {
             port: free_port(),
             admin_port: free_port(),
             health_port: free_port(),
-            usage_log: fresh_usage_log(),
+            usage_log: dir.path().join("access.log").display().to_string(),
+            _usage_dir: std::sync::Arc::new(dir),
             sidecar_port: free_port(),
         }
     }
@@ -51,14 +55,13 @@ impl GatewayPorts {
     }
 }
 
-/// A path for a gateway's access log in a new, empty directory (the Pod's emptyDir).
-pub fn fresh_usage_log() -> String {
-    let dir = tempfile::Builder::new()
+/// A new, empty directory for a gateway's access log (the Pod's emptyDir), under the build's
+/// scratch directory; removed when dropped.
+fn usage_log_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix("usage-log-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("a directory for the usage log")
-        .keep();
-    dir.join("access.log").display().to_string()
 }
 
 /// A gateway replica on the host for an operator run as a process: where its files go, its ports,
