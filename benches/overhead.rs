@@ -1104,9 +1104,16 @@ async fn run(s: Settings) {
             let before = (gateway.envoy.cpu_ns(), gw.envoy.cpu_ns());
             let mut p = paired_phase(&http, &via_gateway, other, s.paired_requests, answer).await;
             let after = (gateway.envoy.cpu_ns(), gw.envoy.cpu_ns());
+            // (Saturating: a thread that exits takes its time with it; Envoy's threads do not.)
             p.cpu = [
-                (after.0.0 - before.0.0, after.1.0 - before.1.0),
-                (after.0.1 - before.0.1, after.1.1 - before.1.1),
+                (
+                    after.0.0.saturating_sub(before.0.0),
+                    after.1.0.saturating_sub(before.1.0),
+                ),
+                (
+                    after.0.1.saturating_sub(before.0.1),
+                    after.1.1.saturating_sub(before.1.1),
+                ),
             ];
             paired.push((name.clone(), answer, p));
         }

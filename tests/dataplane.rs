@@ -1281,6 +1281,47 @@ async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_
             assert_eq!(status, 200, "{name} streamed response: {text}");
             assert!(text.contains("event: response.completed"), "{text}");
         }
+        if served.contains(&Endpoint::Completions) {
+            // A streamed text completion: the gateway asks the providers that take
+            // `stream_options` for its usage and hides that chunk again (the client asked for
+            // none); its usage is counted below with the rest.
+            sim.clear_requests();
+            let (status, text) = post(
+                &w,
+                "completions",
+                serde_json::json!({ "model": "chat", "prompt": "stream a text", "stream": true }),
+            )
+            .await;
+            assert_eq!(status, 200, "{name} streamed completion: {text}");
+            let chunks: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect();
+            let said: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["text"].as_str())
+                .collect();
+            assert_eq!(said, format!("hello from {name}"), "{text}");
+            assert!(
+                chunks.iter().all(|c| c["object"] == "text_completion"),
+                "{text}"
+            );
+            assert!(
+                chunks.iter().all(|c| !c["usage"].is_object()),
+                "{name}: a usage chunk the client did not ask for: {text}"
+            );
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            let asks = llmroute::catalog::provider(name).unwrap().stream_usage
+                == llmroute::catalog::StreamUsage::IncludeUsage;
+            let got = sim.last_request().expect("the provider got it");
+            assert_eq!(
+                got.body["stream_options"]["include_usage"] == true,
+                asks,
+                "{name}: asked for a text stream's usage: {}",
+                got.body
+            );
+        }
         // One model of the list.
         let r = w.get("/models/chat").await.unwrap();
         assert_eq!(r.status(), 200);

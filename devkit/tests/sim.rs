@@ -494,6 +494,60 @@ async fn sse_is_incremental() {
     assert!(sim.last_request().unwrap().stream);
 }
 
+/// OpenAI's legacy text completions stream too: `text_completion` chunks with the text in
+/// `choices[].text`, and their usage in a last chunk only when asked, counted as sent.
+#[tokio::test]
+async fn text_completions_stream_with_usage_only_when_asked() {
+    let sim = Sim::start(
+        SimConfig::new(SimProvider::OpenAI)
+            .key(KEY)
+            .stream(3, Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
+    for asked in [false, true] {
+        let mut body = json!({ "model": "gpt-4o", "prompt": "two words", "stream": true });
+        if asked {
+            body["stream_options"] = json!({ "include_usage": true });
+        }
+        let before = sim.usage_sent();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/completions", sim.base_url()))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let (events, clean) = read_sse(resp).await;
+        assert!(clean);
+        assert_eq!(events.last().unwrap().0, "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|(d, _)| serde_json::from_str(d).unwrap())
+            .collect();
+        assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(text, "hello from openai");
+        let usage: Vec<&Value> = chunks.iter().filter(|c| c["usage"].is_object()).collect();
+        let after = sim.usage_sent();
+        if asked {
+            assert_eq!(usage.len(), 1, "{chunks:?}");
+            assert_eq!(usage[0]["choices"], json!([]));
+            assert_eq!(usage[0]["usage"]["prompt_tokens"], 2);
+            assert_eq!(usage[0]["usage"]["completion_tokens"], 3);
+            assert_eq!(after.prompt - before.prompt, 2);
+        } else {
+            assert!(usage.is_empty(), "{chunks:?}");
+            assert_eq!(after.prompt, before.prompt, "usage counted but not sent");
+        }
+    }
+}
+
 #[tokio::test]
 async fn stream_break_cuts_without_done() {
     let sim = Sim::start(

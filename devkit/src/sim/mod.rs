@@ -1033,6 +1033,19 @@ async fn handle(
             if !shared.any_model && !known {
                 return failure(&shared, Failure::UnknownModel(&model));
             }
+            if stream && endpoint == Endpoint::Completions {
+                // A text completion streams as chat does, in `text_completion` chunks.
+                let prompt = serde_json::from_slice::<Value>(&body)
+                    .map(|r| words_of(&r["prompt"]))
+                    .unwrap_or(0);
+                let usage = Usage {
+                    prompt,
+                    completion: shared.stream_chunks as u64,
+                    cached: 0,
+                };
+                let usage = stream_usage.then_some(usage);
+                return sse(&shared, n, &model, Chunks::Text, break_after, usage);
+            }
             other(&shared, n, endpoint, &model, stream, &body)
         }
         Op::Chat { .. } => {
@@ -1045,6 +1058,7 @@ async fn handle(
                     &shared,
                     n,
                     &model,
+                    Chunks::Chat,
                     break_after,
                     stream_usage.then_some(usage),
                 )
@@ -1255,6 +1269,15 @@ fn piece(provider: &str, i: usize, total: usize) -> String {
     words.get(i).cloned().unwrap_or_else(|| " .".to_string())
 }
 
+/// What a stream's chunks are: OpenAI's chat completion chunks (`chat.completion.chunk`, the text
+/// in `choices[].delta.content`) or its legacy text completion's (`text_completion`, the text in
+/// `choices[].text`; https://platform.openai.com/docs/api-reference/completions/object).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chunks {
+    Chat,
+    Text,
+}
+
 /// A streamed completion. With `usage` (the request asked with `stream_options.include_usage`), as
 /// OpenAI does: every chunk carries `"usage": null` and a last chunk with no choices carries the
 /// usage, before `[DONE]`.
@@ -1262,6 +1285,7 @@ fn sse(
     shared: &Shared,
     n: u64,
     model: &str,
+    chunks: Chunks,
     break_after: Option<usize>,
     usage: Option<Usage>,
 ) -> Response {
@@ -1269,8 +1293,12 @@ fn sse(
     let interval = shared.stream_interval;
     let provider = shared.provider.id();
     let sent = shared.usage_sent.clone();
+    let (id, object) = match chunks {
+        Chunks::Chat => ("chatcmpl-sim", "chat.completion.chunk"),
+        Chunks::Text => ("cmpl-sim", "text_completion"),
+    };
     let prefix = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion.chunk","created":{t},"model":{m},"#,
+        r#"{{"id":"{id}-{n}","object":"{object}","created":{t},"model":{m},"#,
         t = unix_now(),
         m = Value::from(model),
     );
@@ -1302,13 +1330,22 @@ fn sse(
                 tokio::time::sleep(interval).await;
             }
             let head = format!(r#"{prefix}"choices":[{{"index":0,"#);
-            let event = if i < total {
+            let event = if i < total && chunks == Chunks::Text {
+                let text = Value::from(piece(provider, i, total));
+                format!(
+                    "data: {head}\"text\":{text},\"logprobs\":null,\"finish_reason\":null{tail}\n\n"
+                )
+            } else if i < total {
                 let delta = if i == 0 {
                     json!({ "role": "assistant", "content": piece(provider, i, total) })
                 } else {
                     json!({ "content": piece(provider, i, total) })
                 };
                 format!("data: {head}\"delta\":{delta},\"finish_reason\":null{tail}\n\n")
+            } else if i == total && chunks == Chunks::Text {
+                format!(
+                    "data: {head}\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"stop\"{tail}\n\n"
+                )
             } else if i == total {
                 format!("data: {head}\"delta\":{{}},\"finish_reason\":\"stop\"{tail}\n\n")
             } else if i < last {
