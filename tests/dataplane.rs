@@ -299,6 +299,14 @@ async fn every_failover_trigger_moves_on_and_the_rest_reach_the_client_unchanged
     leak_check(&s, ["primary-key-0001", "backup-key-0001"]);
 }
 
+/// The JSON `data:` events of an SSE body, in order (`[DONE]` and other non-JSON data left out).
+fn sse_events(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
 /// Reads an SSE body, returning (time of the first chunk, time of the last, chunk count).
 async fn read_stream(
     r: reqwest::Response,
@@ -396,10 +404,8 @@ async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback()
             assert!(text.contains(r#""choices":[],"usage":{"#), "{case}: {text}");
         }
         assert!(text.contains("data: [DONE]"), "{case}: {text}");
-        let content: String = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        let content: String = sse_events(&text)
+            .into_iter()
             .filter_map(|v| {
                 v["choices"][0]["delta"]["content"]
                     .as_str()
@@ -493,9 +499,8 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         }
     };
     let usage_events = |text: &str| {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        sse_events(text)
+            .into_iter()
             .filter(|v| v["choices"] == serde_json::json!([]) && v["usage"].is_object())
             .count()
     };
@@ -1293,11 +1298,7 @@ async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_
             )
             .await;
             assert_eq!(status, 200, "{name} streamed completion: {text}");
-            let chunks: Vec<serde_json::Value> = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .filter_map(|d| serde_json::from_str(d).ok())
-                .collect();
+            let chunks = sse_events(&text);
             let said: String = chunks
                 .iter()
                 .filter_map(|c| c["choices"][0]["text"].as_str())
