@@ -11,6 +11,7 @@
 pub mod api;
 pub mod catalog;
 pub mod gateway;
+pub mod gateway_modules;
 pub mod gateway_shutdown;
 pub mod metrics;
 pub mod operator;

@@ -41,6 +41,19 @@ enum GatewayCommand {
     /// Drain the gateway's Envoy gracefully, wait until no request is in flight (between
     /// --min-drain and --max-drain), then tell the manager: the sidecar's preStop command.
     Shutdown(ShutdownArgs),
+    /// Copy llmroute's Envoy dynamic modules from this image into a directory the Envoy container
+    /// mounts: the gateway Pod's init container.
+    InstallModules(InstallModulesArgs),
+}
+
+#[derive(Args)]
+struct InstallModulesArgs {
+    /// Directory the modules are copied from.
+    #[arg(long, default_value = llmroute::gateway_modules::IMAGE_MODULES_DIR)]
+    from: PathBuf,
+    /// Directory (a volume shared with Envoy) the modules are copied to.
+    #[arg(long, default_value = llmroute::gateway::objects::MODULES_DIR)]
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -123,6 +136,20 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "shutdown manager failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        GatewayCommand::InstallModules(args) => {
+            match llmroute::gateway_modules::install(&args.from, &args.to) {
+                Ok(files) => {
+                    for f in files {
+                        println!("installed {}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -215,6 +242,11 @@ struct RunArgs {
     /// volume both share); empty: the access log goes to Envoy's stdout and no usage is counted.
     #[arg(long, default_value = llmroute::gateway::objects::USAGE_LOG_FILE)]
     gateway_usage_log: String,
+    /// llmroute's Envoy dynamic module that reads streamed answers' usage, as the gateway's Envoy
+    /// finds it (its init container copies it from the shutdown-manager image); empty: streams'
+    /// usage is not read.
+    #[arg(long, default_value = llmroute::gateway::objects::USAGE_MODULE_FILE)]
+    gateway_usage_module: String,
     /// CA bundle (a file of the gateway's image) the gateway verifies providers' TLS certificates
     /// against, when --upstream-ca-file is not given.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
@@ -352,6 +384,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
                 health_port: args.gateway_health_port,
                 trusted_ca: args.gateway_trusted_ca,
                 usage_log: args.gateway_usage_log,
+                usage_module: args.gateway_usage_module,
             },
             identity,
             reconcile_concurrency: args.reconcile_concurrency,
@@ -480,6 +513,10 @@ struct RenderArgs {
     /// empty: the access log goes to stdout.
     #[arg(long, default_value = llmroute::gateway::objects::USAGE_LOG_FILE)]
     usage_log: String,
+    /// llmroute's Envoy dynamic module reading streamed answers' usage (`sse-usage/`), as Envoy
+    /// finds it; empty: streams' usage is not read.
+    #[arg(long, default_value = llmroute::gateway::objects::USAGE_MODULE_FILE)]
+    usage_module: String,
     /// CA bundle used to verify providers' TLS certificates.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     trusted_ca: String,
@@ -512,14 +549,41 @@ fn run_render(args: RenderArgs) -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let envoy = EnvoyOptions {
+    let mut envoy = EnvoyOptions {
         port: args.port,
         address: args.address,
         admin_port: args.admin_port,
         health_port: args.health_port,
         trusted_ca: args.trusted_ca,
         usage_log: args.usage_log,
+        usage_module: args.usage_module,
     };
+    // Files for an Envoy on this machine: an access log in a directory that is not here (the Pod's
+    // volume is the default) would fail Envoy's start, so the log goes to stdout instead, and a
+    // module Envoy cannot load would reject the listener, so one that is not here is left out.
+    // Both are said.
+    let usage_log_dir = std::path::Path::new(&envoy.usage_log).parent();
+    if args.out_dir.is_some()
+        && !envoy.usage_log.is_empty()
+        && !usage_log_dir.is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+    {
+        eprintln!(
+            "note: the access log goes to stdout: no directory for {} here (--usage-log FILE)",
+            envoy.usage_log
+        );
+        envoy.usage_log.clear();
+    }
+    if args.out_dir.is_some()
+        && !envoy.usage_module.is_empty()
+        && !std::path::Path::new(&envoy.usage_module).is_file()
+    {
+        eprintln!(
+            "note: streams' usage is not read: no usage module at {} (cargo build -p llmroute-sse-usage, then --usage-module target/debug/{})",
+            envoy.usage_module,
+            llmroute::gateway::envoy::SSE_USAGE_MODULE_FILE
+        );
+        envoy.usage_module.clear();
+    }
     let opts = RenderOptions {
         namespace: args.namespace,
         default_region: args.default_region,

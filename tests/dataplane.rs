@@ -532,15 +532,10 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
         );
     }
 
-    // The SSE reader read the usage of every stream that carried one, once: the OpenAI route's
-    // streams (a third asked by the gateway, a third by the client) and the Zhipu route's streams
-    // whose client asked (a third). The front Lua only hides the usage event it asked for.
-    let read_by_sse: Vec<_> = s
-        .gateway_stats("sse_to_metadata.resp.json.metadata_added")
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect();
-    assert_eq!(read_by_sse, [3 * (REQUESTS / 3) as u64]);
+    // The stream reader (llmroute's Envoy module) read the usage of every stream that carried one,
+    // once: the OpenAI route's streams (a third asked by the gateway, a third by the client) and
+    // the Zhipu route's streams whose client asked (a third); the front Lua only hides the usage
+    // event it asked for. Shown below, per answer and in sum, from the access log.
     // Every answer is in the access log with the usage the provider sent, summed exactly.
     let sent = openai.usage_sent();
     assert!(

@@ -43,6 +43,7 @@ fn local_options() -> (EnvoyOptions, RenderOptions) {
         address: "127.0.0.1".into(),
         admin_port: free_port(),
         health_port: free_port(),
+        usage_module: support::envoy::sse_usage_module(),
         ..Default::default()
     };
     let render_opts = RenderOptions {
@@ -462,4 +463,45 @@ async fn every_golden_input_and_example_is_served_over_xds_with_nothing_rejected
             );
         }
     }
+}
+
+/// The README's local run: `llmroute render --out-dir` writes files for an Envoy on this machine.
+/// The usage module's default path is the gateway Pod's, which is not here: it is left out, with a
+/// note, and Envoy accepts the files; given the module built here, Envoy loads it.
+#[test]
+fn render_out_dir_loads_the_usage_module_when_it_is_here_and_says_when_not() {
+    let render = |dir: &Path, extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmroute"))
+            .args(["render", "-f"])
+            .arg(repo_root().join("examples/failover-cn.yaml"))
+            .arg("--out-dir")
+            .arg(dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let without = tempfile::tempdir().unwrap();
+    let note = render(without.path(), &[]);
+    assert!(
+        note.contains("streams' usage is not read")
+            && note.contains(llmroute::gateway::objects::USAGE_MODULE_FILE),
+        "{note}"
+    );
+    let config = std::fs::read_to_string(without.path().join("validate.yaml")).unwrap();
+    assert!(!config.contains("dynamic_modules"));
+    validate(&without.path().join("validate.yaml")).unwrap();
+
+    let with = tempfile::tempdir().unwrap();
+    let module = support::envoy::sse_usage_module();
+    let note = render(with.path(), &[&format!("--usage-module={module}")]);
+    assert!(!note.contains("usage is not read"), "{note}");
+    let config = std::fs::read_to_string(with.path().join("validate.yaml")).unwrap();
+    assert!(config.contains("envoy.filters.http.dynamic_modules") && config.contains(&module));
+    validate(&with.path().join("validate.yaml")).unwrap();
 }

@@ -80,6 +80,7 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         address: "127.0.0.1".into(),
         admin_port: ports.admin_port,
         health_port: ports.health_port,
+        usage_module: support::envoy::sse_usage_module(),
         ..Default::default()
     };
     let writes = Arc::new(WriteCounter::default());

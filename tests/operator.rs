@@ -113,6 +113,7 @@ async fn start_operator(ns: &TestNamespace, gw: &Gateway, xds_port: u16) -> Runn
             address: "127.0.0.1".into(),
             admin_port: gw.ports.admin_port,
             health_port: gw.ports.health_port,
+            usage_module: support::envoy::sse_usage_module(),
             ..Default::default()
         },
         identity: "test".into(),

@@ -75,6 +75,7 @@ fn render_case(input: &Path) -> BTreeMap<String, String> {
         // As `llmroute render` and the operator render it: the access log to the Pod's usage log.
         envoy: EnvoyOptions {
             usage_log: llmroute::gateway::objects::USAGE_LOG_FILE.into(),
+            usage_module: llmroute::gateway::objects::USAGE_MODULE_FILE.into(),
             ..Default::default()
         },
         xds: Default::default(),
@@ -711,4 +712,88 @@ fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
         .unwrap();
     assert!(objects::MAX_DRAIN_SECONDS < ready_timeout && ready_timeout < grace);
     const { assert!(objects::MIN_DRAIN_SECONDS < objects::MAX_DRAIN_SECONDS) };
+}
+
+#[test]
+fn the_gateway_pod_copies_the_usage_module_for_envoy_from_the_operator_image() {
+    use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
+    let opts = GatewayDeploymentOptions {
+        shutdown_manager_image: "registry.example.com/llmroute:9.9.9".into(),
+        ..Default::default()
+    };
+    let with = EnvoyOptions {
+        usage_module: objects::USAGE_MODULE_FILE.into(),
+        ..Default::default()
+    };
+    let pod = objects::deployment("team-a", &with, &opts, "0", &[])
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    // An init container of the operator's image fills the volume before Envoy starts...
+    let [init] = pod.init_containers.as_deref().unwrap() else {
+        panic!("one init container: {:?}", pod.init_containers);
+    };
+    assert_eq!(
+        init.image.as_deref(),
+        Some("registry.example.com/llmroute:9.9.9")
+    );
+    assert_eq!(
+        init.command.as_deref().unwrap(),
+        [
+            "llmroute",
+            "gateway",
+            "install-modules",
+            "--to",
+            objects::MODULES_DIR
+        ]
+    );
+    assert_eq!(
+        objects::USAGE_MODULE_FILE,
+        format!(
+            "{}/{}",
+            objects::MODULES_DIR,
+            llmroute::gateway::envoy::SSE_USAGE_MODULE_FILE
+        )
+    );
+    let envoy = &pod.containers[0];
+    let mount_of = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == objects::MODULES_DIR)
+            .cloned()
+            .unwrap_or_else(|| panic!("{} mounts the modules", c.name))
+    };
+    // ...which Envoy only reads.
+    assert_eq!(mount_of(envoy).read_only, Some(true));
+    assert_ne!(mount_of(init).read_only, Some(true));
+    assert_eq!(mount_of(envoy).name, mount_of(init).name);
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount_of(envoy).name);
+    assert!(volume.and_then(|v| v.empty_dir.as_ref()).is_some());
+    assert_eq!(init.security_context, envoy.security_context);
+
+    // A module elsewhere is the Envoy image's own (or none): no init container, no volume.
+    for usage_module in ["", "/opt/envoy/libllmroute_sse_usage.so"] {
+        let envoy_opts = EnvoyOptions {
+            usage_module: usage_module.into(),
+            ..Default::default()
+        };
+        let pod = objects::deployment("team-a", &envoy_opts, &opts, "0", &[])
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(pod.init_containers.is_none(), "{usage_module:?}");
+        assert!(
+            pod.volumes.iter().flatten().all(|v| v.name != "modules"),
+            "{usage_module:?}"
+        );
+    }
 }

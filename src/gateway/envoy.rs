@@ -57,6 +57,9 @@ pub struct EnvoyOptions {
     /// prints to its stdout (`crate::usage::log`); empty: the access log goes to Envoy's stdout and
     /// no usage is counted.
     pub usage_log: String,
+    /// File of llmroute's Envoy dynamic module that reads streamed answers' usage
+    /// (`sse-usage/`, [`SSE_USAGE_MODULE_FILE`]); empty: streams' usage is not read.
+    pub usage_module: String,
 }
 
 impl Default for EnvoyOptions {
@@ -70,6 +73,9 @@ impl Default for EnvoyOptions {
             // The operator's `--gateway-usage-log` gives the Pod's file
             // (`objects::USAGE_LOG_FILE`); a gateway run elsewhere logs to stdout.
             usage_log: String::new(),
+            // The operator's `--gateway-usage-module` gives the Pod's copy
+            // (`objects::USAGE_MODULE_FILE`).
+            usage_module: String::new(),
         }
     }
 }
@@ -735,52 +741,56 @@ fn access_log(opts: &EnvoyOptions) -> Value {
 /// Nothing else is read from a stream, the model it names included: a value written from the first
 /// event delays the stream's first byte (about 0.07 ms, docs/benchmarks.md), and the sidecar knows
 /// the model the provider was asked for from the route's backends.
-const USAGE_FIELDS: [&[&str]; 2] = [&["usage"], &["response", "usage"]];
-
+///
 /// The dynamic metadata namespace of an answer's usage.
 pub const USAGE_METADATA: &str = "llmroute";
 
-/// `sse_to_metadata` JSON rules for [`USAGE_FIELDS`]. A field an event lacks (or has as `null`)
-/// sets nothing; an object is written as its JSON text (the content parser's `STRING` of an object).
-fn usage_rules() -> Vec<Value> {
-    USAGE_FIELDS
-        .iter()
-        .map(|path| {
-            json!({ "rule": {
-                "selectors": path.iter().map(|k| json!({ "key": k })).collect::<Vec<_>>(),
-                "on_present": {
-                    "metadata_namespace": USAGE_METADATA,
-                    "key": crate::usage::log::USAGE_KEY,
-                    "type": "STRING",
-                },
-            } })
-        })
-        .collect()
-}
-
 /// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
-/// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass,
-/// an event split across reads included; nothing is held back or changed.
-fn usage_from_sse() -> Value {
-    json!({
-        "name": "envoy.filters.http.sse_to_metadata",
-        "typed_config": typed("envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata", json!({
-            "response_rules": {
-                "max_event_size": 65536,
-                "content_parser": {
-                    "name": "envoy.content_parsers.json",
-                    "typed_config": typed("envoy.extensions.content_parsers.json.v3.JsonContentParser", json!({
-                        "rules": usage_rules(),
-                    })),
+/// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass
+/// by llmroute's Envoy dynamic module (`sse-usage/`, loaded from `opts.usage_module`), an event
+/// split across reads included; nothing is held back, copied or changed. It reads the objects
+/// named above (`sse-usage/src/scan.rs` and its tests) into [`USAGE_METADATA`] key `usage`.
+/// Without a module (`usage_module` empty) streams' usage is not read.
+///
+/// It replaced Envoy's `sse_to_metadata` filter with the JSON content parser, which built a JSON
+/// object of every event: about 0.06 ms of each stream's first byte (docs/benchmarks.md, runs 10-12).
+fn usage_from_sse(opts: &EnvoyOptions) -> Option<Value> {
+    (!opts.usage_module.is_empty()).then(|| {
+        json!({
+            "name": "envoy.filters.http.dynamic_modules",
+            "typed_config": typed("envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter", json!({
+                "dynamic_module_config": {
+                    "module": { "local": { "filename": opts.usage_module } },
+                    // Loaded once for the process: listener updates do not reload it.
+                    "do_not_close": true,
                 },
-            },
-        })),
+                "filter_name": SSE_USAGE_FILTER,
+            })),
+        })
     })
 }
+
+/// The module's file name (`sse-usage/`'s library) and the name its filter is configured by.
+pub const SSE_USAGE_MODULE_FILE: &str = "libllmroute_sse_usage.so";
+const SSE_USAGE_FILTER: &str = "sse_usage";
 
 /// How much of a request or an answer the front listener may hold: the Lua filter reads request
 /// bodies whole (the model) and holds whole JSON answers (their usage).
 const FRONT_BUFFER_LIMIT_BYTES: u32 = 8 * 1024 * 1024;
+
+/// The front listener's HTTP filters. The encode path runs them in reverse: the stream usage
+/// reader sees the provider's bytes before the Lua filter hides a usage chunk the client did not
+/// ask for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
+fn front_filters(opts: &EnvoyOptions) -> Vec<Value> {
+    [
+        Some(lua_filter(LUA_FRONT)),
+        usage_from_sse(opts),
+        Some(router_filter()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
 
 fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
     json!({
@@ -793,10 +803,7 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 "stat_prefix": FRONT,
                 "codec_type": "AUTO",
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
-                // The encode path runs these in reverse: the stream usage reader sees the
-                // provider's bytes before the Lua filter hides a usage chunk the client did not ask
-                // for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
-                "http_filters": [lua_filter(LUA_FRONT), usage_from_sse(), router_filter()],
+                "http_filters": front_filters(opts),
                 "access_log": access_log(opts),
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",

@@ -67,6 +67,11 @@ pub const ACCESS_LOG_FLUSH_MS: u64 = 1000;
 pub const USAGE_LOG_DIR: &str = "/var/run/llmroute-usage";
 /// Envoy's access log, the sidecar's usage log (`crate::usage::log`).
 pub const USAGE_LOG_FILE: &str = "/var/run/llmroute-usage/access.log";
+/// Where Envoy finds llmroute's dynamic modules: an emptyDir the Pod's init container fills from
+/// the operator's image (`llmroute gateway install-modules`), mounted read-only by Envoy.
+pub const MODULES_DIR: &str = "/var/run/llmroute-modules";
+/// The module that reads streamed answers' usage (`EnvoyOptions::usage_module`).
+pub const USAGE_MODULE_FILE: &str = "/var/run/llmroute-modules/libllmroute_sse_usage.so";
 
 /// The `--config-yaml` bootstrap overlay giving Envoy's node the address of its sidecar's usage
 /// counts (`host` is `$(POD_IP)` in the Deployment, expanded by the kubelet).
@@ -265,6 +270,19 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
+/// Requests and limits of the gateway Pod's llmroute containers (the sidecar, the init container):
+/// small, fixed.
+fn llmroute_container_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), quantity("10m")),
+            ("memory".into(), quantity("16Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
+        ..Default::default()
+    }
+}
+
 /// The gateway Deployment: Envoy started from the bootstrap in the ConfigMap, with the xDS client
 /// certificate of the namespace; `cert_not_after` (the certificate's expiry) is in the Pod template,
 /// so a renewed certificate rolls the Pods.
@@ -285,6 +303,12 @@ pub fn deployment(
         }),
         ..Default::default()
     };
+    // A module under MODULES_DIR is copied there by an init container from the operator's image;
+    // one elsewhere is the Envoy image's own.
+    let installs_modules = envoy
+        .usage_module
+        .strip_prefix(MODULES_DIR)
+        .is_some_and(|rest| rest.starts_with('/'));
     let container = Container {
         name: "envoy".to_string(),
         image: Some(opts.image.clone()),
@@ -364,30 +388,40 @@ pub fn deployment(
         // bootstrap it cannot load, a certificate it cannot read): the operator reports it in the
         // routes' status.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
+        volume_mounts: Some(
+            vec![
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: CONFIG_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "xds-certificate".into(),
+                    mount_path: XDS_CERT_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "tmp".into(),
+                    mount_path: "/tmp".into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "usage-log".into(),
+                    mount_path: USAGE_LOG_DIR.into(),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(installs_modules.then(|| VolumeMount {
+                name: "modules".into(),
+                mount_path: MODULES_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
-            },
-            VolumeMount {
-                name: "xds-certificate".into(),
-                mount_path: XDS_CERT_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "usage-log".into(),
-                mount_path: USAGE_LOG_DIR.into(),
-                ..Default::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         ..Default::default()
     };
     let llmroute = |args: &[&str]| -> Vec<String> {
@@ -439,15 +473,8 @@ pub fn deployment(
             }),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), quantity("10m")),
-                ("memory".into(), quantity("16Mi")),
-            ])),
-            limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
-            ..Default::default()
-        }),
-        security_context: Some(hardened),
+        resources: Some(llmroute_container_resources()),
+        security_context: Some(hardened.clone()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "shutdown-state".into(),
@@ -460,6 +487,24 @@ pub fn deployment(
                 ..Default::default()
             },
         ]),
+        ..Default::default()
+    };
+    let install_modules = Container {
+        name: "install-modules".to_string(),
+        image: Some(opts.shutdown_manager_image.clone()),
+        command: Some(llmroute(&[
+            "gateway",
+            "install-modules",
+            "--to",
+            MODULES_DIR,
+        ])),
+        resources: Some(llmroute_container_resources()),
+        security_context: Some(hardened),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "modules".into(),
+            mount_path: MODULES_DIR.into(),
+            ..Default::default()
+        }]),
         ..Default::default()
     };
     let mut labels = gateway_labels();
@@ -489,6 +534,7 @@ pub fn deployment(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    init_containers: installs_modules.then(|| vec![install_modules]),
                     containers: vec![container, shutdown_manager],
                     // Replicas on different nodes where the scheduler can: one node going away
                     // does not take the namespace's gateway with it.
@@ -520,48 +566,60 @@ pub fn deployment(
                         }),
                         ..Default::default()
                     }),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: GATEWAY_NAME.into(),
+                    volumes: Some(
+                        vec![
+                            Volume {
+                                name: "config".into(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: GATEWAY_NAME.into(),
+                                    ..Default::default()
+                                }),
                                 ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "xds-certificate".into(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(XDS_SECRET_NAME.into()),
-                                default_mode: Some(0o440),
+                            },
+                            Volume {
+                                name: "xds-certificate".into(),
+                                secret: Some(SecretVolumeSource {
+                                    secret_name: Some(XDS_SECRET_NAME.into()),
+                                    default_mode: Some(0o440),
+                                    ..Default::default()
+                                }),
                                 ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "tmp".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Default::default()
-                        },
-                        // The sidecar punches out what it has counted and checkpointed: on disk the
-                        // log holds seconds of answers, unless the sidecar stops following it.
-                        Volume {
-                            name: "usage-log".into(),
+                            },
+                            Volume {
+                                name: "tmp".into(),
+                                empty_dir: Some(EmptyDirVolumeSource::default()),
+                                ..Default::default()
+                            },
+                            // The sidecar punches out what it has counted and checkpointed: on disk the
+                            // log holds seconds of answers, unless the sidecar stops following it.
+                            Volume {
+                                name: "usage-log".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    size_limit: Some(quantity("1Gi")),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                            Volume {
+                                name: "shutdown-state".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    size_limit: Some(quantity("1Mi")),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(installs_modules.then(|| Volume {
+                            name: "modules".into(),
                             empty_dir: Some(EmptyDirVolumeSource {
-                                size_limit: Some(quantity("1Gi")),
+                                size_limit: Some(quantity("16Mi")),
                                 ..Default::default()
                             }),
                             ..Default::default()
-                        },
-                        Volume {
-                            name: "shutdown-state".into(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                size_limit: Some(quantity("1Mi")),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                        }))
+                        .collect(),
+                    ),
                     ..Default::default()
                 }),
             },

@@ -62,7 +62,7 @@ local STREAM = CONTENT .. FINISH .. USAGE .. DONE
 
 -- The usage event the gateway asked for is taken out, wherever the stream is cut, and only it
 -- (the content chunk's text imitates usage; the finish chunk has "usage": null); CRLF line ends
--- and one byte per chunk too. Nothing is written to the metadata (sse_to_metadata has read it).
+-- and one byte per chunk too. Nothing is written to the metadata (the stream usage module has read it).
 local function asked_usage_event_taken_out_at_every_cut()
   for cut = 1, #STREAM - 1 do
     local h, md, out = handle({ STREAM:sub(1, cut), STREAM:sub(cut + 1) })

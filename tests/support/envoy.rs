@@ -31,6 +31,30 @@ pub fn envoy_binary() -> PathBuf {
     .clone()
 }
 
+/// llmroute's Envoy dynamic module that reads streamed answers' usage (`sse-usage/`), built once
+/// per test binary (`cargo test` builds a workspace's `cdylib` only for its own unit tests): the
+/// path for `EnvoyOptions::usage_module` and `--gateway-usage-module`.
+pub fn sse_usage_module() -> String {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "llmroute-sse-usage"])
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo build -p llmroute-sse-usage");
+        assert!(status.success(), "building the usage module failed");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("the target directory");
+        let path = target
+            .join("debug")
+            .join(llmroute::gateway::envoy::SSE_USAGE_MODULE_FILE);
+        assert!(path.exists(), "{} missing after the build", path.display());
+        path.display().to_string()
+    })
+    .clone()
+}
+
 /// Runs `envoy --mode validate -c config`; returns Envoy's output on failure.
 pub fn validate(config: &Path) -> Result<(), String> {
     let out = Command::new(envoy_binary())

@@ -51,6 +51,10 @@ impl GatewayPorts {
             format!("--gateway-admin-port={}", self.admin_port),
             format!("--gateway-health-port={}", self.health_port),
             format!("--gateway-usage-log={}", self.usage_log),
+            format!(
+                "--gateway-usage-module={}",
+                super::envoy::sse_usage_module()
+            ),
         ]
     }
 }

@@ -70,6 +70,10 @@ pub fn images(operator_bin: &str) {
             .args(["envoy", "operator", "sim", "openai"])
             .env("LLMROUTE_BIN", operator_bin)
             .env("LLMROUTE_SIM_BIN", &sim_bin)
+            .env(
+                "LLMROUTE_SSE_USAGE_MODULE",
+                super::envoy::sse_usage_module(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()

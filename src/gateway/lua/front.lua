@@ -125,9 +125,9 @@ end
 
 -- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
 -- of the Responses API) into the dynamic metadata namespace `llmroute`, which the access log carries
--- to the Pod's sidecar. Streams are read by sse_to_metadata instead.
+-- to the Pod's sidecar. Streams are read by llmroute's Envoy module instead (sse-usage/).
 -- Holds the answer until its end (a whole answer is sent at once anyway), within the listener's
--- buffer limit. Only finds the usage object and hands its text on (key `usage`, as sse_to_metadata
+-- buffer limit. Only finds the usage object and hands its text on (key `usage`, as that module
 -- does): the sidecar reads the counts, off the answer's path (and knows the provider's model from
 -- the route). Read as text, the way the request's model is read: a `"usage":` inside a string value
 -- has its quotes escaped, so it never matches; `%b{}` takes the object whole, nested details
