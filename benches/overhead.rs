@@ -36,7 +36,8 @@
 //! LiteLLM), BENCH_REFERENCE ([1]; 0: without the plain-proxy reference), BENCH_USAGE_REQUESTS ([10000]; 0: no (e)), BENCH_KEEP ([0]; 1: keep the
 //! scratch directory with the configurations and logs), BENCH_VARIANTS ([]; `name=command;...`: more
 //! gateways measured next to (b), each on the rendered files edited in place by `sh -c command` in
-//! their directory; `name@N` runs that one with --concurrency N). LLMROUTE_BENCH_ENVOY and
+//! their directory; `name@N` runs that one with --concurrency N). LLMROUTE_BENCH_MODULE (the
+//! stream usage module, default target/release, built by scripts/bench-overhead), LLMROUTE_BENCH_ENVOY and
 //! LLMROUTE_BENCH_LITELLM locate the binaries (default: under `.tools/`).
 
 use std::fmt::Write as _;
@@ -507,6 +508,24 @@ spec:
     )
 }
 
+/// llmroute's Envoy module reading streams' usage (`sse-usage/`), built optimised by
+/// `scripts/bench-overhead`; LLMROUTE_BENCH_MODULE overrides.
+fn usage_module() -> PathBuf {
+    let path = std::env::var_os("LLMROUTE_BENCH_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            root()
+                .join("target/release")
+                .join(llmroute::gateway::envoy::SSE_USAGE_MODULE_FILE)
+        });
+    assert!(
+        path.exists(),
+        "no usage module at {} (cargo build --release -p llmroute-sse-usage, or scripts/bench-overhead)",
+        path.display()
+    );
+    path
+}
+
 fn start_gateway(
     envoy_bin: &Path,
     dir: &Path,
@@ -525,6 +544,7 @@ fn start_gateway(
         admin_port: free_port(),
         health_port: free_port(),
         usage_log: dir.join("access.log").display().to_string(),
+        usage_module: usage_module().display().to_string(),
         ..Default::default()
     };
     // The access log goes where it goes in a Pod: to a file the sidecar follows to count usage,

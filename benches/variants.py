@@ -6,21 +6,24 @@ part of the token-usage work, to measure what that part costs (docs/benchmarks.m
 
 Run in the variant's directory; edits its listeners.json in place. Modes:
   noread   the front Lua does not read whole answers' usage
-  nosse    no sse_to_metadata (streams' usage)
+  nosse    no stream usage reader (llmroute's Envoy module, sse-usage/)
   nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
   nohide   the front Lua does not take out the usage event it asked for (streams)
-  sseparse sse_to_metadata with one rule that never matches: each event parsed, nothing written
+  ssetometa  Envoy's sse_to_metadata (the JSON content parser, rules for `usage` and
+           `response.usage`) reads streams' usage instead of llmroute's module, as before 2026-12-02
   noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
-  luastreams  no sse_to_metadata: the front Lua reads every stream's usage (the last usage object of
+  passthru no stream usage reader; in its place a filter that does nothing (header_mutation without
+           mutations): what any filter in that place costs
+  luastreams  no stream usage reader: the front Lua reads every stream's usage (the last usage object of
            its events, written at the stream's end), as read_usage reads a whole answer's
 """
 import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "sseparse", "luastreams", "noask"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "ssetometa", "passthru", "luastreams", "noask"), mode
 listeners = json.load(open("listeners.json"))
 # luastreams: a stream reader in Lua, in front of envoy_on_response.
 READ_STREAM = r'''
@@ -45,7 +48,31 @@ end
 '''
 
 # The front listener's SSE usage reader (src/gateway/envoy.rs, usage_from_sse).
-SSE = "envoy.filters.http.sse_to_metadata"
+SSE = "envoy.filters.http.dynamic_modules"
+
+# What the gateway had in its place until the module (ssetometa).
+SSE_TO_METADATA = {
+    "name": "envoy.filters.http.sse_to_metadata",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+        "response_rules": {
+            "max_event_size": 65536,
+            "content_parser": {
+                "name": "envoy.content_parsers.json",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                    "rules": [
+                        {"rule": {
+                            "selectors": [{"key": k} for k in path],
+                            "on_present": {"metadata_namespace": "llmroute", "key": "usage", "type": "STRING"},
+                        }}
+                        for path in (["usage"], ["response", "usage"])
+                    ],
+                },
+            },
+        },
+    },
+}
 
 
 def replace_once(src, old, new):
@@ -72,12 +99,18 @@ for listener in listeners["resources"]:
             if mode == "nohide":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")
-            if mode == "sseparse":
-                [sse] = [h for h in hcm["http_filters"] if h["name"] == SSE]
-                parser = sse["typed_config"]["response_rules"]["content_parser"]["typed_config"]
-                rule = parser["rules"][0]
-                rule["rule"]["selectors"] = [{"key": "no-such-key"}]
-                parser["rules"] = [rule]
+            if mode == "passthru":
+                [i] = [i for i, h in enumerate(hcm["http_filters"]) if h["name"] == SSE]
+                hcm["http_filters"][i] = {
+                    "name": "envoy.filters.http.header_mutation",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                        "mutations": {},
+                    },
+                }
+            if mode == "ssetometa":
+                [i] = [i for i, h in enumerate(hcm["http_filters"]) if h["name"] == SSE]
+                hcm["http_filters"][i] = SSE_TO_METADATA
             if mode == "luastreams":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 src = replace_once(lua["inline_string"], "function envoy_on_response(handle)\n", READ_STREAM + "function envoy_on_response(handle)\n")
