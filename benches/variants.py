@@ -10,7 +10,6 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
   nousage  all of the above, and streams are not asked for their usage
-  nohide   the front Lua does not take out the usage event it asked for (streams)
   ssetometa  Envoy's sse_to_metadata (the JSON content parser, rules for `usage` and
            `response.usage`) reads streams' usage instead of llmroute's module, as before 2026-12-02
   noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
@@ -23,7 +22,7 @@ import json
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "nohide", "ssetometa", "passthru", "luastreams", "noask"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "ssetometa", "passthru", "luastreams", "noask"), mode
 listeners = json.load(open("listeners.json"))
 # luastreams: a stream reader in Lua, in front of envoy_on_response.
 READ_STREAM = r'''
@@ -96,9 +95,6 @@ for listener in listeners["resources"]:
             if mode == "noask":
                 lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
                 lua["inline_string"] = replace_once(lua["inline_string"], '        headers:add("x-llmroute-stream", "1")\n', "")
-            if mode == "nohide":
-                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
-                lua["inline_string"] = replace_once(lua["inline_string"], "    hide_usage_event(handle)\n", "")
             if mode == "passthru":
                 [i] = [i for i, h in enumerate(hcm["http_filters"]) if h["name"] == SSE]
                 hcm["http_filters"][i] = {

@@ -328,6 +328,95 @@ async fn read_stream(
     (first.unwrap_or_default(), last, n, text)
 }
 
+/// The usage event the gateway asked for is taken out by the stream usage module; a gateway run
+/// without the module (`--gateway-usage-module=`) still takes it out, in its front Lua, and then
+/// has no stream usage to log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_event_the_client_did_not_ask_for_is_hidden_with_or_without_the_module() {
+    let mut s = Stack::start("dp-hide", "us").await;
+    // Its lines with the counts read, as the Pod's sidecar prints them.
+    let _counts = s.usage_log().await;
+    let openai = s
+        .sim_with(
+            SimConfig::new(SimProvider::OpenAI)
+                .key("o-key-0001")
+                .record(true)
+                .stream(3, Duration::from_millis(5)),
+        )
+        .await;
+    s.ns.apply(&key_secret("openai-key", "o-key-0001"));
+    s.ns.apply(&route(
+        "hide",
+        "",
+        &[backend("openai", "openai", &openai, "gpt-4o-mini", "")],
+    ));
+    let body = serde_json::json!({
+        "model": "chat",
+        "stream": true,
+        "messages": [{ "role": "user", "content": "a few words" }],
+    });
+    for with_module in [true, false] {
+        if !with_module {
+            s.without_usage_module();
+        }
+        s.serve("hide").await;
+        // The gateway's front listener has the module exactly when the operator gives it.
+        support::cluster::eventually(
+            Duration::from_secs(30),
+            "the front listener as the operator configures it",
+            || {
+                // (A listener being replaced drains on beside the new one: only active ones.)
+                let has = s.loaded("dynamic_listeners")["configs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|l| {
+                        l["active_state"]
+                            .to_string()
+                            .contains("envoy.filters.http.dynamic_modules")
+                    });
+                async move { (has == with_module).then_some(()) }
+            },
+        )
+        .await;
+        // A new connection: one opened before the update goes on with the filters it had.
+        let w = s.workload("hide").await;
+        let r = w.chat_json(&body).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-llmroute-usage-added").is_none());
+        let text = r.text().await.unwrap();
+        let asked = openai.last_request().unwrap().body["stream_options"]["include_usage"] == true;
+        assert!(
+            asked,
+            "module {with_module}: OpenAI was not asked for the usage"
+        );
+        let events = sse_events(&text);
+        assert!(
+            events
+                .iter()
+                .all(|v| v.get("usage").is_none_or(|u| u.is_null())),
+            "module {with_module}: {text}"
+        );
+        assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        let lines = support::cluster::eventually(
+            Duration::from_secs(10),
+            "the stream's access log line",
+            || {
+                let lines = access_log_of(&s.envoy_log(), "hide");
+                async move { (lines.len() == if with_module { 1 } else { 2 }).then_some(lines) }
+            },
+        )
+        .await;
+        let last = lines.last().unwrap();
+        assert_eq!(
+            tokens(last, "total_tokens").is_some(),
+            with_module,
+            "module {with_module}: {last}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback() {
     let mut s = Stack::start("dp-sse", "us").await;

@@ -5,6 +5,10 @@
 //! filter, which built a JSON tree of every event: that delayed a stream's first byte by about
 //! 0.06 ms (docs/benchmarks.md). This one scans each byte once and builds nothing.
 //!
+//! On the streams whose usage the gateway asked for and the client did not (the backend listener
+//! marks their answer `x-llmroute-usage-added`), it also takes the usage-only event out, which the
+//! front Lua did before with a per-chunk loop; it says so by setting the mark to `hidden`.
+//!
 //! - [`scan`]: the scanner, pure and unit-tested (every cut of a stream).
 //! - `ffi`: the C ABI of Envoy 1.40.0's dynamic modules that Envoy calls.
 

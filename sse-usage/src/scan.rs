@@ -45,6 +45,8 @@ enum Pending {
     Usage,
     /// The value of the top-level `response` key.
     Response,
+    /// The value of the top-level `choices` key.
+    Choices,
 }
 
 /// The scanner of one stream.
@@ -62,6 +64,14 @@ pub struct UsageScanner {
     capture: Vec<u8>,
     /// The last whole usage object.
     found: Vec<u8>,
+    /// When hiding ([`UsageScanner::feed_hiding`]): the bytes of the current event so far.
+    event: Vec<u8>,
+    /// An event just ended (set by the blank line, taken by `feed_hiding`).
+    event_ended: bool,
+    /// The event that just ended was a usage-only event: `choices` empty and a `usage` object.
+    usage_only: bool,
+    /// An event ended at a `\r`: a `\n` right after it is part of its end, kept or dropped with it.
+    lf_of_event: Option<bool>,
 }
 
 /// JSON state of the current event.
@@ -86,6 +96,12 @@ struct Json {
     capture_depth: u32,
     /// The event cannot be read (too deep, usage object too long): skip to its end.
     broken: bool,
+    /// The top-level `choices` array just opened: its next byte says whether it is empty.
+    choices_opened: bool,
+    /// The event's top-level `choices` is `[]`.
+    choices_empty: bool,
+    /// The event had a top-level usage object.
+    has_usage: bool,
 }
 
 impl Default for UsageScanner {
@@ -104,6 +120,10 @@ impl UsageScanner {
             json: Json::default(),
             capture: Vec::new(),
             found: Vec::new(),
+            event: Vec::new(),
+            event_ended: false,
+            usage_only: false,
+            lf_of_event: None,
         }
     }
 
@@ -126,6 +146,56 @@ impl UsageScanner {
             completed |= self.byte(b);
         }
         completed
+    }
+
+    /// As [`UsageScanner::feed`], and writes the stream to `out` without its usage-only events
+    /// (no `choices`, a `usage` object: the chunk OpenAI sends last with
+    /// `stream_options.include_usage`), for the streams whose client did not ask for it. Complete
+    /// events go on as they are; a partial one waits for its end (one the stream ends in the middle
+    /// of is never written, as an SSE client drops it). [`UsageScanner::holding`] says how many
+    /// bytes wait.
+    pub fn feed_hiding(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> bool {
+        if bytes.is_empty() {
+            return false;
+        }
+        if !self.started {
+            self.started = true;
+            self.off = matches!(bytes[0], b'{' | b'[');
+        }
+        if self.off {
+            out.extend_from_slice(bytes);
+            return false;
+        }
+        let mut completed = false;
+        for &b in bytes {
+            if let Some(kept) = self.lf_of_event.take()
+                && b == b'\n'
+            {
+                if kept {
+                    out.push(b);
+                }
+                self.byte(b);
+                continue;
+            }
+            self.event.push(b);
+            completed |= self.byte(b);
+            if std::mem::take(&mut self.event_ended) {
+                let kept = !self.usage_only;
+                if kept {
+                    out.extend_from_slice(&self.event);
+                }
+                self.event.clear();
+                if b == b'\r' {
+                    self.lf_of_event = Some(kept);
+                }
+            }
+        }
+        completed
+    }
+
+    /// Bytes of a partial event [`UsageScanner::feed_hiding`] holds back.
+    pub fn holding(&self) -> usize {
+        self.event.len()
     }
 
     /// The last usage object read, as the provider wrote it (empty before any).
@@ -180,6 +250,8 @@ impl UsageScanner {
     }
 
     fn end_of_event(&mut self) {
+        self.usage_only = self.json.choices_empty && self.json.has_usage;
+        self.event_ended = true;
         self.json = Json::default();
         self.capture.clear();
     }
@@ -220,6 +292,10 @@ impl UsageScanner {
                 j.key_len = usize::MAX;
             }
             return false;
+        }
+        if j.choices_opened && !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            j.choices_opened = false;
+            j.choices_empty = b == b']';
         }
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => false,
@@ -262,6 +338,7 @@ impl UsageScanner {
                 }
                 if j.capture_depth > 0 && j.depth < j.capture_depth {
                     j.capture_depth = 0;
+                    j.has_usage = true;
                     std::mem::swap(&mut self.found, &mut self.capture);
                     self.capture.clear();
                     return true;
@@ -290,6 +367,7 @@ impl UsageScanner {
                 self.capture.push(b'{');
             }
             Pending::Response if b == b'{' => j.response_open = true,
+            Pending::Choices if b == b'[' && j.depth == 1 => j.choices_opened = true,
             _ => {}
         }
     }
@@ -305,6 +383,7 @@ impl Json {
         match (self.depth, key) {
             (1, b"usage") => Pending::Usage,
             (1, b"response") => Pending::Response,
+            (1, b"choices") => Pending::Choices,
             (2, b"usage") if self.response_open => Pending::Usage,
             _ => Pending::None,
         }
@@ -465,6 +544,63 @@ mod tests {
             read(&[deep.as_bytes()]),
             vec!["{\"total_tokens\":6}".to_string()]
         );
+    }
+
+    /// Hides while reading; the written stream, the usage objects completed and what is held.
+    fn hide(chunks: &[&[u8]]) -> (String, Vec<String>, usize) {
+        let mut s = UsageScanner::new();
+        let (mut out, mut usage) = (Vec::new(), Vec::new());
+        for c in chunks {
+            if s.feed_hiding(c, &mut out) {
+                usage.push(String::from_utf8(s.usage().to_vec()).unwrap());
+            }
+        }
+        (String::from_utf8(out).unwrap(), usage, s.holding())
+    }
+
+    #[test]
+    fn the_usage_only_event_is_taken_out_at_every_cut_and_still_read() {
+        let events: Vec<String> = openai_stream()
+            .split_inclusive("\n\n")
+            .map(String::from)
+            .collect();
+        // The content chunk's text imitates usage; the first and second chunks have "usage": null.
+        let expected: String = [&events[0], &events[1], &events[3]]
+            .map(|e| e.as_str())
+            .concat();
+        let stream = openai_stream();
+        let b = stream.as_bytes();
+        for i in 1..b.len() {
+            let (out, usage, held) = hide(&[&b[..i], &b[i..]]);
+            assert_eq!(out, expected, "cut at {i}");
+            assert_eq!(usage, vec![USAGE.to_string()], "cut at {i}");
+            assert_eq!(held, 0);
+        }
+        // CRLF line ends, byte by byte.
+        let crlf = stream.replace('\n', "\r\n");
+        let bytes: Vec<&[u8]> = crlf.as_bytes().chunks(1).collect();
+        let (out, usage, _) = hide(&bytes);
+        assert_eq!(out, expected.replace('\n', "\r\n"));
+        assert_eq!(usage, vec![USAGE.to_string()]);
+        // A partial event is held until its end; one the stream ends in is never written.
+        let (out, _, held) = hide(&[format!("{}data: {{\"choi", events[0]).as_bytes()]);
+        assert_eq!((out.as_str(), held), (events[0].as_str(), 12));
+    }
+
+    #[test]
+    fn hiding_keeps_every_event_that_is_not_usage_only() {
+        let s = concat!(
+            ": keep-alive\n\n",
+            "data: {\"choices\":[{\"index\":0}],\"usage\":{\"total_tokens\":3}}\n\n",
+            "data: {\"choices\":[],\"usage\":null}\n\n",
+            "data: {\"choices\": [ ],\"note\":\"usage\"}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (out, usage, _) = hide(&[s.as_bytes()]);
+        assert_eq!(out, s);
+        assert_eq!(usage, vec!["{\"total_tokens\":3}".to_string()]);
+        let whole = r#"{"choices":[],"usage":{"total_tokens":1}}"#;
+        assert_eq!(hide(&[whole.as_bytes()]).0, whole);
     }
 
     #[test]

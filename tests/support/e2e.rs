@@ -33,6 +33,8 @@ pub struct Stack {
     region: String,
     pub envoy: Option<Envoy>,
     sidecar: Option<Child>,
+    /// The operator gives the gateway llmroute's stream usage module (as in a Pod).
+    usage_module: bool,
 }
 
 impl Stack {
@@ -60,6 +62,7 @@ impl Stack {
             region: region.to_string(),
             envoy: None,
             sidecar: None,
+            usage_module: true,
         };
         stack.start_operator(region);
         stack
@@ -77,7 +80,13 @@ impl Stack {
             .arg(format!("--namespace={}", self.ns.name))
             .arg(format!("--default-region={region}"))
             // The test runs the gateway's replica (below), not the cluster.
-            .args(self.gateway.operator_args())
+            .args(
+                self.gateway
+                    .operator_args()
+                    .into_iter()
+                    .filter(|a| self.usage_module || !a.starts_with("--gateway-usage-module=")),
+            )
+            .args((!self.usage_module).then_some("--gateway-usage-module="))
             .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", self.ns.name))
             .arg(format!("--upstream-ca-file={}", self.ca_file.display()))
             .arg(format!("--http-addr={}", self.http_addr))
@@ -90,6 +99,13 @@ impl Stack {
             .spawn()
             .expect("start llmroute run");
         self.operator = Some(child);
+    }
+
+    /// Runs the operator again without the stream usage module for the gateway
+    /// (`--gateway-usage-module=`): a gateway as one run without it is configured.
+    pub fn without_usage_module(&mut self) {
+        self.usage_module = false;
+        self.restart_operator();
     }
 
     /// Stops `llmroute run` (SIGTERM, as a Pod's deletion does) and starts it again: a new leader.

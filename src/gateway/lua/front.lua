@@ -6,7 +6,8 @@
 -- x-llmroute-model never gets through. A stream whose request asks for no usage is marked
 -- x-llmroute-stream: the backend listener asks the provider for it where the provider takes
 -- stream_options, and its answer then carries x-llmroute-usage-added: the usage-only chunk the
--- client did not ask for is taken out here (the usage readers after this filter have seen it).
+-- client did not ask for is taken out by the stream usage module (which has read it), or here
+-- when the gateway runs without that module.
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
@@ -150,9 +151,12 @@ end
 -- discards them when it retries), so for those the error says that they failed over.
 function envoy_on_response(handle)
   local headers = handle:headers()
-  if headers:get("x-llmroute-usage-added") ~= nil then
+  local added = headers:get("x-llmroute-usage-added")
+  if added ~= nil then
     headers:remove("x-llmroute-usage-added")
-    hide_usage_event(handle)
+    -- llmroute's stream usage module (before this filter on the way back) takes the event out and
+    -- says "hidden"; without the module, this filter does.
+    if added ~= "hidden" then hide_usage_event(handle) end
     return
   end
   -- The marker is internal: it never reaches clients. Only failures carry it.
