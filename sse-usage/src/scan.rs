@@ -130,16 +130,8 @@ impl UsageScanner {
     /// Reads the next bytes of the stream. True when a usage object was completed in them: the
     /// last one is [`UsageScanner::usage`].
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        if self.off || bytes.is_empty() {
+        if bytes.is_empty() || !self.is_stream(bytes) {
             return false;
-        }
-        if !self.started {
-            self.started = true;
-            // A whole JSON answer (the front Lua reads those) is not read twice.
-            if matches!(bytes[0], b'{' | b'[') {
-                self.off = true;
-                return false;
-            }
         }
         let mut completed = false;
         for &b in bytes {
@@ -158,11 +150,7 @@ impl UsageScanner {
         if bytes.is_empty() {
             return false;
         }
-        if !self.started {
-            self.started = true;
-            self.off = matches!(bytes[0], b'{' | b'[');
-        }
-        if self.off {
+        if !self.is_stream(bytes) {
             out.extend_from_slice(bytes);
             return false;
         }
@@ -191,6 +179,16 @@ impl UsageScanner {
             }
         }
         completed
+    }
+
+    /// Whether the answer is read, decided by its first byte: a whole JSON answer (the front Lua
+    /// reads those) is not read twice. `bytes` is not empty.
+    fn is_stream(&mut self, bytes: &[u8]) -> bool {
+        if !self.started {
+            self.started = true;
+            self.off = matches!(bytes[0], b'{' | b'[');
+        }
+        !self.off
     }
 
     /// Bytes of a partial event [`UsageScanner::feed_hiding`] holds back.
