@@ -1,9 +1,16 @@
 //! LLM provider simulators on 127.0.0.1: one HTTP server per simulated provider, following that
 //! provider's contract (base path, auth header, models, error bodies; see [`provider`]), answering
-//! OpenAI-shaped chat completions (JSON or incrementally flushed SSE) and, where the provider serves
-//! them ([`SimProvider::serves`]), embeddings, text completions and responses, with faults switchable at run
-//! time ([`Fault`]), per-request fault scripts, request recording, and an admin API under `/__sim/`
-//! on the same port for other processes:
+//! OpenAI-shaped chat completions (JSON or incrementally flushed SSE), the models list and one
+//! model (`GET /models/{model}`) and, where the provider serves them ([`SimProvider::serves`]),
+//! embeddings, text completions and responses, with faults switchable at run time ([`Fault`]),
+//! per-request fault scripts, request recording, and an admin API under `/__sim/` on the same port
+//! for other processes.
+//!
+//! The answers follow OpenAI's API reference (https://platform.openai.com/docs/api-reference), as
+//! strictly as the official SDKs read it: every field the reference lists (and the openai-python
+//! SDK's models require), the streams' events in their order (a streamed response is the Responses
+//! API's whole event sequence, see `response_events`). devkit/tests/sdk_contract.rs checks every
+//! operation with the openai-python SDK's own parsers and stream accumulators.
 //!
 //! | method and path | body / answer |
 //! |---|---|
@@ -690,6 +697,8 @@ enum Op<'a> {
         deployment: Option<&'a str>,
     },
     Models,
+    /// `GET /models/{model}`: the model's id as in the path (percent-encoded).
+    Model(&'a str),
     /// Embeddings, completions or a response (Azure: of a deployment).
     Other {
         endpoint: Endpoint,
@@ -701,7 +710,7 @@ impl<'a> Op<'a> {
     fn deployment(&self) -> Option<&'a str> {
         match self {
             Op::Chat { deployment } | Op::Other { deployment, .. } => *deployment,
-            Op::Models => None,
+            Op::Models | Op::Model(_) => None,
         }
     }
 }
@@ -729,6 +738,10 @@ fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'
         let rest = path.strip_prefix(shared.prefixes.first().map_or("", |p| p.as_str()));
         let op = match rest {
             Some("/openai/models") => Some(Op::Models),
+            Some(rest) if rest.starts_with("/openai/models/") => rest
+                .strip_prefix("/openai/models/")
+                .filter(|id| !id.is_empty())
+                .map(Op::Model),
             Some(rest) => rest
                 .strip_prefix("/openai/deployments/")
                 .and_then(|r| r.split_once('/'))
@@ -749,6 +762,9 @@ fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'
         if path.ends_with("/models") {
             return Ok(Op::Models);
         }
+        if let Some((_, id)) = path.split_once("/models/").filter(|(_, id)| !id.is_empty()) {
+            return Ok(Op::Model(id));
+        }
         if let Some(op) = path
             .rsplit_once('/')
             .and_then(|(_, last)| op_of(shared.provider, last, None))
@@ -759,6 +775,9 @@ fn route<'a>(shared: &Shared, path: &'a str, query: Option<&str>) -> Result<Op<'
     for prefix in &shared.prefixes {
         match path.strip_prefix(prefix.as_str()) {
             Some("/models") => return Ok(Op::Models),
+            Some(rest) if rest.starts_with("/models/") && rest.len() > "/models/".len() => {
+                return Ok(Op::Model(&rest["/models/".len()..]));
+            }
             Some(rest) => {
                 if let Some(op) = rest
                     .strip_prefix('/')
@@ -846,10 +865,11 @@ impl Usage {
         self.prompt + self.completion
     }
 
-    /// OpenAI's `usage` object.
+    /// OpenAI's `usage` object of chat completions (API reference, "The chat completion object"),
+    /// with its token details.
     fn json(&self) -> String {
         format!(
-            r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{}}}}}"#,
+            r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{},"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}"#,
             self.prompt,
             self.completion,
             self.total(),
@@ -973,6 +993,7 @@ async fn handle(
 
     let model: Cow<'_, str> = match (&op, op.deployment()) {
         (Op::Models, _) => Cow::Borrowed(""),
+        (Op::Model(id), _) => percent_decode(id),
         (_, Some(d)) => Cow::Borrowed(d),
         (_, None) => model.unwrap_or_default(),
     };
@@ -1005,6 +1026,16 @@ async fn handle(
 
     match op {
         Op::Models => models_list(&shared),
+        Op::Model(_) => {
+            if !shared.any_model && !shared.models.iter().any(|m| **m == *model) {
+                return failure(&shared, Failure::UnknownModel(&model));
+            }
+            json_response(
+                StatusCode::OK,
+                shared.provider,
+                model_object(&shared, &model).to_string(),
+            )
+        }
         Op::Other { endpoint, .. } => {
             // The Responses API has no `stream_options.include_usage` (it always sends a stream's
             // usage, in `response.completed`); OpenAI rejects parameters an operation lacks.
@@ -1076,11 +1107,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// OpenAI's model object (API reference, "Models": `id`, `object: "model"`, `created`, `owned_by`),
+/// an entry of the models list and the answer of `GET /models/{model}`.
+fn model_object(shared: &Shared, id: &str) -> Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": shared.provider.id() })
+}
+
+/// `GET /models` (API reference, "List models"): `{"object": "list", "data": [model, ...]}`.
 fn models_list(shared: &Shared) -> Response {
     let data: Vec<Value> = shared
         .models
         .iter()
-        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": shared.provider.id() }))
+        .map(|m| model_object(shared, m))
         .collect();
     json_response(
         StatusCode::OK,
@@ -1089,11 +1127,42 @@ fn models_list(shared: &Shared) -> Response {
     )
 }
 
+/// A path segment with its `%XX` escapes decoded (the SDKs percent-encode a model id in
+/// `/models/{model}`; ids like `meta-llama/Llama-3.1-8B-Instruct` have a `/`).
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        });
+        match (b[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Whitespace-separated words of a string, or of the strings of a list (the `input` of embeddings
-/// and responses, the `prompt` of completions; a response's input items count their text parts).
+/// and responses, the `prompt` of completions; a response's input items count their text parts);
+/// a number is one token (a prompt given as token ids).
 fn words_of(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Number(_) => 1,
         Value::Array(items) => items.iter().map(words_of).sum(),
         Value::Object(o) => o
             .get("content")
@@ -1104,9 +1173,30 @@ fn words_of(v: &Value) -> u64 {
     }
 }
 
+/// Standard base64 (RFC 4648, with padding).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Embeddings, a text completion or a response (OpenAI's shapes, which the providers that serve
 /// them follow): usage counts the input's words as prompt tokens and 3 completion tokens ("hello
-/// from <provider>"); a streamed response ends with `response.completed`, which carries usage.
+/// from <provider>"); a streamed response is the Responses API's whole event sequence, its
+/// `response.completed` carrying usage.
 fn other(
     shared: &Shared,
     n: u64,
@@ -1116,97 +1206,207 @@ fn other(
     body: &[u8],
 ) -> Response {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let p = shared.provider.id();
-    let t = unix_now();
-    let text = format!("hello from {p}");
     let (json, usage) = match endpoint {
-        Endpoint::Embeddings => {
-            let inputs = match &request["input"] {
-                Value::Array(a) => a.len().max(1),
-                _ => 1,
-            };
-            let usage = Usage {
-                prompt: words_of(&request["input"]),
-                completion: 0,
-                cached: 0,
-            };
-            let data: Vec<Value> = (0..inputs)
-                .map(|i| json!({ "object": "embedding", "index": i, "embedding": [0.0125, -0.25, 0.5, (i as f64) / 10.0] }))
-                .collect();
-            let body = json!({
-                "object": "list", "data": data, "model": model,
-                "usage": { "prompt_tokens": usage.prompt, "total_tokens": usage.prompt },
-            });
-            (body, usage)
-        }
-        Endpoint::Completions => {
-            let usage = Usage {
-                prompt: words_of(&request["prompt"]),
-                completion: 3,
-                cached: 0,
-            };
-            let body = json!({
-                "id": format!("cmpl-sim-{n}"), "object": "text_completion", "created": t, "model": model,
-                "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": "stop" }],
-                "usage": { "prompt_tokens": usage.prompt, "completion_tokens": 3, "total_tokens": usage.prompt + 3 },
-            });
-            (body, usage)
-        }
-        Endpoint::Responses => {
-            let usage = Usage {
-                prompt: words_of(&request["input"]),
-                completion: 3,
-                cached: 0,
-            };
-            let body = json!({
-                "id": format!("resp_sim{n}"), "object": "response", "created_at": t, "status": "completed",
-                "model": model,
-                "output": [{ "type": "message", "id": format!("msg_sim{n}"), "status": "completed", "role": "assistant",
-                    "content": [{ "type": "output_text", "text": text, "annotations": [] }] }],
-                "usage": {
-                    "input_tokens": usage.prompt, "input_tokens_details": { "cached_tokens": 0 },
-                    "output_tokens": 3, "output_tokens_details": { "reasoning_tokens": 0 },
-                    "total_tokens": usage.prompt + 3,
-                },
-            });
-            (body, usage)
-        }
+        Endpoint::Embeddings => embeddings(&request, model),
+        Endpoint::Completions => text_completion(shared, n, &request, model),
+        Endpoint::Responses => response_object(shared, n, &request, model),
     };
     shared.usage_sent.lock().unwrap().add(&usage);
     if stream && endpoint == Endpoint::Responses {
-        // The Responses API's events: `event: <type>` and the event as JSON data.
-        let mut events = vec![(
-            "response.created",
-            json!({ "type": "response.created", "sequence_number": 0,
-                "response": { "id": json["id"], "object": "response", "status": "in_progress", "model": model } }),
-        )];
-        for (i, word) in ["hello", " from", &format!(" {p}")].iter().enumerate() {
-            events.push((
-                "response.output_text.delta",
-                json!({ "type": "response.output_text.delta",
-                "sequence_number": i + 1, "item_id": format!("msg_sim{n}"), "output_index": 0,
-                "content_index": 0, "delta": word }),
-            ));
-        }
-        events.push((
-            "response.completed",
-            json!({ "type": "response.completed", "sequence_number": 4, "response": json }),
-        ));
-        let text: String = events
+        // Each event as `event: <type>` and the event as JSON data, sent at once.
+        let pieces: Vec<String> = (0..3).map(|i| piece(shared.provider.id(), i, 3)).collect();
+        let text: String = response_events(&json, &pieces)
             .into_iter()
-            .map(|(kind, data)| format!("event: {kind}\ndata: {data}\n\n"))
+            .map(|event| {
+                format!(
+                    "event: {}\ndata: {event}\n\n",
+                    event["type"].as_str().unwrap_or("")
+                )
+            })
             .collect();
         let mut resp = Response::new(Body::from(text));
-        resp.headers_mut().insert(
+        let h = resp.headers_mut();
+        h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert(
+            "x-sim-provider",
+            HeaderValue::from_static(shared.provider.id()),
         );
         return resp;
     }
     json_response(StatusCode::OK, shared.provider, json.to_string())
 }
 
-/// A completion: "hello from <provider>" (three completion tokens), with its usage.
+/// `POST /embeddings` (OpenAI API reference, "Create embeddings" and "The embedding object"):
+/// `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model",
+/// "usage": {"prompt_tokens", "total_tokens"}}`, one embedding per input (4 numbers, or the
+/// request's `dimensions`). With `"encoding_format": "base64"` (what the openai-python SDK asks
+/// for when its caller names no format; its `lib/_parsing/_embeddings.py` decodes it) each
+/// embedding is the base64 of its little-endian float32 values instead of a list of numbers.
+fn embeddings(request: &Value, model: &str) -> (Value, Usage) {
+    let inputs = match &request["input"] {
+        // A list of strings, or of token-id lists; one list of token ids is one input.
+        Value::Array(a) if a.iter().any(|v| !v.is_number()) => a.len().max(1),
+        _ => 1,
+    };
+    let dims = request["dimensions"]
+        .as_u64()
+        .filter(|d| (1..=4096).contains(d))
+        .unwrap_or(4) as usize;
+    let base64_wanted = request["encoding_format"] == "base64";
+    let usage = Usage {
+        prompt: words_of(&request["input"]),
+        completion: 0,
+        cached: 0,
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| {
+            let values: Vec<f32> = [0.0125, -0.25, 0.5, i as f32 / 10.0]
+                .into_iter()
+                .cycle()
+                .take(dims)
+                .collect();
+            let embedding = if base64_wanted {
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                Value::from(base64(&bytes))
+            } else {
+                json!(values)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    let body = json!({
+        "object": "list", "data": data, "model": model,
+        "usage": { "prompt_tokens": usage.prompt, "total_tokens": usage.prompt },
+    });
+    (body, usage)
+}
+
+/// `POST /completions`, not streamed (OpenAI API reference, "The completion object"): `id`,
+/// `object: "text_completion"`, `created`, `model`, `system_fingerprint`, `choices[]` with `text`,
+/// `index`, `logprobs`, `finish_reason`, and `usage`.
+fn text_completion(shared: &Shared, n: u64, request: &Value, model: &str) -> (Value, Usage) {
+    let usage = Usage {
+        prompt: words_of(&request["prompt"]),
+        completion: 3,
+        cached: 0,
+    };
+    let body = json!({
+        "id": format!("cmpl-sim-{n}"), "object": "text_completion", "created": unix_now(),
+        "model": model, "system_fingerprint": "fp_sim",
+        "choices": [{ "text": format!("hello from {}", shared.provider.id()), "index": 0,
+            "logprobs": null, "finish_reason": "stop" }],
+        "usage": { "prompt_tokens": usage.prompt, "completion_tokens": 3, "total_tokens": usage.prompt + 3 },
+    });
+    (body, usage)
+}
+
+/// `POST /responses`, completed (OpenAI API reference, "Responses" / "The response object"):
+/// one assistant `message` output item (`msg_...`) holding one `output_text` part, `usage` with
+/// `input_tokens`, `output_tokens`, `total_tokens` and their details; the request's `instructions`,
+/// `max_output_tokens`, `previous_response_id`, `metadata`, `temperature`, `top_p`, `store` and
+/// `user` echoed as OpenAI does, the other settings at OpenAI's defaults.
+fn response_object(shared: &Shared, n: u64, request: &Value, model: &str) -> (Value, Usage) {
+    let usage = Usage {
+        prompt: words_of(&request["input"]),
+        completion: 3,
+        cached: 0,
+    };
+    let t = unix_now();
+    let echo = |key: &str, default: Value| match &request[key] {
+        Value::Null => default,
+        v => v.clone(),
+    };
+    let text = format!("hello from {}", shared.provider.id());
+    let body = json!({
+        "id": format!("resp_sim{n}"), "object": "response", "created_at": t, "status": "completed",
+        "background": false, "completed_at": t, "error": null, "incomplete_details": null,
+        "instructions": echo("instructions", Value::Null),
+        "max_output_tokens": echo("max_output_tokens", Value::Null), "max_tool_calls": null,
+        "model": model,
+        "output": [{ "type": "message", "id": format!("msg_sim{n}"), "status": "completed", "role": "assistant",
+            "content": [{ "type": "output_text", "text": text, "annotations": [], "logprobs": [] }] }],
+        "parallel_tool_calls": true,
+        "previous_response_id": echo("previous_response_id", Value::Null),
+        "reasoning": { "effort": null, "summary": null }, "service_tier": "default",
+        "store": echo("store", Value::Bool(true)),
+        "temperature": echo("temperature", json!(1.0)),
+        "text": { "format": { "type": "text" }, "verbosity": "medium" },
+        "tool_choice": "auto", "tools": [], "top_logprobs": 0,
+        "top_p": echo("top_p", json!(1.0)), "truncation": "disabled",
+        "usage": {
+            "input_tokens": usage.prompt, "input_tokens_details": { "cached_tokens": 0, "cache_write_tokens": 0 },
+            "output_tokens": 3, "output_tokens_details": { "reasoning_tokens": 0 },
+            "total_tokens": usage.prompt + 3,
+        },
+        "user": echo("user", Value::Null), "metadata": echo("metadata", json!({})),
+    });
+    (body, usage)
+}
+
+/// The events of a streamed response whose completed form is `done` (one message output item with
+/// one text part, its text sent as `pieces`), in the order and shapes of OpenAI's API reference,
+/// "Streaming events" of the Responses API: `response.created`, `response.in_progress` (the
+/// response with status `in_progress`, no output, no usage), `response.output_item.added` (the
+/// message, `in_progress`, no content), `response.content_part.added` (an empty `output_text`),
+/// one `response.output_text.delta` per piece, `response.output_text.done` (the whole text),
+/// `response.content_part.done`, `response.output_item.done` (the message, completed) and
+/// `response.completed` (the response with its usage); every event with its `sequence_number`
+/// (0, 1, 2...) and the content events with `item_id`, `output_index` and `content_index`. The
+/// order is a contract: the openai-python SDK's accumulator
+/// (`lib/streaming/responses/_responses.py`, behind `client.responses.stream()`) rejects a content
+/// event for an output item it has not seen added ("Received a content event for output index 0
+/// before receiving its output item") and a stream that does not start with `response.created`.
+fn response_events(done: &Value, pieces: &[String]) -> Vec<Value> {
+    let mut started = done.clone();
+    started["status"] = json!("in_progress");
+    started["completed_at"] = Value::Null;
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    let item = &done["output"][0];
+    let part = &item["content"][0];
+    let mut item_started = item.clone();
+    item_started["status"] = json!("in_progress");
+    item_started["content"] = json!([]);
+    let mut part_started = part.clone();
+    part_started["text"] = json!("");
+    let at = |kind: &str| json!({ "type": kind, "item_id": item["id"], "output_index": 0, "content_index": 0 });
+    let mut events = vec![
+        json!({ "type": "response.created", "response": started }),
+        json!({ "type": "response.in_progress", "response": started }),
+        json!({ "type": "response.output_item.added", "output_index": 0, "item": item_started }),
+    ];
+    let mut e = at("response.content_part.added");
+    e["part"] = part_started;
+    events.push(e);
+    for p in pieces {
+        let mut e = at("response.output_text.delta");
+        e["delta"] = json!(p);
+        e["logprobs"] = json!([]);
+        events.push(e);
+    }
+    let mut e = at("response.output_text.done");
+    e["text"] = part["text"].clone();
+    e["logprobs"] = json!([]);
+    events.push(e);
+    let mut e = at("response.content_part.done");
+    e["part"] = part.clone();
+    events.push(e);
+    events.push(json!({ "type": "response.output_item.done", "output_index": 0, "item": item }));
+    events.push(json!({ "type": "response.completed", "response": done }));
+    for (i, e) in events.iter_mut().enumerate() {
+        e["sequence_number"] = json!(i);
+    }
+    events
+}
+
+/// A chat completion: "hello from <provider>" (three completion tokens), with its usage, in the
+/// shape of OpenAI's API reference, "The chat completion object": `id`, `object`, `created`,
+/// `model`, `choices[]` (`index`, `message` with `role`, `content`, `refusal`, `annotations`,
+/// `logprobs`, `finish_reason`), `usage`, `service_tier`, `system_fingerprint`.
 fn completion(
     shared: &Shared,
     n: u64,
@@ -1216,7 +1416,7 @@ fn completion(
 ) -> Response {
     let p = shared.provider.id();
     let body = format!(
-        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":{c}}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u}}}"#,
+        r#"{{"id":"chatcmpl-sim-{n}","object":"chat.completion","created":{t},"model":{m},"choices":[{{"index":0,"message":{{"role":"assistant","content":{c},"refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"stop"}}],"usage":{u},"service_tier":"default","system_fingerprint":"fp_sim"}}"#,
         t = unix_now(),
         m = Value::from(model),
         u = usage.json(),
@@ -1278,9 +1478,14 @@ enum Chunks {
     Text,
 }
 
-/// A streamed completion. With `usage` (the request asked with `stream_options.include_usage`), as
-/// OpenAI does: every chunk carries `"usage": null` and a last chunk with no choices carries the
-/// usage, before `[DONE]`.
+/// A streamed completion, as OpenAI's API reference describes it ("The chat completion chunk
+/// object"; a text completion streams "completion objects"): `data: <chunk>` events, each chunk
+/// with the completion's `id`, `object`, `created`, `model` (chat: `service_tier`,
+/// `system_fingerprint`; its choice `index`, `delta`, `logprobs`, `finish_reason`, the first delta
+/// with `role`), the text in pieces, a last choice with `finish_reason: "stop"`, then `[DONE]`.
+/// With `usage` (the request asked with `stream_options.include_usage`), as OpenAI does: every
+/// chunk carries `"usage": null` and a last chunk with no choices carries the usage, before
+/// `[DONE]`.
 fn sse(
     shared: &Shared,
     n: u64,
@@ -1297,8 +1502,12 @@ fn sse(
         Chunks::Chat => ("chatcmpl-sim", "chat.completion.chunk"),
         Chunks::Text => ("cmpl-sim", "text_completion"),
     };
+    let extra = match chunks {
+        Chunks::Chat => r#""service_tier":"default","system_fingerprint":"fp_sim","#,
+        Chunks::Text => "",
+    };
     let prefix = format!(
-        r#"{{"id":"{id}-{n}","object":"{object}","created":{t},"model":{m},"#,
+        r#"{{"id":"{id}-{n}","object":"{object}","created":{t},"model":{m},{extra}"#,
         t = unix_now(),
         m = Value::from(model),
     );
@@ -1337,17 +1546,21 @@ fn sse(
                 )
             } else if i < total {
                 let delta = if i == 0 {
-                    json!({ "role": "assistant", "content": piece(provider, i, total) })
+                    json!({ "role": "assistant", "content": piece(provider, i, total), "refusal": null })
                 } else {
                     json!({ "content": piece(provider, i, total) })
                 };
-                format!("data: {head}\"delta\":{delta},\"finish_reason\":null{tail}\n\n")
+                format!(
+                    "data: {head}\"delta\":{delta},\"logprobs\":null,\"finish_reason\":null{tail}\n\n"
+                )
             } else if i == total && chunks == Chunks::Text {
                 format!(
                     "data: {head}\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"stop\"{tail}\n\n"
                 )
             } else if i == total {
-                format!("data: {head}\"delta\":{{}},\"finish_reason\":\"stop\"{tail}\n\n")
+                format!(
+                    "data: {head}\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"stop\"{tail}\n\n"
+                )
             } else if i < last {
                 let usage = usage.unwrap_or_default();
                 sent.lock().unwrap().add(&usage);

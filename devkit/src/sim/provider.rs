@@ -77,7 +77,7 @@ pub const ALL_PROVIDERS: [SimProvider; 12] = [
     SimProvider::OpenAICompatible,
 ];
 
-/// An OpenAI operation beyond chat completions and the models list.
+/// An OpenAI operation beyond chat completions and the models (list and `models/{model}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     /// `POST /embeddings`.
@@ -147,7 +147,8 @@ impl SimProvider {
         }
     }
 
-    /// Every path prefix under which the provider serves `chat/completions` and `models`.
+    /// Every path prefix under which the provider serves `chat/completions`, `models` and
+    /// `models/{model}`.
     pub(crate) fn prefixes(self) -> &'static [&'static str] {
         match self {
             // DeepSeek serves both https://api.deepseek.com and https://api.deepseek.com/v1.
