@@ -55,6 +55,7 @@ fn routes(n: usize) -> Vec<LLMRoute> {
                 policy: Default::default(),
                 workload_secret: Default::default(),
                 rollout: None,
+                operations: Vec::new(),
             };
             let mut r = LLMRoute::new(&format!("route-{i:04}"), spec);
             r.metadata.namespace = Some("bench".into());

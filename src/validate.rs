@@ -379,6 +379,77 @@ mod tests {
     }
 
     #[test]
+    fn opted_in_operations_need_tokens_per_request_under_a_budget() {
+        let backend = |budget: Value| {
+            let mut b = json!({"name": "a", "provider": "openai",
+                "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}});
+            if !budget.is_null() {
+                b["budget"] = budget;
+            }
+            b
+        };
+        let message = "spec.operations: spec.operations[].tokensPerRequest is required on every \
+            operation when the route has a budget (spec.policy.budget or spec.backends[].budget): \
+            opted-in operations report no usage";
+        // The route's budget, or a backend's: every operation needs tokensPerRequest.
+        let errs = errors_of(json!({"backends": [backend(Value::Null)],
+            "policy": {"budget": {"tokens": 1000}},
+            "operations": [{"name": "files", "tokensPerRequest": 10}, {"name": "images"}]}));
+        assert_eq!(errs, vec![message]);
+        let errs = errors_of(json!({"backends": [backend(json!({"tokens": 5}))],
+            "operations": [{"name": "audio"}]}));
+        assert_eq!(errs, vec![message]);
+        // Given on each, or no budget at all: accepted.
+        let r = validate_route(&route(json!({"backends": [backend(json!({"tokens": 5}))],
+            "policy": {"budget": {"tokens": 100}},
+            "operations": [{"name": "fine_tuning", "tokensPerRequest": 0}, {"name": "images", "tokensPerRequest": 1000}]})))
+        .unwrap();
+        assert_eq!(r.spec.operations.len(), 2);
+        assert_eq!(
+            r.spec.operations[0].name,
+            crate::api::OperationName::FineTuning
+        );
+        assert_eq!(r.spec.operations[1].tokens_per_request, Some(1000));
+        let r = validate_route(&route(json!({"backends": [backend(Value::Null)],
+            "operations": [{"name": "files"}, {"name": "vector_stores"}]})))
+        .unwrap();
+        assert_eq!(
+            r.spec.operations[1].name,
+            crate::api::OperationName::VectorStores
+        );
+        assert_eq!(r.spec.operations[1].tokens_per_request, None);
+        // Only known operations, each once, at most 16, never a negative charge.
+        let errs = errors_of(json!({"backends": [backend(Value::Null)],
+            "operations": [{"name": "chat/completions"}]}));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("spec.operations[0].name: Unsupported value: \"chat/completions\""),
+            "{errs:?}"
+        );
+        let errs = errors_of(json!({"backends": [backend(Value::Null)],
+            "operations": [{"name": "files"}, {"name": "images"}, {"name": "files", "tokensPerRequest": 1}]}));
+        assert_eq!(errs, vec!["spec.operations[2]: Duplicate value: \"files\""]);
+        let errs = errors_of(json!({"backends": [backend(Value::Null)],
+            "operations": [{"name": "files", "tokensPerRequest": -1}]}));
+        assert!(
+            errs[0].starts_with("spec.operations[0].tokensPerRequest"),
+            "{errs:?}"
+        );
+        let errs = errors_of(json!({"backends": [backend(Value::Null)],
+            "operations": [{"tokensPerRequest": 1}]}));
+        assert_eq!(errs, vec!["spec.operations[0].name: Required value"]);
+        let many: Vec<Value> = (0..17)
+            .map(|i| json!({"name": "files", "tokensPerRequest": i}))
+            .collect();
+        let errs = errors_of(json!({"backends": [backend(Value::Null)], "operations": many}));
+        assert!(
+            errs.iter()
+                .any(|e| e == "spec.operations: must have at most 16 items"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn schema_constraints_are_enforced_client_side() {
         let errs = errors_of(
             json!({"backends": [{"name": "A_b", "provider": "nope", "weight": 0,

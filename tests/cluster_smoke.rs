@@ -112,11 +112,57 @@ async fn invalid_routes_are_rejected_with_the_cel_message() {
         "{stderr}"
     );
 
+    // An opted-in operation reports no usage: under a budget it must say what it is charged.
+    let operation_without_charge = VALID.replace(
+        "spec:\n",
+        "spec:\n  policy: { budget: { tokens: 1000 } }\n  operations: [{ name: files }]\n",
+    );
+    let out = c.kubectl_as(
+        &c.kubeconfig(),
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&operation_without_charge),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "spec.operations[].tokensPerRequest is required on every operation when the route has a budget"
+        ),
+        "{stderr}"
+    );
+    let duplicate_operation = VALID.replace(
+        "spec:\n",
+        "spec:\n  operations: [{ name: files }, { name: files }]\n",
+    );
+    let out = c.kubectl_as(
+        &c.kubeconfig(),
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&duplicate_operation),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Duplicate value"), "{stderr}");
+    let operation_with_charge = operation_without_charge
+        .replace("{ name: files }", "{ name: files, tokensPerRequest: 100 }");
+    let out = c.kubectl_as(
+        &c.kubeconfig(),
+        &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+        Some(&operation_with_charge),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // What the API server rejects, the client-side validation rejects too (and the reverse for these).
     for (yaml, expect_ok) in [
         (VALID.to_string(), true),
         (direct_without_model, false),
         (azure_without_endpoint, false),
+        (operation_without_charge, false),
+        (duplicate_operation, false),
+        (operation_with_charge, true),
     ] {
         let mut value: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
         value["metadata"]["namespace"] = ns.name.clone().into();

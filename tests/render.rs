@@ -241,6 +241,46 @@ fn keys_are_only_in_secrets_and_route_metadata() {
     }
 }
 
+/// `spec.operations` reaches the front route's Lua metadata as `{ name: tokens per request }`
+/// (0 when not given), and routes that opt in to none carry no `operations` at all.
+#[test]
+fn opted_in_operations_reach_the_front_route_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ops.yaml");
+    let with_ops = route_yaml(
+        "ops",
+        &format!(
+            "  backends:{VALID_BACKEND}\n  policy: {{ budget: {{ tokens: 100000 }} }}\n  operations:\n    - {{ name: images, tokensPerRequest: 1000 }}\n    - {{ name: files, tokensPerRequest: 0 }}"
+        ),
+    );
+    let without = route_yaml("plain", &format!("  backends:{VALID_BACKEND}"));
+    std::fs::write(&input, format!("{with_ops}---\n{without}")).unwrap();
+    let files = render_case(&input);
+    let resources: Vec<serde_json::Value> =
+        serde_json::from_str(&files["default/xds.json"]).unwrap();
+    let front = resources
+        .iter()
+        .find(|r| {
+            r["name"] == "gateway" && r["type"].as_str().unwrap().ends_with("RouteConfiguration")
+        })
+        .expect("the front route configuration");
+    let lua_of = |name: &str| {
+        front["resource"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no front route {name}"))["metadata"]["filter_metadata"]
+            ["envoy.filters.http.lua"]
+            .clone()
+    };
+    assert_eq!(
+        lua_of("ops")["operations"],
+        serde_json::json!({ "files": 0, "images": 1000 })
+    );
+    assert!(lua_of("plain").get("operations").is_none());
+}
+
 const VALID_BACKEND: &str = r#"
     - name: a
       provider: openai
@@ -426,6 +466,33 @@ fn bad_inputs_are_rejected_with_one_precise_line() {
                 &format!("  backends:{VALID_BACKEND}\n      budget: {{ cost: \"1\" }}"),
             ),
             "spec.backends[0].budget.cost: spec.backends[].budget.cost needs spec.backends[].cost",
+        ),
+        (
+            "opted-in operation without its charge under a budget",
+            with_backend(
+                "  policy: { budget: { tokens: 1000 } }\n  operations: [{ name: files, tokensPerRequest: 5 }, { name: images }]",
+            ),
+            "spec.operations: spec.operations[].tokensPerRequest is required on every operation when the route has a budget",
+        ),
+        (
+            "opted-in operation without its charge under a backend budget",
+            route_yaml(
+                "r",
+                &format!(
+                    "  backends:{VALID_BACKEND}\n      budget: {{ tokens: 5 }}\n  operations: [{{ name: audio }}]"
+                ),
+            ),
+            "spec.operations: spec.operations[].tokensPerRequest is required",
+        ),
+        (
+            "unknown operation",
+            with_backend("  operations: [{ name: realtime }]"),
+            "spec.operations[0].name: Unsupported value: \"realtime\"",
+        ),
+        (
+            "duplicate operation",
+            with_backend("  operations: [{ name: files }, { name: files, tokensPerRequest: 1 }]"),
+            "spec.operations[1]: Duplicate value: \"files\"",
         ),
         (
             "region not a code",

@@ -79,6 +79,98 @@ pub struct LLMRouteSpec {
     /// changes in `Direct` mode, so that workloads reading it as environment variables pick it up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+
+    /// OpenAI operations beyond the default set that this route lets through, at most 16 with
+    /// unique names. The default set (`chat/completions`, `completions`, `embeddings`, `responses`,
+    /// `models`) needs no opt-in; the gateway answers any other operation with 404
+    /// `unsupported_endpoint` unless it is listed here. An opted-in operation's requests are not
+    /// model-checked and report no usage: `tokensPerRequest` is required on every listed operation
+    /// when the route (`spec.policy.budget`) or one of its backends (`spec.backends[].budget`) has a
+    /// budget, and is then counted as the estimated usage of each request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "schema::operation_list")]
+    pub operations: Vec<Operation>,
+}
+
+/// An OpenAI operation a route opts in to (`spec.operations[]`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// The first path segment below `/v1/` of the OpenAI API (`/v1/fine_tuning/jobs` is
+    /// `fine_tuning`): every method and sub-path below it is let through.
+    pub name: OperationName,
+    /// Tokens the route's budgets (and its backends' budgets) are charged per request of this
+    /// operation, as estimated usage, since these requests report none. Required when the route or
+    /// one of its backends has a budget; when not given, such requests count 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub tokens_per_request: Option<u64>,
+}
+
+/// An OpenAI operation outside the default set, by the first path segment below `/v1/`.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationName {
+    /// `/v1/files`
+    Files,
+    /// `/v1/uploads`
+    Uploads,
+    /// `/v1/batches`
+    Batches,
+    /// `/v1/images`
+    Images,
+    /// `/v1/audio`
+    Audio,
+    /// `/v1/moderations`
+    Moderations,
+    /// `/v1/fine_tuning`
+    FineTuning,
+    /// `/v1/assistants`
+    Assistants,
+    /// `/v1/threads`
+    Threads,
+    /// `/v1/vector_stores`
+    VectorStores,
+}
+
+impl OperationName {
+    /// Every operation, in declaration order.
+    pub const ALL: [OperationName; 10] = [
+        OperationName::Files,
+        OperationName::Uploads,
+        OperationName::Batches,
+        OperationName::Images,
+        OperationName::Audio,
+        OperationName::Moderations,
+        OperationName::FineTuning,
+        OperationName::Assistants,
+        OperationName::Threads,
+        OperationName::VectorStores,
+    ];
+
+    /// The name used in the API: the path segment below `/v1/`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationName::Files => "files",
+            OperationName::Uploads => "uploads",
+            OperationName::Batches => "batches",
+            OperationName::Images => "images",
+            OperationName::Audio => "audio",
+            OperationName::Moderations => "moderations",
+            OperationName::FineTuning => "fine_tuning",
+            OperationName::Assistants => "assistants",
+            OperationName::Threads => "threads",
+            OperationName::VectorStores => "vector_stores",
+        }
+    }
+}
+
+impl std::fmt::Display for OperationName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One provider account the route may send requests to.

@@ -59,6 +59,15 @@ pub fn spec_rules() -> Vec<(String, String, &'static str)> {
                 .into(),
             ".policy.budget.cost",
         ),
+        (
+            "!has(self.operations) || self.operations.all(o, has(o.tokensPerRequest)) || \
+             ((!has(self.policy) || !has(self.policy.budget)) && !self.backends.exists(b, has(b.budget)))"
+                .into(),
+            "spec.operations[].tokensPerRequest is required on every operation when the route has a budget \
+             (spec.policy.budget or spec.backends[].budget): opted-in operations report no usage"
+                .into(),
+            ".operations",
+        ),
     ]
 }
 

@@ -4,7 +4,7 @@
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::json;
 
-use super::{Backend, BackendStatus, BackendUsage, FailureClass};
+use super::{Backend, BackendStatus, BackendUsage, FailureClass, Operation};
 use crate::catalog;
 
 /// Matches Go's `time.ParseDuration` for the units that make sense here.
@@ -24,6 +24,19 @@ pub fn backend_list(generator: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
         "minItems": 1,
+        "maxItems": 16,
+        "items": items,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+    })
+}
+
+/// `spec.operations`: at most 16, a list-map keyed by `name`, so the API server rejects duplicate
+/// names.
+pub fn operation_list(generator: &mut SchemaGenerator) -> Schema {
+    let items = inline::<Operation>(generator);
+    json_schema!({
+        "type": "array",
         "maxItems": 16,
         "items": items,
         "x-kubernetes-list-type": "map",

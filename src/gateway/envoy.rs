@@ -1104,6 +1104,7 @@ fn front_route_config<'a>(
         )
     };
     routes.push(FrontEntry::Other(json!({
+            operations: &route.operations,
         "name": "not-found",
         "match": { "prefix": "/" },
         "direct_response": { "status": 404, "body": { "inline_string":

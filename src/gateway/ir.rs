@@ -52,6 +52,10 @@ pub struct RouteIr {
     /// Per logical model, the provider model every embeddings request must be answered with
     /// (`spec.policy.embeddingFailover: SameModel`); empty with `AnyModel`.
     pub embedding_family: BTreeMap<String, String>,
+    /// The OpenAI operations the route opts in to beyond the default set (`spec.operations`), by
+    /// name (the path segment below `/v1/`, sorted), with the tokens each request is charged
+    /// (`tokensPerRequest`, 0 when not given).
+    pub operations: BTreeMap<&'static str, u64>,
 }
 
 /// An ordered list of provider accounts tried one after the other within one client request.
@@ -402,6 +406,16 @@ pub fn embedding_family(route: &LLMRoute, order: &[usize]) -> BTreeMap<String, S
     family
 }
 
+/// The route's opted-in operations (`spec.operations`): name → tokens charged per request.
+pub fn operations(route: &LLMRoute) -> BTreeMap<&'static str, u64> {
+    route
+        .spec
+        .operations
+        .iter()
+        .map(|o| (o.name.as_str(), o.tokens_per_request.unwrap_or(0)))
+        .collect()
+}
+
 /// Builds a route's IR from its plan. Backends not in any chain are not programmed.
 pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, String> {
     let name = kube::ResourceExt::name_any(route);
@@ -517,6 +531,7 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
             served.into_iter().map(|e| e.path()).collect()
         },
         embedding_family: BTreeMap::new(),
+        operations: operations(route),
         name,
     };
     Ok(BuiltRoute {
@@ -590,6 +605,28 @@ mod tests {
             key: "k".into(),
         });
         assert!(long.len() < 64 && long.starts_with("provider_h"));
+    }
+
+    #[test]
+    fn opted_in_operations_are_in_the_route_ir_sorted_with_their_charge() {
+        let route = |operations: &str| -> LLMRoute {
+            serde_yaml_ng::from_str(&format!(
+                "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: r }}\n\
+                 spec:\n  backends:\n    - {{ name: a, provider: openai, \
+                 credentialsSecretRef: {{ name: k, key: x }}, models: {{ m: m }} }}\n{operations}"
+            ))
+            .unwrap()
+        };
+        let built = |r: &LLMRoute| build_route(r, &order_by_strategy(r, &[0])).unwrap().route;
+        let r = route(
+            "  operations:\n    - { name: vector_stores }\n    - { name: images, tokensPerRequest: 1000 }\n    - { name: files, tokensPerRequest: 0 }\n",
+        );
+        let ops = built(&r).operations;
+        assert_eq!(
+            ops.into_iter().collect::<Vec<_>>(),
+            vec![("files", 0), ("images", 1000), ("vector_stores", 0)]
+        );
+        assert!(built(&route("")).operations.is_empty());
     }
 
     #[test]

@@ -212,6 +212,11 @@ pub struct FrontMetadata<'a> {
     pub backends: String,
     /// The OpenAI operations some backend of the route serves: the front answers the others.
     pub endpoints: &'a [&'static str],
+    /// The operations the route opts in to beyond the default set, as `{ "files": 0, "images":
+    /// 1000 }`: name (path segment below `/v1/`) → tokens charged per request. Left out when the
+    /// route opts in to none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub operations: &'a BTreeMap<&'static str, u64>,
 }
 
 // ---- account listener routes ----
@@ -366,6 +371,41 @@ pub fn stat_name(name: &str) -> String {
         );
     }
     out.trim_end_matches('_').to_string()
+}
+
+#[cfg(test)]
+mod front_metadata_tests {
+    use std::collections::BTreeMap;
+
+    fn metadata(operations: &BTreeMap<&'static str, u64>) -> serde_json::Value {
+        serde_json::to_value(super::FrontMetadata {
+            route: "r",
+            key: "k",
+            models: &[],
+            passthrough: false,
+            chains: &[],
+            backends: String::new(),
+            endpoints: &["chat/completions"],
+            operations,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn operations_are_an_object_of_charges_and_absent_when_none() {
+        let ops = BTreeMap::from([("images", 1000), ("files", 0)]);
+        assert_eq!(
+            metadata(&ops)["operations"],
+            serde_json::json!({ "files": 0, "images": 1000 })
+        );
+        assert!(
+            metadata(&ops)
+                .to_string()
+                .contains(r#""operations":{"files":0,"images":1000}"#)
+        );
+        let none = metadata(&BTreeMap::new());
+        assert!(none.get("operations").is_none(), "{none}");
+    }
 }
 
 #[cfg(test)]
