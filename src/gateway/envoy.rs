@@ -145,8 +145,14 @@ pub const MODEL_HEADER: &str = "x-llmroute-model";
 /// Response header naming the backend that answered.
 pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 
-/// Largest request body buffered for model checks and retries.
+/// Largest request body the gateway reads (the request module refuses a larger one, 413) and
+/// buffers for retries.
 pub const REQUEST_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// What the front route lets Envoy buffer: more than the request module reads, so that the
+/// module, not Envoy's plain-text 413, answers a body over [`REQUEST_BUFFER_LIMIT`] (Envoy's
+/// last read may take the buffer past the module's limit before the module sees it).
+const FRONT_REQUEST_BUFFER_LIMIT: u64 = REQUEST_BUFFER_LIMIT + 1024 * 1024;
 
 const LUA_COMMON: &str = include_str!("lua/common.lua");
 const LUA_FRONT: &str = include_str!("lua/front.lua");
@@ -750,40 +756,78 @@ pub const USAGE_METADATA: &str = "llmroute";
 /// by llmroute's Envoy dynamic module (`sse-usage/`, loaded from `opts.usage_module`), an event
 /// split across reads included; nothing is held back, copied or changed. It reads the objects
 /// named above (`sse-usage/src/scan.rs` and its tests) into [`USAGE_METADATA`] key `usage`.
-/// Without a module (`usage_module` empty) streams' usage is not read.
 ///
 /// It replaced Envoy's `sse_to_metadata` filter with the JSON content parser, which built a JSON
 /// object of every event: about 0.06 ms of each stream's first byte (docs/benchmarks.md, runs 10-12).
 fn usage_from_sse(opts: &EnvoyOptions) -> Option<Value> {
+    module_filter(opts, SSE_USAGE_FILTER, "")
+}
+
+/// The request checker (the same module's `request` filter, first on the front listener): the
+/// body of each chat or text completion, embeddings or responses request parsed by a JSON parser,
+/// refused when it is not one unambiguous JSON object with a string model, and passed on in one
+/// canonical form, every stream asking for its usage (`sse-usage/src/request.rs`,
+/// docs/design/request-checking.md). Its configuration is the largest body it reads, in bytes.
+fn request_checker(opts: &EnvoyOptions) -> Option<Value> {
+    module_filter(opts, REQUEST_FILTER, &REQUEST_BUFFER_LIMIT.to_string())
+}
+
+/// A filter of llmroute's module; none without a module (`usage_module` empty).
+fn module_filter(opts: &EnvoyOptions, name: &str, config: &str) -> Option<Value> {
     (!opts.usage_module.is_empty()).then(|| {
+        let mut module = json!({
+            "dynamic_module_config": {
+                "module": { "local": { "filename": opts.usage_module } },
+                // Loaded once for the process: listener updates do not reload it.
+                "do_not_close": true,
+            },
+            "filter_name": name,
+        });
+        if !config.is_empty() {
+            module["filter_config"] = typed("google.protobuf.StringValue", json!({ "value": config }));
+        }
         json!({
             "name": "envoy.filters.http.dynamic_modules",
-            "typed_config": typed("envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter", json!({
-                "dynamic_module_config": {
-                    "module": { "local": { "filename": opts.usage_module } },
-                    // Loaded once for the process: listener updates do not reload it.
-                    "do_not_close": true,
-                },
-                "filter_name": SSE_USAGE_FILTER,
-            })),
+            "typed_config": typed("envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter", module),
         })
     })
 }
 
-/// The module's file name (`sse-usage/`'s library) and the name its filter is configured by.
+/// The module's file name (`sse-usage/`'s library) and the names its filters are configured by.
 pub const SSE_USAGE_MODULE_FILE: &str = "libllmroute_sse_usage.so";
 const SSE_USAGE_FILTER: &str = "sse_usage";
+const REQUEST_FILTER: &str = "request";
 
-/// How much of a request or an answer the front listener may hold: the Lua filter reads request
-/// bodies whole (the model) and holds whole JSON answers (their usage).
-const FRONT_BUFFER_LIMIT_BYTES: u32 = 8 * 1024 * 1024;
+/// How much of a request or an answer the front listener may hold: the request module reads
+/// request bodies whole (up to [`REQUEST_BUFFER_LIMIT`]: this leaves room for Envoy's last read
+/// past it, so that the module answers 413 in OpenAI's shape), the Lua filter holds whole JSON
+/// answers (their usage).
+const FRONT_BUFFER_LIMIT_BYTES: u32 = FRONT_REQUEST_BUFFER_LIMIT as u32;
 
-/// The front listener's HTTP filters. The encode path runs them in reverse: the stream usage
-/// reader sees the provider's bytes before the Lua filter hides a usage chunk the client did not
-/// ask for. The Lua filter reads the usage of whole answers itself (lua/front.lua).
+/// The front Lua's constants: whether the request module checks bodies (without it, no request
+/// with a body passes), and what it answers then.
+fn front_lua_prelude(opts: &EnvoyOptions) -> String {
+    format!(
+        "local REQUEST_MODULE = {}\nlocal MODULE_MISSING = {}\n",
+        !opts.usage_module.is_empty(),
+        lua_string(
+            "This llmroute gateway runs without its request module (the operator's --gateway-usage-module is \
+             empty): requests with a body are refused rather than passed on unchecked."
+        )
+    )
+}
+
+/// The front listener's HTTP filters. The request checker runs first, before the Lua reads its
+/// verdict. The encode path runs them in reverse: the stream usage reader sees the provider's
+/// bytes (and hides the usage chunk the client did not ask for) before the Lua filter. The Lua
+/// filter reads the usage of whole answers itself (lua/front.lua).
 fn front_filters(opts: &EnvoyOptions) -> Vec<Value> {
     [
-        Some(lua_filter(LUA_FRONT)),
+        request_checker(opts),
+        Some(lua_filter(&format!(
+            "{}{LUA_FRONT}",
+            front_lua_prelude(opts)
+        ))),
         usage_from_sse(opts),
         Some(router_filter()),
     ]
@@ -805,6 +849,12 @@ fn front_listener(opts: &EnvoyOptions, delivery: Delivery) -> Value {
                 "rds": { "route_config_name": FRONT, "config_source": config_source(delivery, ROUTES) },
                 "http_filters": front_filters(opts),
                 "access_log": access_log(opts),
+                // Paths are normalised before any filter or route reads them (RFC 3986 dot
+                // segments, `%2e` included; `//`); an encoded slash or backslash is refused: no
+                // path reaches another operation at the provider than the one checked.
+                "normalize_path": true,
+                "merge_slashes": true,
+                "path_with_escaped_slashes_action": "REJECT_REQUEST",
                 // Route timeouts bound requests; streams may legitimately stay open for minutes.
                 "stream_idle_timeout": "0s",
             })),
@@ -827,6 +877,17 @@ fn lua_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Whether the gateway asks this account's provider for a stream's usage: where the catalog says
+/// it reports it when asked, and on Azure only from api-version 2024-08-01 (2023-05-15 rejects
+/// `stream_options`; src/catalog/providers.yaml).
+fn asks_stream_usage(account: &AccountIr) -> bool {
+    account.provider.stream_usage == StreamUsage::IncludeUsage
+        && account
+            .api_version
+            .as_deref()
+            .is_none_or(|v| v.get(..10).is_some_and(|date| date >= "2024-08-01"))
 }
 
 /// The account's constants for the backend Lua code: base path, path style and the provider's
@@ -856,7 +917,7 @@ fn account_lua_prelude(account: &AccountIr) -> String {
         lua_string(&account.base_path),
         matches!(account.path_style, PathStyle::AzureDeployment),
         lua_string(account.api_version.as_deref().unwrap_or_default()),
-        account.provider.stream_usage == StreamUsage::IncludeUsage,
+        asks_stream_usage(account),
         account
             .provider
             .endpoints
@@ -1043,8 +1104,9 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
                 (b.name.as_str(), facts)
             })),
             endpoints: &route.endpoints,
+            operations: &route.operations,
         }),
-        request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
+        request_body_buffer_limit: FRONT_REQUEST_BUFFER_LIMIT,
         request_headers_to_add: [shapes::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],
     }
 }
@@ -1104,7 +1166,6 @@ fn front_route_config<'a>(
         )
     };
     routes.push(FrontEntry::Other(json!({
-            operations: &route.operations,
         "name": "not-found",
         "match": { "prefix": "/" },
         "direct_response": { "status": 404, "body": { "inline_string":

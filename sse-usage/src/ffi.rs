@@ -4,15 +4,21 @@
 //! Envoy's `source/extensions/dynamic_modules/abi/abi.h` of the 1.40 era, and checked against the
 //! pinned binary (`scripts/install-envoy`), whose dynamic symbol table exports the callbacks:
 //! - `envoy_dynamic_module_callback_http_get_body_chunks_size(filter, body_type) -> size_t` and
-//!   `..._get_body_chunks(filter, body_type, envoy_buffer*) -> bool`; `body_type` 2 is the
-//!   received response body (the disassembly's jump table: 0 and 2 read the filter's current
-//!   request and response data, 1 and 3 the decoder's and encoder's buffered bodies).
+//!   `..._get_body_chunks(filter, body_type, envoy_buffer*) -> bool`; `body_type` 0 is the
+//!   received request body, 1 the buffered request body, 2 the received response body (the
+//!   disassembly's jump table: 0 and 2 read the filter's current request and response data, 1
+//!   and 3 the decoder's and encoder's buffered bodies; abi.h's `envoy_dynamic_module_type_http_body_type`
+//!   lists them in that order).
+//! - The request hooks' return values are Envoy's `FilterHeadersStatus` and `FilterDataStatus`
+//!   (abi.h: "This corresponds to `FilterHeadersStatus` in envoy/http/filter.h"): headers
+//!   `Continue` 0, `StopIteration` 1; body `Continue` 0, `StopIterationAndBuffer` 1. The
+//!   dataplane tests show the whole body reaching the checker in one piece.
 //! - `..._http_drain_body(filter, body_type, size_t) -> bool` and
 //!   `..._http_append_body(filter, body_type, buffer) -> bool` (the buffer's pointer and length in
 //!   the third and fourth registers), with the same body-type table.
 //! - `..._http_get_header(filter, header_type, key, envoy_buffer*, index, size_t*) -> bool` and
-//!   `..._http_set_header(filter, header_type, key, value) -> bool`; `header_type` 2 is the
-//!   response headers (the jump table: 0 and 1 read the decoder's request headers and trailers, 2
+//!   `..._http_set_header(filter, header_type, key, value) -> bool`; `header_type` 0 is the
+//!   request headers, 2 the response headers (the jump table: 0 and 1 read the decoder's request headers and trailers, 2
 //!   and 3 the encoder's response headers and trailers).
 //! - `envoy_dynamic_module_callback_http_set_dynamic_metadata_string(filter, ns, key, value)`
 //!   takes three `{ptr, length}` buffers by value, returns nothing (the disassembly reads the
@@ -27,6 +33,7 @@
 
 use std::ffi::{c_char, c_void};
 
+use crate::request::{self, Operation, Stream};
 use crate::scan::UsageScanner;
 
 /// `envoy_dynamic_module_type_envoy_buffer` and `..._module_buffer`: `{const char*, size_t}`.
@@ -51,10 +58,24 @@ impl Buffer {
     }
 }
 
-/// `envoy_dynamic_module_type_http_body_type_ReceivedResponseBody`.
+/// `envoy_dynamic_module_type_http_body_type_*`.
+const RECEIVED_REQUEST_BODY: u32 = 0;
+const BUFFERED_REQUEST_BODY: u32 = 1;
 const RECEIVED_RESPONSE_BODY: u32 = 2;
-/// `envoy_dynamic_module_type_http_header_type_ResponseHeader`.
+/// `envoy_dynamic_module_type_http_header_type_RequestHeader` and `..._ResponseHeader`.
+const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
+/// `..._request_headers_status_StopIteration` and `..._request_body_status_StopIterationAndBuffer`.
+const STOP_ITERATION: u32 = 1;
+const STOP_AND_BUFFER: u32 = 1;
+
+/// What the request filter tells the front Lua, in request headers it sets on every request
+/// (replacing a client's own) and the Lua reads and removes (`src/gateway/lua/front.lua`):
+/// `x-llmroute-request` is `none` (no body read), `ok`, or `<status> <code> <message>`;
+/// `x-llmroute-model` the body's model, `x-llmroute-stream` `hide` or `asked` (empty otherwise).
+const VERDICT: &[u8] = b"x-llmroute-request";
+const MODEL: &[u8] = b"x-llmroute-model";
+const STREAM: &[u8] = b"x-llmroute-stream";
 
 /// The backend listener's mark on an answer whose provider the gateway asked for a stream's usage
 /// (`src/gateway/lua/backend.lua`): the client did not ask, so its usage-only event is taken out.
@@ -75,8 +96,15 @@ const KEY: &[u8] = b"usage";
 /// Envoy only warns on a difference.
 static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
-/// The filter's configuration: the module has none, Envoy needs a non-null pointer.
-static CONFIG: u8 = 0;
+/// A filter's configuration: which of the module's filters, and for `request` the largest body
+/// it reads (its configuration string, in bytes; larger bodies are refused with 413).
+struct Config {
+    request: bool,
+    max_body: usize,
+}
+
+/// Default largest request body, when the configuration does not say.
+const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 
 unsafe extern "C" {
     fn envoy_dynamic_module_callback_http_get_body_chunks_size(
@@ -125,20 +153,57 @@ extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     ABI_VERSION.as_ptr().cast()
 }
 
+/// The filter `request` or `sse_usage` (the configuration's `filter_name`); any other name is
+/// refused (null: Envoy rejects the configuration).
 #[unsafe(no_mangle)]
 extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _config_envoy: *mut c_void,
-    _name: Buffer,
-    _config: Buffer,
+    name: Buffer,
+    config: Buffer,
 ) -> *const c_void {
-    (&raw const CONFIG).cast()
+    // SAFETY: Envoy's buffers, valid for the duration of the call.
+    let (name, config) = unsafe { (bytes_of(name), bytes_of(config)) };
+    let request = match name {
+        b"request" => true,
+        b"sse_usage" => false,
+        _ => return std::ptr::null(),
+    };
+    let max_body = std::str::from_utf8(config)
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_BODY);
+    Box::into_raw(Box::new(Config { request, max_body })).cast()
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(_config: *const c_void) {}
+extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    if !config.is_null() {
+        // SAFETY: made by `Box::into_raw` in `on_http_filter_config_new`, destroyed once.
+        drop(unsafe { Box::from_raw(config.cast_mut().cast::<Config>()) });
+    }
+}
+
+/// # Safety
+/// `b` is a buffer Envoy handed to the running hook (or empty).
+unsafe fn bytes_of<'a>(b: Buffer) -> &'a [u8] {
+    if b.ptr.is_null() || b.len == 0 {
+        &[]
+    } else {
+        // SAFETY: as the function's contract says.
+        unsafe { std::slice::from_raw_parts(b.ptr, b.len) }
+    }
+}
 
 /// One stream's state.
 struct Filter {
+    /// The `request` filter (the response hooks do nothing), or the `sse_usage` filter (the
+    /// request hooks do nothing).
+    request: bool,
+    /// The `request` filter's: the operation whose body is being read, and the body's size so far.
+    reading: Option<Operation>,
+    max_body: usize,
+    received: usize,
+    /// The `sse_usage` filter's.
     scanner: UsageScanner,
     /// Take out the usage-only event (the gateway asked for it, the client did not).
     hide: bool,
@@ -146,18 +211,251 @@ struct Filter {
     out: Vec<u8>,
 }
 
-/// A stream starts: its scanner (a few words; the buffers grow only when used).
+/// A stream starts: its state (a few words; the buffers grow only when used).
 #[unsafe(no_mangle)]
 extern "C" fn envoy_dynamic_module_on_http_filter_new(
-    _config: *const c_void,
+    config: *const c_void,
     _filter_envoy: *mut c_void,
 ) -> *mut c_void {
+    // SAFETY: the configuration this module made (`on_http_filter_config_new`), alive while
+    // Envoy has filters of it.
+    let config = unsafe { &*config.cast::<Config>() };
     Box::into_raw(Box::new(Filter {
+        request: config.request,
+        reading: None,
+        max_body: config.max_body,
+        received: 0,
         scanner: UsageScanner::new(),
         hide: false,
         out: Vec::new(),
     }))
     .cast()
+}
+
+/// A request header's first value, copied.
+fn request_header(filter_envoy: *mut c_void, name: &[u8]) -> Option<Vec<u8>> {
+    let (mut value, mut count) = (Buffer::EMPTY, 0usize);
+    // SAFETY: Envoy's callback with the pointer it gave the running hook; the value it writes
+    // is copied before the hook returns.
+    unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter_envoy,
+            REQUEST_HEADERS,
+            Buffer::of(name),
+            &mut value,
+            0,
+            &mut count,
+        )
+        .then(|| bytes_of(value).to_vec())
+    }
+}
+
+fn set_request_header(filter_envoy: *mut c_void, name: &[u8], value: &[u8]) {
+    // SAFETY: Envoy copies both buffers before returning.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(
+            filter_envoy,
+            REQUEST_HEADERS,
+            Buffer::of(name),
+            Buffer::of(value),
+        );
+    }
+}
+
+/// Tells the front Lua the verdict (and clears what a client sent in the gateway's headers).
+fn tell(filter_envoy: *mut c_void, verdict: &[u8], model: &[u8], stream: &[u8]) {
+    set_request_header(filter_envoy, VERDICT, verdict);
+    set_request_header(filter_envoy, MODEL, model);
+    set_request_header(filter_envoy, STREAM, stream);
+}
+
+fn refuse(filter_envoy: *mut c_void, status: u16, code: &str, message: &str) {
+    // A header value: the message without line breaks (it names at most a key, escaped).
+    let message: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    tell(
+        filter_envoy,
+        format!("{status} {code} {message}").as_bytes(),
+        b"",
+        b"",
+    );
+}
+
+/// A request's headers: a body of an operation the gateway reads is held until it is whole.
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter_envoy: *mut c_void,
+    filter: *mut c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: see `on_http_filter_response_body`.
+    let state = unsafe { &mut *filter.cast::<Filter>() };
+    if !state.request {
+        return CONTINUE;
+    }
+    tell(filter_envoy, b"none", b"", b"");
+    let encoding = request_header(filter_envoy, b"content-encoding");
+    if encoding.is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity")) {
+        refuse(
+            filter_envoy,
+            400,
+            "unsupported_content_encoding",
+            "The gateway does not accept compressed request bodies (Content-Encoding); send the body uncompressed.",
+        );
+        return CONTINUE;
+    }
+    if end_of_stream || request_header(filter_envoy, b":method").as_deref() != Some(b"POST") {
+        return CONTINUE;
+    }
+    let Some(op) = request_header(filter_envoy, b":path").and_then(|p| Operation::of_path(&p))
+    else {
+        return CONTINUE;
+    };
+    let json = request_header(filter_envoy, b"content-type").is_none_or(|t| {
+        let t = t.trim_ascii_start().to_ascii_lowercase();
+        t == b"application/json" || t.starts_with(b"application/json;")
+    });
+    if !json {
+        refuse(
+            filter_envoy,
+            400,
+            "invalid_content_type",
+            "The request body must be JSON (Content-Type: application/json).",
+        );
+        return CONTINUE;
+    }
+    state.reading = Some(op);
+    STOP_ITERATION
+}
+
+/// The body's chunks: held (Envoy buffers them) until the last, then checked whole and replaced
+/// by its canonical form. Too large a body is refused as soon as it passes the limit.
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    filter_envoy: *mut c_void,
+    filter: *mut c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: see `on_http_filter_response_body`.
+    let state = unsafe { &mut *filter.cast::<Filter>() };
+    let Some(op) = state.reading else {
+        return CONTINUE;
+    };
+    // SAFETY: Envoy's callbacks with the pointer it gave this hook.
+    let (buffered, received) = unsafe {
+        (
+            body_chunks(filter_envoy, BUFFERED_REQUEST_BODY),
+            body_chunks(filter_envoy, RECEIVED_REQUEST_BODY),
+        )
+    };
+    let size = |chunks: &[&[u8]]| chunks.iter().map(|c| c.len()).sum::<usize>();
+    state.received = size(&buffered) + size(&received);
+    if state.received > state.max_body {
+        state.reading = None;
+        refuse(
+            filter_envoy,
+            413,
+            "request_too_large",
+            &format!(
+                "The request body is larger than the gateway reads ({} bytes).",
+                state.max_body
+            ),
+        );
+        return CONTINUE;
+    }
+    if !end_of_stream {
+        return STOP_AND_BUFFER;
+    }
+    state.reading = None;
+    let mut body = Vec::with_capacity(state.received);
+    for chunk in buffered.iter().chain(received.iter()) {
+        body.extend_from_slice(chunk);
+    }
+    let (buffered_len, received_len) = (size(&buffered), size(&received));
+    match request::check(&body, op) {
+        Err(r) => refuse(filter_envoy, r.status, r.code, &r.message),
+        Ok(checked) => {
+            // SAFETY: Envoy's callbacks; the slices read above are not used past this point.
+            unsafe {
+                if buffered_len > 0 {
+                    envoy_dynamic_module_callback_http_drain_body(
+                        filter_envoy,
+                        BUFFERED_REQUEST_BODY,
+                        buffered_len,
+                    );
+                }
+                envoy_dynamic_module_callback_http_drain_body(
+                    filter_envoy,
+                    RECEIVED_REQUEST_BODY,
+                    received_len,
+                );
+                envoy_dynamic_module_callback_http_append_body(
+                    filter_envoy,
+                    RECEIVED_REQUEST_BODY,
+                    Buffer::of(&checked.body),
+                );
+            }
+            if request_header(filter_envoy, b"content-length").is_some() {
+                set_request_header(
+                    filter_envoy,
+                    b"content-length",
+                    checked.body.len().to_string().as_bytes(),
+                );
+            }
+            let stream: &[u8] = match checked.stream {
+                Stream::No => b"",
+                Stream::Hide => b"hide",
+                Stream::Asked => b"asked",
+            };
+            tell(filter_envoy, b"ok", checked.model.as_bytes(), stream);
+        }
+    }
+    CONTINUE
+}
+
+/// A body that ends with trailers is not read (HTTP/1 chunked trailers, HTTP/2 trailers): it is
+/// refused rather than passed on unchecked.
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    filter_envoy: *mut c_void,
+    filter: *mut c_void,
+) -> u32 {
+    // SAFETY: see `on_http_filter_response_body`.
+    let state = unsafe { &mut *filter.cast::<Filter>() };
+    if state.reading.take().is_some() {
+        refuse(
+            filter_envoy,
+            400,
+            "invalid_request_body",
+            "Request trailers are not accepted.",
+        );
+    }
+    CONTINUE
+}
+
+/// The chunks of a body, as Envoy's own slices (valid until the running hook returns).
+///
+/// # Safety
+/// `filter_envoy` is the pointer Envoy gave the running hook.
+unsafe fn body_chunks<'a>(filter_envoy: *mut c_void, body_type: u32) -> Vec<&'a [u8]> {
+    // SAFETY: as the function's contract says; Envoy writes `n` buffers.
+    unsafe {
+        let n = envoy_dynamic_module_callback_http_get_body_chunks_size(filter_envoy, body_type);
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut got = vec![Buffer::EMPTY; n];
+        if !envoy_dynamic_module_callback_http_get_body_chunks(
+            filter_envoy,
+            body_type,
+            got.as_mut_ptr(),
+        ) {
+            return Vec::new();
+        }
+        got.into_iter().map(|b| bytes_of(b)).collect()
+    }
 }
 
 /// The answer's headers: hide its usage-only event when the backend listener marked it.
@@ -169,6 +467,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 ) -> u32 {
     // SAFETY: see `on_http_filter_response_body`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
+    if state.request {
+        return CONTINUE;
+    }
     let (mut value, mut count) = (Buffer::EMPTY, 0usize);
     // SAFETY: Envoy's callbacks with the pointer it gave this hook; `value` and `count` are
     // written by Envoy and not read; the key and value buffers are copied before the calls return.
@@ -202,6 +503,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     // SAFETY: `filter` is the state this module made for the stream (`on_http_filter_new`),
     // used by the one worker that runs the stream and freed only in `on_http_filter_destroy`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
+    if state.request {
+        return CONTINUE;
+    }
     let (scanner, out) = (&mut state.scanner, &mut state.out);
     // SAFETY: Envoy's callbacks with the pointer it gave this hook; the slices it writes stay
     // valid until the hook returns and are only read before then.
@@ -282,7 +586,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *mut c_void) {
     }
 }
 
-/// Hooks of the request, the response's headers and trailers: the module lets them pass.
+/// The response's trailers: the module lets them pass.
 macro_rules! pass {
     ($($name:ident),* $(,)?) => {$(
         #[unsafe(no_mangle)]
@@ -291,12 +595,7 @@ macro_rules! pass {
         }
     )*};
 }
-pass!(
-    envoy_dynamic_module_on_http_filter_request_headers,
-    envoy_dynamic_module_on_http_filter_request_body,
-    envoy_dynamic_module_on_http_filter_request_trailers,
-    envoy_dynamic_module_on_http_filter_response_trailers,
-);
+pass!(envoy_dynamic_module_on_http_filter_response_trailers,);
 
 /// Event hooks the module never triggers (callouts, streams, schedulers, watermarks): Envoy
 /// requires them to exist. They return nothing; their arguments are not read.

@@ -17,6 +17,10 @@
 /// objects are a few hundred bytes.
 pub const MAX_USAGE_BYTES: usize = 65536;
 
+/// Longest event [`UsageScanner::feed_hiding`] holds back: a usage-only event is a usage object
+/// and a few ids. A longer event goes on as it arrives (it is not the one to hide).
+pub const MAX_HELD_EVENT: usize = 2 * MAX_USAGE_BYTES;
+
 /// Deepest nesting tracked; an event nested deeper is not read (no usage object is there).
 const MAX_DEPTH: u32 = 64;
 
@@ -72,6 +76,8 @@ pub struct UsageScanner {
     usage_only: bool,
     /// An event ended at a `\r`: a `\n` right after it is part of its end, kept or dropped with it.
     lf_of_event: Option<bool>,
+    /// The current event grew past [`MAX_HELD_EVENT`]: its bytes go on as they arrive.
+    spilling: bool,
 }
 
 /// JSON state of the current event.
@@ -124,6 +130,7 @@ impl UsageScanner {
             event_ended: false,
             usage_only: false,
             lf_of_event: None,
+            spilling: false,
         }
     }
 
@@ -165,8 +172,24 @@ impl UsageScanner {
                 self.byte(b);
                 continue;
             }
+            if self.spilling {
+                out.push(b);
+                completed |= self.byte(b);
+                if std::mem::take(&mut self.event_ended) {
+                    self.spilling = false;
+                    if b == b'\r' {
+                        self.lf_of_event = Some(true);
+                    }
+                }
+                continue;
+            }
             self.event.push(b);
             completed |= self.byte(b);
+            if !self.event_ended && self.event.len() > MAX_HELD_EVENT {
+                out.extend_from_slice(&self.event);
+                self.event.clear();
+                self.spilling = true;
+            }
             if std::mem::take(&mut self.event_ended) {
                 let kept = !self.usage_only;
                 if kept {
@@ -599,6 +622,31 @@ mod tests {
         assert_eq!(usage, vec!["{\"total_tokens\":3}".to_string()]);
         let whole = r#"{"choices":[],"usage":{"total_tokens":1}}"#;
         assert_eq!(hide(&[whole.as_bytes()]).0, whole);
+    }
+
+    #[test]
+    fn a_long_event_is_not_held_back_and_the_usage_event_after_it_still_hidden() {
+        let long = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(3 * MAX_HELD_EVENT)
+        );
+        let usage_only = format!("data: {{\"choices\":[],\"usage\":{USAGE}}}\n\n");
+        let stream = format!("{long}{usage_only}data: [DONE]\n\n");
+        for size in [1000, 65536, stream.len()] {
+            let mut scanner = UsageScanner::new();
+            let mut out = Vec::new();
+            let mut most_held = 0;
+            for chunk in stream.as_bytes().chunks(size) {
+                scanner.feed_hiding(chunk, &mut out);
+                most_held = most_held.max(scanner.holding());
+            }
+            assert!(most_held <= MAX_HELD_EVENT, "held {most_held} bytes");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{long}data: [DONE]\n\n")
+            );
+            assert_eq!(scanner.usage(), USAGE.as_bytes());
+        }
     }
 
     #[test]

@@ -2,9 +2,11 @@
 -- provider's, and rewrites the path to the provider's layout. Response: classifies failures from
 -- status *and* body with the catalog's rules for this provider, marks the ones listed in the route's
 -- failoverOn as retriable (the front route retries on x-llmroute-retry), and names the backend.
--- A stream the client asked no usage for (the front listener marks it x-llmroute-stream) asks the
--- provider for it when the provider takes stream_options (STREAM_USAGE), and the answer says so
--- (x-llmroute-usage-added) for the front listener to hide the extra chunk.
+-- Every streamed chat or text completion arrives asking for usage (the request module wrote
+-- stream_options); a provider that does not report usage when asked (not STREAM_USAGE) gets it
+-- only if the client asked itself. When the gateway asked and the client did not
+-- (x-llmroute-stream: hide), the answer says so (x-llmroute-usage-added) for the front listener
+-- to hide the extra chunk.
 -- One such listener serves a provider account for every route using it. The account's data (BASE_PATH,
 -- AZURE, API_VERSION, STREAM_USAGE, RULES) is generated above this code; per-route data comes from the route
 -- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"). The provider key is
@@ -25,6 +27,10 @@ local function not_mapped(handle, backend, model)
     "model_not_found", "model")
 end
 
+-- The member the request module writes right after the model of a streamed chat or text
+-- completion (sse-usage/src/request.rs STREAM_OPTIONS, same bytes).
+local STREAM_OPTIONS = ',"stream_options":{"include_usage":true}'
+
 function envoy_on_request(handle)
   -- Handles (metadata, headers) taken before body() are invalid afterwards: read everything first.
   local md = handle:metadata()
@@ -33,72 +39,61 @@ function envoy_on_request(handle)
   local passthrough = md:get("passthrough")
   local family = md:get("embeddingFamily")
   local headers = handle:headers()
-  local stream = headers:get("x-llmroute-stream") == "1"
+  -- `hide` or `asked`: a streamed chat or text completion, whose body carries STREAM_OPTIONS.
+  local stream = headers:get("x-llmroute-stream")
   headers:remove("x-llmroute-stream")
+  if stream == "" then stream = nil end
   local path = headers:get(":path") or "/"
   local op, query = path:match("^/[^/]+/v1/([^?]*)(.*)$")
   if op == nil then
     op = ""
     query = ""
   end
+  -- A query is an operation's own only on reads (GET responses/{id}...): a POST's goes nowhere.
+  if headers:get(":method") == "POST" then query = "" end
   -- An operation this provider does not serve (the catalog's endpoints): the next backend may.
   local kind = endpoint_of(op)
-  -- stream_options.include_usage is a parameter of chat and text completions only: the Responses
-  -- API always sends a stream's usage (response.completed), and OpenAI rejects parameters it does
-  -- not know.
-  local add_usage = STREAM_USAGE and stream and (kind == "chat/completions" or kind == "completions")
   if kind ~= nil and not ENDPOINTS[kind] then
     skip(handle, backend, "EndpointUnsupported", "Backend '" .. backend .. "' (" .. PROVIDER ..
       ") does not serve /v1/" .. kind .. ".", "unsupported_endpoint", nil)
     return
   end
   local provider_model = nil
-  local logical = nil
-  if headers:get(":method") == "POST" then
-    -- The model the front listener read from the body (the route header's route checked it); the
-    -- route removes this header before the provider sees the request.
-    local model = headers:get("x-llmroute-model")
-    logical = model
-    if model ~= nil then
-      provider_model = models[model]
-      if provider_model == nil and passthrough then provider_model = model end
-      if provider_model == nil then
-        not_mapped(handle, backend, model)
+  -- The model the request module read from the body and the front checked against the route
+  -- (the route removes this header before the provider sees the request). The body is in the
+  -- module's canonical form: {"model":<the model as json_escape writes it>[STREAM_OPTIONS],...}.
+  local logical = headers:get("x-llmroute-model")
+  if logical == "" then logical = nil end
+  if logical ~= nil then
+    provider_model = models[logical]
+    if provider_model == nil and passthrough then provider_model = logical end
+    if provider_model == nil then
+      not_mapped(handle, backend, logical)
+      return
+    end
+    -- The provider is asked for a stream's usage where it reports it when asked (STREAM_USAGE);
+    -- elsewhere the gateway's stream_options go only where the client asked for usage itself.
+    local drop_options = stream ~= nil and not STREAM_USAGE and stream ~= "asked"
+    if provider_model ~= logical or drop_options then
+      local raw, body = body_string(handle)
+      local prefix = '{"model":"' .. json_escape(logical) .. '"'
+      if raw == nil or raw:sub(1, #prefix) ~= prefix then
+        -- Cannot happen: the request module wrote this body. Refused rather than guessed at.
+        handle:respond({ [":status"] = "500", ["content-type"] = "application/json" },
+          openai_error("The gateway could not rewrite the request for backend '" .. backend .. "'.",
+            "server_error", "internal_error", nil))
         return
       end
-    end
-    -- The body is read only when the model has to be renamed in it, or was not read in front, or
-    -- the provider is asked for a stream's usage.
-    if model == nil or provider_model ~= model or add_usage then
-      local raw, body = body_string(handle)
-      if raw ~= nil then
-        local out = raw
-        local first, last, found = raw:find('"model"%s*:%s*"([^"]*)"')
-        if found ~= nil then
-          if model == nil then
-            logical = found
-            provider_model = models[found]
-            if provider_model == nil and passthrough then provider_model = found end
-            if provider_model == nil then
-              not_mapped(handle, backend, found)
-              return
-            end
-          end
-          if provider_model ~= found then
-            out = raw:sub(1, first - 1) .. '"model":"' .. provider_model .. '"' .. raw:sub(last + 1)
-          end
-        end
-        if add_usage then
-          local brace = out:find("{", 1, true)
-          if brace ~= nil then
-            out = out:sub(1, brace) .. '"stream_options":{"include_usage":true},' .. out:sub(brace + 1)
-            handle:streamInfo():dynamicMetadata():set("llmroute", "usage_added", "1")
-          end
-        end
-        if out ~= raw then body:setBytes(out) end
+      local rest = raw:sub(#prefix + 1)
+      if drop_options and rest:sub(1, #STREAM_OPTIONS) == STREAM_OPTIONS then
+        rest = rest:sub(#STREAM_OPTIONS + 1)
       end
+      body:setBytes('{"model":"' .. json_escape(provider_model) .. '"' .. rest)
       -- A headers handle taken before body() is invalid afterwards: take it again.
       headers = handle:headers()
+    end
+    if STREAM_USAGE and stream == "hide" then
+      handle:streamInfo():dynamicMetadata():set("llmroute", "usage_added", "1")
     end
   end
   -- Embeddings only from the route's embedding model: vectors of different models do not mix.

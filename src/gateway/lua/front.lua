@@ -1,16 +1,70 @@
 -- llmroute gateway, front listener: admits a request only with its route's key, strips that key,
--- and rejects models the route does not serve. Per-route data comes from the route's metadata
--- (filter_metadata["envoy.filters.http.lua"]): route, key, models, passthrough, chains.
--- The model it read from the body goes to the backend listeners in x-llmroute-model, so that a
--- backend that does not rename it never reads (and buffers) the body again; a client's own
--- x-llmroute-model never gets through. A stream whose request asks for no usage is marked
--- x-llmroute-stream: the backend listener asks the provider for it where the provider takes
--- stream_options, and its answer then carries x-llmroute-usage-added: the usage-only chunk the
--- client did not ask for is taken out by the stream usage module (which has read it), or here
--- when the gateway runs without that module.
+-- passes only the operations and headers the route allows, and rejects models the route does not
+-- serve. Per-route data comes from the route's metadata (filter_metadata["envoy.filters.http.lua"]):
+-- route, key, models, passthrough, chains, endpoints, operations.
+-- The body is never read here: llmroute's request module (sse-usage/src/request.rs, before this
+-- filter) parsed it with a JSON parser and left its verdict in x-llmroute-request (`none`: no
+-- body it reads; `ok`; or `<status> <code> <message>`), the top-level model in x-llmroute-model
+-- and, for a streamed chat or text completion, whether its client asked for usage in
+-- x-llmroute-stream (`hide`/`asked`): the module asked the provider for it in every such stream,
+-- and the stream usage module takes the usage event of a `hide` stream out on the way back. The module sets these headers on every
+-- request, replacing a client's own; without the module (REQUEST_MODULE false, generated above)
+-- no request with a body passes, since nothing would have checked it.
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
+end
+
+-- Request headers a workload may send on to a provider (pseudo-headers pass; the gateway's own
+-- x-llmroute-model and x-llmroute-stream, set by the request module, go on to the backend listener,
+-- which removes them; Envoy's x-forwarded-proto, without which the route is not found again once
+-- a header is removed). Everything else is dropped: a provider's account, organization and project
+-- selectors (OpenAI-Organization, OpenAI-Project), cookies, forwarding headers, compression
+-- negotiation (answers must stay readable for their usage).
+local REQUEST_HEADERS = {
+  ["content-type"] = true, ["content-length"] = true, ["accept"] = true, ["user-agent"] = true,
+  ["x-request-id"] = true, ["x-forwarded-proto"] = true, ["idempotency-key"] = true, ["openai-beta"] = true,
+  ["anthropic-version"] = true, ["anthropic-beta"] = true,
+  ["x-llmroute-model"] = true, ["x-llmroute-stream"] = true,
+}
+
+-- Answer headers a provider may send back to a workload, besides the gateway's own (x-llmroute-*,
+-- Envoy's attempt count): request ids and Retry-After; cookies, organization, project, account
+-- and rate-limit headers of the provider's account are dropped.
+local RESPONSE_HEADERS = {
+  ["content-type"] = true, ["content-length"] = true, ["cache-control"] = true, ["date"] = true,
+  ["retry-after"] = true, ["x-request-id"] = true, ["request-id"] = true, ["server"] = true,
+  ["x-envoy-attempt-count"] = true,
+}
+
+-- Removes every header of `headers` that `allowed` does not name (nor a pseudo-header, nor, when
+-- `own` is set, a header of the gateway's own x-llmroute- prefix).
+local function keep_only(headers, allowed, own)
+  local drop = {}
+  for name, _ in pairs(headers) do
+    if not allowed[name] and name:sub(1, 1) ~= ":" and not (own and name:sub(1, 11) == "x-llmroute-") then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do headers:remove(name) end
+end
+
+-- The operation of a request (the path below /<route>/v1/, query aside) if the route serves it
+-- by default, for its own method only: chat and text completions, embeddings, responses (created,
+-- and read, deleted, cancelled or listed by id) and the models list (answered here).
+local function default_operation(method, op)
+  if method == "POST" and (op == "chat/completions" or op == "completions" or op == "embeddings" or
+      op == "responses") then
+    return op
+  end
+  if op == "models" or op:match("^models/[^/]+$") then
+    if method == "GET" then return "models" end
+    return nil
+  end
+  if (method == "GET" or method == "DELETE") and op:match("^responses/[^/]+$") then return "responses" end
+  if method == "POST" and op:match("^responses/[^/]+/cancel$") then return "responses" end
+  if method == "GET" and op:match("^responses/[^/]+/input_items$") then return "responses" end
+  return nil
 end
 
 function envoy_on_request(handle)
@@ -29,24 +83,57 @@ function envoy_on_request(handle)
       "invalid_request_error", "invalid_api_key", nil))
     return
   end
-  headers:remove("authorization")
-  headers:remove("x-llmroute-model")
-  headers:remove("x-llmroute-stream")
+  local verdict = headers:get("x-llmroute-request")
+  headers:remove("x-llmroute-request")
+  keep_only(headers, REQUEST_HEADERS, false)
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
-  if method == "GET" and (path:match("/v1/models$") or path:match("/v1/models%?")) then
-    local data = {}
-    for _, m in ipairs(md:get("models")) do
-      data[#data + 1] = '{"id":"' .. json_escape(m) .. '","object":"model","created":0,"owned_by":"llmroute/' ..
-        json_escape(route) .. '"}'
+  local op = path:match("^/[^/]+/v1/([^?#]*)") or ""
+  local kind = default_operation(method, op)
+  if kind == nil then
+    -- An operation the route opted in (spec.operations: the first path segment), any method.
+    local extra = md:get("operations")
+    local charge = extra and extra[op:match("^([^/]+)") or ""]
+    if charge == nil then
+      reply(handle, 404, openai_error("llmroute route '" .. route .. "' does not serve " .. method .. " /v1/" ..
+        op .. ". It serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and " ..
+        "GET /v1/models, and the operations its spec.operations opts in.",
+        "invalid_request_error", "unsupported_endpoint", nil))
+      return
     end
-    reply(handle, 200, '{"object":"list","data":[' .. table.concat(data, ",") .. ']}')
+    if not REQUEST_MODULE and method ~= "GET" and method ~= "HEAD" then
+      reply(handle, 503, openai_error(MODULE_MISSING, "server_error", "request_checking_unavailable", nil))
+      return
+    end
+    if verdict ~= nil and verdict ~= "none" then
+      local status, code, message = verdict:match("^(%d%d%d) (%S+) (.*)$")
+      if status ~= nil then
+        reply(handle, tonumber(status), openai_error(message, "invalid_request_error", code, nil))
+        return
+      end
+    end
+    headers:remove("x-llmroute-model")
+    headers:remove("x-llmroute-stream")
+    if charge > 0 then
+      -- Charged as estimated usage: the operation reports none (docs/policy.md#operations).
+      handle:streamInfo():dynamicMetadata():set("llmroute", "usage",
+        '{"prompt_tokens":' .. charge .. ',"completion_tokens":0,"total_tokens":' .. charge .. '}')
+      handle:streamInfo():dynamicMetadata():set("llmroute", "estimated", "1")
+    end
     return
   end
-  local op = path:match("^/[^/]+/v1/([^?]*)") or ""
-  -- One model of the list: GET /v1/models/{id}.
-  local id = method == "GET" and op:match("^models/(.+)$") or nil
-  if id ~= nil then
+  if kind == "models" then
+    if op == "models" then
+      local data = {}
+      for _, m in ipairs(md:get("models")) do
+        data[#data + 1] = '{"id":"' .. json_escape(m) .. '","object":"model","created":0,"owned_by":"llmroute/' ..
+          json_escape(route) .. '"}'
+      end
+      reply(handle, 200, '{"object":"list","data":[' .. table.concat(data, ",") .. ']}')
+      return
+    end
+    -- One model of the list: GET /v1/models/{id}.
+    local id = op:match("^models/(.+)$")
     id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
     local known = md:get("passthrough")
     for _, m in ipairs(md:get("models")) do
@@ -62,9 +149,8 @@ function envoy_on_request(handle)
     return
   end
   -- An operation no backend of the route serves is answered here, naming what they do serve.
-  local kind = endpoint_of(op)
   -- (Every provider serves chat: the common case reads no more metadata.)
-  if kind ~= nil and kind ~= "chat/completions" then
+  if kind ~= "chat/completions" then
     local endpoints = md:get("endpoints") or {}
     local served = false
     for _, e in ipairs(endpoints) do
@@ -77,51 +163,33 @@ function envoy_on_request(handle)
       return
     end
   end
-  if md:get("passthrough") or method ~= "POST" then return end
-  -- Handles taken before body() are invalid afterwards: read what is needed first.
-  local models = md:get("models")
-  local raw = body_string(handle)
-  if raw == nil then return end
-  local model = raw:match('"model"%s*:%s*"([^"]*)"')
-  if model == nil then return end
-  for _, m in ipairs(models) do
-    if m == model then
-      -- A headers handle taken before body() is invalid afterwards: take it again.
-      headers = handle:headers()
-      if not model:find("%c") then headers:add("x-llmroute-model", model) end
-      if raw:find('"stream"%s*:%s*true') and not raw:find('"stream_options"', 1, true) then
-        headers:add("x-llmroute-stream", "1")
-      end
-      return
+  if method ~= "POST" then
+    headers:remove("x-llmroute-model")
+    headers:remove("x-llmroute-stream")
+    return
+  end
+  if not REQUEST_MODULE then
+    reply(handle, 503, openai_error(MODULE_MISSING, "server_error", "request_checking_unavailable", nil))
+    return
+  end
+  if verdict ~= "ok" then
+    local status, code, message = (verdict or ""):match("^(%d%d%d) (%S+) (.*)$")
+    if status == nil then
+      -- `none`: the module read no body (none was sent).
+      status, code, message = "400", "missing_model", "The request body must name a 'model' (a string)."
     end
+    reply(handle, tonumber(status), openai_error(message, "invalid_request_error", code, nil))
+    return
+  end
+  local model = headers:get("x-llmroute-model") or ""
+  if md:get("passthrough") then return end
+  for _, m in ipairs(md:get("models")) do
+    if m == model then return end
   end
   reply(handle, 404, openai_error(
     "The model '" .. model .. "' does not exist or is not served by llmroute route '" .. route ..
-    "'. Models: " .. table.concat(models, ", ") .. ".",
+    "'. Models: " .. table.concat(md:get("models"), ", ") .. ".",
     "invalid_request_error", "model_not_found", "model"))
-end
-
--- Passes a stream on event by event without the usage-only event (no choices, a usage object):
--- complete events go on as they arrive, a partial one waits for its end (one the stream ends in
--- the middle of is dropped, as an SSE client drops it).
-local function hide_usage_event(handle)
-  local partial = ""
-  for chunk in handle:bodyChunks() do
-    local data = partial .. chunk:getBytes(0, chunk:length())
-    local out = {}
-    local pos = 1
-    while true do
-      local s, e = data:find("\r?\n\r?\n", pos)
-      if s == nil then break end
-      local event = data:sub(pos, e)
-      if not (event:find('"choices"%s*:%s*%[%s*%]') and event:find('"usage"%s*:%s*{')) then
-        out[#out + 1] = event
-      end
-      pos = e + 1
-    end
-    partial = data:sub(pos)
-    chunk:setBytes(table.concat(out))
-  end
 end
 
 -- Token usage of a whole JSON answer (a chat completion, a text completion, embeddings, a response
@@ -151,12 +219,13 @@ end
 -- discards them when it retries), so for those the error says that they failed over.
 function envoy_on_response(handle)
   local headers = handle:headers()
+  keep_only(headers, RESPONSE_HEADERS, true)
   local added = headers:get("x-llmroute-usage-added")
   if added ~= nil then
+    -- llmroute's stream usage module (before this filter on the way back) took the event out
+    -- (the gateway asks for it only where that module runs: without it, no request with a body
+    -- passes).
     headers:remove("x-llmroute-usage-added")
-    -- llmroute's stream usage module (before this filter on the way back) takes the event out and
-    -- says "hidden"; without the module, this filter does.
-    if added ~= "hidden" then hide_usage_event(handle) end
     return
   end
   -- The marker is internal: it never reaches clients. Only failures carry it.
