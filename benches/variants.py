@@ -9,20 +9,26 @@ Run in the variant's directory; edits its listeners.json in place. Modes:
   nosse    no stream usage reader (llmroute's Envoy module, sse-usage/)
   nolog    the access log to stdout without the route's backends, as without a usage log, instead
            of the file the sidecar follows
-  nousage  all of the above, and streams are not asked for their usage
+  nousage  all of the above (streams are still asked for their usage: the request module does that)
   ssetometa  Envoy's sse_to_metadata (the JSON content parser, rules for `usage` and
            `response.usage`) reads streams' usage instead of llmroute's module, as before 2026-12-02
-  noask    streams are not asked for their usage (nor their usage event hidden, nor counted)
+  noask    (withdrawn with issue 29: the request module asks every stream for its usage)
   passthru no stream usage reader; in its place a filter that does nothing (header_mutation without
            mutations): what any filter in that place costs
   luastreams  no stream usage reader: the front Lua reads every stream's usage (the last usage object of
            its events, written at the stream's end), as read_usage reads a whole answer's
+  previous the request side as it was before issue 29 (commit d1b9795): no request module, the front
+           Lua finds the model with a pattern (and strips no headers), the backend Lua renames it with
+           one; what the real parsing, the operation and header allowlists cost
 """
 import json
+import os
+import subprocess
 import sys
 
 mode = sys.argv[1]
-assert mode in ("noread", "nosse", "nolog", "nousage", "ssetometa", "passthru", "luastreams", "noask"), mode
+assert mode in ("noread", "nosse", "nolog", "nousage", "ssetometa", "passthru", "luastreams", "noask",
+                "previous"), mode
 listeners = json.load(open("listeners.json"))
 # luastreams: a stream reader in Lua, in front of envoy_on_response.
 READ_STREAM = r'''
@@ -79,7 +85,54 @@ def replace_once(src, old, new):
     return src.replace(old, new)
 
 
+def lua_of(hcm):
+    """The front listener's Lua source (its filter is not the first: the request module is)."""
+    [lua] = [h for h in hcm["http_filters"] if h["name"] == "envoy.filters.http.lua"]
+    return lua["typed_config"]["default_source_code"]
+
+
+# previous: the Lua sources before issue 29 and now, from the repository this script is in.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREVIOUS = "d1b9795"
+
+
+def lua_source(name, at=None):
+    if at is None:
+        return open(os.path.join(REPO, "src/gateway/lua", name)).read()
+    return subprocess.run(["git", "-C", REPO, "show", f"{at}:src/gateway/lua/{name}"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def previous_lua(src):
+    """The gateway's Lua of `src` (front or backend) as it was at PREVIOUS."""
+    for name in ("front.lua", "backend.lua"):
+        now = lua_source(name)
+        if now in src:
+            if name == "front.lua":
+                # The front's constants (REQUEST_MODULE...) stand right before its code.
+                start = src.index("local REQUEST_MODULE = ")
+                return src[:start] + lua_source(name, PREVIOUS)
+            return replace_once(src, now, lua_source(name, PREVIOUS))
+    raise AssertionError("not the gateway's Lua")
+
+
 edited = False
+if mode == "previous":
+    for listener in listeners["resources"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                filters = []
+                for h in hcm["http_filters"]:
+                    if h["name"] == SSE and h["typed_config"].get("filter_name") == "request":
+                        continue
+                    if h["name"] == "envoy.filters.http.lua":
+                        code = h["typed_config"]["default_source_code"]
+                        code["inline_string"] = previous_lua(code["inline_string"])
+                    filters.append(h)
+                hcm["http_filters"] = filters
+    json.dump(listeners, open("listeners.json", "w"))
+    sys.exit(0)
 for listener in listeners["resources"]:
     if listener["name"] != "gateway":
         continue
@@ -87,14 +140,11 @@ for listener in listeners["resources"]:
         for f in chain["filters"]:
             hcm = f["typed_config"]
             if mode in ("noread", "nousage"):
-                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
-                src = replace_once(lua["inline_string"], "      read_usage(handle)\n", "")
-                if mode == "nousage":
-                    src = replace_once(src, '        headers:add("x-llmroute-stream", "1")\n', "")
-                lua["inline_string"] = src
+                lua = lua_of(hcm)
+                lua["inline_string"] = replace_once(lua["inline_string"], "      read_usage(handle)\n", "")
             if mode == "noask":
-                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
-                lua["inline_string"] = replace_once(lua["inline_string"], '        headers:add("x-llmroute-stream", "1")\n', "")
+                sys.exit("noask: since issue 29 the request module asks every stream for its usage; "
+                         "no configuration turns that off")
             if mode == "passthru":
                 [i] = [i for i, h in enumerate(hcm["http_filters"]) if h["name"] == SSE]
                 hcm["http_filters"][i] = {
@@ -108,7 +158,7 @@ for listener in listeners["resources"]:
                 [i] = [i for i, h in enumerate(hcm["http_filters"]) if h["name"] == SSE]
                 hcm["http_filters"][i] = SSE_TO_METADATA
             if mode == "luastreams":
-                lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+                lua = lua_of(hcm)
                 src = replace_once(lua["inline_string"], "function envoy_on_response(handle)\n", READ_STREAM + "function envoy_on_response(handle)\n")
                 src = replace_once(src, """      read_usage(handle)
     end

@@ -328,11 +328,13 @@ async fn read_stream(
     (first.unwrap_or_default(), last, n, text)
 }
 
-/// The usage event the gateway asked for is taken out by the stream usage module; a gateway run
-/// without the module (`--gateway-usage-module=`) still takes it out, in its front Lua, and then
-/// has no stream usage to log.
+/// The usage event the gateway asked for is taken out by the stream usage module and counted; a
+/// gateway run without llmroute's module (`--gateway-usage-module=`) has nothing to check request
+/// bodies with, and refuses every request with one (503) rather than pass it unchecked, while the
+/// models list is still answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_usage_event_the_client_did_not_ask_for_is_hidden_with_or_without_the_module() {
+async fn the_usage_event_the_client_did_not_ask_for_is_hidden_and_without_the_module_bodies_are_refused()
+ {
     let mut s = Stack::start("dp-hide", "us").await;
     // Its lines with the counts read, as the Pod's sidecar prints them.
     let _counts = s.usage_log().await;
@@ -381,21 +383,30 @@ async fn the_usage_event_the_client_did_not_ask_for_is_hidden_with_or_without_th
         .await;
         // A new connection: one opened before the update goes on with the filters it had.
         let w = s.workload("hide").await;
+        openai.clear_requests();
         let r = w.chat_json(&body).await.unwrap();
+        if !with_module {
+            assert_eq!(r.status(), 503);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "request_checking_unavailable", "{v}");
+            assert!(
+                openai.requests().is_empty(),
+                "an unchecked body reached OpenAI"
+            );
+            assert_eq!(w.get("/models").await.unwrap().status(), 200);
+            continue;
+        }
         assert_eq!(r.status(), 200);
         assert!(r.headers().get("x-llmroute-usage-added").is_none());
         let text = r.text().await.unwrap();
         let asked = openai.last_request().unwrap().body["stream_options"]["include_usage"] == true;
-        assert!(
-            asked,
-            "module {with_module}: OpenAI was not asked for the usage"
-        );
+        assert!(asked, "OpenAI was not asked for the usage");
         let events = sse_events(&text);
         assert!(
             events
                 .iter()
                 .all(|v| v.get("usage").is_none_or(|u| u.is_null())),
-            "module {with_module}: {text}"
+            "{text}"
         );
         assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -404,16 +415,13 @@ async fn the_usage_event_the_client_did_not_ask_for_is_hidden_with_or_without_th
             "the stream's access log line",
             || {
                 let lines = access_log_of(&s.envoy_log(), "hide");
-                async move { (lines.len() == if with_module { 1 } else { 2 }).then_some(lines) }
+                async move { (lines.len() == 1).then_some(lines) }
             },
         )
         .await;
         let last = lines.last().unwrap();
-        assert_eq!(
-            tokens(last, "total_tokens").is_some(),
-            with_module,
-            "module {with_module}: {last}"
-        );
+        assert!(tokens(last, "total_tokens").is_some(), "{last}");
+        assert_eq!(last["usage_estimated"], false, "{last}");
     }
 }
 

@@ -52,6 +52,8 @@ spec:
         address: "127.0.0.1".into(),
         admin_port: free_port(),
         health_port: free_port(),
+        // llmroute's Envoy module: without it the gateway refuses requests with a body.
+        usage_module: support::envoy::sse_usage_module(),
         ..Default::default()
     };
     let routes = render::load_files(&[route]).unwrap_or_else(|e| panic!("{e:?}"));

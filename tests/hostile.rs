@@ -920,6 +920,21 @@ async fn a_hostile_workload_gets_only_what_its_route_allows() {
         &openai,
         "{ chat: gpt-4o-mini, embed: text-embedding-3-small }",
     ));
+    // The same account, with the files API opted in and charged 7 tokens a request.
+    s.ns.apply(
+        &route_yaml(
+            "files-ok",
+            "openai",
+            "openai",
+            &openai,
+            "{ chat: gpt-4o-mini }",
+        )
+        .replace(
+            "  policy:\n",
+            "  operations: [{ name: files, tokensPerRequest: 7 }]\n  policy:\n",
+        ),
+    );
+    let counts = s.usage_log().await;
     let w = s.serve("corpus").await;
     let cases = cases();
     assert!(cases.len() >= 60, "{} cases", cases.len());
@@ -973,6 +988,75 @@ async fn a_hostile_workload_gets_only_what_its_route_allows() {
             .join("\n")
     );
     println!("{} hostile cases, all as expected", cases.len());
+
+    // What a provider's answer carries back: its request id and the gateway's headers, not the
+    // account's organization, project, version, rate limits or cookies.
+    let r = w.chat("chat").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h.get("x-request-id").unwrap(), "req_sim0001");
+    assert_eq!(h.get("x-llmroute-backend").unwrap(), "openai");
+    for name in [
+        "openai-organization",
+        "openai-project",
+        "openai-processing-ms",
+        "openai-version",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-tokens",
+        "set-cookie",
+        "x-sim-provider",
+    ] {
+        assert!(h.get(name).is_none(), "{name} reached the workload: {h:?}");
+    }
+
+    // An opted-in operation passes, any method, with the account's key, and is charged its
+    // tokensPerRequest as estimated usage; the route that did not opt in still refuses it.
+    let files = s.serve("files-ok").await;
+    openai.clear_requests();
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let r = files
+            .client
+            .request(method.clone(), format!("{}/files/file-abc", files.base))
+            .bearer_auth(&files.key)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status(), 401, "{method}");
+    }
+    let got = openai.requests();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter().all(|r| r.path == "/v1/files/file-abc"),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[0].header("authorization"),
+        Some("Bearer openai-key-0001")
+    );
+    let charged =
+        support::cluster::eventually(Duration::from_secs(10), "the charge counted", || {
+            let text = counts.encode();
+            let n = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("llmroute_gateway_estimated_tokens_total{")
+                        && l.contains("route=\"files-ok\"")
+                        && l.contains("kind=\"prompt\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>();
+            async move { (n == 14).then_some(n) }
+        })
+        .await;
+    assert_eq!(charged, 14);
+    let (status, _) = send(
+        &w,
+        s.port,
+        "corpus",
+        &Send::Http("GET", "files/file-abc", vec![], vec![]),
+    )
+    .await;
+    assert_eq!(status, 404);
 }
 
 /// A stream's usage event reaches the client only when it asked for it, whatever else it sent;
@@ -1014,6 +1098,7 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
     ));
     let ask = s.serve("ask").await;
     let plain = s.serve("plain").await;
+    let counts = s.usage_log().await;
     let variants = [
         (r#""stream":true"#, false),
         (r#""stream":true,"stream_options":{}"#, false),
@@ -1073,4 +1158,59 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
             "{options}"
         );
     }
+    // Every stream is counted: OpenAI's as it reported them; Zhipu's that reported no usage (its
+    // client did not ask) by the gateway's estimate, marked as estimated.
+    let estimated = variants.iter().filter(|(_, asked)| !asked).count() as u64;
+    let text =
+        support::cluster::eventually(Duration::from_secs(10), "every answer counted", || {
+            let text = counts.encode();
+            let n = sum(&text, "llmroute_gateway_requests_total", &[]);
+            // (The models list each route answered when it became ready counts too.)
+            async move { (n >= 2 * variants.len() as u64 + 2).then_some(text) }
+        })
+        .await;
+    let unreported = |route: &str| {
+        sum(
+            &text,
+            "llmroute_gateway_usage_unreported_total",
+            &[&format!("route=\"{route}\"")],
+        )
+    };
+    assert_eq!(
+        (unreported("ask"), unreported("plain")),
+        (0, estimated),
+        "{text}"
+    );
+    let est = |route: &str, kind: &str| {
+        sum(
+            &text,
+            "llmroute_gateway_estimated_tokens_total",
+            &[&format!("route=\"{route}\""), &format!("kind=\"{kind}\"")],
+        )
+    };
+    assert_eq!(est("ask", "prompt") + est("ask", "completion"), 0, "{text}");
+    assert!(
+        est("plain", "prompt") > 0 && est("plain", "completion") > 0,
+        "{text}"
+    );
+    let all = |route: &str| {
+        sum(
+            &text,
+            "llmroute_gateway_tokens_total",
+            &[&format!("route=\"{route}\""), "kind=\"completion\""],
+        )
+    };
+    assert!(
+        all("plain") >= est("plain", "completion") && all("ask") > 0,
+        "{text}"
+    );
+}
+
+/// The sum of a counter's series whose labels contain every one of `labels`.
+fn sum(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }

@@ -1,7 +1,8 @@
 //! The gateway's Lua outside Envoy: `src/gateway/lua/common.lua` and `front.lua` loaded as Envoy
 //! gets them (one chunk, common first) into `lua5.1` (the language of Envoy's LuaJIT; Debian's,
 //! installed like the GitOps tests' interpreters), their usage reading driven through a mocked
-//! Envoy handle by the cases in `tests/lua/front_usage.lua`. The same code runs in the real Envoy
+//! Envoy handle by the cases in `tests/lua/front_usage.lua` (the usage event the gateway asked for
+//! is hidden by llmroute's Envoy module, tested in `sse-usage/src/scan.rs`). The same code runs in the real Envoy
 //! in tests/dataplane.rs; here answers that imitate usage and every chunk cut of a stream are tried.
 
 mod support;
@@ -12,7 +13,7 @@ use support::envoy::repo_root;
 use support::tools::lua_interpreters;
 
 #[test]
-fn the_front_lua_reads_whole_answers_usage_and_hides_the_usage_event_it_asked_for() {
+fn the_front_lua_reads_whole_answers_usage() {
     let lua = lua_interpreters()
         .into_iter()
         .find(|l| *l == "lua5.1")
@@ -22,7 +23,7 @@ fn the_front_lua_reads_whole_answers_usage_and_hides_the_usage_event_it_asked_fo
     let cases = root.join("tests/lua/front_usage.lua");
     // The functions under test are local to the chunk: the chunk hands them to the cases.
     let script = format!(
-        "{}\n{}\nfront = {{ hide_usage_event = hide_usage_event, read_usage = read_usage }}\n{}",
+        "{}\n{}\nfront = {{ read_usage = read_usage }}\n{}",
         read("src/gateway/lua/common.lua"),
         read("src/gateway/lua/front.lua"),
         format_args!(
@@ -51,5 +52,5 @@ os.exit(failed == 0 and 0 or 1)"#,
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("2 cases"), "{stdout}");
+    assert!(stdout.contains("1 cases"), "{stdout}");
 }

@@ -80,6 +80,9 @@ pub fn format() -> Value {
         "duration_ms": "%DURATION%",
         "flags": "%RESPONSE_FLAGS%",
         "request_id": "%REQ(X-REQUEST-ID)%",
+        // The bytes an estimate counts when the answer reports no usage ([`Usage::estimate`]).
+        "request_bytes": "%BYTES_RECEIVED%",
+        "answer_bytes": "%BYTES_SENT%",
         USAGE_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{USAGE_KEY})%"),
     })
 }
@@ -109,6 +112,11 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
             .to_string()
     };
     let (backend, model) = (text("backend"), text("model"));
+    let status = fields
+        .get("status")
+        .and_then(Value::as_u64)
+        .and_then(|s| u32::try_from(s).ok())
+        .unwrap_or(0);
     let facts = fields
         .get(BACKENDS_KEY)
         .and_then(Value::as_str)
@@ -118,16 +126,39 @@ fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
         route: text("route"),
         price: facts.price(),
         provider_model: facts.provider_model(&model).unwrap_or_default(),
+        usage: usage_or_estimate(fields, status, &backend),
         model,
-        status: fields
-            .get("status")
-            .and_then(Value::as_u64)
-            .and_then(|s| u32::try_from(s).ok())
-            .unwrap_or(0),
+        status,
         failure: text("failure"),
-        usage: usage_of(fields),
         backend,
     }
+}
+
+/// The usage of a line, or the gateway's estimate ([`Usage::estimate`]) of a successful answer of
+/// a provider to an operation that costs tokens (chat and text completions, responses,
+/// embeddings) when it reported none.
+fn usage_or_estimate(fields: &serde_json::Map<String, Value>, status: u32, backend: &str) -> Usage {
+    let usage = usage_of(fields);
+    if usage.reported() || !(200..300).contains(&status) || backend.is_empty() {
+        return usage;
+    }
+    let path = fields
+        .get("path")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let op = path.split('?').next().unwrap_or_default();
+    let op = op.splitn(4, '/').nth(3).unwrap_or_default();
+    let completion = match op {
+        "chat/completions" | "completions" | "responses" => true,
+        "embeddings" => false,
+        _ => return usage,
+    };
+    let bytes = |key: &str| match fields.get(key) {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    };
+    Usage::estimate(bytes("request_bytes"), bytes("answer_bytes"), completion)
 }
 
 /// The usage of a line: the provider's usage object, as Envoy logged it (its text).
@@ -152,6 +183,7 @@ fn printable(
     let provider_model = Some(answer.provider_model.as_str()).filter(|m| !m.is_empty());
     fields.insert(PROVIDER_MODEL_KEY.to_string(), provider_model.into());
     let usage = &answer.usage;
+    fields.insert("usage_estimated".to_string(), usage.estimated.into());
     for (key, count) in
         COUNT_KEYS
             .into_iter()
@@ -460,6 +492,7 @@ mod tests {
                     completion: Some(2),
                     cached: Some(1),
                     total: Some(9),
+                    estimated: false,
                 },
                 price: Some(super::super::Price {
                     input: 0.27,
@@ -486,6 +519,69 @@ mod tests {
         for k in [USAGE_KEY, "route", "backend", "model", "status"] {
             assert!(keys.iter().any(|key| key == k), "{k}");
         }
+    }
+
+    /// A successful answer of a provider without usage is counted by the estimate, for the
+    /// operations that cost tokens only; a failed one, the gateway's own, or one with usage, not.
+    #[test]
+    fn answers_without_usage_are_estimated_from_their_bytes() {
+        let line = |path: &str, status: u32, backend: &str, usage: &str| {
+            answer(
+                json!({ "route": "chat", "backend": backend, "status": status, "path": path,
+                    "request_bytes": 401, "answer_bytes": "1000", "usage": usage })
+                .to_string()
+                .as_bytes(),
+            )
+            .unwrap()
+            .usage
+        };
+        let streamed = line("/chat/v1/chat/completions", 200, "zhipu", "");
+        assert_eq!(
+            streamed,
+            Usage {
+                prompt: Some(101),
+                completion: Some(250),
+                cached: None,
+                total: Some(351),
+                estimated: true,
+            }
+        );
+        assert_eq!(streamed.budgeted(), 351);
+        let q = line("/chat/v1/completions?x=1", 200, "zhipu", "");
+        assert_eq!(
+            (q.prompt, q.completion, q.estimated),
+            (Some(101), Some(250), true)
+        );
+        let e = line("/chat/v1/embeddings", 200, "zhipu", "");
+        assert_eq!((e.prompt, e.completion), (Some(101), Some(0)));
+        assert!(line("/chat/v1/responses", 201, "x", "").estimated);
+        for (path, status, backend) in [
+            ("/chat/v1/chat/completions", 429, "zhipu"),
+            ("/chat/v1/chat/completions", 200, ""),
+            ("/chat/v1/models", 200, "zhipu"),
+            ("/chat/v1/files", 200, "zhipu"),
+        ] {
+            assert_eq!(
+                line(path, status, backend, ""),
+                Usage::default(),
+                "{path} {status}"
+            );
+        }
+        let reported = line(
+            "/chat/v1/chat/completions",
+            200,
+            "zhipu",
+            r#"{"prompt_tokens":3,"completion_tokens":4}"#,
+        );
+        assert_eq!((reported.prompt, reported.estimated), (Some(3), false));
+        // An opted-in operation's charge, as the front Lua hands it on.
+        let charged = line(
+            "/chat/v1/files",
+            200,
+            "zhipu",
+            r#"{"prompt_tokens":7,"completion_tokens":0,"total_tokens":7,"llmroute_estimated":true}"#,
+        );
+        assert_eq!((charged.budgeted(), charged.estimated), (7, true));
     }
 
     /// What the sidecar prints: the counts in place of the usage object's text, the provider's

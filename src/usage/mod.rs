@@ -116,7 +116,16 @@ pub struct Usage {
     pub completion: Option<u64>,
     pub cached: Option<u64>,
     pub total: Option<u64>,
+    /// The counts are the gateway's estimate, not the provider's ([`Usage::estimate`], or an
+    /// opted-in operation's `tokensPerRequest`, which the front Lua hands on marked
+    /// `"llmroute_estimated": true`).
+    pub estimated: bool,
 }
+
+/// Bytes counted as one token by [`Usage::estimate`]: OpenAI's rule of thumb for English text
+/// ("one token is about 4 characters"); Chinese text runs about 1.5 characters (4.5 bytes of
+/// UTF-8) a token, so bytes over 4 stays at or above the real count for both.
+pub const ESTIMATE_BYTES_PER_TOKEN: u64 = 4;
 
 impl Usage {
     /// The counts of a provider's usage object (`usage` of an answer, or of the Responses API's
@@ -147,6 +156,7 @@ impl Usage {
         let first = |keys: &[&str]| keys.iter().find_map(|k| count(usage.get(*k)));
         let cached = |details: &str| count(usage.get(details)?.get("cached_tokens"));
         Usage {
+            estimated: usage.get("llmroute_estimated") == Some(&Value::Bool(true)),
             prompt: first(&["prompt_tokens", "input_tokens"]),
             completion: first(&["completion_tokens", "output_tokens"]),
             total: first(&["total_tokens"]),
@@ -154,6 +164,24 @@ impl Usage {
                 .or_else(|| cached("prompt_tokens_details"))
                 .or_else(|| cached("input_tokens_details"))
                 .or_else(|| first(&["cached_tokens"])),
+        }
+    }
+
+    /// The gateway's estimate of an answer that reported no usage (a provider that sends none in
+    /// streams, a stream cut off before its usage event): one token per
+    /// [`ESTIMATE_BYTES_PER_TOKEN`] bytes of the request body (prompt) and of the answer body the
+    /// client received (completion; none for embeddings), rounded up. The JSON around the text
+    /// counts too, so the estimate errs high: a budget is charged at least what was used.
+    pub fn estimate(request_bytes: u64, answer_bytes: u64, completion: bool) -> Usage {
+        let tokens = |bytes: u64| bytes.div_ceil(ESTIMATE_BYTES_PER_TOKEN);
+        let prompt = tokens(request_bytes);
+        let completion = if completion { tokens(answer_bytes) } else { 0 };
+        Usage {
+            prompt: Some(prompt),
+            completion: Some(completion),
+            cached: None,
+            total: Some(prompt + completion),
+            estimated: true,
         }
     }
 
@@ -219,6 +247,7 @@ pub struct UsageCounters {
     tokens: Family<TokenLabels, Counter>,
     cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     unreported: Family<UnreportedLabels, Counter>,
+    estimated: Family<TokenLabels, Counter>,
     /// The cumulative counts per route and backend that budgets are counted from (see [`ledger`]).
     report: std::sync::Mutex<Reported>,
 }
@@ -263,6 +292,12 @@ impl UsageCounters {
             "Successful answers that carried no token usage (a provider that reports none in streams)",
             unreported.clone(),
         );
+        let estimated = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "estimated_tokens",
+            "Tokens the gateway estimated (part of llmroute_gateway_tokens_total): answers that reported no usage, at one token per 4 bytes of request and answer, and opted-in operations' tokensPerRequest",
+            estimated.clone(),
+        );
         UsageCounters {
             namespace: namespace.to_string(),
             registry,
@@ -270,6 +305,7 @@ impl UsageCounters {
             tokens,
             cost,
             unreported,
+            estimated,
             report: std::sync::Mutex::new(Reported {
                 report: ledger::Report {
                     boot: format!("{:016x}", rand::random::<u64>()),
@@ -384,7 +420,7 @@ impl UsageCounters {
             .inc();
         let u = &answer.usage;
         // An answer of the gateway itself (the models list) has no usage to report.
-        if success && !u.reported() && !answer.backend.is_empty() {
+        if success && (!u.reported() || u.estimated) && !answer.backend.is_empty() {
             self.unreported
                 .get_or_create(&UnreportedLabels {
                     namespace: self.namespace.clone(),
@@ -402,16 +438,18 @@ impl UsageCounters {
             ("cached", u.cached),
         ] {
             let Some(count) = count else { continue };
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    namespace: self.namespace.clone(),
-                    route: answer.route.clone(),
-                    backend: answer.backend.clone(),
-                    model: answer.model.clone(),
-                    provider_model: answer.provider_model.clone(),
-                    kind,
-                })
-                .inc_by(count);
+            let labels = TokenLabels {
+                namespace: self.namespace.clone(),
+                route: answer.route.clone(),
+                backend: answer.backend.clone(),
+                model: answer.model.clone(),
+                provider_model: answer.provider_model.clone(),
+                kind,
+            };
+            if u.estimated {
+                self.estimated.get_or_create(&labels).inc_by(count);
+            }
+            self.tokens.get_or_create(&labels).inc_by(count);
         }
         if let Some(price) = answer.price.filter(|_| u.reported()) {
             self.cost
@@ -474,6 +512,7 @@ mod tests {
             completion,
             cached,
             total: Some(total),
+            estimated: false,
         }
     }
 
@@ -538,6 +577,7 @@ mod tests {
             completion: Some(3),
             cached: Some(2),
             total: Some(13),
+            estimated: false,
         };
         c.record(&answer(200, full));
         c.record(&answer(200, full));
@@ -646,6 +686,7 @@ mod tests {
                 completion: Some(2_000_000),
                 cached: None,
                 total: Some(3_000_000),
+                estimated: false,
             },
         );
         a.price = zhipu.price();

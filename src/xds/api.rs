@@ -106,9 +106,36 @@ pub struct Node {
     pub user_agent_name: String,
     #[prost(string, tag = "7")]
     pub user_agent_version: String,
+    /// What Envoy sends (its build's version); `user_agent_version` is the same oneof's other
+    /// field, which Envoy leaves empty.
+    #[prost(message, optional, tag = "8")]
+    pub user_agent_build_version: Option<BuildVersion>,
+}
+
+/// `envoy.config.core.v3.BuildVersion`: only its version.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BuildVersion {
+    #[prost(message, optional, tag = "1")]
+    pub version: Option<SemanticVersion>,
+}
+
+/// `envoy.type.v3.SemanticVersion`.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SemanticVersion {
+    #[prost(uint32, tag = "1")]
+    pub major_number: u32,
+    #[prost(uint32, tag = "2")]
+    pub minor_number: u32,
+    #[prost(uint32, tag = "3")]
+    pub patch: u32,
 }
 
 impl Node {
+    /// The Envoy version the node runs, as it says (`user_agent_build_version`).
+    pub fn envoy_version(&self) -> Option<SemanticVersion> {
+        self.user_agent_build_version.as_ref()?.version
+    }
+
     /// A string field of the node's metadata.
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         match self.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
@@ -194,6 +221,7 @@ mod tests {
             let actual = match f.kind() {
                 Kind::String => "string".to_string(),
                 Kind::Int32 => "int32".to_string(),
+                Kind::Uint32 => "uint32".to_string(),
                 Kind::Message(m) => m.full_name().to_string(),
                 other => format!("{other:?}"),
             };
@@ -211,6 +239,23 @@ mod tests {
                 ("metadata", 3, "google.protobuf.Struct"),
                 ("user_agent_name", 6, "string"),
                 ("user_agent_version", 7, "string"),
+                (
+                    "user_agent_build_version",
+                    8,
+                    "envoy.config.core.v3.BuildVersion",
+                ),
+            ],
+        );
+        check(
+            "envoy.config.core.v3.BuildVersion",
+            &[("version", 1, "envoy.type.v3.SemanticVersion")],
+        );
+        check(
+            "envoy.type.v3.SemanticVersion",
+            &[
+                ("major_number", 1, "uint32"),
+                ("minor_number", 2, "uint32"),
+                ("patch", 3, "uint32"),
             ],
         );
         check(

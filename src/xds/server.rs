@@ -22,7 +22,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::api::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use super::api::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse, SemanticVersion};
 use super::delta::{Acks, Answer, Serving, TypeState};
 use super::snapshot::Snapshot;
 use super::tls;
@@ -61,6 +61,8 @@ struct Gateway {
     namespace: String,
     /// Envoy's node id: the gateway Pod's name.
     node: String,
+    /// Why this replica gets no configuration ([`refusal`]): it counts as rejecting every route.
+    refused: Option<String>,
     /// Where its sidecar serves its usage counts, if its node metadata says.
     usage: Option<std::net::SocketAddr>,
     acks: Acks,
@@ -99,6 +101,32 @@ pub struct ReplicaServing {
     pub serving: Serving,
     /// Connected less than [`FRESH`] ago: it may still be (re)subscribing.
     pub fresh: bool,
+}
+
+/// The Envoy release llmroute's gateway configuration is built and checked for: its Lua API, its
+/// filters, and the C ABI of llmroute's Envoy module (`sse-usage/src/ffi.rs`), which is declared
+/// by hand against that binary and which Envoy loads even when the ABI differs (it only warns).
+pub const CHECKED_ENVOY: (u32, u32) = (1, 40);
+
+/// Why a replica that says it runs `version` gets no configuration, if it does not run the checked
+/// release. A replica of another Envoy could load the module against an ABI it was not built for,
+/// or without it pass request bodies unchecked: it is refused, visibly (its routes'
+/// `Programmed` condition says `ConfigurationRejected` with this text), rather than served.
+pub fn refusal(version: Option<SemanticVersion>) -> Option<String> {
+    let (major, minor) = CHECKED_ENVOY;
+    match version {
+        Some(v) if (v.major_number, v.minor_number) == (major, minor) => None,
+        Some(v) => Some(format!(
+            "Envoy {}.{}.{} is not the release llmroute's gateway is checked against \
+             ({major}.{minor}.x: its configuration and module); this replica gets no configuration \
+             (use the Envoy image of --envoy-image's default)",
+            v.major_number, v.minor_number, v.patch
+        )),
+        None => Some(format!(
+            "the replica does not say which Envoy it runs (node.user_agent_build_version); \
+             llmroute's gateway is checked against Envoy {major}.{minor}.x only: it gets no configuration"
+        )),
+    }
 }
 
 /// How long a replica's stream counts as fresh: a reconnecting Envoy sends its subscriptions (and
@@ -222,7 +250,10 @@ impl XdsServer {
                     .iter()
                     .map(|g| ReplicaServing {
                         node: g.node.clone(),
-                        serving: g.acks.serving(route, &snapshot),
+                        serving: match &g.refused {
+                            Some(why) => Serving::Rejected(why.clone()),
+                            None => g.acks.serving(route, &snapshot),
+                        },
                         fresh: g.connected_at.elapsed() < FRESH,
                     })
                     .collect();
@@ -237,6 +268,7 @@ impl XdsServer {
         let gateways = self.inner.gateways.lock().expect("gateways");
         let mut sources: Vec<_> = gateways
             .values()
+            .filter(|g| g.refused.is_none())
             .filter_map(|g| Some((g.namespace.clone(), g.node.clone(), g.usage?)))
             .collect();
         sources.sort();
@@ -359,22 +391,42 @@ impl XdsServer {
                 .map_err(|_| warn!(namespace = %ns, node = %node.id, address = %a, "unusable usage address in node metadata: its usage is not counted for budgets"))
                 .ok()
         });
+        let version = node.envoy_version();
+        let refused = refusal(version);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         self.inner.gateways.lock().expect("gateways").insert(
             id,
             Gateway {
                 namespace: ns.clone(),
                 node: node.id.clone(),
+                refused: refused.clone(),
                 usage,
                 acks: Acks::default(),
                 connected_at: Instant::now(),
             },
         );
-        info!(namespace = %ns, node = %node.id, envoy = %node.user_agent_version, "gateway connected");
+        let envoy = version
+            .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
+            .unwrap_or_default();
+        info!(namespace = %ns, node = %node.id, %envoy, "gateway connected");
         self.update_connected_metric(&ns);
         self.event(&ns);
         let (tx, rx) = mpsc::channel(16);
         let server = self.clone();
+        if let Some(why) = refused {
+            warn!(namespace = %ns, node = %node.id, %envoy, "gateway refused: {why}");
+            // The stream stays open with nothing on it (the replica stays unready) until the
+            // replica goes away.
+            tokio::spawn(async move {
+                while let Some(Ok(_)) = incoming.next().await {}
+                drop(tx);
+                server.inner.gateways.lock().expect("gateways").remove(&id);
+                server.update_connected_metric(&ns);
+                server.event(&ns);
+                server.inner.answered.notify_waiters();
+            });
+            return Ok(rx);
+        }
         tokio::spawn(async move {
             let mut stream = GatewayStream {
                 server: server.clone(),
@@ -759,4 +811,28 @@ async fn serve_term(
     // A new term starts with streams open again.
     server.inner.closing.send_replace(false);
     result
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    fn v(major: u32, minor: u32, patch: u32) -> Option<SemanticVersion> {
+        Some(SemanticVersion {
+            major_number: major,
+            minor_number: minor,
+            patch,
+        })
+    }
+
+    #[test]
+    fn only_the_checked_envoy_release_gets_configuration() {
+        assert_eq!(refusal(v(1, 40, 0)), None);
+        assert_eq!(refusal(v(1, 40, 3)), None);
+        for other in [v(1, 39, 2), v(1, 41, 0), v(2, 40, 0), None] {
+            let why = refusal(other).expect("refused");
+            assert!(why.contains("1.40.x"), "{why}");
+        }
+        assert!(refusal(v(1, 41, 0)).unwrap().starts_with("Envoy 1.41.0 "));
+    }
 }

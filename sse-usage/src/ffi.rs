@@ -351,9 +351,25 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
         )
     };
     let size = |chunks: &[&[u8]]| chunks.iter().map(|c| c.len()).sum::<usize>();
-    state.received = size(&buffered) + size(&received);
+    let (buffered_len, received_len) = (size(&buffered), size(&received));
+    state.received = buffered_len + received_len;
     if state.received > state.max_body {
         state.reading = None;
+        // The body is refused: what was held goes, so that Envoy does not add a large last read
+        // to it and answer its own plain-text 413 first.
+        // SAFETY: Envoy's callbacks; the slices read above are not used past this point.
+        unsafe {
+            envoy_dynamic_module_callback_http_drain_body(
+                filter_envoy,
+                BUFFERED_REQUEST_BODY,
+                buffered_len,
+            );
+            envoy_dynamic_module_callback_http_drain_body(
+                filter_envoy,
+                RECEIVED_REQUEST_BODY,
+                received_len,
+            );
+        }
         refuse(
             filter_envoy,
             413,
@@ -373,7 +389,6 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     for chunk in buffered.iter().chain(received.iter()) {
         body.extend_from_slice(chunk);
     }
-    let (buffered_len, received_len) = (size(&buffered), size(&received));
     match request::check(&body, op) {
         Err(r) => refuse(filter_envoy, r.status, r.code, &r.message),
         Ok(checked) => {

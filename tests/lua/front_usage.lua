@@ -40,7 +40,6 @@ local function handle(chunks, whole)
   return h, md, out
 end
 
-local function event(json) return "data: " .. json .. "\n\n" end
 
 local function expect(md, want, what)
   for k, v in pairs(want) do
@@ -49,38 +48,6 @@ local function expect(md, want, what)
   for k, v in pairs(md) do
     assert(want[k] ~= nil, what .. ": unexpected " .. k .. " = " .. tostring(v))
   end
-end
-
--- OpenAI's chat stream with include_usage: a content chunk whose text imitates usage, the finish
--- chunk and the usage-only chunk (both with "usage": null before it), then [DONE].
-local CONTENT = event('{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"say \\"usage\\": {\\"prompt_tokens\\": 999}"}}],"usage":null}')
-local FINISH = event('{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}')
-local USAGE_OBJECT = '{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}'
-local USAGE = event('{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":' .. USAGE_OBJECT .. '}')
-local DONE = "data: [DONE]\n\n"
-local STREAM = CONTENT .. FINISH .. USAGE .. DONE
-
--- The usage event the gateway asked for is taken out, wherever the stream is cut, and only it
--- (the content chunk's text imitates usage; the finish chunk has "usage": null); CRLF line ends
--- and one byte per chunk too. Nothing is written to the metadata (the stream usage module has read it).
-local function asked_usage_event_taken_out_at_every_cut()
-  for cut = 1, #STREAM - 1 do
-    local h, md, out = handle({ STREAM:sub(1, cut), STREAM:sub(cut + 1) })
-    front.hide_usage_event(h)
-    assert(out() == CONTENT .. FINISH .. DONE, "cut " .. cut .. ": " .. out())
-    expect(md, {}, "cut " .. cut)
-  end
-  local crlf = STREAM:gsub("\n", "\r\n")
-  local chunks = {}
-  for i = 1, #crlf do chunks[i] = crlf:sub(i, i) end
-  local h, md, out = handle(chunks)
-  front.hide_usage_event(h)
-  assert(out() == (CONTENT .. FINISH .. DONE):gsub("\n", "\r\n"), "CRLF: " .. out())
-  expect(md, {}, "CRLF")
-  -- A stream cut before its usage event passes on what it had.
-  local h, _, out = handle({ CONTENT .. FINISH })
-  front.hide_usage_event(h)
-  assert(out() == CONTENT .. FINISH, "cut before usage: " .. out())
 end
 
 -- Whole answers: chat (DeepSeek's shape), embeddings, the Responses API: the usage object's text
@@ -111,6 +78,5 @@ local function whole_answers()
 end
 
 return {
-  asked_usage_event_taken_out_at_every_cut = asked_usage_event_taken_out_at_every_cut,
   whole_answers = whole_answers,
 }

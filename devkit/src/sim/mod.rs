@@ -900,7 +900,42 @@ fn failure(shared: &Shared, f: Failure<'_>) -> Response {
     json_response(status, shared.provider, body.to_string())
 }
 
+/// Every answer of OpenAI's API carries its account's headers (OpenAI API reference, "Debugging
+/// requests" and "Rate limits": `openai-organization`, `openai-project`, `openai-processing-ms`,
+/// `openai-version`, `x-request-id`, `x-ratelimit-*`) and Cloudflare's cookie (`__cf_bm`): the
+/// simulator sends them too, so that a test sees what the gateway passes on to a workload.
 async fn handle(
+    state: State<Arc<Shared>>,
+    conn: ConnectInfo<ConnHandle>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let openai = state.provider == SimProvider::OpenAI && !uri.path().starts_with("/__sim/");
+    let mut resp = serve(state, conn, method, uri, headers, body).await;
+    if openai {
+        let h = resp.headers_mut();
+        for (name, value) in [
+            ("openai-organization", "org-sim-account"),
+            ("openai-project", "proj_sim_account"),
+            ("openai-processing-ms", "12"),
+            ("openai-version", "2020-10-01"),
+            ("x-request-id", "req_sim0001"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-tokens", "29999000"),
+            (
+                "set-cookie",
+                "__cf_bm=sim; path=/; HttpOnly; Secure; SameSite=None",
+            ),
+        ] {
+            h.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    resp
+}
+
+async fn serve(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(conn): ConnectInfo<ConnHandle>,
     method: Method,

@@ -115,10 +115,10 @@ function envoy_on_request(handle)
     headers:remove("x-llmroute-model")
     headers:remove("x-llmroute-stream")
     if charge > 0 then
-      -- Charged as estimated usage: the operation reports none (docs/policy.md#operations).
+      -- Charged as estimated usage (the operation reports none): the sidecar counts it as such.
       handle:streamInfo():dynamicMetadata():set("llmroute", "usage",
-        '{"prompt_tokens":' .. charge .. ',"completion_tokens":0,"total_tokens":' .. charge .. '}')
-      handle:streamInfo():dynamicMetadata():set("llmroute", "estimated", "1")
+        '{"prompt_tokens":' .. string.format("%d", charge) .. ',"completion_tokens":0,"total_tokens":' ..
+        string.format("%d", charge) .. ',"llmroute_estimated":true}')
     end
     return
   end
