@@ -1519,7 +1519,9 @@ async fn usage_exactness(
     let slots = Arc::new(Semaphore::new(connections));
     let mut tasks = JoinSet::new();
     let mut ok = 0usize;
+    let mut refused = 0usize;
     let mut failed = Vec::new();
+    const KINDS: usize = 6;
     for i in 0..n {
         if started.elapsed() > Duration::from_secs(600) {
             failed.push(format!("not sent: {} (10 min bound)", n - i));
@@ -1529,33 +1531,47 @@ async fn usage_exactness(
         let (http, url, key) = (http.clone(), target.url.clone(), target.bearer.clone());
         let mut body: serde_json::Value =
             serde_json::from_slice(&request_body(target.model)).expect("json");
-        if i % 3 > 0 {
+        // Kinds, in turn: whole; streamed; streamed asking for usage; and what a client that wants
+        // its streams not counted sends: `stream_options: {}`, `include_usage: false`; and a
+        // model outside the route's list, hidden behind a nested one (must be refused).
+        let kind = i % KINDS;
+        if kind > 0 && kind < 5 {
             body["stream"] = true.into();
         }
-        if i % 3 == 2 {
-            body["stream_options"] = serde_json::json!({ "include_usage": true });
+        match kind {
+            2 => body["stream_options"] = serde_json::json!({ "include_usage": true }),
+            3 => body["stream_options"] = serde_json::json!({}),
+            4 => body["stream_options"] = serde_json::json!({ "include_usage": false }),
+            5 => {
+                body["metadata"] = serde_json::json!({ "model": target.model });
+                body["model"] = "o1-pro".into();
+            }
+            _ => {}
         }
         tasks.spawn(async move {
             let _slot = slot;
             let r = http.post(url).bearer_auth(key).json(&body).send().await;
             match r {
-                Ok(r) if r.status() == 200 => {
-                    r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                Ok(r) if kind == 5 && r.status() == 404 => Ok(false),
+                Ok(r) if kind != 5 && r.status() == 200 => {
+                    r.bytes().await.map(|_| true).map_err(|e| e.to_string())
                 }
-                Ok(r) => Err(format!("status {}", r.status())),
+                Ok(r) => Err(format!("kind {kind}: status {}", r.status())),
                 Err(e) => Err(e.to_string()),
             }
         });
         while let Some(done) = tasks.try_join_next() {
             match done.expect("request task") {
-                Ok(()) => ok += 1,
+                Ok(true) => ok += 1,
+                Ok(false) => refused += 1,
                 Err(e) => failed.push(e),
             }
         }
     }
     while let Some(done) = tasks.join_next().await {
         match done.expect("request task") {
-            Ok(()) => ok += 1,
+            Ok(true) => ok += 1,
+            Ok(false) => refused += 1,
             Err(e) => failed.push(e),
         }
     }
@@ -1574,13 +1590,21 @@ async fn usage_exactness(
         sims.iter().map(|s| s.usage_sent().completion).sum::<u64>() - completion_before;
     let counted = after.0 - before.0;
     let (prompt, completion) = (after.1 - before.1, after.2 - before.2);
+    // The refused ones are counted as answers too (404s of the gateway, no tokens).
+    let counted = counted.saturating_sub(refused as u64);
+    let of_kind = |k: usize| (0..n).filter(|i| i % KINDS == k).count();
     format!(
-        "Usage exactness: {n} requests ({} whole, {} streamed, {} streamed with include_usage) in {:.1} s: {ok} answered 200, {} failed{}; \
+        "Usage exactness: {n} requests ({} whole, {} streamed, {} streamed with include_usage, {} with stream_options {{}}, {} with include_usage false, {} with a model outside the route behind a nested one) in {:.1} s: \
+         {ok} answered 200, {refused} refused 404 (of {}), {} failed{}; \
          answers counted {counted} (lost {}, extra {}); prompt tokens counted {prompt} of {prompt_sent} reported, completion tokens {completion} of {completion_sent}: {}.",
-        n.div_ceil(3),
-        (n + 1) / 3,
-        n / 3,
+        of_kind(0),
+        of_kind(1),
+        of_kind(2),
+        of_kind(3),
+        of_kind(4),
+        of_kind(5),
         took.as_secs_f64(),
+        of_kind(5),
         failed.len(),
         failed
             .first()
@@ -1588,7 +1612,11 @@ async fn usage_exactness(
             .unwrap_or_default(),
         (ok as u64).saturating_sub(counted),
         counted.saturating_sub(ok as u64),
-        if counted == ok as u64 && prompt == prompt_sent && completion == completion_sent {
+        if counted == ok as u64
+            && refused == of_kind(5)
+            && prompt == prompt_sent
+            && completion == completion_sent
+        {
             "exact"
         } else {
             "NOT exact"
