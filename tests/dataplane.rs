@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use llmroute_devkit::sim::{Fault, Sim, SimConfig, SimProvider};
-use support::e2e::{Stack, backend_of, key_secret};
+use support::e2e::{Stack, backend_of, key_secret, metric};
 
 /// A backend entry for `sim` (HTTPS endpoint = the simulator's base URL).
 fn backend(name: &str, provider: &str, sim: &Sim, model: &str, extra: &str) -> String {
@@ -765,13 +765,6 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
 }
 
 /// The sum of the series of `name` whose labels include every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
 
 fn sum_of(lines: &[serde_json::Value], kind: &str) -> u64 {
     lines.iter().map(|l| tokens(l, kind).unwrap_or(0)).sum()

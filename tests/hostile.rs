@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use llmroute_devkit::sim::{Received, Sim, SimConfig, SimProvider};
 use serde_json::{Value, json};
-use support::e2e::{Stack, Workload, key_secret};
+use support::e2e::{Stack, Workload, key_secret, metric as sum};
 
 /// What the provider must have seen of a case.
 enum Seen {
@@ -563,6 +563,12 @@ fn cases() -> Vec<Case> {
             404,
             "unsupported_endpoint",
         ),
+        refused(
+            "a model id with a slash that the route does not serve",
+            Send::Http("GET", "models/meta-llama/Llama-3.1-8B-Instruct", vec![], vec![]),
+            404,
+            "model_not_found",
+        ),
         // --- paths: normalised before anything reads them ---
         refused(
             "dot segments out of chat completions",
@@ -1035,16 +1041,11 @@ async fn a_hostile_workload_gets_only_what_its_route_allows() {
     );
     let charged =
         support::cluster::eventually(Duration::from_secs(10), "the charge counted", || {
-            let text = counts.encode();
-            let n = text
-                .lines()
-                .filter(|l| {
-                    l.starts_with("llmroute_gateway_estimated_tokens_total{")
-                        && l.contains("route=\"files-ok\"")
-                        && l.contains("kind=\"prompt\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum::<u64>();
+            let n = sum(
+                &counts.encode(),
+                "llmroute_gateway_estimated_tokens_total",
+                &["route=\"files-ok\"", "kind=\"prompt\""],
+            );
             async move { (n == 14).then_some(n) }
         })
         .await;
@@ -1204,13 +1205,4 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
         all("plain") >= est("plain", "completion") && all("ask") > 0,
         "{text}"
     );
-}
-
-/// The sum of a counter's series whose labels contain every one of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }

@@ -804,15 +804,15 @@ const REQUEST_FILTER: &str = "request";
 /// answers (their usage).
 const FRONT_BUFFER_LIMIT_BYTES: u32 = FRONT_REQUEST_BUFFER_LIMIT as u32;
 
-/// The front Lua's constants: whether the request module checks bodies (without it, no request
-/// with a body passes), and what it answers then.
+/// The front Lua's constants: whether the request module checks requests (without it, none is
+/// passed on to a provider), and what it answers then.
 fn front_lua_prelude(opts: &EnvoyOptions) -> String {
     format!(
         "local REQUEST_MODULE = {}\nlocal MODULE_MISSING = {}\n",
         !opts.usage_module.is_empty(),
         lua_string(
             "This llmroute gateway runs without its request module (the operator's --gateway-usage-module is \
-             empty): requests with a body are refused rather than passed on unchecked."
+             empty): requests are refused rather than passed on unchecked."
         )
     )
 }

@@ -20,6 +20,11 @@
 //!   `..._http_set_header(filter, header_type, key, value) -> bool`; `header_type` 0 is the
 //!   request headers, 2 the response headers (the jump table: 0 and 1 read the decoder's request headers and trailers, 2
 //!   and 3 the encoder's response headers and trailers).
+//! - `..._http_get_headers_size(filter, header_type) -> size_t` (the disassembly: the header type
+//!   in the second register, checked against 3, the count returned) and
+//!   `..._http_get_headers(filter, header_type, envoy_http_header*) -> bool`, the header
+//!   `{key_ptr, key_len, value_ptr, value_len}`; `set_header` with a null value removes the header
+//!   (Envoy's own test of the callback, `DynamicModuleHttpFilterHeaderTest`).
 //! - `envoy_dynamic_module_callback_http_set_dynamic_metadata_string(filter, ns, key, value)`
 //!   takes three `{ptr, length}` buffers by value, returns nothing (the disassembly reads the
 //!   namespace and key from registers and the value from the stack: structs, not pointer/length
@@ -56,6 +61,14 @@ impl Buffer {
             len: bytes.len(),
         }
     }
+}
+
+/// `envoy_dynamic_module_type_envoy_http_header`: a header's key and value, Envoy's bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Header {
+    key: Buffer,
+    value: Buffer,
 }
 
 /// `envoy_dynamic_module_type_http_body_type_*`.
@@ -139,6 +152,15 @@ unsafe extern "C" {
         header_type: u32,
         key: Buffer,
         value: Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter: *mut c_void,
+        header_type: u32,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers(
+        filter: *mut c_void,
+        header_type: u32,
+        result: *mut Header,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
         filter: *mut c_void,
@@ -262,6 +284,48 @@ fn set_request_header(filter_envoy: *mut c_void, name: &[u8], value: &[u8]) {
     }
 }
 
+/// Removes every header of `header_type` (0 request, 2 response) that `allowed` does not pass
+/// ([`request::passes`]).
+fn keep_only(filter_envoy: *mut c_void, header_type: u32, allowed: &[&str]) {
+    // SAFETY: Envoy's callbacks with the pointer it gave the running hook; Envoy writes `n`
+    // headers, whose bytes are copied before any header is changed.
+    let drop: Vec<Vec<u8>> = unsafe {
+        let n = envoy_dynamic_module_callback_http_get_headers_size(filter_envoy, header_type);
+        let mut got = vec![
+            Header {
+                key: Buffer::EMPTY,
+                value: Buffer::EMPTY
+            };
+            n
+        ];
+        if n == 0
+            || !envoy_dynamic_module_callback_http_get_headers(
+                filter_envoy,
+                header_type,
+                got.as_mut_ptr(),
+            )
+        {
+            return;
+        }
+        got.iter()
+            .map(|h| bytes_of(h.key))
+            .filter(|k| !request::passes(allowed, k))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    for key in &drop {
+        // SAFETY: as above; a null value removes the header (every value of it).
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                filter_envoy,
+                header_type,
+                Buffer::of(key),
+                Buffer::EMPTY,
+            );
+        }
+    }
+}
+
 /// Tells the front Lua the verdict (and clears what a client sent in the gateway's headers).
 fn tell(filter_envoy: *mut c_void, verdict: &[u8], model: &[u8], stream: &[u8]) {
     set_request_header(filter_envoy, VERDICT, verdict);
@@ -295,8 +359,10 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     if !state.request {
         return CONTINUE;
     }
-    tell(filter_envoy, b"none", b"", b"");
+    // (Content-Encoding is not passed on: read it first.)
     let encoding = request_header(filter_envoy, b"content-encoding");
+    keep_only(filter_envoy, REQUEST_HEADERS, request::REQUEST_HEADERS);
+    tell(filter_envoy, b"none", b"", b"");
     if encoding.is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity")) {
         refuse(
             filter_envoy,
@@ -357,19 +423,8 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
         state.reading = None;
         // The body is refused: what was held goes, so that Envoy does not add a large last read
         // to it and answer its own plain-text 413 first.
-        // SAFETY: Envoy's callbacks; the slices read above are not used past this point.
-        unsafe {
-            envoy_dynamic_module_callback_http_drain_body(
-                filter_envoy,
-                BUFFERED_REQUEST_BODY,
-                buffered_len,
-            );
-            envoy_dynamic_module_callback_http_drain_body(
-                filter_envoy,
-                RECEIVED_REQUEST_BODY,
-                received_len,
-            );
-        }
+        // SAFETY: the slices read above are not used past this point.
+        unsafe { drain_request_body(filter_envoy, buffered_len, received_len) };
         refuse(
             filter_envoy,
             413,
@@ -394,18 +449,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
         Ok(checked) => {
             // SAFETY: Envoy's callbacks; the slices read above are not used past this point.
             unsafe {
-                if buffered_len > 0 {
-                    envoy_dynamic_module_callback_http_drain_body(
-                        filter_envoy,
-                        BUFFERED_REQUEST_BODY,
-                        buffered_len,
-                    );
-                }
-                envoy_dynamic_module_callback_http_drain_body(
-                    filter_envoy,
-                    RECEIVED_REQUEST_BODY,
-                    received_len,
-                );
+                drain_request_body(filter_envoy, buffered_len, received_len);
                 envoy_dynamic_module_callback_http_append_body(
                     filter_envoy,
                     RECEIVED_REQUEST_BODY,
@@ -450,6 +494,29 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     CONTINUE
 }
 
+/// Drains the request body held so far (`buffered` bytes) and the chunk of the running hook.
+///
+/// # Safety
+/// `filter_envoy` is the pointer Envoy gave the running request body hook; no slice of the body
+/// is used afterwards.
+unsafe fn drain_request_body(filter_envoy: *mut c_void, buffered: usize, received: usize) {
+    // SAFETY: as the function's contract says.
+    unsafe {
+        if buffered > 0 {
+            envoy_dynamic_module_callback_http_drain_body(
+                filter_envoy,
+                BUFFERED_REQUEST_BODY,
+                buffered,
+            );
+        }
+        envoy_dynamic_module_callback_http_drain_body(
+            filter_envoy,
+            RECEIVED_REQUEST_BODY,
+            received,
+        );
+    }
+}
+
 /// The chunks of a body, as Envoy's own slices (valid until the running hook returns).
 ///
 /// # Safety
@@ -483,6 +550,8 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     // SAFETY: see `on_http_filter_response_body`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
     if state.request {
+        // Last on the way back (first in the chain): what the workload gets.
+        keep_only(filter_envoy, RESPONSE_HEADERS, request::RESPONSE_HEADERS);
         return CONTINUE;
     }
     let (mut value, mut count) = (Buffer::EMPTY, 0usize);

@@ -164,6 +164,51 @@ pub fn check(body: &[u8], operation: Operation) -> Result<Checked, Refusal> {
     })
 }
 
+/// Request headers a workload may send on to a provider (pseudo-headers always pass, and the
+/// gateway's own, which it sets after this list is applied): what an OpenAI or Anthropic SDK
+/// sends that a provider needs, and `authorization` (the route key, which the front Lua checks
+/// and removes; the provider's key is injected later), and Envoy's own `x-forwarded-proto`
+/// (without it Envoy no longer finds the route once a header is removed). Everything else is
+/// dropped: the account, organization and project selectors (`OpenAI-Organization`,
+/// `OpenAI-Project`), cookies, forwarding headers, `accept-encoding` (an answer must stay readable
+/// for its usage), SDK telemetry.
+pub const REQUEST_HEADERS: &[&str] = &[
+    "accept",
+    "anthropic-beta",
+    "anthropic-version",
+    "authorization",
+    "content-length",
+    "content-type",
+    "idempotency-key",
+    "openai-beta",
+    "user-agent",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Answer headers a workload gets (pseudo-headers always pass): the provider's request ids and
+/// `retry-after`, the body's framing, and the gateway's own (`x-llmroute-backend`,
+/// `x-llmroute-failure`, Envoy's attempt count). Dropped: cookies, organization, project,
+/// version, processing-time and rate-limit headers of the provider's account, and anything else.
+pub const RESPONSE_HEADERS: &[&str] = &[
+    "cache-control",
+    "content-length",
+    "content-type",
+    "date",
+    "request-id",
+    "retry-after",
+    "server",
+    "x-envoy-attempt-count",
+    "x-llmroute-backend",
+    "x-llmroute-failure",
+    "x-request-id",
+];
+
+/// Whether a header of this name passes `allowed` (names are lower case, as Envoy keeps them).
+pub fn passes(allowed: &[&str], name: &[u8]) -> bool {
+    name.first() == Some(&b':') || allowed.iter().any(|a| a.as_bytes() == name)
+}
+
 /// The member the gateway writes after the model of a streamed chat or text completion. The
 /// backend listener removes exactly these bytes for a provider that does not take
 /// `stream_options` (`src/gateway/lua/backend.lua`).
@@ -569,6 +614,52 @@ mod tests {
                 && common.contains(r#"string.format("\\u%04x", c:byte())"#),
             "common.lua's json_escape is not the one json_string mirrors"
         );
+    }
+
+    #[test]
+    fn header_allowlists_keep_what_providers_and_workloads_need_and_nothing_else() {
+        for h in [
+            "content-type",
+            "authorization",
+            "openai-beta",
+            ":path",
+            ":authority",
+        ] {
+            assert!(passes(REQUEST_HEADERS, h.as_bytes()), "{h}");
+        }
+        for h in [
+            "openai-organization",
+            "openai-project",
+            "cookie",
+            "x-forwarded-for",
+            "accept-encoding",
+            "x-stainless-os",
+            "x-llmroute-model",
+            "x-api-key",
+            "Content-Type",
+        ] {
+            assert!(!passes(REQUEST_HEADERS, h.as_bytes()), "{h}");
+        }
+        for h in [
+            "x-request-id",
+            "retry-after",
+            "x-llmroute-backend",
+            ":status",
+        ] {
+            assert!(passes(RESPONSE_HEADERS, h.as_bytes()), "{h}");
+        }
+        for h in [
+            "set-cookie",
+            "openai-organization",
+            "openai-project",
+            "openai-version",
+            "openai-processing-ms",
+            "x-ratelimit-limit-requests",
+            "x-llmroute-retry",
+            "x-llmroute-usage-added",
+        ] {
+            assert!(!passes(RESPONSE_HEADERS, h.as_bytes()), "{h}");
+        }
     }
 
     #[test]

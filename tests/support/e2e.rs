@@ -451,3 +451,12 @@ pub fn key_secret(name: &str, value: &str) -> String {
         "apiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\nstringData: {{ api-key: \"{value}\" }}\n"
     )
 }
+
+/// The sum of a counter's series (Prometheus text) whose labels contain every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

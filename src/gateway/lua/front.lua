@@ -8,45 +8,14 @@
 -- and, for a streamed chat or text completion, whether its client asked for usage in
 -- x-llmroute-stream (`hide`/`asked`): the module asked the provider for it in every such stream,
 -- and the stream usage module takes the usage event of a `hide` stream out on the way back. The module sets these headers on every
--- request, replacing a client's own; without the module (REQUEST_MODULE false, generated above)
--- no request with a body passes, since nothing would have checked it.
+-- request, replacing a client's own, after it dropped every request header a provider is not to
+-- see, and on the way back every answer header a workload is not to see (sse-usage/src/request.rs
+-- REQUEST_HEADERS, RESPONSE_HEADERS). Without the module (REQUEST_MODULE false, generated above)
+-- nothing is passed on to a provider (the models list is still answered): nothing would have
+-- checked it.
 
 local function reply(handle, status, body)
   handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
-end
-
--- Request headers a workload may send on to a provider (pseudo-headers pass; the gateway's own
--- x-llmroute-model and x-llmroute-stream, set by the request module, go on to the backend listener,
--- which removes them; Envoy's x-forwarded-proto, without which the route is not found again once
--- a header is removed). Everything else is dropped: a provider's account, organization and project
--- selectors (OpenAI-Organization, OpenAI-Project), cookies, forwarding headers, compression
--- negotiation (answers must stay readable for their usage).
-local REQUEST_HEADERS = {
-  ["content-type"] = true, ["content-length"] = true, ["accept"] = true, ["user-agent"] = true,
-  ["x-request-id"] = true, ["x-forwarded-proto"] = true, ["idempotency-key"] = true, ["openai-beta"] = true,
-  ["anthropic-version"] = true, ["anthropic-beta"] = true,
-  ["x-llmroute-model"] = true, ["x-llmroute-stream"] = true,
-}
-
--- Answer headers a provider may send back to a workload, besides the gateway's own (x-llmroute-*,
--- Envoy's attempt count): request ids and Retry-After; cookies, organization, project, account
--- and rate-limit headers of the provider's account are dropped.
-local RESPONSE_HEADERS = {
-  ["content-type"] = true, ["content-length"] = true, ["cache-control"] = true, ["date"] = true,
-  ["retry-after"] = true, ["x-request-id"] = true, ["request-id"] = true, ["server"] = true,
-  ["x-envoy-attempt-count"] = true,
-}
-
--- Removes every header of `headers` that `allowed` does not name (nor a pseudo-header, nor, when
--- `own` is set, a header of the gateway's own x-llmroute- prefix).
-local function keep_only(headers, allowed, own)
-  local drop = {}
-  for name, _ in pairs(headers) do
-    if not allowed[name] and name:sub(1, 1) ~= ":" and not (own and name:sub(1, 11) == "x-llmroute-") then
-      drop[#drop + 1] = name
-    end
-  end
-  for _, name in ipairs(drop) do headers:remove(name) end
 end
 
 -- The operation of a request (the path below /<route>/v1/, query aside) if the route serves it
@@ -57,7 +26,8 @@ local function default_operation(method, op)
       op == "responses") then
     return op
   end
-  if op == "models" or op:match("^models/[^/]+$") then
+  -- (A model id may hold slashes: meta-llama/Llama-3.1-8B-Instruct.)
+  if op == "models" or op:match("^models/.+$") then
     if method == "GET" then return "models" end
     return nil
   end
@@ -85,7 +55,7 @@ function envoy_on_request(handle)
   end
   local verdict = headers:get("x-llmroute-request")
   headers:remove("x-llmroute-request")
-  keep_only(headers, REQUEST_HEADERS, false)
+  headers:remove("authorization")
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
   local op = path:match("^/[^/]+/v1/([^?#]*)") or ""
@@ -101,7 +71,7 @@ function envoy_on_request(handle)
         "invalid_request_error", "unsupported_endpoint", nil))
       return
     end
-    if not REQUEST_MODULE and method ~= "GET" and method ~= "HEAD" then
+    if not REQUEST_MODULE then
       reply(handle, 503, openai_error(MODULE_MISSING, "server_error", "request_checking_unavailable", nil))
       return
     end
@@ -163,13 +133,13 @@ function envoy_on_request(handle)
       return
     end
   end
+  if not REQUEST_MODULE then
+    reply(handle, 503, openai_error(MODULE_MISSING, "server_error", "request_checking_unavailable", nil))
+    return
+  end
   if method ~= "POST" then
     headers:remove("x-llmroute-model")
     headers:remove("x-llmroute-stream")
-    return
-  end
-  if not REQUEST_MODULE then
-    reply(handle, 503, openai_error(MODULE_MISSING, "server_error", "request_checking_unavailable", nil))
     return
   end
   if verdict ~= "ok" then
@@ -219,7 +189,6 @@ end
 -- discards them when it retries), so for those the error says that they failed over.
 function envoy_on_response(handle)
   local headers = handle:headers()
-  keep_only(headers, RESPONSE_HEADERS, true)
   local added = headers:get("x-llmroute-usage-added")
   if added ~= nil then
     -- llmroute's stream usage module (before this filter on the way back) took the event out
