@@ -764,8 +764,6 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
     );
 }
 
-/// The sum of the series of `name` whose labels include every one of `labels`.
-
 fn sum_of(lines: &[serde_json::Value], kind: &str) -> u64 {
     lines.iter().map(|l| tokens(l, kind).unwrap_or(0)).sum()
 }
