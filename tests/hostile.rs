@@ -1182,16 +1182,20 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
         (0, estimated),
         "{text}"
     );
-    let est = |route: &str, kind: &str| {
+    let est = |text: &str, route: &str, kind: &str| {
         sum(
-            &text,
+            text,
             "llmroute_gateway_estimated_tokens_total",
             &[&format!("route=\"{route}\""), &format!("kind=\"{kind}\"")],
         )
     };
-    assert_eq!(est("ask", "prompt") + est("ask", "completion"), 0, "{text}");
+    assert_eq!(
+        est(&text, "ask", "prompt") + est(&text, "ask", "completion"),
+        0,
+        "{text}"
+    );
     assert!(
-        est("plain", "prompt") > 0 && est("plain", "completion") > 0,
+        est(&text, "plain", "prompt") > 0 && est(&text, "plain", "completion") > 0,
         "{text}"
     );
     let all = |route: &str| {
@@ -1202,7 +1206,29 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
         )
     };
     assert!(
-        all("plain") >= est("plain", "completion") && all("ask") > 0,
+        all("plain") >= est(&text, "plain", "completion") && all("ask") > 0,
         "{text}"
     );
+
+    // A stream cut off before its usage event (the provider breaks the connection after one
+    // chunk) is counted for what the client received, by the estimate.
+    openai.set_fault(llmroute_devkit::sim::Fault::StreamBreak { after_chunks: 1 });
+    let body = json!({ "model": "chat", "stream": true,
+        "stream_options": { "include_usage": true },
+        "messages": [{ "role": "user", "content": "hi" }] });
+    if let Ok(r) = ask.chat_json(&body).await {
+        let _ = r.bytes().await;
+    }
+    openai.set_fault(llmroute_devkit::sim::Fault::None);
+    let (prompt, completion) = support::cluster::eventually(
+        Duration::from_secs(10),
+        "the cut-off stream counted",
+        || {
+            let text = counts.encode();
+            let got = (est(&text, "ask", "prompt"), est(&text, "ask", "completion"));
+            async move { (got.0 > 0).then_some(got) }
+        },
+    )
+    .await;
+    assert!(prompt > 0 && completion > 0, "{prompt} {completion}");
 }
