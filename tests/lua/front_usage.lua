@@ -1,11 +1,11 @@
--- Cases for tests/lua.rs: the front Lua's usage reading of whole answers and its taking out of the
--- usage event it asked for (src/gateway/lua/front.lua), with a mocked Envoy handle. `front` holds
--- the functions under test. Each case raises an error when it fails.
+-- Cases for tests/lua.rs: the front Lua's usage reading of whole answers
+-- (src/gateway/lua/front.lua), with a mocked Envoy handle. `front` holds the functions under test.
+-- Each case raises an error when it fails. (The usage event the gateway asked for is taken out by
+-- llmroute's Envoy module: sse-usage/src/scan.rs.)
 
--- A handle whose answer arrives as `chunks` (streams) or as `whole` (a held body); it records the
--- dynamic metadata set and the bytes passed on.
-local function handle(chunks, whole)
-  local md, passed = {}, {}
+-- A handle whose answer is `whole` (a held body); it records the dynamic metadata set.
+local function handle(whole)
+  local md = {}
   local h = {}
   function h:streamInfo()
     return { dynamicMetadata = function()
@@ -15,29 +15,11 @@ local function handle(chunks, whole)
       end }
     end }
   end
-  function h:bodyChunks()
-    local i = 0
-    return function()
-      i = i + 1
-      if chunks[i] == nil then return nil end
-      local c = { data = chunks[i] }
-      function c:length() return #self.data end
-      function c:getBytes(from, n) return self.data:sub(from + 1, from + n) end
-      function c:setBytes(b) self.data = b end
-      passed[#passed + 1] = c
-      return c
-    end
-  end
   function h:body()
     return { length = function() return #whole end,
              getBytes = function(_, from, n) return whole:sub(from + 1, from + n) end }
   end
-  local function out()
-    local t = {}
-    for _, c in ipairs(passed) do t[#t + 1] = c.data end
-    return table.concat(t)
-  end
-  return h, md, out
+  return h, md
 end
 
 
@@ -71,7 +53,7 @@ local function whole_answers()
     { '{"id":"x","model":"m","choices":[],"usage":null}', {} },
   }
   for i, c in ipairs(cases) do
-    local h, md = handle({}, c[1])
+    local h, md = handle(c[1])
     front.read_usage(h)
     expect(md, c[2], "whole answer " .. i)
   end
