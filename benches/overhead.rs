@@ -480,7 +480,7 @@ struct Gateway {
     port: u16,
     route_key: String,
     /// What the gateway Pod's sidecar counts from the usage log (the same receiver).
-    usage: std::sync::Arc<llmroute::usage::UsageCounters>,
+    usage: std::sync::Arc<llmroute::agent::counters::UsageCounters>,
 }
 
 fn route_yaml(primary_base: &str, fallback_base: &str) -> String {
@@ -550,10 +550,10 @@ fn start_gateway(
     // The access log goes where it goes in a Pod: to a file the sidecar follows to count usage,
     // followed here in-process (its lines not printed).
     let (follower, counters) =
-        llmroute::usage::log::Follower::open(Path::new(&opts.usage_log), "bench");
+        llmroute::agent::follow::Follower::open(Path::new(&opts.usage_log), "bench");
     let usage = std::sync::Arc::new(counters);
     let (c, stop) = (usage.clone(), std::sync::Arc::default());
-    std::thread::spawn(move || llmroute::usage::log::follow(follower, c, stop));
+    std::thread::spawn(move || llmroute::agent::follow::follow(follower, c, stop));
     let renders = render::translate_offline(
         &routes,
         &RenderOptions {

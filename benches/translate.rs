@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use llmroute::api::{Backend, LLMRoute, LLMRouteSpec, SecretKeyRef};
-use llmroute::gateway::objects::KeyMaterial;
+use llmroute::gateway::keys::KeyMaterial;
 use llmroute::gateway::{self, envoy};
 use llmroute::policy::Facts;
 use llmroute::xds::snapshot::Snapshot;

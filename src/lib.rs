@@ -5,14 +5,13 @@
 //! - [`validate`]: the CRD's schema and CEL rules, evaluated client-side.
 //! - [`policy`]: which backends a route may use, in what order (pure).
 //! - [`gateway`]: the translation core: routes → IR → Envoy files and Kubernetes objects (pure).
-//! - [`gateway_shutdown`]: graceful termination of a gateway Pod (the shutdown-manager sidecar).
+//! - [`agent`]: what runs in the gateway Pod beside Envoy: module install, drain, usage counting.
 //! - [`render`]: offline rendering of route files (`llmroute render`).
 //! - [`xds`]: the xDS server gateway replicas get their configuration from, and learn what each loaded.
+pub mod agent;
 pub mod api;
 pub mod catalog;
 pub mod gateway;
-pub mod gateway_modules;
-pub mod gateway_shutdown;
 pub mod metrics;
 pub mod operator;
 pub mod policy;

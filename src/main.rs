@@ -49,7 +49,7 @@ enum GatewayCommand {
 #[derive(Args)]
 struct InstallModulesArgs {
     /// Directory the modules are copied from.
-    #[arg(long, default_value = llmroute::gateway_modules::IMAGE_MODULES_DIR)]
+    #[arg(long, default_value = llmroute::agent::modules::IMAGE_MODULES_DIR)]
     from: PathBuf,
     /// Directory (a volume shared with Envoy) the modules are copied to.
     #[arg(long, default_value = llmroute::gateway::objects::MODULES_DIR)]
@@ -62,10 +62,10 @@ struct ShutdownManagerArgs {
     #[arg(long, default_value = "0.0.0.0")]
     address: std::net::IpAddr,
     /// Port to serve on.
-    #[arg(long, default_value_t = llmroute::gateway_shutdown::DEFAULT_MANAGER_PORT)]
+    #[arg(long, default_value_t = llmroute::agent::drain::DEFAULT_MANAGER_PORT)]
     port: u16,
     /// Directory shared with `shutdown` (where it marks the drain done).
-    #[arg(long, default_value = llmroute::gateway_shutdown::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = llmroute::agent::drain::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Longest hold of GET /shutdown/ready (Go-style duration; the gateway Deployment passes the
     /// maximum drain plus 10 s).
@@ -99,7 +99,7 @@ struct ShutdownArgs {
     #[arg(long, default_value = "500ms")]
     poll: String,
     /// Directory shared with the manager.
-    #[arg(long, default_value = llmroute::gateway_shutdown::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = llmroute::agent::drain::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
@@ -107,7 +107,7 @@ struct ShutdownArgs {
 }
 
 fn duration_arg(flag: &str, value: &str) -> Result<std::time::Duration, ExitCode> {
-    llmroute::gateway::ir::duration_ms(value)
+    llmroute::api::duration_ms(value)
         .map(std::time::Duration::from_millis)
         .map_err(|e| {
             eprintln!("error: --{flag} {e}");
@@ -116,7 +116,7 @@ fn duration_arg(flag: &str, value: &str) -> Result<std::time::Duration, ExitCode
 }
 
 fn run_gateway(command: GatewayCommand) -> ExitCode {
-    use llmroute::gateway_shutdown as gs;
+    use llmroute::agent::{drain, server};
     match command {
         GatewayCommand::ShutdownManager(args) => {
             init_logging("text", &args.log_level);
@@ -124,7 +124,7 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 Ok(d) => d,
                 Err(code) => return code,
             };
-            let opts = gs::ManagerOptions {
+            let opts = server::ManagerOptions {
                 addr: std::net::SocketAddr::new(args.address, args.port),
                 state_dir: args.state_dir,
                 ready_timeout,
@@ -132,7 +132,7 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 namespace: args.namespace,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(gs::serve_manager(opts, shutdown_signal())) {
+            match runtime.block_on(server::serve_manager(opts, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "shutdown manager failed");
@@ -141,7 +141,7 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
             }
         }
         GatewayCommand::InstallModules(args) => {
-            match llmroute::gateway_modules::install(&args.from, &args.to) {
+            match llmroute::agent::modules::install(&args.from, &args.to) {
                 Ok(files) => {
                     for f in files {
                         println!("installed {}", f.display());
@@ -167,7 +167,7 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            let opts = gs::DrainOptions {
+            let opts = drain::DrainOptions {
                 admin_port: args.admin_port,
                 min_drain,
                 max_drain,
@@ -178,9 +178,11 @@ fn run_gateway(command: GatewayCommand) -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match runtime.block_on(gs::drain(&opts)) {
-                gs::DrainOutcome::AdminUnreachable(_) => ExitCode::from(1),
-                gs::DrainOutcome::Drained | gs::DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
+            match runtime.block_on(drain::drain(&opts)) {
+                drain::DrainOutcome::AdminUnreachable(_) => ExitCode::from(1),
+                drain::DrainOutcome::Drained | drain::DrainOutcome::TimedOut { .. } => {
+                    ExitCode::SUCCESS
+                }
             }
         }
     }

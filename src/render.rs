@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::api::LLMRoute;
 use crate::gateway::envoy::{self, EnvoyOptions, XdsClient};
-use crate::gateway::objects::{self, GatewayDeploymentOptions, KeyMaterial};
+use crate::gateway::keys::KeyMaterial;
+use crate::gateway::objects::{self, GatewayDeploymentOptions};
 use crate::gateway::{self, Translation};
 use crate::policy::Facts;
 use crate::validate::validate_route;

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use llmroute::agent::drain::DRAINED_FILE;
 use llmroute::gateway::envoy::EnvoyOptions;
 use llmroute::gateway::objects::{self, GatewayDeploymentOptions};
-use llmroute::gateway_shutdown::DRAINED_FILE;
 use llmroute::render::{self, RenderOptions};
 use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
 use support::envoy::{Envoy, free_port};

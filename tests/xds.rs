@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use llmroute::gateway::envoy::{self, EnvoyOptions, XdsClient};
-use llmroute::gateway::objects::KeyMaterial;
+use llmroute::gateway::keys::KeyMaterial;
 use llmroute::render::{self, RenderOptions};
 use llmroute::xds::XdsServer;
 use llmroute::xds::delta::Serving;

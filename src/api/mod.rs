@@ -8,6 +8,8 @@
 mod rules;
 mod schema;
 
+/// Failure classes are the catalog's vocabulary (it classifies provider answers); the API names them.
+pub use crate::catalog::FailureClass;
 pub use rules::spec_rules;
 
 use std::collections::BTreeMap;
@@ -423,64 +425,10 @@ pub enum Strategy {
     LowestCost,
 }
 
-/// Why a backend failed, as llmroute classifies provider responses (status code *and* body).
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
-)]
-pub enum FailureClass {
-    /// The provider refuses the caller's country or region (OpenAI 403
-    /// `unsupported_country_region_territory`).
-    RegionBlocked,
-    /// The account's balance or quota is used up (OpenAI 429 `insufficient_quota`, DeepSeek 402,
-    /// Moonshot `exceeded_current_quota_error`, Zhipu 1113).
-    QuotaExhausted,
-    /// Temporary rate limiting (429 `rate_limit_exceeded` and the like).
-    RateLimited,
-    /// The key is missing, wrong or revoked (401, or 403 with an auth error).
-    AuthFailed,
-    /// The provider failed (5xx).
-    ServerError,
-    /// The provider could not be reached (connection refused or reset, DNS, TLS).
-    Unreachable,
-    /// No response, or no first byte, within the configured time.
-    Timeout,
-}
-
-impl FailureClass {
-    /// Every class, in declaration order.
-    pub const ALL: [FailureClass; 7] = [
-        FailureClass::RegionBlocked,
-        FailureClass::QuotaExhausted,
-        FailureClass::RateLimited,
-        FailureClass::AuthFailed,
-        FailureClass::ServerError,
-        FailureClass::Unreachable,
-        FailureClass::Timeout,
-    ];
-
-    /// Every class, as the default of `failoverOn`.
-    pub fn all() -> Vec<FailureClass> {
-        Self::ALL.to_vec()
-    }
-
-    /// The CamelCase name used in the API, status and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureClass::RegionBlocked => "RegionBlocked",
-            FailureClass::QuotaExhausted => "QuotaExhausted",
-            FailureClass::RateLimited => "RateLimited",
-            FailureClass::AuthFailed => "AuthFailed",
-            FailureClass::ServerError => "ServerError",
-            FailureClass::Unreachable => "Unreachable",
-            FailureClass::Timeout => "Timeout",
-        }
-    }
-}
-
-impl std::fmt::Display for FailureClass {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Parses a Go-style duration already checked by the schema, in milliseconds.
+pub fn duration_ms(s: &str) -> Result<u64, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(std::time::Duration::from(d).as_millis() as u64)
 }
 
 /// Time limits, as Go-style durations (`30s`, `2m`, `1m30s`).

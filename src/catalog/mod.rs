@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use serde::Deserialize;
-
-use crate::api::FailureClass;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// How a provider lays out its request paths.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +200,66 @@ pub fn provider(id: &str) -> Option<&'static Provider> {
 /// The common classification rules, applied after each provider's own.
 pub fn common_errors() -> &'static [ErrorRule] {
     &catalog().common_errors
+}
+
+/// Why a backend failed, as llmroute classifies provider responses (status code *and* body).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+pub enum FailureClass {
+    /// The provider refuses the caller's country or region (OpenAI 403
+    /// `unsupported_country_region_territory`).
+    RegionBlocked,
+    /// The account's balance or quota is used up (OpenAI 429 `insufficient_quota`, DeepSeek 402,
+    /// Moonshot `exceeded_current_quota_error`, Zhipu 1113).
+    QuotaExhausted,
+    /// Temporary rate limiting (429 `rate_limit_exceeded` and the like).
+    RateLimited,
+    /// The key is missing, wrong or revoked (401, or 403 with an auth error).
+    AuthFailed,
+    /// The provider failed (5xx).
+    ServerError,
+    /// The provider could not be reached (connection refused or reset, DNS, TLS).
+    Unreachable,
+    /// No response, or no first byte, within the configured time.
+    Timeout,
+}
+
+impl FailureClass {
+    /// Every class, in declaration order.
+    pub const ALL: [FailureClass; 7] = [
+        FailureClass::RegionBlocked,
+        FailureClass::QuotaExhausted,
+        FailureClass::RateLimited,
+        FailureClass::AuthFailed,
+        FailureClass::ServerError,
+        FailureClass::Unreachable,
+        FailureClass::Timeout,
+    ];
+
+    /// Every class, as the default of `failoverOn`.
+    pub fn all() -> Vec<FailureClass> {
+        Self::ALL.to_vec()
+    }
+
+    /// The CamelCase name used in the API, status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::RegionBlocked => "RegionBlocked",
+            FailureClass::QuotaExhausted => "QuotaExhausted",
+            FailureClass::RateLimited => "RateLimited",
+            FailureClass::AuthFailed => "AuthFailed",
+            FailureClass::ServerError => "ServerError",
+            FailureClass::Unreachable => "Unreachable",
+            FailureClass::Timeout => "Timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[cfg(test)]

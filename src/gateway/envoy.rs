@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::ir::{AccountIr, BackendIr, GatewayIr, RouteIr, UpstreamIr};
-use super::objects::KeyMaterial;
+use super::keys::KeyMaterial;
 use super::shapes;
 use crate::catalog::{PathStyle, StreamUsage};
 use crate::xds::api as xds_api;
@@ -285,7 +285,7 @@ fn provider_secret(entry: &str, keys: &KeyMaterial, delivery: Delivery) -> Value
                 .get(entry)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let value = super::objects::trim(value);
+            let value = super::keys::trim(value);
             json!({ "inline_bytes": base64::engine::general_purpose::STANDARD.encode(value) })
         }
         Delivery::Files { keys_dir, .. } | Delivery::Static { keys_dir } => {
@@ -748,14 +748,11 @@ fn access_log(opts: &EnvoyOptions) -> Value {
 /// event delays the stream's first byte (about 0.07 ms, docs/benchmarks.md), and the sidecar knows
 /// the model the provider was asked for from the route's backends.
 ///
-/// The dynamic metadata namespace of an answer's usage.
-pub const USAGE_METADATA: &str = "llmroute";
-
 /// Usage of a streamed answer: the server-sent event that carries it (the last chunk with OpenAI's
 /// `stream_options.include_usage`, the finish chunk with some providers), read as the events pass
 /// by llmroute's Envoy dynamic module (`sse-usage/`, loaded from `opts.usage_module`), an event
 /// split across reads included; nothing is held back, copied or changed. It reads the objects
-/// named above (`sse-usage/src/scan.rs` and its tests) into [`USAGE_METADATA`] key `usage`.
+/// named above (`sse-usage/src/scan.rs` and its tests) into [`crate::usage::log::METADATA_NAMESPACE`] key `usage`.
 ///
 /// It replaced Envoy's `sse_to_metadata` filter with the JSON content parser, which built a JSON
 /// object of every event: about 0.06 ms of each stream's first byte (docs/benchmarks.md, runs 10-12).

@@ -5,8 +5,12 @@
 
 pub mod envoy;
 pub mod ir;
+pub mod keys;
 pub mod objects;
 pub mod shapes;
+
+#[cfg(test)]
+mod props;
 
 use crate::api::LLMRoute;
 use crate::policy::{self, Decision, Facts};
@@ -99,7 +103,7 @@ pub fn translate(namespace: &str, routes: &[LLMRoute], facts: &Facts) -> Transla
                         .filter(|(_, b)| b.excluded.as_ref().is_none_or(|e| !e.is_by_design()))
                         .map(|(i, _)| i)
                         .collect();
-                    let order = ir::order_by_strategy(route, &by_design);
+                    let order = crate::policy::order::order_by_strategy(route, &by_design);
                     let first: Vec<usize> = order
                         .chains
                         .first()

@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::envoy::EnvoyOptions;
 use super::ir::{BaseUrl, backend_base_url};
+use super::keys::{KeyMaterial, trim};
 use crate::api::{LLMRoute, WorkloadMode};
 use crate::catalog;
 
@@ -45,7 +46,7 @@ pub const DEFAULT_ENVOY_IMAGE: &str = "docker.io/envoyproxy/envoy:v1.40.0";
 pub const DEFAULT_SHUTDOWN_MANAGER_IMAGE: &str =
     concat!("ghcr.io/llmroute/llmroute:", env!("CARGO_PKG_VERSION"));
 
-/// Graceful termination of a gateway Pod (see [`crate::gateway_shutdown`]): the sidecar's preStop
+/// Graceful termination of a gateway Pod (see [`crate::agent`]): the sidecar's preStop
 /// drains Envoy for at least `MIN_DRAIN_SECONDS` (endpoint removal propagates), then until no request
 /// is in flight, at most `MAX_DRAIN_SECONDS` (a route's default request timeout: Envoy ends every
 /// request by then with default timeouts); Envoy's preStop waits for it.
@@ -83,6 +84,8 @@ pub fn usage_address_overlay(host: &str, port: u16) -> String {
 }
 /// The manager's path whose GET answers once the drain is done (Envoy's preStop).
 pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
+/// Path of the sidecar's cumulative usage counts, which the operator leader reads for budgets.
+pub const USAGE_PATH: &str = "/usage";
 /// Where the sidecar's emptyDir holding the drain state is mounted.
 pub const SHUTDOWN_STATE_DIR: &str = "/var/run/llmroute-shutdown";
 
@@ -109,15 +112,6 @@ impl Default for GatewayDeploymentOptions {
             shutdown_manager_image: DEFAULT_SHUTDOWN_MANAGER_IMAGE.to_string(),
         }
     }
-}
-
-/// Secret values the objects need: provider keys by gateway entry, and each route's key.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeyMaterial {
-    /// Gateway keys Secret entry → key value.
-    pub provider_keys: BTreeMap<String, Vec<u8>>,
-    /// Route name → route key.
-    pub route_keys: BTreeMap<String, String>,
 }
 
 /// Standard labels of everything the operator creates for a gateway.
@@ -236,19 +230,6 @@ pub fn xds_secret(
         ])),
         ..Default::default()
     }
-}
-
-/// A key without the whitespace around it (a trailing newline would corrupt the header it goes in).
-pub fn trim(value: &[u8]) -> Vec<u8> {
-    let start = value
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(value.len());
-    let end = value
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    value[start..end].to_vec()
 }
 
 fn quantity(s: &str) -> Quantity {

@@ -22,7 +22,8 @@ use super::Options;
 use super::apply::{FIELD_MANAGER, WriteCounter, apply};
 use super::xds::XdsSetup;
 use crate::api::{LLMRoute, LLMRouteStatus};
-use crate::gateway::objects::{self, GATEWAY_NAME, KeyMaterial, XDS_SECRET_NAME};
+use crate::gateway::keys::{self, KeyMaterial};
+use crate::gateway::objects::{self, GATEWAY_NAME, XDS_SECRET_NAME};
 use crate::gateway::{self, Problem, envoy};
 use crate::metrics::{FailoverLabels, NamespaceLabels, ReasonLabels, ResultLabels};
 use crate::policy::Facts;
@@ -329,7 +330,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         {
             material
                 .provider_keys
-                .insert(k.entry.clone(), objects::trim(&v));
+                .insert(k.entry.clone(), keys::trim(&v));
         }
     }
     for r in &valid {

@@ -203,15 +203,12 @@ pub async fn collect(
 }
 
 async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwest::Error> {
-    http.get(format!(
-        "http://{addr}{}",
-        crate::gateway_shutdown::USAGE_PATH
-    ))
-    .send()
-    .await?
-    .error_for_status()?
-    .json()
-    .await
+    http.get(format!("http://{addr}{}", objects::USAGE_PATH))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await
 }
 
 /// Adds `reports` to `ns`'s ledger and stores it if it changed. Returns the ledger once stored.

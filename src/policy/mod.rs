@@ -4,13 +4,15 @@
 //! `llmroute render` feed it plain data.
 
 pub mod health;
+pub mod order;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::api::duration_ms;
 use crate::api::{Backend, LLMRoute, SecretKeyRef};
 use crate::catalog;
-use crate::gateway::ir::{RoutePlan, duration_ms, order_by_strategy};
 use health::{Assessment, HealthView, ProbeRecord, Thresholds, assess};
+use order::{RoutePlan, order_by_strategy};
 
 /// What the world looks like to the policy, for one namespace.
 #[derive(Clone, Debug, Default)]
@@ -383,9 +385,6 @@ fn with_last_resorts(route: &LLMRoute, usable: &[usize], demoted: &[usize]) -> R
     }
     plan
 }
-
-#[cfg(test)]
-mod props;
 
 #[cfg(test)]
 mod budget_tests {

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::api::duration_ms;
 use crate::api::{LLMRoute, ProbeKind, SecretKeyRef};
 use crate::catalog::{self, PathStyle};
-use crate::gateway::ir::{backend_base_url, duration_ms};
+use crate::gateway::ir::backend_base_url;
 use crate::policy::{probe_key, probe_model};
 
 /// One probe to run periodically. `headers` carries the provider key: never log a target.

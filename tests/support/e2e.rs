@@ -266,15 +266,15 @@ impl Stack {
 
     /// Follows the gateway's usage log as the Pod's sidecar does, in this process, and returns
     /// its counters.
-    pub async fn usage_log(&self) -> std::sync::Arc<llmroute::usage::UsageCounters> {
-        let (follower, counters) = llmroute::usage::log::Follower::open(
+    pub async fn usage_log(&self) -> std::sync::Arc<llmroute::agent::counters::UsageCounters> {
+        let (follower, counters) = llmroute::agent::follow::Follower::open(
             std::path::Path::new(&self.gateway.ports.usage_log),
             &self.ns.name,
         );
         let counters = std::sync::Arc::new(counters);
         let (c, stop) = (counters.clone(), std::sync::Arc::default());
         let follower = follower.echo(self.access_log_file());
-        std::thread::spawn(move || llmroute::usage::log::follow(follower, c, stop));
+        std::thread::spawn(move || llmroute::agent::follow::follow(follower, c, stop));
         counters
     }
 

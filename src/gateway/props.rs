@@ -1,13 +1,14 @@
-//! Property tests of the policy engine's invariants over random routes and probe histories.
+//! Property tests of the policy engine's invariants over random routes and probe histories, and of
+//! the routes translation builds from its decisions (here, above both).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
-use super::health::{HealthView, ProbeRecord};
-use super::{Facts, decide, probe_key};
+use super::ir::build_route;
 use crate::api::{FailureClass, LLMRoute};
-use crate::gateway::ir::build_route;
+use crate::policy::health::{HealthView, ProbeRecord};
+use crate::policy::{Facts, decide, probe_key};
 
 const PROVIDERS: [&str; 5] = [
     "openai",
