@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -15,6 +15,7 @@ use crate::gateway::envoy::{self, EnvoyOptions, XdsClient};
 use crate::gateway::keys::KeyMaterial;
 use crate::gateway::objects::{self, GatewayDeploymentOptions};
 use crate::gateway::{self, Translation};
+use crate::operator::plan::{self, NamespaceFacts, Plan, Settings};
 use crate::policy::Facts;
 use crate::validate::validate_route;
 
@@ -225,21 +226,6 @@ pub fn placeholder_keys(t: &Translation) -> KeyMaterial {
     }
 }
 
-fn owner(route: &LLMRoute) -> OwnerReference {
-    OwnerReference {
-        api_version: format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
-        kind: "LLMRoute".into(),
-        name: kube::ResourceExt::name_any(route),
-        uid: route
-            .metadata
-            .uid
-            .clone()
-            .unwrap_or_else(|| "<assigned-by-the-api-server>".into()),
-        controller: Some(false),
-        block_owner_deletion: Some(true),
-    }
-}
-
 fn redact_secret(mut value: Value) -> Value {
     if let Some(data) = value.get_mut("data").and_then(Value::as_object_mut) {
         for v in data.values_mut() {
@@ -252,71 +238,80 @@ fn redact_secret(mut value: Value) -> Value {
 /// What stands in an offline render for what only the operator makes (certificates).
 const ISSUED_BY_THE_OPERATOR: &str = "<issued by the operator>";
 
-/// The objects the operator would apply, as a YAML stream, with Secret values redacted.
-pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String {
-    let mut docs: Vec<Value> = Vec::new();
-    for ns in renders {
-        let t = &ns.translation;
-        let owners: Vec<OwnerReference> = ns.routes.iter().map(owner).collect();
-        let keys = placeholder_keys(t);
-        let bootstrap = envoy::ads_bootstrap(&opts.envoy, &opts.xds, &ns.namespace);
-        docs.push(typed_doc(
-            "v1",
-            "ConfigMap",
-            to_value(&objects::config_map(&ns.namespace, &bootstrap, &owners)),
-        ));
-        let certificate = crate::xds::tls::Pem {
+/// The plan the operator would make for a namespace, with the facts assumed offline: every
+/// referenced Secret key exists (its value a placeholder), route keys are placeholders, nothing was
+/// probed or counted, and the certificate is one the operator would issue.
+pub fn offline_plan(ns: &NamespaceRender, opts: &RenderOptions) -> Plan {
+    let mut secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+    for b in ns.routes.iter().flat_map(|r| &r.spec.backends) {
+        if let Some(s) = &b.credentials_secret_ref {
+            let data = secrets.entry(s.name.clone()).or_default();
+            data.insert(s.key.clone(), b"placeholder".to_vec());
+        }
+    }
+    let routes = ns
+        .routes
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.metadata
+                .uid
+                .get_or_insert_with(|| "<assigned-by-the-api-server>".into());
+            Arc::new(r)
+        })
+        .collect::<Vec<_>>();
+    let facts = NamespaceFacts {
+        namespace: ns.namespace.clone(),
+        route_keys: placeholder_keys(&ns.translation).route_keys,
+        routes,
+        secrets,
+        health: BTreeMap::new(),
+        usage: BTreeMap::new(),
+        now_ms: 0,
+        certificate: crate::xds::tls::Pem {
             cert: ISSUED_BY_THE_OPERATOR.into(),
             key: ISSUED_BY_THE_OPERATOR.into(),
             not_after: 0,
-        };
-        let mut xds_secret = redact_secret(to_value(&objects::xds_secret(
-            &ns.namespace,
-            &certificate,
-            ISSUED_BY_THE_OPERATOR,
-            &owners,
-        )));
-        xds_secret["metadata"]["annotations"][objects::CERT_NOT_AFTER_ANNOTATION] =
-            Value::String(ISSUED_BY_THE_OPERATOR.into());
+        },
+        ca_pem: ISSUED_BY_THE_OPERATOR.into(),
+        previous: None,
+    };
+    let settings = Settings {
+        default_region: &opts.default_region,
+        envoy: &opts.envoy,
+        deployment: &opts.deployment,
+        xds: &opts.xds,
+        upstream_ca: None,
+    };
+    plan::decide(facts, &settings)
+}
+
+/// The objects the operator would apply (the objects of its plan, see [`offline_plan`]), as a YAML
+/// stream, with Secret values redacted.
+pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String {
+    let mut docs: Vec<Value> = Vec::new();
+    let issued = Value::String(ISSUED_BY_THE_OPERATOR.into());
+    for ns in renders {
+        let plan = offline_plan(ns, opts);
+        let o = &plan.objects;
+        docs.push(typed_doc("v1", "ConfigMap", to_value(&o.config_map)));
+        let mut xds_secret = redact_secret(to_value(&o.xds_secret));
+        xds_secret["metadata"]["annotations"][objects::CERT_NOT_AFTER_ANNOTATION] = issued.clone();
         docs.push(typed_doc("v1", "Secret", xds_secret));
-        docs.push(typed_doc(
-            "apps/v1",
-            "Deployment",
-            to_value(&objects::deployment(
-                &ns.namespace,
-                &opts.envoy,
-                &opts.deployment,
-                ISSUED_BY_THE_OPERATOR,
-                &owners,
-            )),
-        ));
-        docs.push(typed_doc(
-            "v1",
-            "Service",
-            to_value(&objects::service(&ns.namespace, &owners)),
-        ));
+        let mut deployment = to_value(&o.deployment);
+        deployment["spec"]["template"]["metadata"]["annotations"]
+            [objects::CERT_NOT_AFTER_ANNOTATION] = issued.clone();
+        docs.push(typed_doc("apps/v1", "Deployment", deployment));
+        docs.push(typed_doc("v1", "Service", to_value(&o.service)));
         docs.push(typed_doc(
             "policy/v1",
             "PodDisruptionBudget",
-            to_value(&objects::pod_disruption_budget(&ns.namespace, &owners)),
+            to_value(&o.budget),
         ));
         for route in &ns.routes {
             let name = kube::ResourceExt::name_any(route);
-            let outcome = t.routes.iter().find(|o| o.name == name);
-            let active = outcome.and_then(|o| o.active_backend.as_deref());
-            if let Some(env) = objects::workload_env(route, &ns.namespace, active, &keys) {
-                let mut o = owner(route);
-                o.controller = Some(true);
-                docs.push(typed_doc(
-                    "v1",
-                    "Secret",
-                    redact_secret(to_value(&objects::workload_secret(
-                        route,
-                        &ns.namespace,
-                        &env,
-                        o,
-                    ))),
-                ));
+            if let Some(secret) = plan.workloads.get(&name).and_then(|w| w.secret.as_ref()) {
+                docs.push(typed_doc("v1", "Secret", redact_secret(to_value(secret))));
             }
         }
     }

@@ -1,24 +1,34 @@
 //! `llmroute run`: the operator. Thin glue around the pure core: reflectors feed caches and the
 //! controller; the reconciler ([`reconcile`]) translates a namespace and applies the result.
-
+//!
+//! - [`watches`] and [`context`]: the caches and what the tasks share.
+//! - [`reconcile`]: one namespace at a time, in three phases: [`observe`] (caches → plain facts),
+//!   [`plan`] (decide, pure: objects, configuration, statuses, [`events`]), [`act`] (apply, publish,
+//!   write, emit). [`apply`] is the one place objects are written.
+//! - [`usage`]: the leader's usage collector (budgets); [`xds`]: the xDS server's set-up;
+//!   [`leader`]: leader election; [`http`]: health and metrics endpoints.
+pub mod act;
 pub mod apply;
+pub mod context;
+pub mod events;
 pub mod http;
 pub mod leader;
+pub mod observe;
+pub mod plan;
 pub mod reconcile;
 pub mod usage;
+pub mod watches;
 pub mod xds;
 
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
@@ -26,7 +36,8 @@ use crate::api::LLMRoute;
 use crate::gateway::objects::{GATEWAY_NAME, GatewayDeploymentOptions, XDS_SECRET_NAME};
 use crate::probe::Prober;
 use apply::WriteCounter;
-use reconcile::{Context, error_policy, reconcile};
+use context::Context;
+use reconcile::{error_policy, reconcile};
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -92,25 +103,6 @@ impl RuntimeState {
     }
 }
 
-fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
-/// Cached objects do not need their managedFields (often the largest part of small objects).
-fn drop_managed_fields<K: kube::Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
-}
-
 /// Routes of a namespace, as controller triggers.
 /// The route that stands for its namespace in the controller's queue: the reconciler translates a
 /// whole namespace whichever of its routes it is given, so every trigger of a namespace names the
@@ -131,6 +123,95 @@ fn namespace_ref(store: &Store<LLMRoute>, ns: &str) -> Option<ObjectRef<LLMRoute
 /// server (status writes), so a few overlap well; each holds its namespace's configuration meanwhile.
 pub const RECONCILE_CONCURRENCY: u16 = 4;
 
+/// A stream of namespaces (each sent when something of it changed) as controller triggers: the
+/// route that stands for each.
+fn namespace_triggers(
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    routes: Store<LLMRoute>,
+) -> impl futures::Stream<Item = ObjectRef<LLMRoute>> + Send + 'static {
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|ns| (ns, rx)) },
+    )
+    .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
+}
+
+/// A gateway object (or any gateway Pod: `name` None) stands for its namespace.
+fn gateway_trigger(
+    routes: &Store<LLMRoute>,
+) -> impl Fn(Option<String>, Option<String>) -> Option<ObjectRef<LLMRoute>> + Clone + Send + Sync + 'static
+{
+    let routes = routes.clone();
+    move |name: Option<String>, ns: Option<String>| {
+        if name.is_some_and(|n| n != GATEWAY_NAME) {
+            return None;
+        }
+        namespace_ref(&routes, &ns?)
+    }
+}
+
+/// A Secret stands for its namespace when llmroute owns it or a route of it references it.
+fn secret_trigger(
+    routes: &Store<LLMRoute>,
+) -> impl Fn(Secret) -> Option<ObjectRef<LLMRoute>> + Send + Sync + 'static {
+    let routes = routes.clone();
+    move |secret: Secret| {
+        let ns = secret.namespace().unwrap_or_default();
+        let name = secret.name_any();
+        let owned = name == XDS_SECRET_NAME
+            || secret
+                .labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                == Some("llmroute");
+        let referenced = || {
+            routes.state().iter().any(|r| {
+                r.namespace().as_deref() == Some(ns.as_str())
+                    && r.spec.backends.iter().any(|b| {
+                        b.credentials_secret_ref
+                            .as_ref()
+                            .is_some_and(|s| s.name == name)
+                    })
+            })
+        };
+        (owned || referenced())
+            .then(|| namespace_ref(&routes, &ns))
+            .flatten()
+    }
+}
+
+/// Counts this controller's scope in `/readyz` until it ends; marks it synced once its caches are.
+struct ScopeReadiness {
+    runtime: Arc<RuntimeState>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ScopeReadiness {
+    fn start(ctx: &Arc<Context>, routes_listed: tokio::sync::watch::Receiver<bool>) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let runtime = ctx.opts.runtime.clone();
+        runtime.scopes.fetch_add(1, SeqCst);
+        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ctx, synced_here) = (ctx.clone(), synced.clone());
+        tokio::spawn(async move {
+            ctx.watch_caches(routes_listed).await;
+            ctx.opts.runtime.scopes_synced.fetch_add(1, SeqCst);
+            synced_here.store(true, SeqCst);
+        });
+        ScopeReadiness { runtime, synced }
+    }
+}
+
+impl Drop for ScopeReadiness {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.runtime.scopes.fetch_sub(1, SeqCst);
+        if self.synced.load(SeqCst) {
+            self.runtime.scopes_synced.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves, serving the gateways' configuration through `xds`.
 pub async fn run(
     client: Client,
@@ -147,7 +228,7 @@ pub async fn run(
     writes.report_to(opts.metrics.api_writes.clone());
     let gateway_events = xds.server.subscribe();
     let reconcile_concurrency = opts.reconcile_concurrency;
-    let (prober, changes) = match Prober::new(&opts.prober, opts.metrics.clone()) {
+    let (prober, probed) = match Prober::new(&opts.prober, opts.metrics.clone()) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the prober");
@@ -159,236 +240,51 @@ pub async fn run(
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move { prober.run(stop).await });
     }
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=llmroute");
-    // Secrets: every Secret a route may reference, but not the large kinds no route references.
-    let secrets_cfg = watcher::Config::default()
-        .fields("type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1,type!=kubernetes.io/dockerconfigjson");
-
-    let (routes, routes_writer) = reflector::store::<LLMRoute>();
-    let (secrets, secrets_writer) = reflector::store::<Secret>();
-    let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
-    let (deployments, dep_writer) = reflector::store::<Deployment>();
-    let (services, svc_writer) = reflector::store::<Service>();
-    let (budgets, pdb_writer) = reflector::store::<PodDisruptionBudget>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
-
-    // The routes' initial list is seen here, not through `routes.wait_until_ready()`: the controller
-    // itself waits on that, and the store's readiness signal wakes only one waiter.
-    let (routes_listed_tx, routes_listed) = tokio::sync::watch::channel(false);
-    // A deleted route is no longer in the store the controller reconciles from: its namespace is
-    // reconciled through another of its routes (its part of the configuration goes at once).
-    let (deleted_tx, deleted) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let route_stream = watcher(
-        api::<LLMRoute>(&client, &opts.namespace),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(drop_managed_fields)
-    .reflect(routes_writer)
-    .inspect(move |event| match event {
-        Ok(watcher::Event::InitDone) => {
-            routes_listed_tx.send_replace(true);
-        }
-        Ok(watcher::Event::Delete(route)) => {
-            let _ = deleted_tx.send(route.namespace().unwrap_or_default());
-        }
-        _ => {}
-    })
-    .touched_objects()
-    // What the operator writes itself (status) changes neither generation, labels nor
-    // annotations: its own writes do not wake it.
-    .predicate_filter(
-        predicates::generation
-            .combine(predicates::labels)
-            .combine(predicates::annotations),
-        Default::default(),
-    )
-    .map_ok({
-        let routes = routes.clone();
-        move |route| {
-            let ns = route.namespace().unwrap_or_default();
-            namespace_route(&routes, &ns).map_or(route, |r| r.as_ref().clone())
-        }
-    });
-    let secret_stream = watcher(api::<Secret>(&client, &opts.namespace), secrets_cfg)
-        .default_backoff()
-        .modify(drop_managed_fields)
-        .reflect(secrets_writer)
-        .touched_objects();
-    let cm_stream = watcher(api::<ConfigMap>(&client, &opts.namespace), managed.clone())
-        .default_backoff()
-        .modify(drop_managed_fields)
-        .reflect(cm_writer)
-        .touched_objects();
-    let dep_stream = watcher(api::<Deployment>(&client, &opts.namespace), managed.clone())
-        .default_backoff()
-        .modify(drop_managed_fields)
-        .reflect(dep_writer)
-        .touched_objects();
-    let svc_stream = watcher(api::<Service>(&client, &opts.namespace), managed.clone())
-        .default_backoff()
-        .modify(drop_managed_fields)
-        .reflect(svc_writer)
-        .touched_objects();
-    let pdb_stream = watcher(
-        api::<PodDisruptionBudget>(&client, &opts.namespace),
-        managed,
-    )
-    .default_backoff()
-    .modify(drop_managed_fields)
-    .reflect(pdb_writer)
-    .touched_objects();
-
-    // The gateway's Pods: what keeps them from running goes into the routes' status.
-    let pod_stream = watcher(
-        api::<Pod>(&client, &opts.namespace),
-        watcher::Config::default().labels(&format!("app.kubernetes.io/name={GATEWAY_NAME}")),
-    )
-    .default_backoff()
-    .modify(|pod: &mut Pod| {
-        drop_managed_fields(pod);
-        // Only the status is read.
-        pod.spec = None;
-    })
-    .reflect(pod_writer)
-    .touched_objects();
-
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "llmroute".into(),
-            instance: Some(opts.identity.clone()),
-        },
-    );
+    let w = watches::start(&client, &opts.namespace);
+    let routes = w.caches.routes.clone();
+    let reporter = Reporter {
+        controller: "llmroute".into(),
+        instance: Some(opts.identity.clone()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context::new(
-        client.clone(),
-        routes.clone(),
-        secrets,
-        config_maps,
-        deployments,
-        services,
-        budgets,
-        pods,
-        opts,
-        recorder,
-        writes,
-        prober,
-        xds,
+        client, w.caches, opts, recorder, writes, prober, xds,
     ));
     // Usage counts read from the gateway replicas re-reconcile their namespace (status, budgets).
     let (usage_tx, usage_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(usage::collect(
-        ctx.clone(),
-        usage_tx,
-        stopped(stop_rx.clone()),
-    ));
-    let usage_changed = {
-        let routes = routes.clone();
-        futures::stream::unfold(usage_rx, |mut rx| async move {
-            rx.recv().await.map(|ns| (ns, rx))
-        })
-        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
-    };
-    let runtime = ctx.opts.runtime.clone();
-    let synced_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        use std::sync::atomic::Ordering::SeqCst;
-        runtime.scopes.fetch_add(1, SeqCst);
-        let (ctx, synced_here) = (ctx.clone(), synced_here.clone());
-        tokio::spawn(async move {
-            ctx.watch_caches(routes_listed).await;
-            ctx.opts.runtime.scopes_synced.fetch_add(1, SeqCst);
-            synced_here.store(true, SeqCst);
-        });
-    }
-    // Probe results that matter re-reconcile their namespace (any route of it stands for all).
-    let probed = {
-        let routes = routes.clone();
-        futures::stream::unfold(changes, |mut rx| async move {
-            rx.recv().await.map(|ns| (ns, rx))
-        })
-        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
-    };
-
-    let after_deletion = {
-        let routes = routes.clone();
-        futures::stream::unfold(deleted, |mut rx| async move {
-            rx.recv().await.map(|ns| (ns, rx))
-        })
-        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
-    };
-    // So does a change of what its gateway replicas serve (connected, acknowledged, rejected).
-    let gateways_changed = {
-        let routes = routes.clone();
-        futures::stream::unfold(gateway_events, |mut rx| async move {
-            rx.recv().await.map(|ns| (ns, rx))
-        })
-        .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
-    };
-
-    // The gateway's objects and Pods stand for their namespace.
-    let gateway_object = {
-        let routes = routes.clone();
-        move |name: Option<String>, ns: Option<String>| {
-            if name.is_some_and(|n| n != GATEWAY_NAME) {
-                return None;
-            }
-            namespace_ref(&routes, &ns?)
-        }
-    };
-    let secret_mapper = {
-        let routes = routes.clone();
-        move |secret: Secret| {
-            let ns = secret.namespace().unwrap_or_default();
-            let name = secret.name_any();
-            let owned = name == XDS_SECRET_NAME
-                || secret
-                    .labels()
-                    .get("app.kubernetes.io/managed-by")
-                    .map(String::as_str)
-                    == Some("llmroute");
-            let referenced = || {
-                routes.state().iter().any(|r| {
-                    r.namespace().as_deref() == Some(ns.as_str())
-                        && r.spec.backends.iter().any(|b| {
-                            b.credentials_secret_ref
-                                .as_ref()
-                                .is_some_and(|s| s.name == name)
-                        })
-                })
-            };
-            (owned || referenced())
-                .then(|| namespace_ref(&routes, &ns))
-                .flatten()
-        }
-    };
+    let collector = usage::collect(ctx.clone(), usage_tx, stopped(stop_rx.clone()));
+    tokio::spawn(collector);
+    let _readiness = ScopeReadiness::start(&ctx, w.routes_listed);
+    let gateway = gateway_trigger(&routes);
     let (g1, g2, g3, g4, g5) = (
-        gateway_object.clone(),
-        gateway_object.clone(),
-        gateway_object.clone(),
-        gateway_object.clone(),
-        gateway_object,
+        gateway.clone(),
+        gateway.clone(),
+        gateway.clone(),
+        gateway.clone(),
+        gateway,
     );
-    Controller::for_stream(route_stream, routes)
-        .reconcile_on(probed)
-        .reconcile_on(gateways_changed)
-        .reconcile_on(after_deletion)
-        .reconcile_on(usage_changed)
-        .watches_stream(secret_stream, secret_mapper)
-        .watches_stream(cm_stream, move |o: ConfigMap| {
+    Controller::for_stream(w.routes, routes.clone())
+        // Probe results that matter, a change of what its gateway replicas serve (connected,
+        // acknowledged, rejected), a deleted route, new usage counts: any route stands for all.
+        .reconcile_on(namespace_triggers(probed, routes.clone()))
+        .reconcile_on(namespace_triggers(gateway_events, routes.clone()))
+        .reconcile_on(namespace_triggers(w.deleted, routes.clone()))
+        .reconcile_on(namespace_triggers(usage_rx, routes.clone()))
+        .watches_stream(w.secrets, secret_trigger(&routes))
+        .watches_stream(w.config_maps, move |o: ConfigMap| {
             g1(Some(o.name_any()), o.namespace())
         })
-        .watches_stream(dep_stream, move |o: Deployment| {
+        .watches_stream(w.deployments, move |o: Deployment| {
             g2(Some(o.name_any()), o.namespace())
         })
-        .watches_stream(svc_stream, move |o: Service| {
+        .watches_stream(w.services, move |o: Service| {
             g3(Some(o.name_any()), o.namespace())
         })
-        .watches_stream(pdb_stream, move |o: PodDisruptionBudget| {
+        .watches_stream(w.budgets, move |o: PodDisruptionBudget| {
             g4(Some(o.name_any()), o.namespace())
         })
         // Every Pod of the stream is a gateway Pod (label selector), whatever its name.
-        .watches_stream(pod_stream, move |o: Pod| g5(None, o.namespace()))
+        .watches_stream(w.pods, move |o: Pod| g5(None, o.namespace()))
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
         .with_config(
@@ -407,13 +303,6 @@ pub async fn run(
         })
         .await;
     info!("controller stopped");
-    {
-        use std::sync::atomic::Ordering::SeqCst;
-        runtime.scopes.fetch_sub(1, SeqCst);
-        if synced_here.load(SeqCst) {
-            runtime.scopes_synced.fetch_sub(1, SeqCst);
-        }
-    }
 }
 
 /// Runs one controller per namespace in `namespaces` (all namespaces when empty), until `shutdown`.

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -15,10 +15,10 @@ use kube::api::Api;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::reconcile::Context;
+use super::context::{Context, now_ms, stored_ledger};
 use crate::api::{BudgetPeriod, LLMRoute};
-use crate::gateway::objects::{self, USAGE_LEDGER_KEY, USAGE_LEDGER_NAME};
-use crate::usage::ledger::{Ledger, Periods, Report, RouteTotals};
+use crate::gateway::objects::{self, USAGE_LEDGER_NAME};
+use crate::usage::ledger::{Ledger, Periods, Report};
 
 /// Default of `--usage-interval`.
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
@@ -28,42 +28,6 @@ const WATERMARK_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// A replica that disconnected is read this many more times (its last counts), then forgotten.
 const LAST_READS: u32 = 3;
-
-/// The ledgers the collector keeps, shared with the reconciler.
-#[derive(Default)]
-pub struct UsageBook {
-    ledgers: Mutex<HashMap<String, Ledger>>,
-}
-
-impl UsageBook {
-    /// The period totals of `ns`'s routes: the collector's, else the stored ledger in `cached`
-    /// (a new leader before its first read).
-    pub fn routes(&self, ns: &str, cached: Option<&ConfigMap>) -> BTreeMap<String, RouteTotals> {
-        if let Some(l) = self.ledgers.lock().expect("ledgers").get(ns) {
-            return l.routes.clone();
-        }
-        cached
-            .and_then(stored_ledger)
-            .map(|l| l.routes)
-            .unwrap_or_default()
-    }
-
-    fn set(&self, ns: &str, ledger: Option<Ledger>) {
-        let mut ledgers = self.ledgers.lock().expect("ledgers");
-        match ledger {
-            Some(l) => ledgers.insert(ns.to_string(), l),
-            None => ledgers.remove(ns),
-        };
-    }
-}
-
-/// The ledger stored in `cm`, if it has a readable one.
-fn stored_ledger(cm: &ConfigMap) -> Option<Ledger> {
-    let text = cm.data.as_ref()?.get(USAGE_LEDGER_KEY)?;
-    serde_json::from_str(text)
-        .map_err(|e| warn!(namespace = ?cm.namespace(), error = %e, "unreadable usage ledger: counting starts again"))
-        .ok()
-}
 
 /// The budget periods of a namespace's routes, from their specs.
 struct RoutePeriods(HashMap<String, Arc<LLMRoute>>);
@@ -96,13 +60,6 @@ struct Held {
     version: Option<String>,
     /// Changed since the last successful write.
     dirty: bool,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Reads replicas and keeps the ledgers until `stop`; sends a namespace on `changed` after each
@@ -243,6 +200,7 @@ async fn update(
     }
     let h = held.get_mut(ns).expect("held");
     let routes: HashMap<String, Arc<LLMRoute>> = ctx
+        .caches
         .routes
         .state()
         .into_iter()
@@ -269,7 +227,7 @@ async fn update(
     owners.sort_by_key(|r| r.name_any());
     let owners: Vec<_> = owners
         .into_iter()
-        .filter_map(|r| super::reconcile::owner_ref(r, false))
+        .filter_map(|r| super::plan::owner_ref(r, false))
         .collect();
     let json = serde_json::to_string(&h.ledger).expect("a ledger serializes");
     let desired = objects::usage_ledger(ns, json, &owners, h.version.clone());

@@ -1,0 +1,217 @@
+//! What the operator's tasks share: the caches, the clients, the prober, the xDS server, and the
+//! little the operator keeps in memory (route keys, usage ledgers). Nothing here decides anything.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+use tracing::warn;
+
+use super::Options;
+use super::apply::WriteCounter;
+use super::xds::XdsSetup;
+use crate::api::LLMRoute;
+use crate::gateway::objects::{self, USAGE_LEDGER_KEY};
+use crate::probe::Prober;
+use crate::usage::ledger::{Ledger, RouteTotals};
+
+/// The caches a reconcile reads from.
+pub struct Caches {
+    pub routes: Store<LLMRoute>,
+    pub secrets: Store<Secret>,
+    pub config_maps: Store<ConfigMap>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub budgets: Store<PodDisruptionBudget>,
+    /// The gateways' Pods (status only).
+    pub pods: Store<Pod>,
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub client: Client,
+    pub caches: Caches,
+    pub opts: Options,
+    pub recorder: Recorder,
+    pub writes: Arc<WriteCounter>,
+    pub prober: Prober,
+    /// The xDS server the gateways get their configuration from.
+    pub xds: XdsSetup,
+    /// The usage ledgers the leader's collector keeps (budgets, status usage).
+    pub usage: Arc<UsageBook>,
+    /// Whether every cache has its initial list.
+    synced: tokio::sync::watch::Sender<bool>,
+    /// One reconciliation per namespace at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Route keys generated or read, by (namespace, route uid).
+    route_keys: Mutex<HashMap<(String, String), String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        opts: Options,
+        recorder: Recorder,
+        writes: Arc<WriteCounter>,
+        prober: Prober,
+        xds: XdsSetup,
+    ) -> Context {
+        Context {
+            client,
+            caches,
+            opts,
+            recorder,
+            writes,
+            prober,
+            xds,
+            usage: Default::default(),
+            synced: tokio::sync::watch::Sender::new(false),
+            locks: Mutex::default(),
+            route_keys: Mutex::default(),
+        }
+    }
+
+    /// Waits until every cache has its initial list: reconciling against a partial cache would
+    /// rewrite objects that already exist. Any number of reconciles may wait at once (see
+    /// [`Context::watch_caches`]).
+    pub async fn caches_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// Marks the caches synced once every store has its initial list (`routes_listed` says when the
+    /// routes' has). Only this task waits on the stores' own readiness signals: kube-runtime's
+    /// `Store::wait_until_ready` wakes only the most recent of several concurrent waiters (its
+    /// `DelayedInit` polls a oneshot receiver, which keeps one waker), and the controller already
+    /// waits on the routes store; two waiters there could leave either asleep until some unrelated
+    /// event (reconciles and graceful shutdown hung that way).
+    pub async fn watch_caches(&self, mut routes_listed: tokio::sync::watch::Receiver<bool>) {
+        let c = &self.caches;
+        let _ = tokio::join!(
+            async move {
+                let _ = routes_listed.wait_for(|listed| *listed).await.map(|_| ());
+            },
+            c.secrets.wait_until_ready(),
+            c.config_maps.wait_until_ready(),
+            c.deployments.wait_until_ready(),
+            c.services.wait_until_ready(),
+            c.budgets.wait_until_ready(),
+            c.pods.wait_until_ready(),
+        );
+        self.synced.send_replace(true);
+    }
+
+    pub(super) fn namespace_lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("lock map")
+            .entry(ns.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn secret(&self, ns: &str, name: &str) -> Option<Arc<Secret>> {
+        self.caches.secrets.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// A route's key: the one its workload Secret holds (Gateway mode), else the one generated
+    /// before by this process, else a new one. Kept for the route's life (its uid).
+    pub(super) fn route_key(&self, ns: &str, route: &LLMRoute) -> String {
+        let id = (ns.to_string(), route.uid().unwrap_or_default());
+        let mut cache = self.route_keys.lock().expect("route key cache");
+        cache
+            .entry(id)
+            .or_insert_with(|| {
+                (route.spec.workload_secret.mode == crate::api::WorkloadMode::Gateway)
+                    .then(|| self.secret(ns, &route.workload_secret_name()))
+                    .flatten()
+                    .and_then(|s| secret_data(&s).remove(objects::ENV_API_KEY))
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or_else(new_route_key)
+            })
+            .clone()
+    }
+
+    /// What the operator keeps in memory per route (metric series, the route key read or
+    /// generated) goes with the route.
+    pub(super) fn forget_deleted_routes(&self, ns: &str, routes: &[Arc<LLMRoute>]) {
+        let names: BTreeSet<String> = routes.iter().map(|r| r.name_any()).collect();
+        self.opts.metrics.retain_routes(ns, &names);
+        let uids: BTreeSet<String> = routes.iter().filter_map(|r| r.uid()).collect();
+        self.route_keys
+            .lock()
+            .expect("route key cache")
+            .retain(|(key_ns, uid), _| key_ns != ns || uids.contains(uid));
+    }
+}
+
+/// A Secret's data, by key.
+pub(super) fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn new_route_key() -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+    let suffix: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    format!("sk-llmroute-{suffix}")
+}
+
+/// The ledgers the collector keeps, shared with the reconciler.
+#[derive(Default)]
+pub struct UsageBook {
+    ledgers: Mutex<HashMap<String, Ledger>>,
+}
+
+impl UsageBook {
+    /// The period totals of `ns`'s routes: the collector's, else the stored ledger in `cached`
+    /// (a new leader before its first read).
+    pub fn routes(&self, ns: &str, cached: Option<&ConfigMap>) -> BTreeMap<String, RouteTotals> {
+        if let Some(l) = self.ledgers.lock().expect("ledgers").get(ns) {
+            return l.routes.clone();
+        }
+        cached
+            .and_then(stored_ledger)
+            .map(|l| l.routes)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn set(&self, ns: &str, ledger: Option<Ledger>) {
+        let mut ledgers = self.ledgers.lock().expect("ledgers");
+        match ledger {
+            Some(l) => ledgers.insert(ns.to_string(), l),
+            None => ledgers.remove(ns),
+        };
+    }
+}
+
+/// The ledger stored in `cm`, if it has a readable one.
+pub(super) fn stored_ledger(cm: &ConfigMap) -> Option<Ledger> {
+    let text = cm.data.as_ref()?.get(USAGE_LEDGER_KEY)?;
+    serde_json::from_str(text)
+        .map_err(|e| warn!(namespace = ?cm.namespace(), error = %e, "unreadable usage ledger: counting starts again"))
+        .ok()
+}
+
+/// The wall clock, in milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
