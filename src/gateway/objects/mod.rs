@@ -1,0 +1,399 @@
+//! Gateway IR → the Kubernetes objects the operator applies in a namespace: the ConfigMap with
+//! Envoy's bootstrap, the Secret with the gateway's xDS client certificate, the gateway Deployment,
+//! Service and PodDisruptionBudget, and one workload Secret per route. The configuration itself
+//! (and every key) reaches the gateway over xDS, not through these objects. Pure: certificates and
+//! key material come in as data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::ir::{BaseUrl, backend_base_url};
+use super::keys::{KeyMaterial, trim};
+
+mod pod;
+use crate::api::{LLMRoute, WorkloadMode};
+use crate::catalog;
+pub use pod::deployment;
+
+/// Name of the per-namespace gateway objects (ConfigMap, Deployment, Service).
+pub const GATEWAY_NAME: &str = "llmroute-gateway";
+/// Name of the Secret with the gateway's xDS client certificate.
+pub const XDS_SECRET_NAME: &str = "llmroute-gateway-xds";
+/// Annotation of that Secret (and of the gateway's Pod template): when its certificate expires. A
+/// renewed certificate changes the Pod template, so the Deployment rolls to it.
+pub const CERT_NOT_AFTER_ANNOTATION: &str = "llmroute.io/xds-certificate-not-after";
+/// Where the gateway's containers mount the ConfigMap (the bootstrap) and the xDS certificate.
+pub const CONFIG_DIR: &str = "/etc/llmroute/config";
+pub const XDS_CERT_DIR: &str = "/etc/llmroute/xds";
+/// The official Envoy image matching the configuration llmroute generates.
+pub const DEFAULT_ENVOY_IMAGE: &str = "docker.io/envoyproxy/envoy:v1.40.0";
+
+/// The operator's own image (the Dockerfile's, at this version): it also runs the gateway Pods'
+/// shutdown-manager sidecar (`llmroute gateway shutdown-manager`).
+pub const DEFAULT_SHUTDOWN_MANAGER_IMAGE: &str =
+    concat!("ghcr.io/llmroute/llmroute:", env!("CARGO_PKG_VERSION"));
+
+/// Graceful termination of a gateway Pod (see [`crate::agent`]): the sidecar's preStop
+/// drains Envoy for at least `MIN_DRAIN_SECONDS` (endpoint removal propagates), then until no request
+/// is in flight, at most `MAX_DRAIN_SECONDS` (a route's default request timeout: Envoy ends every
+/// request by then with default timeouts); Envoy's preStop waits for it.
+pub const MIN_DRAIN_SECONDS: i64 = 10;
+pub const MAX_DRAIN_SECONDS: i64 = 300;
+/// The grace period covers the drain plus a margin for the admin calls and Envoy's own exit, and
+/// for the sidecar to wait until the operator read its last usage counts.
+pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 30;
+/// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
+pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
+/// Envoy's flag of how often it writes its access log out, and the value the gateway gets: every
+/// second (Envoy's default is 10 s; there is no bootstrap field for it). The Pod's sidecar counts
+/// usage from the log (`crate::usage::log`): budgets, and a stopping sidecar's last read, should not
+/// wait for more.
+pub const ACCESS_LOG_FLUSH_FLAG: &str = "--file-flush-interval-msec";
+pub const ACCESS_LOG_FLUSH_MS: u64 = 1000;
+/// Where the emptyDir shared by Envoy (which writes its access log there) and the sidecar (which
+/// follows it, counts token usage and keeps its checkpoint there) is mounted.
+pub const USAGE_LOG_DIR: &str = "/var/run/llmroute-usage";
+/// Envoy's access log, the sidecar's usage log (`crate::usage::log`).
+pub const USAGE_LOG_FILE: &str = "/var/run/llmroute-usage/access.log";
+/// Where Envoy finds llmroute's dynamic modules: an emptyDir the Pod's init container fills from
+/// the operator's image (`llmroute gateway install-modules`), mounted read-only by Envoy.
+pub const MODULES_DIR: &str = "/var/run/llmroute-modules";
+/// The module that reads streamed answers' usage (`EnvoyOptions::usage_module`).
+pub const USAGE_MODULE_FILE: &str = "/var/run/llmroute-modules/libllmroute_sse_usage.so";
+
+/// The `--config-yaml` bootstrap overlay giving Envoy's node the address of its sidecar's usage
+/// counts (`host` is `$(POD_IP)` in the Deployment, expanded by the kubelet).
+pub fn usage_address_overlay(host: &str, port: u16) -> String {
+    format!(
+        r#"{{"node":{{"metadata":{{"{}":"{host}:{port}"}}}}}}"#,
+        crate::xds::server::USAGE_ADDRESS_METADATA
+    )
+}
+/// The manager's path whose GET answers once the drain is done (Envoy's preStop).
+pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
+/// Path of the sidecar's cumulative usage counts, which the operator leader reads for budgets.
+pub const USAGE_PATH: &str = "/usage";
+/// Where the sidecar's emptyDir holding the drain state is mounted.
+pub const SHUTDOWN_STATE_DIR: &str = "/var/run/llmroute-shutdown";
+
+/// Environment variable names of the workload Secret (what OpenAI SDKs read).
+pub const ENV_BASE_URL: &str = "OPENAI_BASE_URL";
+pub const ENV_API_KEY: &str = "OPENAI_API_KEY";
+pub const ENV_MODEL: &str = "OPENAI_MODEL";
+
+/// How the gateway Deployment is run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayDeploymentOptions {
+    /// Envoy's image.
+    pub image: String,
+    pub replicas: i32,
+    /// Image of the shutdown-manager sidecar: the operator's (`llmroute run --shutdown-manager-image`).
+    pub shutdown_manager_image: String,
+}
+
+impl Default for GatewayDeploymentOptions {
+    fn default() -> Self {
+        GatewayDeploymentOptions {
+            image: DEFAULT_ENVOY_IMAGE.to_string(),
+            replicas: 2,
+            shutdown_manager_image: DEFAULT_SHUTDOWN_MANAGER_IMAGE.to_string(),
+        }
+    }
+}
+
+/// Standard labels of everything the operator creates for a gateway.
+pub fn gateway_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            GATEWAY_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "gateway".to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "llmroute".to_string(),
+        ),
+    ])
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            GATEWAY_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+    ])
+}
+
+fn meta(name: &str, namespace: &str, owners: &[OwnerReference]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: Some(gateway_labels()),
+        owner_references: if owners.is_empty() {
+            None
+        } else {
+            Some(owners.to_vec())
+        },
+        ..Default::default()
+    }
+}
+
+/// The ConfigMap with Envoy's bootstrap (static: it names the operator's xDS server; everything
+/// else comes over xDS). It never holds key material.
+pub fn config_map(namespace: &str, bootstrap: &str, owners: &[OwnerReference]) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        data: Some(BTreeMap::from([(
+            super::envoy::BOOTSTRAP.to_string(),
+            bootstrap.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// Name of the ConfigMap holding a namespace's usage ledger (`usage::ledger`).
+pub const USAGE_LEDGER_NAME: &str = "llmroute-usage";
+/// Its key.
+pub const USAGE_LEDGER_KEY: &str = "ledger.json";
+
+/// The namespace's usage ledger: period totals and the replicas' watermarks, written by the
+/// operator leader. With `resource_version`, a write fails if another writer got there first.
+pub fn usage_ledger(
+    namespace: &str,
+    ledger_json: String,
+    owners: &[OwnerReference],
+    resource_version: Option<String>,
+) -> ConfigMap {
+    let mut metadata = meta(USAGE_LEDGER_NAME, namespace, owners);
+    metadata.resource_version = resource_version;
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            USAGE_LEDGER_KEY.to_string(),
+            ledger_json,
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The gateway's xDS client certificate (it names the namespace, see [`crate::xds::tls`]), its key
+/// and the CA that signed the server's certificate, as a `kubernetes.io/tls` Secret.
+pub fn xds_secret(
+    namespace: &str,
+    cert: &crate::xds::tls::Pem,
+    ca_pem: &str,
+    owners: &[OwnerReference],
+) -> Secret {
+    let mut metadata = meta(XDS_SECRET_NAME, namespace, owners);
+    metadata.annotations = Some(BTreeMap::from([(
+        CERT_NOT_AFTER_ANNOTATION.to_string(),
+        cert.not_after.to_string(),
+    )]));
+    Secret {
+        metadata,
+        type_: Some("kubernetes.io/tls".to_string()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_string(),
+                ByteString(cert.cert.as_bytes().to_vec()),
+            ),
+            (
+                "tls.key".to_string(),
+                ByteString(cert.key.as_bytes().to_vec()),
+            ),
+            ("ca.crt".to_string(), ByteString(ca_pem.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn quantity(s: &str) -> Quantity {
+    Quantity(s.to_string())
+}
+
+/// The gateway's PodDisruptionBudget: a voluntary disruption (a node drain, a cluster upgrade)
+/// takes at most one gateway Pod at a time, so a namespace keeps serving while it is evicted.
+pub fn pod_disruption_budget(namespace: &str, owners: &[OwnerReference]) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            }),
+            // A Pod that is not Ready serves nothing: evicting it never costs availability.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway Service (port 8080).
+pub fn service(namespace: &str, owners: &[OwnerReference]) -> Service {
+    Service {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 8080,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway's in-cluster base URL for a route.
+pub fn gateway_base_url(namespace: &str, route: &str) -> String {
+    format!("http://{GATEWAY_NAME}.{namespace}.svc:8080/{route}/v1")
+}
+
+/// What the workload Secret of a route holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadEnv {
+    pub base_url: String,
+    pub api_key: Vec<u8>,
+    pub model: Option<String>,
+}
+
+/// The workload Secret's content: the gateway (Gateway mode) or the active backend (Direct mode).
+/// `None` when Direct mode has no usable active backend or key.
+pub fn workload_env(
+    route: &LLMRoute,
+    namespace: &str,
+    active: Option<&str>,
+    keys: &KeyMaterial,
+) -> Option<WorkloadEnv> {
+    let name = kube::ResourceExt::name_any(route);
+    match route.spec.workload_secret.mode {
+        WorkloadMode::Gateway => Some(WorkloadEnv {
+            base_url: gateway_base_url(namespace, &name),
+            api_key: keys.route_keys.get(&name)?.as_bytes().to_vec(),
+            model: route.spec.default_model.clone(),
+        }),
+        WorkloadMode::Direct => {
+            let backend = route
+                .spec
+                .backends
+                .iter()
+                .find(|b| Some(b.name.as_str()) == active)?;
+            let provider = catalog::provider(&backend.provider)?;
+            let base: BaseUrl = backend_base_url(backend, provider).ok()?;
+            let api_key = match &backend.credentials_secret_ref {
+                Some(r) => trim(keys.provider_keys.get(&super::ir::provider_key_entry(r))?),
+                None => Vec::new(),
+            };
+            let model = route
+                .spec
+                .default_model
+                .as_ref()
+                .map(|m| backend.models.get(m).cloned().unwrap_or_else(|| m.clone()));
+            Some(WorkloadEnv {
+                base_url: base.to_url(),
+                api_key,
+                model,
+            })
+        }
+    }
+}
+
+/// The workload Secret of a route, owned by the route.
+pub fn workload_secret(
+    route: &LLMRoute,
+    namespace: &str,
+    env: &WorkloadEnv,
+    owner: OwnerReference,
+) -> Secret {
+    let mut data = BTreeMap::from([
+        (
+            ENV_BASE_URL.to_string(),
+            ByteString(env.base_url.as_bytes().to_vec()),
+        ),
+        (ENV_API_KEY.to_string(), ByteString(env.api_key.clone())),
+    ]);
+    if let Some(m) = &env.model {
+        data.insert(ENV_MODEL.to_string(), ByteString(m.as_bytes().to_vec()));
+    }
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "llmroute.io/route".to_string(),
+            kube::ResourceExt::name_any(route),
+        ),
+    ]);
+    labels.insert(
+        "app.kubernetes.io/component".into(),
+        "workload-credentials".into(),
+    );
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(route.workload_secret_name()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Pod-template annotation that restarts Direct-mode workloads when their Secret changes.
+pub const RESTARTED_AT_ANNOTATION: &str = "llmroute.io/restartedAt";
+/// Pod-template annotation saying why llmroute restarted a workload.
+pub const RESTART_REASON_ANNOTATION: &str = "llmroute.io/restartReason";
+
+/// A label selector in the API server's query syntax (`a=b,c in (d,e),!f`).
+pub fn selector_string(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
