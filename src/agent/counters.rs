@@ -292,10 +292,7 @@ impl UsageCounters {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        crate::metrics::encode(&self.registry)
     }
 }
 

@@ -513,3 +513,248 @@ impl Plan {
             .unwrap_or(renew)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackendStatus, LLMRouteStatus};
+
+    /// A route with two backends whose keys are in Secret `keys`.
+    fn route(name: &str, mode: &str) -> Arc<LLMRoute> {
+        let mut r: LLMRoute = serde_yaml_ng::from_str(&format!(
+            "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\n\
+             metadata: {{name: {name}, namespace: team, uid: uid-{name}, generation: 3}}\n\
+             spec:\n  defaultModel: chat\n  workloadSecret: {{name: {name}-llm, mode: {mode}}}\n  backends:\n\
+             \x20 - {{name: zhipu, provider: zhipu, priority: 1, credentialsSecretRef: {{name: keys, key: zhipu}}, models: {{chat: glm-4-flash}}}}\n\
+             \x20 - {{name: deepseek, provider: deepseek, priority: 2, credentialsSecretRef: {{name: keys, key: deepseek}}, models: {{chat: deepseek-chat}}}}\n"
+        ))
+        .unwrap();
+        r.metadata.uid = Some(format!("uid-{name}"));
+        Arc::new(r)
+    }
+
+    fn facts(routes: Vec<Arc<LLMRoute>>, keys: &[(&str, &str)]) -> NamespaceFacts {
+        let data = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        NamespaceFacts {
+            namespace: "team".into(),
+            route_keys: routes
+                .iter()
+                .map(|r| (r.name_any(), format!("sk-llmroute-{}", r.name_any())))
+                .collect(),
+            routes,
+            secrets: BTreeMap::from([("keys".to_string(), data)]),
+            health: BTreeMap::new(),
+            usage: BTreeMap::new(),
+            now_ms: 1_800_000_000_000,
+            certificate: Pem {
+                cert: "CERT".into(),
+                key: "KEY".into(),
+                not_after: 1_800_000_000 + 90 * 24 * 3600,
+            },
+            ca_pem: "CA".into(),
+            previous: None,
+        }
+    }
+
+    fn settings<'a>(
+        envoy: &'a EnvoyOptions,
+        deployment: &'a GatewayDeploymentOptions,
+        xds: &'a XdsClient,
+    ) -> Settings<'a> {
+        Settings {
+            default_region: "cn",
+            envoy,
+            deployment,
+            xds,
+            upstream_ca: None,
+        }
+    }
+
+    fn decide_for(facts: NamespaceFacts) -> Plan {
+        let (envoy, deployment, xds) = Default::default();
+        decide(facts, &settings(&envoy, &deployment, &xds))
+    }
+
+    /// One ready replica that serves `route`'s current configuration.
+    fn served(route: &str) -> GatewayFacts {
+        let replica = ReplicaServing {
+            node: "gw-a".into(),
+            serving: crate::xds::delta::Serving::Current,
+            fresh: false,
+        };
+        GatewayFacts {
+            serving: BTreeMap::from([(route.to_string(), vec![replica])]),
+            ready_replicas: 1,
+            desired_replicas: 1,
+            ..Default::default()
+        }
+    }
+
+    fn condition<'a>(status: &'a LLMRouteStatus, type_: &str) -> &'a str {
+        let c = status.conditions.iter().find(|c| c.type_ == type_);
+        c.map(|c| c.reason.as_str()).unwrap_or("missing")
+    }
+
+    #[test]
+    fn a_served_route_gets_its_objects_configuration_and_workload_secret() {
+        let plan = decide_for(facts(
+            vec![route("chat", "Gateway")],
+            &[("zhipu", "zk"), ("deepseek", "dk")],
+        ));
+        assert!(plan.invalid.is_empty() && plan.publish_error.is_none());
+        let snapshot = plan.configuration.as_ref().expect("a configuration");
+        assert_eq!(plan.served_routes, 1);
+        assert!(!snapshot.is_empty());
+        // Every gateway object is owned by the route, and the Deployment carries the certificate's
+        // expiry (a renewal rolls the Pods).
+        let o = &plan.objects;
+        for owners in [
+            &o.config_map.metadata.owner_references,
+            &o.deployment.metadata.owner_references,
+            &o.xds_secret.metadata.owner_references,
+        ] {
+            assert_eq!(owners.as_ref().unwrap()[0].uid, "uid-chat");
+        }
+        let template = o
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref();
+        let annotations = template.unwrap().annotations.as_ref().unwrap();
+        assert_eq!(
+            annotations[objects::CERT_NOT_AFTER_ANNOTATION],
+            (1_800_000_000i64 + 90 * 24 * 3600).to_string()
+        );
+        let w = &plan.workloads["chat"];
+        let secret = w.secret.as_ref().expect("a workload Secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("chat-llm"));
+        assert_eq!(w.endpoint, objects::gateway_base_url("team", "chat"));
+        assert!(w.rollout.is_none());
+        // Both backends are probed (each has a key).
+        assert_eq!(plan.probes.len(), 2);
+        // Renewal when a third of the certificate's life is left.
+        assert_eq!(
+            plan.renew_at,
+            1_800_000_000 + 90 * 24 * 3600 - renew_margin_secs()
+        );
+    }
+
+    #[test]
+    fn a_missing_key_leaves_its_backend_out_but_the_route_served() {
+        let plan = decide_for(facts(
+            vec![route("chat", "Direct")],
+            &[("deepseek", "dk"), ("zhipu", "  \n")],
+        ));
+        let outcome = &plan.outcomes[0];
+        assert!(
+            outcome.resolved_refs.is_err(),
+            "{:?}",
+            outcome.resolved_refs
+        );
+        assert_eq!(outcome.active_backend.as_deref(), Some("deepseek"));
+        // Direct mode: the workload reads the provider's own endpoint; only keyed backends probed.
+        let w = &plan.workloads["chat"];
+        assert!(w.endpoint.contains("deepseek"), "{}", w.endpoint);
+        assert_eq!(plan.probes.len(), 1);
+    }
+
+    #[test]
+    fn an_invalid_route_is_reported_and_not_served() {
+        let mut bad = (*route("bad", "Gateway")).clone();
+        bad.spec.backends.clear();
+        let plan = decide_for(facts(
+            vec![Arc::new(bad.clone()), route("chat", "Gateway")],
+            &[("zhipu", "zk"), ("deepseek", "dk")],
+        ));
+        assert_eq!(plan.invalid["bad"].reason, "InvalidSpec");
+        assert_eq!(plan.served_routes, 1);
+        assert!(!plan.workloads.contains_key("bad"));
+        let report = plan.route_report(&bad, &GatewayFacts::default(), Time(Default::default()));
+        assert_eq!(condition(&report.status, status::ACCEPTED), "InvalidSpec");
+        assert!(report.changed);
+        assert!(
+            report
+                .transition
+                .events
+                .iter()
+                .any(|e| e.reason == "InvalidSpec")
+        );
+    }
+
+    #[test]
+    fn status_says_what_the_replicas_serve() {
+        let chat = route("chat", "Gateway");
+        let plan = decide_for(facts(
+            vec![chat.clone()],
+            &[("zhipu", "zk"), ("deepseek", "dk")],
+        ));
+        let now = Time(Default::default());
+        // No replica connected, none ready: not programmed yet.
+        let none = plan.route_report(&chat, &GatewayFacts::default(), now.clone());
+        let programmed = |s: &LLMRouteStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == status::PROGRAMMED)
+                .map(|c| c.status.clone())
+        };
+        assert_eq!(programmed(&none.status).as_deref(), Some("False"));
+        assert_eq!(none.status.active_backend, None);
+        // One ready replica serving it: programmed, on the preferred backend.
+        let one = plan.route_report(&chat, &served("chat"), now.clone());
+        assert_eq!(programmed(&one.status).as_deref(), Some("True"));
+        assert_eq!(one.status.active_backend.as_deref(), Some("zhipu"));
+        assert!(
+            one.transition
+                .events
+                .iter()
+                .any(|e| e.reason == "Published")
+        );
+        // Requeue: at the latest when the certificate is renewed.
+        let after = plan.requeue_after(&GatewayFacts::default());
+        assert!(after <= Duration::from_secs((plan.renew_at - 1_800_000_000) as u64));
+    }
+
+    #[test]
+    fn a_failover_is_an_event_and_a_metric() {
+        let chat = route("chat", "Gateway");
+        let previous = LLMRouteStatus {
+            active_backend: Some("deepseek".into()),
+            backends: vec![BackendStatus {
+                name: "deepseek".into(),
+                state: "Healthy".into(),
+                reason: None,
+                message: None,
+                last_probe_time: None,
+                last_probe_latency_ms: None,
+                last_transition_time: None,
+            }],
+            ..Default::default()
+        };
+        let mut with_status = (*chat).clone();
+        with_status.status = Some(previous);
+        let plan = decide_for(facts(
+            vec![Arc::new(with_status.clone())],
+            &[("zhipu", "zk"), ("deepseek", "dk")],
+        ));
+        let report = plan.route_report(&with_status, &served("chat"), Time(Default::default()));
+        let failover = report.transition.failover.expect("a failover");
+        assert_eq!(
+            (failover.labels.from.as_str(), failover.labels.to.as_str()),
+            ("deepseek", "zhipu")
+        );
+        assert_eq!(failover.reason, "FailedBack");
+        assert!(
+            report
+                .transition
+                .events
+                .iter()
+                .any(|e| e.reason == "FailedBack")
+        );
+    }
+}
