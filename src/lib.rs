@@ -8,6 +8,11 @@
 //! - [`agent`]: what runs in the gateway Pod beside Envoy: module install, drain, usage counting.
 //! - [`render`]: offline rendering of route files (`llmroute render`).
 //! - [`xds`]: the xDS server gateway replicas get their configuration from, and learn what each loaded.
+//! - [`usage`]: token usage, pure: the usage log's format, ledgers and budgets arithmetic.
+//! - [`status`]: the routes' conditions, computed from facts.
+//! - [`probe`]: the prober (I/O to providers; results as facts).
+//! - [`operator`]: the reconciler, observe → plan (pure) → act.
+//! - [`metrics`]: the operator's metrics and the registry encoder.
 pub mod agent;
 pub mod api;
 pub mod catalog;

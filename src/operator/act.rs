@@ -22,7 +22,7 @@ use super::apply::{FIELD_MANAGER, apply};
 use super::context::Context;
 use super::observe;
 use super::plan::{GatewayFacts, GatewayObjects, Plan, Rollout, RouteReport};
-use super::reconcile::Error;
+use super::error::Error;
 use crate::api::{LLMRoute, LLMRouteStatus, WorkloadMode};
 use crate::gateway::objects::{self, GATEWAY_NAME, XDS_SECRET_NAME};
 use crate::metrics::NamespaceLabels;

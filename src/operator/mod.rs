@@ -10,6 +10,7 @@
 pub mod act;
 pub mod apply;
 pub mod context;
+pub mod error;
 pub mod events;
 pub mod http;
 pub mod leader;

@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::context::{Context, now_ms, secret_data};
 use super::plan::{GatewayFacts, NamespaceFacts, renew_margin_secs};
-use super::reconcile::Error;
+use super::error::Error;
 use crate::api::LLMRoute;
 use crate::gateway::objects::{self, GATEWAY_NAME, XDS_SECRET_NAME};
 use crate::status;

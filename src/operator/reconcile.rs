@@ -15,27 +15,7 @@ use super::{act, observe};
 use crate::api::LLMRoute;
 use crate::metrics::{ReasonLabels, ResultLabels};
 
-/// Errors of one reconciliation; they are retried.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("issuing the gateway's xDS certificate: {0}")]
-    Certificate(String),
-}
-
-impl Error {
-    /// A short label for metrics: the API status reason (`Conflict`, `Forbidden`...) or the kind of
-    /// failure.
-    pub fn reason(&self) -> String {
-        match self {
-            Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => s.reason.clone(),
-            Error::Kube(kube::Error::Api(s)) => format!("HTTP{}", s.code),
-            Error::Kube(_) => "Transport".into(),
-            Error::Certificate(_) => "Certificate".into(),
-        }
-    }
-}
+pub use super::error::Error;
 
 /// Reconciles the namespace of `route`.
 pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
