@@ -7,45 +7,41 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use llmroute::gateway::envoy::{self, EnvoyOptions, XdsClient};
+use llmroute::gateway::envoy::{self, XdsClient};
 use llmroute::gateway::keys::KeyMaterial;
 use llmroute::render::{self, RenderOptions};
-use llmroute::xds::XdsServer;
 use llmroute::xds::delta::Serving;
 use llmroute::xds::snapshot::Snapshot;
-use llmroute::xds::tls::Authority;
 use llmroute_devkit::sim::{Sim, SimConfig, SimProvider};
-use support::envoy::{Envoy, free_port};
-use support::xds::{Server, gateway_files};
+use support::xds::Replica;
 
 const NS: &str = "team-a";
 const ROUTE_KEY: &str = "sk-llmroute-route-key";
 
-/// The route `chat` → `sim` (OpenAI-compatible, plain HTTP) with `provider_key`, as a snapshot.
+/// The route `chat` → `sim` (OpenAI-compatible, plain HTTP) with `provider_key`, as a snapshot for
+/// `replica`.
 fn snapshot(
-    dir: &Path,
+    replica: &Replica,
     sim: &Sim,
-    opts: &EnvoyOptions,
     provider_key: &str,
     previous: Option<&Snapshot>,
 ) -> Snapshot {
-    snapshot_of(dir, sim, opts, provider_key, "model-a", previous)
+    snapshot_of(replica, sim, provider_key, "model-a", previous)
 }
 
 /// The same, with `gpt-4o` served as `provider_model`.
 fn snapshot_of(
-    dir: &Path,
+    replica: &Replica,
     sim: &Sim,
-    opts: &EnvoyOptions,
     provider_key: &str,
     provider_model: &str,
     previous: Option<&Snapshot>,
 ) -> Snapshot {
-    let route = dir.join("route.yaml");
+    let opts = &replica.opts;
+    let route = replica.dir.path().join("route.yaml");
     std::fs::write(
         &route,
         format!(
@@ -91,20 +87,17 @@ spec:
     Snapshot::next(previous, ads.resources, ads.routes).unwrap()
 }
 
-fn options() -> EnvoyOptions {
-    EnvoyOptions {
-        port: free_port(),
-        address: "127.0.0.1".into(),
-        admin_port: free_port(),
-        health_port: free_port(),
-        usage_module: support::envoy::sse_usage_module(),
-        ..Default::default()
-    }
+/// A simulator that accepts `key-1` and serves any model.
+async fn sim() -> Sim {
+    Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
+        .await
+        .unwrap()
 }
 
-async fn chat(opts: &EnvoyOptions) -> (u16, String) {
+async fn chat(replica: &Replica) -> (u16, String) {
+    let port = replica.opts.port;
     let r = llmroute_devkit::tls::http_client()
-        .post(format!("http://127.0.0.1:{}/chat/v1/chat/completions", opts.port))
+        .post(format!("http://127.0.0.1:{port}/chat/v1/chat/completions"))
         .bearer_auth(ROUTE_KEY)
         .json(&serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }))
         .send()
@@ -127,63 +120,51 @@ async fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
-fn serving(xds: &XdsServer) -> Vec<(String, Serving)> {
-    xds.route_serving(NS)
-        .get("chat")
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| (r.node, r.serving))
-        .collect()
+/// Whether `gw-1` is the only replica serving `chat`, and serves its current configuration.
+fn only_gw_1_current(gw: &Replica) -> bool {
+    gw.serving("chat") == [("gw-1".to_string(), Serving::Current)]
+}
+
+/// Envoy's error, once the first replica serving `chat` reports a rejected configuration.
+fn rejection(gw: &Replica) -> Option<String> {
+    match gw.serving("chat").first().map(|(_, s)| s.clone()) {
+        Some(Serving::Rejected(e)) => Some(e),
+        _ => None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
-        .await
-        .unwrap();
-    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
-    let server = Server::start(authority.clone(), 0).await;
-    let opts = options();
-    let first = snapshot(dir.path(), &sim, &opts, "key-1", None);
-    assert!(server.xds.publish(NS, first.clone()));
-    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
-    let envoy = Envoy::start_with(
-        &bootstrap,
-        opts.admin_port,
-        opts.health_port,
-        dir.path().join("envoy.log"),
-        &["--service-node".into(), "gw-1".into()],
-    );
+    let sim = sim().await;
+    let gw = Replica::new(NS).await;
+    let first = snapshot(&gw, &sim, "key-1", None);
+    assert!(gw.publish(first.clone()));
+    let envoy = gw.start("gw-1");
 
     // Served, with the provider key injected by Envoy from the SDS secret.
-    let (status, body) = chat(&opts).await;
+    let (status, body) = chat(&gw).await;
     assert_eq!(status, 200, "{body}\n{}", envoy.log_text());
     assert_eq!(
         sim.last_request().unwrap().header("authorization"),
         Some("Bearer key-1")
     );
-    assert_eq!(
-        serving(&server.xds),
-        [("gw-1".to_string(), Serving::Current)]
-    );
-    assert_eq!(server.xds.connected(NS), ["gw-1"]);
+    assert_eq!(gw.serving("chat"), [("gw-1".to_string(), Serving::Current)]);
+    assert_eq!(gw.connected(), ["gw-1"]);
 
     // A rotated key is used as soon as the gateway acknowledged it.
     sim.set_keys(vec!["key-1".into(), "key-2".into()]);
-    let rotated = snapshot(dir.path(), &sim, &opts, "key-2", Some(&first));
+    let rotated = snapshot(&gw, &sim, "key-2", Some(&first));
     assert!(rotated.number > first.number);
     let t0 = Instant::now();
-    server.xds.publish(NS, rotated.clone());
+    gw.publish(rotated.clone());
     wait_for(
         Duration::from_secs(5),
         "the rotated key acknowledged",
-        || server.xds.all_current(NS).then_some(()),
+        || gw.all_current().then_some(()),
     )
     .await;
     let acked = t0.elapsed();
-    let (status, _) = chat(&opts).await;
+    let (status, _) = chat(&gw).await;
     assert_eq!(status, 200);
     assert_eq!(
         sim.last_request().unwrap().header("authorization"),
@@ -214,36 +195,31 @@ async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
         route.since = bad.number;
         assert!(route.deps.iter().any(|(_, n)| n == name));
     }
-    server.xds.publish(NS, bad.clone());
-    let error = wait_for(
-        Duration::from_secs(5),
-        "the rejection reported",
-        || match serving(&server.xds).first().map(|(_, s)| s.clone()) {
-            Some(Serving::Rejected(e)) => Some(e),
-            _ => None,
-        },
-    )
+    gw.publish(bad.clone());
+    let error = wait_for(Duration::from_secs(5), "the rejection reported", || {
+        rejection(&gw)
+    })
     .await;
     assert!(
         error.contains("account:"),
         "Envoy's error names the listener: {error}"
     );
-    let (status, _) = chat(&opts).await;
+    let (status, _) = chat(&gw).await;
     assert_eq!(status, 200, "the last good configuration is still served");
 
     // Fixed: acknowledged, the rejection is gone.
-    let fixed = snapshot(dir.path(), &sim, &opts, "key-2", Some(&bad));
+    let fixed = snapshot(&gw, &sim, "key-2", Some(&bad));
     assert!(fixed.number > bad.number);
-    server.xds.publish(NS, fixed);
+    gw.publish(fixed);
     wait_for(
         Duration::from_secs(5),
         "the fixed configuration served",
-        || (serving(&server.xds) == [("gw-1".to_string(), Serving::Current)]).then_some(()),
+        || only_gw_1_current(&gw).then_some(()),
     )
     .await;
     drop(envoy);
     wait_for(Duration::from_secs(5), "the gateway gone", || {
-        server.xds.connected(NS).is_empty().then_some(())
+        gw.connected().is_empty().then_some(())
     })
     .await;
 }
@@ -253,37 +229,20 @@ async fn a_gateway_is_configured_over_xds_and_reports_what_it_loaded() {
 /// for the replica as if it were only slow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_front_port_in_use_is_reported_as_a_rejection() {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
-        .await
-        .unwrap();
-    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
-    let server = Server::start(authority.clone(), 0).await;
-    let opts = options();
-    let _taken = std::net::TcpListener::bind(("127.0.0.1", opts.port)).unwrap();
-    let first = snapshot(dir.path(), &sim, &opts, "key-1", None);
+    let sim = sim().await;
+    let gw = Replica::new(NS).await;
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", gw.opts.port)).unwrap();
+    let first = snapshot(&gw, &sim, "key-1", None);
     assert!(
         first.routes["chat"]
             .deps
             .contains(&(llmroute::xds::api::LISTENER, "gateway".to_string()))
     );
-    assert!(server.xds.publish(NS, first));
-    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
-    let envoy = Envoy::start_with(
-        &bootstrap,
-        opts.admin_port,
-        opts.health_port,
-        dir.path().join("envoy.log"),
-        &["--service-node".into(), "gw-1".into()],
-    );
-    let error = wait_for(
-        Duration::from_secs(10),
-        "the rejection reported",
-        || match serving(&server.xds).first().map(|(_, s)| s.clone()) {
-            Some(Serving::Rejected(e)) => Some(e),
-            _ => None,
-        },
-    )
+    assert!(gw.publish(first));
+    let envoy = gw.start("gw-1");
+    let error = wait_for(Duration::from_secs(10), "the rejection reported", || {
+        rejection(&gw)
+    })
     .await;
     assert!(
         error.contains("gateway") && error.contains("in use"),
@@ -301,7 +260,6 @@ async fn a_front_port_in_use_is_reported_as_a_rejection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_published_while_the_gateway_answers_are_all_delivered() {
     const ROUNDS: usize = 500;
-    let dir = tempfile::tempdir().unwrap();
     let keys: Vec<String> = (0..ROUNDS)
         .flat_map(|r| [format!("key-{r}a"), format!("key-{r}b")])
         .chain(["key-1".to_string()])
@@ -313,55 +271,44 @@ async fn snapshots_published_while_the_gateway_answers_are_all_delivered() {
     )
     .await
     .unwrap();
-    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
-    let server = Server::start(authority.clone(), 0).await;
-    let opts = options();
-    let mut previous = snapshot(dir.path(), &sim, &opts, "key-1", None);
-    server.xds.publish(NS, previous.clone());
-    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, server.port, &opts);
-    let envoy = Envoy::start_with(
-        &bootstrap,
-        opts.admin_port,
-        opts.health_port,
-        dir.path().join("envoy.log"),
-        &["--service-node".into(), "gw-1".into()],
-    );
-    assert_eq!(chat(&opts).await.0, 200, "{}", envoy.log_text());
+    let gw = Replica::new(NS).await;
+    let mut previous = snapshot(&gw, &sim, "key-1", None);
+    gw.publish(previous.clone());
+    let envoy = gw.start("gw-1");
+    assert_eq!(chat(&gw).await.0, 200, "{}", envoy.log_text());
     let mut slowest = Duration::ZERO;
     for round in 0..ROUNDS {
         let a = snapshot_of(
-            dir.path(),
+            &gw,
             &sim,
-            &opts,
             &format!("key-{round}a"),
             &format!("model-{round}a"),
             Some(&previous),
         );
         let b = snapshot_of(
-            dir.path(),
+            &gw,
             &sim,
-            &opts,
             &format!("key-{round}b"),
             &format!("model-{round}b"),
             Some(&a),
         );
         let t0 = Instant::now();
-        server.xds.publish(NS, a);
+        gw.publish(a);
         // The gateway answers a push within about a millisecond here: publish the next snapshot
         // before, around and after that (spread over 0-2 ms, in steps of 7 µs).
         std::thread::sleep(Duration::from_micros((round as u64 * 7) % 2000));
-        server.xds.publish(NS, b.clone());
+        gw.publish(b.clone());
         wait_for(
             Duration::from_secs(5),
             &format!("round {round}: the last snapshot acknowledged whole"),
-            || server.xds.all_current(NS).then_some(()),
+            || gw.all_current().then_some(()),
         )
         .await;
         slowest = slowest.max(t0.elapsed());
         previous = b;
     }
     // The gateway serves the last snapshot: its model and its key.
-    let (status, body) = chat(&opts).await;
+    let (status, body) = chat(&gw).await;
     assert_eq!(status, 200, "{body}");
     let last = sim.last_request().unwrap();
     let last_round = ROUNDS - 1;
@@ -375,43 +322,29 @@ async fn snapshots_published_while_the_gateway_answers_are_all_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_sends_a_reconnecting_gateway_nothing_it_has() {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
-        .await
-        .unwrap();
-    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
-    let server = Server::start(authority.clone(), 0).await;
-    let port = server.port;
-    let opts = options();
-    let snap = snapshot(dir.path(), &sim, &opts, "key-1", None);
-    server.xds.publish(NS, snap.clone());
-    let bootstrap = gateway_files(dir.path(), &authority, NS, NS, port, &opts);
-    let envoy = Envoy::start_with(
-        &bootstrap,
-        opts.admin_port,
-        opts.health_port,
-        dir.path().join("envoy.log"),
-        &["--service-node".into(), "gw-1".into()],
-    );
-    assert_eq!(chat(&opts).await.0, 200);
+    let sim = sim().await;
+    let mut gw = Replica::new(NS).await;
+    let snap = snapshot(&gw, &sim, "key-1", None);
+    gw.publish(snap.clone());
+    let envoy = gw.start("gw-1");
+    assert_eq!(chat(&gw).await.0, 200);
     let updates_before = envoy
         .stat("cluster_manager.cds.update_success")
         .unwrap_or(0);
 
     // The operator restarts: a new server (same CA, same port) with the same configuration built
     // afresh.
-    drop(server);
-    let server = Server::start(authority, port).await;
-    let again = snapshot(dir.path(), &sim, &opts, "key-1", None);
-    server.xds.publish(NS, again);
+    gw.restart_server().await;
+    let again = snapshot(&gw, &sim, "key-1", None);
+    gw.publish(again);
     wait_for(
         Duration::from_secs(20),
         "the gateway reconnected and current",
-        || (serving(&server.xds) == [("gw-1".to_string(), Serving::Current)]).then_some(()),
+        || only_gw_1_current(&gw).then_some(()),
     )
     .await;
-    assert_eq!(chat(&opts).await.0, 200);
-    let pushes = server.xds.connected(NS);
+    assert_eq!(chat(&gw).await.0, 200);
+    let pushes = gw.connected();
     assert_eq!(pushes, ["gw-1"]);
     assert_eq!(
         envoy
@@ -425,39 +358,15 @@ async fn a_restarted_server_sends_a_reconnecting_gateway_nothing_it_has() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_of_another_namespace_gets_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(SimConfig::new(SimProvider::OpenAI).key("key-1").any_model())
-        .await
-        .unwrap();
-    let authority = Arc::new(Authority::generate(SystemTime::now()).unwrap());
-    let server = Server::start(authority.clone(), 0).await;
-    let opts = options();
-    server
-        .xds
-        .publish(NS, snapshot(dir.path(), &sim, &opts, "key-1", None));
+    let sim = sim().await;
+    let gw = Replica::new(NS).await;
+    gw.publish(snapshot(&gw, &sim, "key-1", None));
     // The bootstrap claims NS, the certificate names team-b.
-    let bootstrap = gateway_files(dir.path(), &authority, NS, "team-b", server.port, &opts);
-    let log = dir.path().join("envoy.log");
-    let mut child = std::process::Command::new(support::envoy::envoy_binary())
-        .args([
-            "--log-level",
-            "warn",
-            "--disable-hot-restart",
-            "--service-node",
-            "intruder",
-            "-c",
-        ])
-        .arg(&bootstrap)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("envoy.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let _envoy = gw.spawn_with_certificate_of("team-b", "intruder");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(server.xds.connected(NS).is_empty());
+    assert!(gw.connected().is_empty());
     assert!(
-        support::envoy::http_get(opts.health_port, "/ready").is_none_or(|b| !b.contains("LIVE")),
+        support::envoy::http_get(gw.opts.health_port, "/ready").is_none_or(|b| !b.contains("LIVE")),
         "a gateway without configuration is not ready"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

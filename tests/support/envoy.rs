@@ -124,6 +124,19 @@ impl Envoy {
         log: PathBuf,
         extra_args: &[String],
     ) -> Envoy {
+        let mut envoy = Envoy::spawn_with(bootstrap, admin_port, health_port, log, extra_args);
+        envoy.wait_ready(Duration::from_secs(20));
+        envoy
+    }
+
+    /// [`Envoy::start_with`] without waiting until it is ready (for an Envoy that never will be).
+    pub fn spawn_with(
+        bootstrap: &Path,
+        admin_port: u16,
+        health_port: u16,
+        log: PathBuf,
+        extra_args: &[String],
+    ) -> Envoy {
         let log_file = std::fs::File::create(&log).expect("create envoy log");
         let child = Command::new(envoy_binary())
             .args(["--log-level", "warn", "--disable-hot-restart"])
@@ -134,14 +147,12 @@ impl Envoy {
             .stderr(log_file)
             .spawn()
             .expect("start envoy");
-        let mut envoy = Envoy {
+        Envoy {
             child,
             admin_port,
             health_port,
             log,
-        };
-        envoy.wait_ready(Duration::from_secs(20));
-        envoy
+        }
     }
 
     fn wait_ready(&mut self, limit: Duration) {
