@@ -12,23 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use llmroute_devkit::sim::{Fault, Sim, SimConfig, SimProvider};
-use support::e2e::{Stack, backend_of, key_secret, metric};
-
-/// A backend entry for `sim` (HTTPS endpoint = the simulator's base URL).
-fn backend(name: &str, provider: &str, sim: &Sim, model: &str, extra: &str) -> String {
-    let endpoint = sim.base_url().to_string();
-    // Azure's endpoint is the resource root; the deployment path is the gateway's to add.
-    format!(
-        "    - name: {name}\n      provider: {provider}\n      endpoint: {endpoint}\n      credentialsSecretRef: {{ name: {name}-key, key: api-key }}\n      models: {{ chat: {model} }}\n{extra}"
-    )
-}
-
-fn route(name: &str, policy: &str, backends: &[String]) -> String {
-    format!(
-        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  defaultModel: chat\n  policy:\n    healthCheck: {{ enabled: false }}\n{policy}  backends:\n{}",
-        backends.concat()
-    )
-}
+use support::e2e::{Stack, backend, backend_models, backend_of, metric, route};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_gets_its_own_key_path_host_and_model() {
@@ -44,13 +28,8 @@ async fn each_provider_gets_its_own_key_path_host_and_model() {
     let mut sims = Vec::new();
     for (provider, name, model) in cases {
         let key = format!("{name}-secret-key-0001");
-        let sim = s.sim(provider, &key).await;
-        s.ns.apply(&key_secret(&format!("{name}-key"), &key));
-        s.ns.apply(&route(
-            name,
-            "",
-            &[backend(name, provider.id(), &sim, model, "")],
-        ));
+        let sim = s.provider(name, provider, &key).await;
+        s.apply_route(name, "", &[backend(name, &sim, model, "")]);
         sims.push((name, model, key, sim));
     }
     // Self-hosted (vLLM-like) over plain HTTP, without a key.
@@ -172,26 +151,22 @@ const FAILOVER_POLICY: &str = "    timeouts: { idle: 2s }\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failover_trigger_moves_on_and_the_rest_reach_the_client_unchanged() {
     let mut s = Stack::start("dp-failover", "us").await;
-    let primary = s.sim(SimProvider::OpenAI, "primary-key-0001").await;
-    let backup = s.sim(SimProvider::Zhipu, "backup-key-0001").await;
-    s.ns.apply(&key_secret("primary-key", "primary-key-0001"));
-    s.ns.apply(&key_secret("backup-key", "backup-key-0001"));
+    let primary = s
+        .provider("primary", SimProvider::OpenAI, "primary-key-0001")
+        .await;
+    let backup = s
+        .provider("backup", SimProvider::Zhipu, "backup-key-0001")
+        .await;
     let backends = [
-        backend("primary", "openai", &primary, "gpt-4o-mini", ""),
-        backend(
-            "backup",
-            "zhipu",
-            &backup,
-            "glm-4-flash",
-            "      priority: 1\n",
-        ),
+        backend("primary", &primary, "gpt-4o-mini", ""),
+        backend("backup", &backup, "glm-4-flash", "      priority: 1\n"),
     ];
-    s.ns.apply(&route("all", FAILOVER_POLICY, &backends));
-    s.ns.apply(&route(
+    s.apply_route("all", FAILOVER_POLICY, &backends);
+    s.apply_route(
         "regiononly",
         &format!("{FAILOVER_POLICY}    failoverOn: [RegionBlocked]\n"),
         &backends,
-    ));
+    );
     let all = s.serve("all").await;
     let region_only = s.serve("regiononly").await;
 
@@ -339,19 +314,15 @@ async fn the_usage_event_the_client_did_not_ask_for_is_hidden_and_without_the_mo
     // Its lines with the counts read, as the Pod's sidecar prints them.
     let _counts = s.usage_log().await;
     let openai = s
-        .sim_with(
+        .provider_with(
+            "openai",
             SimConfig::new(SimProvider::OpenAI)
                 .key("o-key-0001")
                 .record(true)
                 .stream(3, Duration::from_millis(5)),
         )
         .await;
-    s.ns.apply(&key_secret("openai-key", "o-key-0001"));
-    s.ns.apply(&route(
-        "hide",
-        "",
-        &[backend("openai", "openai", &openai, "gpt-4o-mini", "")],
-    ));
+    s.apply_route("hide", "", &[backend("openai", &openai, "gpt-4o-mini", "")]);
     let body = serde_json::json!({
         "model": "chat",
         "stream": true,
@@ -430,35 +401,29 @@ async fn sse_streams_arrive_incrementally_from_the_primary_and_from_a_fallback()
     let mut s = Stack::start("dp-sse", "us").await;
     let interval = Duration::from_millis(200);
     let primary = s
-        .sim_with(
+        .provider_with(
+            "primary",
             SimConfig::new(SimProvider::OpenAI)
                 .key("p-key-0001")
                 .stream(6, interval),
         )
         .await;
     let backup = s
-        .sim_with(
+        .provider_with(
+            "backup",
             SimConfig::new(SimProvider::Qianfan)
                 .key("b-key-0001")
                 .stream(6, interval),
         )
         .await;
-    s.ns.apply(&key_secret("primary-key", "p-key-0001"));
-    s.ns.apply(&key_secret("backup-key", "b-key-0001"));
-    s.ns.apply(&route(
+    s.apply_route(
         "chat",
         "",
         &[
-            backend("primary", "openai", &primary, "gpt-4o-mini", ""),
-            backend(
-                "backup",
-                "qianfan",
-                &backup,
-                "ernie-speed-128k",
-                "      priority: 1\n",
-            ),
+            backend("primary", &primary, "gpt-4o-mini", ""),
+            backend("backup", &backup, "ernie-speed-128k", "      priority: 1\n"),
         ],
-    ));
+    );
     let w = s.serve("chat").await;
     // The gateway reads every stream's usage as it passes, and asks OpenAI for it when the client
     // did not (hiding that event again): none of it may hold a stream back.
@@ -548,26 +513,21 @@ async fn every_answer_s_token_usage_is_read_streamed_or_not() {
                 r#" {"usage": {"prompt_tokens": 1000000, "completion_tokens": 1000000, "total_tokens": 2000000, "prompt_tokens_details": {"cached_tokens": 7}}, "model": "decoy"}"#,
             );
         }
-        sims.push(s.sim_with(config.stream(4, Duration::from_millis(5))).await);
-        s.ns.apply(&key_secret(&format!("{}-key", provider.id()), key));
+        let config = config.stream(4, Duration::from_millis(5));
+        sims.push(s.provider_with(provider.id(), config).await);
     }
     let (openai, zhipu) = (sims[0].clone(), sims[1].clone());
-    s.ns.apply(&route(
+    s.apply_route(
         "metered",
         "",
         &[backend(
-            "openai",
             "openai",
             &openai,
             "gpt-4o-mini",
             "      cost: { input: \"2.5\", output: \"10\" }\n",
         )],
-    ));
-    s.ns.apply(&route(
-        "glm",
-        "",
-        &[backend("zhipu", "zhipu", &zhipu, "glm-4-flash", "")],
-    ));
+    );
+    s.apply_route("glm", "", &[backend("zhipu", &zhipu, "glm-4-flash", "")]);
     let w = s.serve("metered").await;
     let g = s.serve("glm").await;
 
@@ -778,30 +738,20 @@ fn sum_of(lines: &[serde_json::Value], kind: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_split_traffic_90_10() {
     let mut s = Stack::start("dp-weights", "us").await;
-    let stable = s.sim(SimProvider::OpenAI, "s-key-0001").await;
-    let canary = s.sim(SimProvider::DeepSeek, "c-key-0001").await;
-    s.ns.apply(&key_secret("stable-key", "s-key-0001"));
-    s.ns.apply(&key_secret("canary-key", "c-key-0001"));
-    s.ns.apply(&route(
+    let stable = s
+        .provider("stable", SimProvider::OpenAI, "s-key-0001")
+        .await;
+    let canary = s
+        .provider("canary", SimProvider::DeepSeek, "c-key-0001")
+        .await;
+    s.apply_route(
         "chat",
         "    strategy: Weighted\n",
         &[
-            backend(
-                "stable",
-                "openai",
-                &stable,
-                "gpt-4o-mini",
-                "      weight: 90\n",
-            ),
-            backend(
-                "canary",
-                "deepseek",
-                &canary,
-                "deepseek-chat",
-                "      weight: 10\n",
-            ),
+            backend("stable", &stable, "gpt-4o-mini", "      weight: 90\n"),
+            backend("canary", &canary, "deepseek-chat", "      weight: 10\n"),
         ],
-    ));
+    );
     let w = s.serve("chat").await;
     let n = 400;
     let results = futures::stream::iter(0..n)
@@ -830,44 +780,13 @@ async fn weights_split_traffic_90_10() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_edits_under_continuous_load_fail_no_request() {
     let mut s = Stack::start("dp-edits", "us").await;
-    let a = s.sim(SimProvider::OpenAI, "a-key-0001").await;
-    let b = s.sim(SimProvider::Zhipu, "b-key-0001").await;
-    let c = s.sim(SimProvider::Moonshot, "c-key-0001").await;
-    for (n, k) in [
-        ("a", "a-key-0001"),
-        ("b", "b-key-0001"),
-        ("c", "c-key-0001"),
-    ] {
-        s.ns.apply(&key_secret(&format!("{n}-key"), k));
-    }
-    let ba = |p: u32| {
-        backend(
-            "a",
-            "openai",
-            &a,
-            "gpt-4o-mini",
-            &format!("      priority: {p}\n"),
-        )
-    };
-    let bb = |p: u32| {
-        backend(
-            "b",
-            "zhipu",
-            &b,
-            "glm-4-flash",
-            &format!("      priority: {p}\n"),
-        )
-    };
-    let bc = |p: u32| {
-        backend(
-            "c",
-            "moonshot",
-            &c,
-            "moonshot-v1-8k",
-            &format!("      priority: {p}\n"),
-        )
-    };
-    s.ns.apply(&route("chat", "", &[ba(0), bb(1)]));
+    let a = s.provider("a", SimProvider::OpenAI, "a-key-0001").await;
+    let b = s.provider("b", SimProvider::Zhipu, "b-key-0001").await;
+    let c = s.provider("c", SimProvider::Moonshot, "c-key-0001").await;
+    let ba = |p: u32| backend("a", &a, "gpt-4o-mini", &format!("      priority: {p}\n"));
+    let bb = |p: u32| backend("b", &b, "glm-4-flash", &format!("      priority: {p}\n"));
+    let bc = |p: u32| backend("c", &c, "moonshot-v1-8k", &format!("      priority: {p}\n"));
+    s.apply_route("chat", "", &[ba(0), bb(1)]);
     let w = s.serve("chat").await;
 
     // Continuous load: 4 workers until told to stop (bounded to 90 s).
@@ -935,7 +854,7 @@ async fn route_edits_under_continuous_load_fail_no_request() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     // 1. Reorder: b first.
-    s.ns.apply(&route("chat", "", &[ba(1), bb(0)]));
+    s.apply_route("chat", "", &[ba(1), bb(0)]);
     wait_for("traffic moved to b", b.clone()).await;
     let a_before = served_by(&a);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -944,13 +863,13 @@ async fn route_edits_under_continuous_load_fail_no_request() {
         "a still serves after the reorder"
     );
     // 2. Add c first.
-    s.ns.apply(&route("chat", "", &[ba(2), bb(1), bc(0)]));
+    s.apply_route("chat", "", &[ba(2), bb(1), bc(0)]);
     wait_for("traffic moved to the new backend c", c.clone()).await;
     // 3. Remove c (the active one): traffic returns to b.
-    s.ns.apply(&route("chat", "", &[ba(1), bb(0)]));
+    s.apply_route("chat", "", &[ba(1), bb(0)]);
     wait_for("traffic back on b", b.clone()).await;
     // 4. A second route on the same gateway.
-    s.ns.apply(&route("second", "", &[bb(0)]).replace("name: chat", "name: second"));
+    s.apply_route("second", "", &[bb(0)]);
     let w2 = s.serve("second").await;
     assert_eq!(w2.chat("chat").await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -990,13 +909,11 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
     let mut s = Stack::start("dp-budget", "us").await;
     s.start_sidecar();
     let free = s
-        .sim_with(SimConfig::new(SimProvider::OpenAI).key("free-key-0001"))
+        .provider("free", SimProvider::OpenAI, "free-key-0001")
         .await;
     let paid = s
-        .sim_with(SimConfig::new(SimProvider::Zhipu).key("paid-key-0001"))
+        .provider("paid", SimProvider::Zhipu, "paid-key-0001")
         .await;
-    s.ns.apply(&key_secret("free-key", "free-key-0001"));
-    s.ns.apply(&key_secret("paid-key", "paid-key-0001"));
     const FREE_BUDGET: u64 = 150;
     let spec = |route_budget: Option<u64>| {
         let policy = route_budget
@@ -1008,14 +925,12 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
             &[
                 backend(
                     "free",
-                    "openai",
                     &free,
                     "gpt-4o-mini",
                     &format!("      budget: {{ tokens: {FREE_BUDGET}, period: Day }}\n"),
                 ),
                 backend(
                     "paid",
-                    "zhipu",
                     &paid,
                     "glm-4-flash",
                     "      priority: 1\n      cost: { input: \"1\", output: \"2\" }\n",
@@ -1264,22 +1179,23 @@ async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_
     for provider in ALL_PROVIDERS {
         let name = provider.id();
         let key = format!("{name}-key-0001");
-        let sim = s.sim(provider, &key).await;
-        s.ns.apply(&key_secret(&format!("{name}-key"), &key));
+        let sim = s.provider(name, provider, &key).await;
         let chat = provider.catalog_models()[0];
         let emb = provider
             .embedding_models()
             .first()
             .copied()
             .unwrap_or("text-embedding-3-small");
-        s.ns.apply(&route(
+        s.apply_route(
             name,
             "",
-            &[backend(name, name, &sim, chat, "").replace(
-                &format!("models: {{ chat: {chat} }}"),
-                &format!("models: {{ chat: \"{chat}\", emb: \"{emb}\" }}"),
+            &[backend_models(
+                name,
+                &sim,
+                &format!("{{ chat: \"{chat}\", emb: \"{emb}\" }}"),
+                "",
             )],
-        ));
+        );
         cases.push((provider, sim, chat, emb));
     }
     let post = |w: &support::e2e::Workload, op: &str, body: serde_json::Value| {
@@ -1455,43 +1371,32 @@ async fn every_provider_serves_the_operations_it_has_and_the_others_are_refused_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_never_change_model_unless_the_route_allows_it() {
     let mut s = Stack::start("dp-embed", "us").await;
-    let moonshot = s.sim(SimProvider::Moonshot, "moon-key-0001").await;
-    let zhipu = s.sim(SimProvider::Zhipu, "zhipu-key-0001").await;
-    let openai = s.sim(SimProvider::OpenAI, "openai-key-0001").await;
-    for (name, key) in [
-        ("moonshot", "moon-key-0001"),
-        ("zhipu", "zhipu-key-0001"),
-        ("openai", "openai-key-0001"),
-    ] {
-        s.ns.apply(&key_secret(&format!("{name}-key"), key));
-    }
+    let moonshot = s
+        .provider("moonshot", SimProvider::Moonshot, "moon-key-0001")
+        .await;
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    let openai = s
+        .provider("openai", SimProvider::OpenAI, "openai-key-0001")
+        .await;
     let spec = |policy: &str| {
         route(
             "mixed",
             policy,
             &[
-                backend("moonshot", "moonshot", &moonshot, "moonshot-v1-8k", ""),
-                backend(
-                    "zhipu",
+                backend("moonshot", &moonshot, "moonshot-v1-8k", ""),
+                backend_models(
                     "zhipu",
                     &zhipu,
-                    "glm-4-flash",
+                    "{ chat: glm-4-flash, emb: embedding-3 }",
                     "      priority: 1\n",
-                )
-                .replace(
-                    "models: { chat: glm-4-flash }",
-                    "models: { chat: glm-4-flash, emb: embedding-3 }",
                 ),
-                backend(
-                    "openai",
+                backend_models(
                     "openai",
                     &openai,
-                    "gpt-4o-mini",
+                    "{ chat: gpt-4o-mini, emb: text-embedding-3-small }",
                     "      priority: 2\n",
-                )
-                .replace(
-                    "models: { chat: gpt-4o-mini }",
-                    "models: { chat: gpt-4o-mini, emb: text-embedding-3-small }",
                 ),
             ],
         )
@@ -1555,31 +1460,23 @@ async fn whole_answers_up_to_8_mib_are_served_and_larger_ones_fail_plainly() {
     let mut s = Stack::start("dp-large", "us").await;
     let usage = s.usage_log().await;
     let seven = s
-        .sim_with(
+        .provider_with(
+            "seven",
             SimConfig::new(SimProvider::OpenAI)
                 .key("seven-key-0001")
                 .padding(7 << 20),
         )
         .await;
     let nine = s
-        .sim_with(
+        .provider_with(
+            "nine",
             SimConfig::new(SimProvider::Zhipu)
                 .key("nine-key-0001")
                 .padding(9 << 20),
         )
         .await;
-    s.ns.apply(&key_secret("seven-key", "seven-key-0001"));
-    s.ns.apply(&key_secret("nine-key", "nine-key-0001"));
-    s.ns.apply(&route(
-        "seven",
-        "",
-        &[backend("seven", "openai", &seven, "gpt-4o-mini", "")],
-    ));
-    s.ns.apply(&route(
-        "nine",
-        "",
-        &[backend("nine", "zhipu", &nine, "glm-4-flash", "")],
-    ));
+    s.apply_route("seven", "", &[backend("seven", &seven, "gpt-4o-mini", "")]);
+    s.apply_route("nine", "", &[backend("nine", &nine, "glm-4-flash", "")]);
     let w = s.serve("seven").await;
     let r = w.chat("chat").await.unwrap();
     assert_eq!(r.status(), 200);

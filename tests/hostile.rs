@@ -11,9 +11,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use llmroute_devkit::sim::{Received, Sim, SimConfig, SimProvider};
+use llmroute_devkit::sim::{Received, SimConfig, SimProvider};
 use serde_json::{Value, json};
-use support::e2e::{Stack, Workload, key_secret, metric as sum};
+use support::e2e::{Stack, Workload, backend, backend_models, metric as sum, route};
 
 /// What the provider must have seen of a case.
 enum Seen {
@@ -892,13 +892,6 @@ async fn send(w: &Workload, port: u16, route: &str, send: &Send) -> (u16, String
     }
 }
 
-fn route_yaml(name: &str, backend: &str, provider: &str, sim: &Sim, models: &str) -> String {
-    format!(
-        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  defaultModel: chat\n  policy:\n    healthCheck: {{ enabled: false }}\n  backends:\n    - name: {backend}\n      provider: {provider}\n      endpoint: {}\n      credentialsSecretRef: {{ name: {backend}-key, key: api-key }}\n      models: {models}\n",
-        sim.base_url()
-    )
-}
-
 /// The usage objects of a stream's events that carry one.
 fn usage_events(text: &str) -> Vec<Value> {
     text.lines()
@@ -912,28 +905,29 @@ fn usage_events(text: &str) -> Vec<Value> {
 async fn a_hostile_workload_gets_only_what_its_route_allows() {
     let mut s = Stack::start("hostile", "us").await;
     let openai = s
-        .sim_with(
+        .provider_with(
+            "openai",
             SimConfig::new(SimProvider::OpenAI)
                 .key("openai-key-0001")
                 .any_model(),
         )
         .await;
-    s.ns.apply(&key_secret("openai-key", "openai-key-0001"));
-    s.ns.apply(&route_yaml(
+    s.apply_route(
         "corpus",
-        "openai",
-        "openai",
-        &openai,
-        "{ chat: gpt-4o-mini, embed: text-embedding-3-small }",
-    ));
-    // The same account, with the files API opted in and charged 7 tokens a request.
-    s.ns.apply(
-        &route_yaml(
-            "files-ok",
-            "openai",
+        "",
+        &[backend_models(
             "openai",
             &openai,
-            "{ chat: gpt-4o-mini }",
+            "{ chat: gpt-4o-mini, embed: text-embedding-3-small }",
+            "",
+        )],
+    );
+    // The same account, with the files API opted in and charged 7 tokens a request.
+    s.ns.apply(
+        &route(
+            "files-ok",
+            "",
+            &[backend("openai", &openai, "gpt-4o-mini", "")],
         )
         .replace(
             "  policy:\n",
@@ -1066,7 +1060,8 @@ async fn a_hostile_workload_gets_only_what_its_route_allows() {
 async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked() {
     let mut s = Stack::start("hostile-streams", "us").await;
     let openai = s
-        .sim_with(
+        .provider_with(
+            "openai",
             SimConfig::new(SimProvider::OpenAI)
                 .key("openai-key-0001")
                 .any_model(),
@@ -1075,28 +1070,15 @@ async fn stream_usage_is_asked_for_always_and_shown_only_to_clients_that_asked()
     // Zhipu's catalog entry does not say it reports a stream's usage when asked: the gateway
     // does not add stream_options there, and passes on a client's own request for it.
     let zhipu = s
-        .sim_with(
+        .provider_with(
+            "zhipu",
             SimConfig::new(SimProvider::Zhipu)
                 .key("zhipu-key-0001")
                 .any_model(),
         )
         .await;
-    s.ns.apply(&key_secret("openai-key", "openai-key-0001"));
-    s.ns.apply(&key_secret("zhipu-key", "zhipu-key-0001"));
-    s.ns.apply(&route_yaml(
-        "ask",
-        "openai",
-        "openai",
-        &openai,
-        "{ chat: gpt-4o-mini }",
-    ));
-    s.ns.apply(&route_yaml(
-        "plain",
-        "zhipu",
-        "zhipu",
-        &zhipu,
-        "{ chat: glm-4-flash }",
-    ));
+    s.apply_route("ask", "", &[backend("openai", &openai, "gpt-4o-mini", "")]);
+    s.apply_route("plain", "", &[backend("zhipu", &zhipu, "glm-4-flash", "")]);
     let ask = s.serve("ask").await;
     let plain = s.serve("plain").await;
     let counts = s.usage_log().await;

@@ -14,39 +14,29 @@ use kube::api::{Api, ListParams};
 use llmroute::api::LLMRoute;
 use llmroute_devkit::sim::{Fault, Sim, SimProvider};
 use support::cluster::eventually;
-use support::e2e::{Stack, Workload, backend_of, key_secret};
+use support::e2e::{Stack, Workload, backend, backend_of, route_of};
 
+/// The route `name`: OpenAI (`primary`), then Zhipu (`backup`), with `policy` and `extra_spec`
+/// lines.
 fn route(name: &str, policy: &str, primary: &Sim, backup: &Sim, extra_spec: &str) -> String {
-    format!(
-        r#"apiVersion: llmroute.io/v1alpha1
-kind: LLMRoute
-metadata: {{ name: {name} }}
-spec:
-  defaultModel: chat
-{extra_spec}  policy:
-{policy}  backends:
-    - name: primary
-      provider: openai
-      endpoint: {}
-      credentialsSecretRef: {{ name: primary-key, key: api-key }}
-      models: {{ chat: gpt-4o-mini }}
-    - name: backup
-      provider: zhipu
-      endpoint: {}
-      priority: 1
-      credentialsSecretRef: {{ name: backup-key, key: api-key }}
-      models: {{ chat: glm-4-flash }}
-"#,
-        primary.base_url(),
-        backup.base_url()
+    route_of(
+        name,
+        extra_spec,
+        policy,
+        &[
+            backend("primary", primary, "gpt-4o-mini", ""),
+            backend("backup", backup, "glm-4-flash", "      priority: 1\n"),
+        ],
     )
 }
 
 async fn two_providers(s: &Stack) -> (Sim, Sim) {
-    let primary = s.sim(SimProvider::OpenAI, "primary-key-0001").await;
-    let backup = s.sim(SimProvider::Zhipu, "backup-key-0001").await;
-    s.ns.apply(&key_secret("primary-key", "primary-key-0001"));
-    s.ns.apply(&key_secret("backup-key", "backup-key-0001"));
+    let primary = s
+        .provider("primary", SimProvider::OpenAI, "primary-key-0001")
+        .await;
+    let backup = s
+        .provider("backup", SimProvider::Zhipu, "backup-key-0001")
+        .await;
     (primary, backup)
 }
 
@@ -439,8 +429,9 @@ async fn a_backend_its_region_excludes_is_never_probed_and_a_flapping_one_does_n
     assert_eq!(primary.request_count(), 0);
 
     // A second route whose preferred backend flaps every 1.2 s (probes every 0.5 s).
-    let flappy = s.sim(SimProvider::Moonshot, "flappy-key-0001").await;
-    s.ns.apply(&key_secret("flappy-key", "flappy-key-0001"));
+    let flappy = s
+        .provider("flappy", SimProvider::Moonshot, "flappy-key-0001")
+        .await;
     s.ns.apply(&format!(
         "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: flap }}\nspec:\n  policy:\n{policy}  backends:\n    - name: flappy\n      provider: moonshot\n      endpoint: {}\n      credentialsSecretRef: {{ name: flappy-key, key: api-key }}\n      models: {{ chat: moonshot-v1-8k }}\n    - name: backup\n      provider: zhipu\n      endpoint: {}\n      priority: 1\n      credentialsSecretRef: {{ name: backup-key, key: api-key }}\n      models: {{ chat: glm-4-flash }}\n",
         flappy.base_url(), backup.base_url()

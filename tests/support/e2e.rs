@@ -203,6 +203,26 @@ impl Stack {
             .expect("start simulator")
     }
 
+    /// The provider of a route's backend `name` (see [`backend`]): an HTTPS simulator of `provider`
+    /// accepting `key`, and the Secret `{name}-key` holding that key.
+    pub async fn provider(&self, name: &str, provider: SimProvider, key: &str) -> Sim {
+        self.provider_with(name, SimConfig::new(provider).key(key))
+            .await
+    }
+
+    /// [`Stack::provider`] with the simulator `config` says; the Secret holds its first key.
+    pub async fn provider_with(&self, name: &str, config: SimConfig) -> Sim {
+        let key = config.keys.first().expect("the simulator's key").clone();
+        let sim = self.sim_with(config).await;
+        self.ns.apply(&key_secret(&format!("{name}-key"), &key));
+        sim
+    }
+
+    /// Applies the route `name` of `backends` (see [`route`]).
+    pub fn apply_route(&self, name: &str, policy: &str, backends: &[String]) {
+        self.ns.apply(&route(name, policy, backends));
+    }
+
     pub fn routes(&self) -> Api<LLMRoute> {
         Api::namespaced(self.client.clone(), &self.ns.name)
     }
@@ -443,6 +463,43 @@ pub fn backend_of(r: &reqwest::Response) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string()
+}
+
+/// The route `name` of `backends` (see [`backend`]), whose default model is `chat`, without health
+/// probing (only in-request failover acts), with `policy` lines added.
+pub fn route(name: &str, policy: &str, backends: &[String]) -> String {
+    route_of(
+        name,
+        "",
+        &format!("    healthCheck: {{ enabled: false }}\n{policy}"),
+        backends,
+    )
+}
+
+/// The route `name` of `backends`, whose default model is `chat`, with `spec` lines (e.g.
+/// `workloadSecret`) and `policy` lines.
+pub fn route_of(name: &str, spec: &str, policy: &str, backends: &[String]) -> String {
+    format!(
+        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  defaultModel: chat\n{spec}  policy:\n{policy}  backends:\n{}",
+        backends.concat()
+    )
+}
+
+/// A backend entry of a route: `sim`'s provider at `sim`'s base URL (Azure's is the resource root;
+/// the deployment path is the gateway's to add), its key in the Secret `{name}-key` (as
+/// [`Stack::provider`] makes it), the route's model `chat` served as `model`, then `extra` lines
+/// (priority, weight...).
+pub fn backend(name: &str, sim: &Sim, model: &str, extra: &str) -> String {
+    backend_models(name, sim, &format!("{{ chat: {model} }}"), extra)
+}
+
+/// [`backend`] with the whole model mapping, e.g. `{ chat: gpt-4o-mini, emb: text-embedding-3-small }`.
+pub fn backend_models(name: &str, sim: &Sim, models: &str, extra: &str) -> String {
+    format!(
+        "    - name: {name}\n      provider: {}\n      endpoint: {}\n      credentialsSecretRef: {{ name: {name}-key, key: api-key }}\n      models: {models}\n{extra}",
+        sim.provider().id(),
+        sim.base_url()
+    )
 }
 
 /// A Secret with one key `api-key`.
