@@ -20,9 +20,9 @@ use tracing::{info, warn};
 
 use super::apply::{FIELD_MANAGER, apply};
 use super::context::Context;
+use super::error::Error;
 use super::observe;
 use super::plan::{GatewayFacts, GatewayObjects, Plan, Rollout, RouteReport};
-use super::error::Error;
 use crate::api::{LLMRoute, LLMRouteStatus, WorkloadMode};
 use crate::gateway::objects::{self, GATEWAY_NAME, XDS_SECRET_NAME};
 use crate::metrics::NamespaceLabels;

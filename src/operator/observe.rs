@@ -10,8 +10,8 @@ use kube::{Resource, ResourceExt};
 use tracing::info;
 
 use super::context::{Context, now_ms, secret_data};
-use super::plan::{GatewayFacts, NamespaceFacts, renew_margin_secs};
 use super::error::Error;
+use super::plan::{GatewayFacts, NamespaceFacts, renew_margin_secs};
 use crate::api::LLMRoute;
 use crate::gateway::objects::{self, GATEWAY_NAME, XDS_SECRET_NAME};
 use crate::status;
