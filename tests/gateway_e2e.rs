@@ -93,6 +93,8 @@ async fn operator_config_served_by_envoy_with_failover_rotation_and_new_routes()
         },
         envoy: envoy_opts.clone(),
         identity: "e2e".into(),
+        // The usage ledgers: in the test's namespace (the cluster has no llmroute-system here).
+        ledger_namespace: ns.name.clone(),
         ..Default::default()
     };
     let xds = support::gateway::xds_setup(

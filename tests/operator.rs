@@ -117,6 +117,8 @@ async fn start_operator(ns: &TestNamespace, gw: &Gateway, xds_port: u16) -> Runn
             ..Default::default()
         },
         identity: "test".into(),
+        // The usage ledgers: in the test's namespace (the cluster has no llmroute-system here).
+        ledger_namespace: ns.name.clone(),
         ..Default::default()
     };
     let metrics = opts.metrics.clone();

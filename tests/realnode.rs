@@ -12,7 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use llmroute::api::LLMRoute;
 use support::cluster::{TestNamespace, cluster, eventually};
@@ -461,7 +461,55 @@ spec:
     // The 429s are the gateway's own answers: nothing more is counted.
     assert_eq!(usage_is(40).await.tokens, 40);
 
+    // The ledger is in the operator's namespace, where the tenant has no access; what the tenant
+    // writes in its own namespace (here a ConfigMap named as the ledger was before, claiming
+    // nothing was used) changes nothing.
+    let ledgers: Api<ConfigMap> = Api::namespaced(client.clone(), "llmroute-system");
+    let of_ns = ListParams::default().labels(&format!("llmroute.io/usage-of={}", ns.name));
+    let stored = ledgers.list(&of_ns).await.unwrap().items;
+    assert!(
+        stored.iter().any(|cm| cm
+            .data
+            .as_ref()
+            .is_some_and(|d| d["ledger.json"].contains("metered"))),
+        "no usage ledger of {} in llmroute-system: {stored:?}",
+        ns.name
+    );
+    ns.apply(&format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{ name: llmroute-usage, labels: {{ app.kubernetes.io/managed-by: llmroute, llmroute.io/usage-of: {} }} }}
+data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","tokens":0,"cost":0.0}}}}}}}}' }}
+"#,
+        ns.name
+    ));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(usage_is(40).await.tokens, 40);
+    assert_eq!(
+        realnode::chat_via(&via(0), "metered", &metered_key).await.0,
+        429
+    );
+
+    // The namespace's ledger goes with its last route.
+    let ns_name = ns.name.clone();
     drop(ns);
+    eventually(
+        Duration::from_secs(60),
+        &format!("the usage ledger of {ns_name} deleted"),
+        || {
+            let (ledgers, of_ns) = (ledgers.clone(), of_ns.clone());
+            async move {
+                ledgers
+                    .list(&of_ns)
+                    .await
+                    .ok()?
+                    .items
+                    .is_empty()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     realnode::uninstall_kustomize(c, &overlay).await;
 }
 

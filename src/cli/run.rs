@@ -27,8 +27,8 @@ pub struct RunArgs {
     /// Replicas of each gateway Deployment.
     #[arg(long, default_value_t = 2, env = "LLMROUTE_GATEWAY_REPLICAS")]
     gateway_replicas: i32,
-    /// Namespace the operator runs in: its xDS CA Secret, its xDS Service and (by default) its
-    /// leader Lease are there.
+    /// Namespace the operator runs in: its xDS CA Secret, its xDS Service, the usage ledgers of
+    /// budgets and (by default) its leader Lease are there.
     #[arg(long, default_value = "llmroute-system", env = "POD_NAMESPACE")]
     operator_namespace: String,
     /// Address the xDS server (the gateways' configuration) listens on.
@@ -197,6 +197,7 @@ fn operator_options(
             usage_module: args.gateway_usage_module.clone(),
         },
         identity,
+        ledger_namespace: args.operator_namespace.clone(),
         reconcile_concurrency: args.reconcile_concurrency,
         usage_interval,
         prober: llmroute::probe::ProberOptions {

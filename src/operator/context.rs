@@ -30,6 +30,8 @@ pub struct Caches {
     pub budgets: Store<PodDisruptionBudget>,
     /// The gateways' Pods (status only).
     pub pods: Store<Pod>,
+    /// The usage ledgers' shards, in the operator's namespace.
+    pub ledgers: Store<ConfigMap>,
 }
 
 /// Shared state of the reconciler.
@@ -103,6 +105,7 @@ impl Context {
             c.services.wait_until_ready(),
             c.budgets.wait_until_ready(),
             c.pods.wait_until_ready(),
+            c.ledgers.wait_until_ready(),
         );
         self.synced.send_replace(true);
     }
@@ -172,30 +175,35 @@ fn new_route_key() -> String {
     format!("sk-llmroute-{suffix}")
 }
 
-/// The ledgers the collector keeps, shared with the reconciler.
+/// The period totals the collector keeps, by namespace, shared with the reconciler.
 #[derive(Default)]
 pub struct UsageBook {
-    ledgers: Mutex<HashMap<String, Ledger>>,
+    totals: Mutex<HashMap<String, BTreeMap<String, RouteTotals>>>,
 }
 
 impl UsageBook {
-    /// The period totals of `ns`'s routes: the collector's, else the stored ledger in `cached`
-    /// (a new leader before its first read).
-    pub fn routes(&self, ns: &str, cached: Option<&ConfigMap>) -> BTreeMap<String, RouteTotals> {
-        if let Some(l) = self.ledgers.lock().expect("ledgers").get(ns) {
-            return l.routes.clone();
+    /// The period totals of `ns`'s routes: the collector's, else those of the ledger's shards in
+    /// `cached` (a new leader before its first read).
+    pub fn routes(&self, ns: &str, cached: &Store<ConfigMap>) -> BTreeMap<String, RouteTotals> {
+        if let Some(t) = self.totals.lock().expect("usage totals").get(ns) {
+            return t.clone();
         }
-        cached
-            .and_then(stored_ledger)
-            .map(|l| l.routes)
-            .unwrap_or_default()
+        let mut totals = BTreeMap::new();
+        for cm in cached.state() {
+            if cm.labels().get(objects::USAGE_OF_LABEL).map(String::as_str) == Some(ns)
+                && let Some(ledger) = stored_ledger(&cm)
+            {
+                totals.extend(ledger.routes);
+            }
+        }
+        totals
     }
 
-    pub(super) fn set(&self, ns: &str, ledger: Option<Ledger>) {
-        let mut ledgers = self.ledgers.lock().expect("ledgers");
-        match ledger {
-            Some(l) => ledgers.insert(ns.to_string(), l),
-            None => ledgers.remove(ns),
+    pub(super) fn set(&self, ns: &str, totals: Option<BTreeMap<String, RouteTotals>>) {
+        let mut all = self.totals.lock().expect("usage totals");
+        match totals {
+            Some(t) => all.insert(ns.to_string(), t),
+            None => all.remove(ns),
         };
     }
 }

@@ -53,6 +53,8 @@ pub struct Options {
     pub envoy: crate::gateway::envoy::EnvoyOptions,
     /// Name of this instance (events, leader election).
     pub identity: String,
+    /// The operator's own namespace, where it keeps the usage ledgers (tenants have no access).
+    pub ledger_namespace: String,
     /// Namespaces reconciled at once at most.
     pub reconcile_concurrency: u16,
     /// How backends are probed.
@@ -74,6 +76,7 @@ impl Default for Options {
             gateway: GatewayDeploymentOptions::default(),
             envoy: Default::default(),
             identity: "llmroute".into(),
+            ledger_namespace: "llmroute-system".into(),
             reconcile_concurrency: RECONCILE_CONCURRENCY,
             prober: Default::default(),
             usage_interval: usage::USAGE_INTERVAL,
@@ -241,7 +244,7 @@ pub async fn run(
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move { prober.run(stop).await });
     }
-    let w = watches::start(&client, &opts.namespace);
+    let w = watches::start(&client, &opts.namespace, &opts.ledger_namespace);
     let routes = w.caches.routes.clone();
     let reporter = Reporter {
         controller: "llmroute".into(),
@@ -286,6 +289,8 @@ pub async fn run(
         })
         // Every Pod of the stream is a gateway Pod (label selector), whatever its name.
         .watches_stream(w.pods, move |o: Pod| g5(None, o.namespace()))
+        // The ledgers' cache is read by reconciles; the collector says when a ledger changed.
+        .watches_stream(w.ledgers, |_: ConfigMap| None::<ObjectRef<LLMRoute>>)
         // Bounded: a flood of triggers at start-up (every route of a namespace) must not hold every
         // translation in memory at once; reconciles of one namespace are serialised anyway.
         .with_config(

@@ -53,16 +53,12 @@ pub fn namespace(
         .iter()
         .map(|r| (r.name_any(), ctx.route_key(ns, r)))
         .collect();
-    let ledger = ctx
-        .caches
-        .config_maps
-        .get(&ObjectRef::new(objects::USAGE_LEDGER_NAME).within(ns));
     Ok(NamespaceFacts {
         namespace: ns.to_string(),
         secrets,
         route_keys,
         health: ctx.prober.health(ns),
-        usage: ctx.usage.routes(ns, ledger.as_deref()),
+        usage: ctx.usage.routes(ns, &ctx.caches.ledgers),
         now_ms: now_ms(),
         certificate: certificate(ctx, ns)?,
         ca_pem: ctx.xds.authority.cert_pem.clone(),

@@ -1,10 +1,11 @@
 //! The leader's usage collector: every `--usage-interval` it reads each connected gateway
 //! replica's cumulative counts (`GET /usage` on its sidecar, at the address the replica gave in
 //! its xDS node metadata), adds what is new to its namespace's ledger (`usage::ledger`), stores
-//! the ledger in the ConfigMap `llmroute-usage` and asks for the namespace to be reconciled (status
-//! usage, budgets). Why the counts live there: docs/design/usage.md.
+//! the ledger's changed shards in the operator's own namespace (ConfigMaps
+//! `llmroute-usage-<namespace>-<shard>`, out of tenants' reach) and asks for the namespace to be
+//! reconciled (status usage, budgets). Why the counts live there: docs/design/usage.md.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +18,8 @@ use tracing::{debug, warn};
 
 use super::context::{Context, now_ms, stored_ledger};
 use crate::api::{BudgetPeriod, LLMRoute};
-use crate::gateway::objects::{self, USAGE_LEDGER_NAME};
-use crate::usage::ledger::{Ledger, Periods, Report};
+use crate::gateway::objects::{self, USAGE_OF_LABEL, USAGE_SHARD_LABEL};
+use crate::usage::ledger::{Ledger, Periods, Report, RouteTotals};
 
 /// Default of `--usage-interval`.
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
@@ -53,7 +54,8 @@ pub fn route_period(route: Option<&LLMRoute>) -> BudgetPeriod {
         .unwrap_or_default()
 }
 
-/// One namespace's ledger as this leader holds it.
+/// One shard of a namespace's ledger as this leader holds it.
+#[derive(Default)]
 struct Held {
     ledger: Ledger,
     /// The stored ConfigMap's resourceVersion (None: not stored yet).
@@ -61,6 +63,9 @@ struct Held {
     /// Changed since the last successful write.
     dirty: bool,
 }
+
+/// A namespace's ledger, by shard.
+type Shards = BTreeMap<u32, Held>;
 
 /// Reads replicas and keeps the ledgers until `stop`; sends a namespace on `changed` after each
 /// stored change of its ledger.
@@ -85,7 +90,7 @@ pub async fn collect(
         }
     };
     ctx.caches_synced().await;
-    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut held: HashMap<String, Shards> = HashMap::new();
     // Replicas seen connected, and those gone that still get their last reads.
     let mut connected: HashSet<(String, String, SocketAddr)> = HashSet::new();
     let mut leaving: HashMap<(String, String, SocketAddr), u32> = HashMap::new();
@@ -145,7 +150,7 @@ pub async fn collect(
             .cloned()
             .chain(
                 held.iter()
-                    .filter(|(_, h)| h.dirty)
+                    .filter(|(_, shards)| shards.values().any(|h| h.dirty))
                     .map(|(ns, _)| ns.clone()),
             )
             .collect();
@@ -156,6 +161,75 @@ pub async fn collect(
                 let _ = changed.send(ns);
             }
         }
+        sweep(&ctx, &mut held).await;
+    }
+}
+
+/// The ledger API: ConfigMaps of the operator's namespace.
+fn ledger_api(ctx: &Context) -> Api<ConfigMap> {
+    Api::namespaced(ctx.client.clone(), &ctx.opts.ledger_namespace)
+}
+
+/// Reads `ns`'s stored shards from the API server (not the cache: a new leader must start from the
+/// last write).
+async fn load(ctx: &Context, ns: &str) -> Result<Shards, kube::Error> {
+    let selector = format!("{USAGE_OF_LABEL}={ns}");
+    let list = ledger_api(ctx)
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    let mut shards = Shards::new();
+    for cm in list.items {
+        let Some(shard) = cm
+            .labels()
+            .get(USAGE_SHARD_LABEL)
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        shards.insert(
+            shard,
+            Held {
+                ledger: stored_ledger(&cm).unwrap_or_default(),
+                version: cm.resource_version(),
+                dirty: false,
+            },
+        );
+    }
+    Ok(shards)
+}
+
+/// Deletes the stored ledgers of namespaces left without routes (in this collector's scope).
+async fn sweep(ctx: &Context, held: &mut HashMap<String, Shards>) {
+    let scope = ctx.opts.namespace.as_deref();
+    let live: BTreeSet<String> = ctx
+        .caches
+        .routes
+        .state()
+        .iter()
+        .filter_map(|r| r.namespace())
+        .collect();
+    for cm in ctx.caches.ledgers.state() {
+        let Some(ns) = cm.labels().get(USAGE_OF_LABEL) else {
+            continue;
+        };
+        if live.contains(ns) || scope.is_some_and(|s| s != ns) {
+            continue;
+        }
+        match ledger_api(ctx)
+            .delete(&cm.name_any(), &Default::default())
+            .await
+        {
+            Ok(_) => {
+                ctx.writes.add();
+                debug!(namespace = %ns, ledger = %cm.name_any(), "deleted the usage ledger of a namespace without routes");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                warn!(namespace = %ns, error = %e, "cannot delete the usage ledger of a namespace without routes")
+            }
+        }
+        held.remove(ns);
+        ctx.usage.set(ns, None);
     }
 }
 
@@ -168,37 +242,24 @@ async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwes
         .await
 }
 
-/// Adds `reports` to `ns`'s ledger and stores it if it changed. Returns the ledger once stored.
+/// Adds `reports` to `ns`'s ledger and stores the shards that changed. Returns the route totals
+/// once stored.
 async fn update(
     ctx: &Context,
-    held: &mut HashMap<String, Held>,
+    held: &mut HashMap<String, Shards>,
     ns: &str,
     reports: &[(String, Report)],
-) -> Option<Ledger> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+) -> Option<BTreeMap<String, RouteTotals>> {
     if !held.contains_key(ns) {
-        // Read from the API server, not the cache: a new leader must start from the last write.
-        let (ledger, version) = match api.get_opt(USAGE_LEDGER_NAME).await {
-            Ok(Some(cm)) => (
-                stored_ledger(&cm).unwrap_or_default(),
-                cm.resource_version(),
-            ),
-            Ok(None) => (Ledger::default(), None),
+        match load(ctx, ns).await {
+            Ok(shards) => held.insert(ns.to_string(), shards),
             Err(e) => {
                 warn!(namespace = %ns, error = %e, "cannot read the usage ledger; trying again next time");
                 return None;
             }
         };
-        held.insert(
-            ns.to_string(),
-            Held {
-                ledger,
-                version,
-                dirty: false,
-            },
-        );
     }
-    let h = held.get_mut(ns).expect("held");
+    let shards = held.get_mut(ns).expect("held");
     let routes: HashMap<String, Arc<LLMRoute>> = ctx
         .caches
         .routes
@@ -207,46 +268,57 @@ async fn update(
         .filter(|r| r.namespace().as_deref() == Some(ns))
         .map(|r| (r.name_any(), r))
         .collect();
+    if routes.is_empty() {
+        // No route left: the sweep deletes the stored ledger.
+        return None;
+    }
     let now = now_ms();
     let periods = RoutePeriods(routes);
     for (node, report) in reports {
-        h.dirty |= h.ledger.apply(node, report, now, &periods);
+        for (shard, part) in report.by_shard() {
+            let h = shards.entry(shard).or_default();
+            h.dirty |= h.ledger.apply(node, &part, now, &periods);
+        }
     }
     let names: Vec<&str> = periods.0.keys().map(String::as_str).collect();
-    h.dirty |= h.ledger.prune(now, WATERMARK_TTL_MS, names);
-    if !h.dirty {
+    for h in shards.values_mut() {
+        h.dirty |= h.ledger.prune(now, WATERMARK_TTL_MS, names.iter().copied());
+    }
+    if !shards.values().any(|h| h.dirty) {
         return None;
     }
-    if periods.0.is_empty() {
-        // No route left: the ledger goes with the routes (it is owned by them).
-        held.remove(ns);
-        ctx.usage.set(ns, None);
-        return None;
-    }
-    let mut owners: Vec<_> = periods.0.values().collect();
-    owners.sort_by_key(|r| r.name_any());
-    let owners: Vec<_> = owners
-        .into_iter()
-        .filter_map(|r| super::plan::owner_ref(r, false))
-        .collect();
-    let json = serde_json::to_string(&h.ledger).expect("a ledger serializes");
-    let desired = objects::usage_ledger(ns, json, &owners, h.version.clone());
-    match super::apply::apply_exactly(&api, &desired, &ctx.writes).await {
-        Ok(written) => {
-            h.version = written.resource_version();
-            h.dirty = false;
-            Some(h.ledger.clone())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            // Someone else wrote it (a previous leader still finishing): start again from theirs;
-            // the replicas' counts are cumulative, so the next read adds exactly what is missing.
-            warn!(namespace = %ns, "the usage ledger changed under this leader; reading it again");
-            held.remove(ns);
-            None
-        }
-        Err(e) => {
-            warn!(namespace = %ns, error = %e, "cannot store the usage ledger; trying again next time");
-            None
+    let api = ledger_api(ctx);
+    for (shard, h) in shards.iter_mut().filter(|(_, h)| h.dirty) {
+        let json = serde_json::to_string(&h.ledger).expect("a ledger serializes");
+        let desired = objects::usage_ledger(
+            &ctx.opts.ledger_namespace,
+            ns,
+            *shard,
+            json,
+            h.version.clone(),
+        );
+        match super::apply::apply_exactly(&api, &desired, &ctx.writes).await {
+            Ok(written) => {
+                h.version = written.resource_version();
+                h.dirty = false;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Someone else wrote it (a previous leader still finishing): start again from
+                // theirs; the replicas' counts are cumulative, so the next read adds exactly what
+                // is missing.
+                warn!(namespace = %ns, shard, "the usage ledger changed under this leader; reading it again");
+                held.remove(ns);
+                return None;
+            }
+            Err(e) => {
+                warn!(namespace = %ns, shard, error = %e, "cannot store the usage ledger; trying again next time");
+                return None;
+            }
         }
     }
+    let mut totals = BTreeMap::new();
+    for h in shards.values() {
+        totals.extend(h.ledger.routes.iter().map(|(r, t)| (r.clone(), t.clone())));
+    }
+    Some(totals)
 }

@@ -14,7 +14,7 @@ use kube::{Client, ResourceExt};
 
 use super::context::Caches;
 use crate::api::LLMRoute;
-use crate::gateway::objects::GATEWAY_NAME;
+use crate::gateway::objects::{GATEWAY_NAME, USAGE_OF_LABEL};
 
 /// A stream of changed objects of one kind.
 pub type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
@@ -34,6 +34,8 @@ pub struct Watches {
     pub services: Changes<Service>,
     pub budgets: Changes<PodDisruptionBudget>,
     pub pods: Changes<Pod>,
+    /// Polled to keep the ledgers' cache current; not a trigger.
+    pub ledgers: Changes<ConfigMap>,
 }
 
 fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -83,7 +85,7 @@ where
 }
 
 /// Starts every watch of the operator (in `namespace`, or all namespaces).
-pub fn start(client: &Client, namespace: &Option<String>) -> Watches {
+pub fn start(client: &Client, namespace: &Option<String>, ledger_namespace: &str) -> Watches {
     let managed = || watcher::Config::default().labels("app.kubernetes.io/managed-by=llmroute");
     // Secrets: every Secret a route may reference, but not the large kinds no route references.
     let secrets_cfg = watcher::Config::default()
@@ -101,6 +103,13 @@ pub fn start(client: &Client, namespace: &Option<String>) -> Watches {
         // Only the status is read.
         pod.spec = None;
     });
+    // The usage ledgers, in the operator's own namespace: read by reconciles, never a trigger.
+    let (ledgers, ledger_changes) = cached(
+        client,
+        &Some(ledger_namespace.to_string()),
+        watcher::Config::default().labels(USAGE_OF_LABEL),
+        drop_managed_fields,
+    );
     let (routes, routes_listed, deleted, route_changes) = route_watch(client, namespace);
     Watches {
         caches: Caches {
@@ -111,6 +120,7 @@ pub fn start(client: &Client, namespace: &Option<String>) -> Watches {
             services,
             budgets,
             pods,
+            ledgers,
         },
         routes_listed,
         deleted,
@@ -121,6 +131,7 @@ pub fn start(client: &Client, namespace: &Option<String>) -> Watches {
         services: svc_changes,
         budgets: pdb_changes,
         pods: pod_changes,
+        ledgers: ledger_changes,
     }
 }
 

@@ -88,6 +88,8 @@ impl Stack {
             )
             .args((!self.usage_module).then_some("--gateway-usage-module="))
             .arg(format!("--xds-ca-secret={}/llmroute-xds-ca", self.ns.name))
+            // The usage ledgers go to the operator's namespace: the test's own here.
+            .arg(format!("--operator-namespace={}", self.ns.name))
             .arg(format!("--upstream-ca-file={}", self.ca_file.display()))
             .arg(format!("--http-addr={}", self.http_addr))
             // Usage counts are read every second (budgets and status usage within seconds).

@@ -169,23 +169,49 @@ pub fn config_map(namespace: &str, bootstrap: &str, owners: &[OwnerReference]) -
     }
 }
 
-/// Name of the ConfigMap holding a namespace's usage ledger (`usage::ledger`).
-pub const USAGE_LEDGER_NAME: &str = "llmroute-usage";
-/// Its key.
+/// Key of a usage ledger ConfigMap holding the ledger's JSON.
 pub const USAGE_LEDGER_KEY: &str = "ledger.json";
+/// Label of a usage ledger shard: the namespace whose usage it counts.
+pub const USAGE_OF_LABEL: &str = "llmroute.io/usage-of";
+/// Label of a usage ledger shard: its shard number (`usage::ledger::shard_of`).
+pub const USAGE_SHARD_LABEL: &str = "llmroute.io/usage-shard";
 
-/// The namespace's usage ledger: period totals and the replicas' watermarks, written by the
-/// operator leader. With `resource_version`, a write fails if another writer got there first.
+/// Name of the ConfigMap holding shard `shard` of `namespace`'s usage ledger.
+pub fn usage_ledger_name(namespace: &str, shard: u32) -> String {
+    format!("llmroute-usage-{namespace}-{shard:02}")
+}
+
+/// A shard of `namespace`'s usage ledger (period totals and the replicas' watermarks of the
+/// routes of the shard), kept in the operator's namespace `ledger_namespace`, where tenants have
+/// no access (no owner: the operator deletes it with the namespace's last route). With
+/// `resource_version`, a write fails if another writer got there first.
 pub fn usage_ledger(
+    ledger_namespace: &str,
     namespace: &str,
+    shard: u32,
     ledger_json: String,
-    owners: &[OwnerReference],
     resource_version: Option<String>,
 ) -> ConfigMap {
-    let mut metadata = meta(USAGE_LEDGER_NAME, namespace, owners);
-    metadata.resource_version = resource_version;
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "llmroute".to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "llmroute".to_string(),
+        ),
+        (USAGE_OF_LABEL.to_string(), namespace.to_string()),
+    ]);
+    labels.insert(USAGE_SHARD_LABEL.to_string(), shard.to_string());
     ConfigMap {
-        metadata,
+        metadata: ObjectMeta {
+            name: Some(usage_ledger_name(namespace, shard)),
+            namespace: Some(ledger_namespace.to_string()),
+            labels: Some(labels),
+            resource_version,
+            ..Default::default()
+        },
         data: Some(BTreeMap::from([(
             USAGE_LEDGER_KEY.to_string(),
             ledger_json,
