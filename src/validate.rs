@@ -359,6 +359,33 @@ mod tests {
         assert_eq!(r.spec.policy.failover_on.len(), 7);
     }
 
+    /// A budget's time zone is an IANA name of the bundled database; anything else is refused at
+    /// admission, never counted in UTC by mistake.
+    #[test]
+    fn a_budget_time_zone_is_an_iana_name() {
+        let spec = |zone: &str| {
+            json!({"policy": {"budget": {"period": "Day", "timeZone": zone, "tokens": 100}},
+            "backends": [{"name": "a", "provider": "openai",
+            "credentialsSecretRef": {"name": "k", "key": "x"}, "models": {"m": "m"}}]})
+        };
+        for zone in [
+            "Asia/Shanghai",
+            "Europe/Berlin",
+            "America/Argentina/Buenos_Aires",
+            "UTC",
+        ] {
+            assert_eq!(errors_of(spec(zone)), Vec::<String>::new(), "{zone}");
+        }
+        for zone in ["Asia/Shangai", "UTC+8", "asia/shanghai", "localtime", ""] {
+            let errs = errors_of(spec(zone));
+            assert_eq!(errs.len(), 1, "{zone}: {errs:?}");
+            assert!(
+                errs[0].starts_with("spec.policy.budget.timeZone"),
+                "{zone}: {errs:?}"
+            );
+        }
+    }
+
     #[test]
     fn cel_rules_from_the_schema_are_enforced_client_side() {
         let errs = errors_of(

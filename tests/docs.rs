@@ -83,7 +83,16 @@ fn constraints(schema: &Value) -> String {
     if let Some(d) = schema.get("default") {
         parts.push(format!("default {}", code(d)));
     }
-    if let Some(e) = schema["enum"].as_array() {
+    if let Some(e) = schema["enum"].as_array().filter(|e| e.len() > 40) {
+        // A long list (the IANA time zone names): its size and where it starts and ends.
+        let name = |v: &Value| format!("`{}`", v.as_str().unwrap_or_default());
+        parts.push(format!(
+            "one of {} names ({} ... {})",
+            e.len(),
+            name(&e[0]),
+            name(&e[e.len() - 1])
+        ));
+    } else if let Some(e) = schema["enum"].as_array() {
         parts.push(format!(
             "one of {}",
             e.iter()

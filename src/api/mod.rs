@@ -290,9 +290,16 @@ pub struct Cost {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = rules::budget_rules_transform)]
 pub struct Budget {
-    /// `Month` (default) or `Day`: calendar periods in UTC. Counts start again at 0 when one begins.
+    /// `Month` (default) or `Day`: calendar periods in `timeZone`. Counts start again at 0 when one
+    /// begins.
     #[serde(default)]
     pub period: BudgetPeriod,
+    /// The time zone whose calendar the periods follow, as an IANA name (`Asia/Shanghai`,
+    /// `Europe/Berlin`); default `UTC`. A day in `Asia/Shanghai` starts at local midnight (16:00 UTC
+    /// the day before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::time_zone")]
+    pub time_zone: Option<String>,
     /// Tokens (prompt plus completion, as the providers report them) per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -307,9 +314,9 @@ pub struct Budget {
 /// A budget's period.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum BudgetPeriod {
-    /// A calendar day, UTC.
+    /// A calendar day (in the budget's `timeZone`, UTC by default).
     Day,
-    /// A calendar month, UTC.
+    /// A calendar month (in the budget's `timeZone`, UTC by default).
     #[default]
     Month,
 }
@@ -632,7 +639,7 @@ pub struct LLMRouteStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageStatus {
-    /// The period counted: `2026-12` (month) or `2026-12-01` (day), UTC.
+    /// The period counted: `2026-12` (month) or `2026-12-01` (day), in the budget's time zone.
     pub period: String,
     /// When the period ends and the counts start again.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,23 @@ fn inline<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
+/// A budget's `timeZone`: one of the IANA time zone names llmroute's bundled database knows (the
+/// API server refuses any other, so a typo never silently counts in UTC), without the database's
+/// files that are no zone of a place (`localtime`, `posixrules`, `Factory`).
+pub fn time_zone(_: &mut SchemaGenerator) -> Schema {
+    let mut names: Vec<String> = jiff::tz::db()
+        .available()
+        .map(|name| name.as_str().to_string())
+        .filter(|name| !matches!(name.as_str(), "localtime" | "posixrules" | "Factory"))
+        .collect();
+    names.sort();
+    json_schema!({
+        "type": "string",
+        "maxLength": 64,
+        "enum": names,
+    })
+}
+
 /// `spec.backends`: a list-map keyed by `name`, so server-side apply merges entries and the API
 /// server rejects duplicate names.
 pub fn backend_list(generator: &mut SchemaGenerator) -> Schema {

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::context::{Context, now_ms, stored_ledger};
-use crate::api::{BudgetPeriod, LLMRoute};
+use crate::api::LLMRoute;
 use crate::gateway::objects::{self, USAGE_OF_LABEL, USAGE_SHARD_LABEL};
-use crate::usage::ledger::{Ledger, Periods, Report, RouteTotals};
+use crate::usage::ledger::{Ledger, Period, Periods, Report, RouteTotals};
 
 /// Default of `--usage-interval`.
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
@@ -34,24 +34,25 @@ const LAST_READS: u32 = 3;
 struct RoutePeriods(HashMap<String, Arc<LLMRoute>>);
 
 impl Periods for RoutePeriods {
-    fn route(&self, route: &str) -> BudgetPeriod {
-        route_period(self.0.get(route).map(|r| r.as_ref()))
+    /// The route's budget's period, else a calendar month in UTC.
+    fn route(&self, route: &str) -> Period {
+        let budget = self
+            .0
+            .get(route)
+            .and_then(|r| r.spec.policy.budget.as_ref());
+        Period::of(budget)
     }
-    fn backend(&self, route: &str, backend: &str) -> BudgetPeriod {
+    /// The backend's own budget's period, else the route's.
+    fn backend(&self, route: &str, backend: &str) -> Period {
         let r = self.0.get(route);
-        r.and_then(|r| r.spec.backends.iter().find(|b| b.name == backend))
+        match r
+            .and_then(|r| r.spec.backends.iter().find(|b| b.name == backend))
             .and_then(|b| b.budget.as_ref())
-            .map(|b| b.period)
-            .unwrap_or_else(|| route_period(r.map(|r| r.as_ref())))
+        {
+            Some(own) => Period::of(Some(own)),
+            None => self.route(route),
+        }
     }
-}
-
-/// A route's period: its budget's, else a calendar month.
-pub fn route_period(route: Option<&LLMRoute>) -> BudgetPeriod {
-    route
-        .and_then(|r| r.spec.policy.budget.as_ref())
-        .map(|b| b.period)
-        .unwrap_or_default()
 }
 
 /// One shard of a namespace's ledger as this leader holds it.

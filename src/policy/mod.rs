@@ -345,7 +345,7 @@ pub fn spent(
     bucket: Option<&crate::usage::ledger::Bucket>,
     now_ms: u64,
 ) -> Option<(String, u64)> {
-    let (period, resets_at) = crate::usage::ledger::period_key(budget.period, now_ms);
+    let (period, resets_at) = crate::usage::ledger::Period::of(Some(budget)).key(now_ms);
     let used = bucket.map(|b| b.of(&period)).unwrap_or_default();
     let limit_cost = budget.cost.as_deref().and_then(|c| c.parse::<f64>().ok());
     let over_tokens = budget.tokens.filter(|&t| used.tokens >= t);

@@ -92,7 +92,7 @@ pub fn shard_of(route: &str) -> u32 {
 /// A period's totals.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {
-    /// The period ([`period_key`]) the totals are of.
+    /// The period ([`Period::key`]) the totals are of.
     pub period: String,
     #[serde(flatten)]
     pub totals: Totals,
@@ -138,8 +138,8 @@ pub struct Watermark {
 
 /// The periods a route's counts go into: the route's and each backend's.
 pub trait Periods {
-    fn route(&self, route: &str) -> BudgetPeriod;
-    fn backend(&self, route: &str, backend: &str) -> BudgetPeriod;
+    fn route(&self, route: &str) -> Period;
+    fn backend(&self, route: &str, backend: &str) -> Period;
 }
 
 /// A namespace's usage: period totals per route, and the replicas' watermarks.
@@ -188,13 +188,12 @@ impl Ledger {
                 }
                 changed = true;
                 let totals = self.routes.entry(route.clone()).or_default();
+                totals.route.add(&periods.route(route).key(now_ms).0, delta);
                 totals
-                    .route
-                    .add(&period_key(periods.route(route), now_ms).0, delta);
-                totals.backends.entry(backend.clone()).or_default().add(
-                    &period_key(periods.backend(route, backend), now_ms).0,
-                    delta,
-                );
+                    .backends
+                    .entry(backend.clone())
+                    .or_default()
+                    .add(&periods.backend(route, backend).key(now_ms).0, delta);
             }
         }
         changed
@@ -246,16 +245,16 @@ pub fn usage_status(route: &LLMRoute, totals: Option<&RouteTotals>, now_ms: u64)
     let priced = route.spec.backends.iter().any(|b| b.cost.is_some());
     let cost = |t: Totals| priced.then(|| format_cost(t.cost));
     let budget = route.spec.policy.budget.as_ref();
-    let period = budget.map(|b| b.period).unwrap_or_default();
-    let (key, resets_at) = period_key(period, now_ms);
+    let period = Period::of(budget);
+    let (key, resets_at) = period.key(now_ms);
     let used = totals.map(|t| t.route.of(&key)).unwrap_or_default();
     let backends = route
         .spec
         .backends
         .iter()
         .filter_map(|b| {
-            let period = b.budget.as_ref().map_or(period, |x| x.period);
-            let (key, _) = period_key(period, now_ms);
+            let own = b.budget.as_ref().map(|x| Period::of(Some(x)));
+            let (key, _) = own.as_ref().unwrap_or(&period).key(now_ms);
             let bucket = totals.and_then(|t| t.backends.get(&b.name));
             let used = bucket.map(|x| x.of(&key)).unwrap_or_default();
             (b.budget.is_some() || !used.is_zero()).then(|| BackendUsage {
@@ -277,28 +276,64 @@ pub fn usage_status(route: &LLMRoute, totals: Option<&RouteTotals>, now_ms: u64)
     }
 }
 
-/// The period `at_ms` falls in: its key (`2026-12` for a month, `2026-12-01` for a day, UTC) and
-/// when it ends, in milliseconds since the Unix epoch.
-pub fn period_key(period: BudgetPeriod, at_ms: u64) -> (String, u64) {
-    let date = Timestamp::from_millisecond(at_ms as i64)
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_zoned(TimeZone::UTC)
-        .date();
-    let (key, next): (String, Option<Date>) = match period {
-        BudgetPeriod::Day => (
-            format!("{:04}-{:02}-{:02}", date.year(), date.month(), date.day()),
-            date.checked_add(1.day()).ok(),
-        ),
-        BudgetPeriod::Month => (
-            format!("{:04}-{:02}", date.year(), date.month()),
-            date.first_of_month().checked_add(1.month()).ok(),
-        ),
-    };
-    let end = next
-        .and_then(|d| d.to_zoned(TimeZone::UTC).ok())
-        .map(|z| z.timestamp().as_millisecond().max(0) as u64)
-        .unwrap_or(u64::MAX);
-    (key, end)
+/// A budget's period: a calendar day or month in a time zone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Period {
+    pub kind: BudgetPeriod,
+    pub zone: TimeZone,
+}
+
+impl Default for Period {
+    fn default() -> Self {
+        Period {
+            kind: BudgetPeriod::Month,
+            zone: TimeZone::UTC,
+        }
+    }
+}
+
+impl Period {
+    /// The period of `budget`: a calendar month in UTC without one. A zone the bundled time zone
+    /// database does not know (the API server refuses those) counts in UTC.
+    pub fn of(budget: Option<&Budget>) -> Period {
+        let Some(b) = budget else {
+            return Period::default();
+        };
+        let zone = b
+            .time_zone
+            .as_deref()
+            .and_then(|z| TimeZone::get(z).ok())
+            .unwrap_or(TimeZone::UTC);
+        Period {
+            kind: b.period,
+            zone,
+        }
+    }
+
+    /// The period `at_ms` falls in: its key (`2026-12` for a month, `2026-12-01` for a day, the
+    /// date in the period's zone) and when it ends (the zone's next midnight or first of the
+    /// month), in milliseconds since the Unix epoch.
+    pub fn key(&self, at_ms: u64) -> (String, u64) {
+        let date = Timestamp::from_millisecond(at_ms as i64)
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+            .to_zoned(self.zone.clone())
+            .date();
+        let (key, next): (String, Option<Date>) = match self.kind {
+            BudgetPeriod::Day => (
+                format!("{:04}-{:02}-{:02}", date.year(), date.month(), date.day()),
+                date.checked_add(1.day()).ok(),
+            ),
+            BudgetPeriod::Month => (
+                format!("{:04}-{:02}", date.year(), date.month()),
+                date.first_of_month().checked_add(1.month()).ok(),
+            ),
+        };
+        let end = next
+            .and_then(|d| d.to_zoned(self.zone.clone()).ok())
+            .map(|z| z.timestamp().as_millisecond().max(0) as u64)
+            .unwrap_or(u64::MAX);
+        (key, end)
+    }
 }
 
 #[cfg(test)]
@@ -307,16 +342,27 @@ mod tests {
 
     struct Monthly;
     impl Periods for Monthly {
-        fn route(&self, _: &str) -> BudgetPeriod {
-            BudgetPeriod::Month
+        fn route(&self, _: &str) -> Period {
+            Period::default()
         }
-        fn backend(&self, _: &str, backend: &str) -> BudgetPeriod {
+        fn backend(&self, _: &str, backend: &str) -> Period {
             if backend == "free" {
-                BudgetPeriod::Day
+                utc(BudgetPeriod::Day)
             } else {
-                BudgetPeriod::Month
+                Period::default()
             }
         }
+    }
+
+    fn utc(kind: BudgetPeriod) -> Period {
+        Period {
+            kind,
+            zone: TimeZone::UTC,
+        }
+    }
+
+    fn period_key(kind: BudgetPeriod, at_ms: u64) -> (String, u64) {
+        utc(kind).key(at_ms)
     }
 
     /// 2026-12-01T10:00:00Z
@@ -410,6 +456,44 @@ mod tests {
         let end = period_key(BudgetPeriod::Day, DEC_1).1;
         assert_eq!(period_key(BudgetPeriod::Day, end - 1).0, "2026-12-01");
         assert_eq!(period_key(BudgetPeriod::Day, end).0, "2026-12-02");
+    }
+
+    /// 2026-12-07T15:59:59.999Z is 23:59:59.999 in Shanghai (UTC+8, no daylight saving): the last
+    /// moment of the local day 2026-12-07; a millisecond later the day 2026-12-08 begins.
+    #[test]
+    fn periods_follow_the_calendar_of_their_time_zone() {
+        let budget = |period: &str, zone: Option<&str>| {
+            let mut v = serde_json::json!({ "period": period, "tokens": 10 });
+            if let Some(z) = zone {
+                v["timeZone"] = z.into();
+            }
+            serde_json::from_value::<Budget>(v).unwrap()
+        };
+        let shanghai = Period::of(Some(&budget("Day", Some("Asia/Shanghai"))));
+        let local_midnight: u64 = 1_796_659_200_000; // 2026-12-07T16:00:00Z
+        assert_eq!(
+            shanghai.key(local_midnight - 1),
+            ("2026-12-07".to_string(), local_midnight)
+        );
+        assert_eq!(shanghai.key(local_midnight).0, "2026-12-08");
+        // In UTC the same instants are both 2026-12-07.
+        let utc_day = Period::of(Some(&budget("Day", None)));
+        assert_eq!(utc_day.key(local_midnight - 1).0, "2026-12-07");
+        assert_eq!(utc_day.key(local_midnight).0, "2026-12-07");
+        // A month in Shanghai starts at 16:00 UTC on the last day of the previous month.
+        let month = Period::of(Some(&budget("Month", Some("Asia/Shanghai"))));
+        let dec_1_local: u64 = 1_796_054_400_000; // 2026-11-30T16:00:00Z
+        assert_eq!(month.key(dec_1_local - 1).0, "2026-11");
+        assert_eq!(
+            month.key(dec_1_local),
+            ("2026-12".to_string(), 1_798_732_800_000)
+        );
+        // Daylight saving: a Berlin day in March 2026 that is 23 hours long still ends at midnight.
+        let berlin = Period::of(Some(&budget("Day", Some("Europe/Berlin"))));
+        let mar_29_local: u64 = 1_774_738_800_000; // 2026-03-28T23:00:00Z, 00:00 CET
+        let (key, end) = berlin.key(mar_29_local);
+        assert_eq!(key, "2026-03-29");
+        assert_eq!(end - mar_29_local, 23 * 3_600_000);
     }
 
     #[test]
