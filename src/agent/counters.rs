@@ -84,7 +84,7 @@ struct Reported {
     report: ledger::Report,
     /// Answers counted into `report`.
     recorded: u64,
-    /// `recorded` when `report` was last read.
+    /// `recorded` when the reader last acknowledged the counts.
     read: u64,
     /// Bytes of the usage log counted into `report` ([`super::follow::Follower`]).
     offset: u64,
@@ -135,6 +135,7 @@ impl UsageCounters {
             estimated,
             report: std::sync::Mutex::new(Reported {
                 report: ledger::Report {
+                    seq: 0,
                     boot: format!("{:016x}", rand::random::<u64>()),
                     counts: Default::default(),
                 },
@@ -153,6 +154,7 @@ impl UsageCounters {
             let mut r = counters.report.lock().expect("usage report");
             r.recorded = u64::from(!checkpoint.counts.is_empty());
             r.report = ledger::Report {
+                seq: 0,
                 boot: checkpoint.boot,
                 counts: checkpoint.counts,
             };
@@ -183,33 +185,45 @@ impl UsageCounters {
     }
 
     /// The counts and the log offset they include, first handed to `persist` (a checkpoint), then,
-    /// if it succeeded, returned (marked read when `read`): no count leaves unless persisted.
+    /// if it succeeded, returned: no count leaves unless persisted. Reading acknowledges nothing.
     pub fn persist(
         &self,
-        read: bool,
         persist: impl FnOnce(&Checkpoint) -> std::io::Result<()>,
     ) -> std::io::Result<(ledger::Report, u64)> {
-        let mut r = self.report.lock().expect("usage report");
+        let r = self.report.lock().expect("usage report");
         persist(&Checkpoint {
             boot: r.report.boot.clone(),
             counts: r.report.counts.clone(),
             offset: r.offset,
         })?;
-        if read {
-            r.read = r.recorded;
-        }
-        Ok((r.report.clone(), r.offset))
+        Ok((self.snapshot(&r), r.offset))
     }
 
-    /// The cumulative counts per route and backend since this process started (`GET /usage`),
-    /// marked as read.
+    /// The cumulative counts per route and backend since this process started (`GET /usage`
+    /// without a usage log), with how many answers they include.
     pub fn report(&self) -> ledger::Report {
-        let mut r = self.report.lock().expect("usage report");
-        r.read = r.recorded;
-        r.report.clone()
+        self.snapshot(&self.report.lock().expect("usage report"))
     }
 
-    /// Whether answers were counted since the counts were last read (or ever, when `ever`).
+    fn snapshot(&self, r: &Reported) -> ledger::Report {
+        ledger::Report {
+            seq: r.recorded,
+            ..r.report.clone()
+        }
+    }
+
+    /// The reader stored the counts of `boot` up to `seq` answers (`POST /usage/ack`): those are
+    /// handed over. False when `boot` is not this process's (nothing is acknowledged).
+    pub fn acknowledge(&self, boot: &str, seq: u64) -> bool {
+        let mut r = self.report.lock().expect("usage report");
+        if r.report.boot != boot {
+            return false;
+        }
+        r.read = r.read.max(seq.min(r.recorded));
+        true
+    }
+
+    /// Whether answers were counted since the counts were last acknowledged (or ever, when `ever`).
     pub fn unread(&self, ever: bool) -> bool {
         let r = self.report.lock().expect("usage report");
         if ever {
@@ -335,6 +349,34 @@ mod tests {
         text.lines().find(|l| l.starts_with(starts))
     }
 
+    /// Reading the counts (a scraper, or the operator before it stored them) hands nothing over:
+    /// only an acknowledgement of this boot does, up to what it names.
+    #[test]
+    fn only_an_acknowledgement_hands_counts_over() {
+        let c = UsageCounters::new("ns");
+        let usage = Usage {
+            prompt: Some(3),
+            completion: Some(1),
+            ..Default::default()
+        };
+        c.record(&answer(200, usage.clone()));
+        c.record(&answer(200, usage.clone()));
+        let read = c.report();
+        assert_eq!(read.seq, 2);
+        let _ = c.report();
+        assert!(c.unread(false), "a read is no acknowledgement");
+        assert!(!c.acknowledge("another-boot", read.seq));
+        assert!(c.unread(false));
+        c.record(&answer(200, usage));
+        assert!(c.acknowledge(&read.boot, read.seq));
+        assert!(
+            c.unread(false),
+            "the third answer was not in what was acknowledged"
+        );
+        assert!(c.acknowledge(&read.boot, 99));
+        assert!(!c.unread(false));
+    }
+
     #[test]
     fn answers_add_up_by_kind_and_outcome() {
         let c = UsageCounters::new("team-a");
@@ -374,6 +416,7 @@ mod tests {
         let report = c.report();
         assert_eq!(report.counts["chat"]["zhipu"].tokens, 26);
         assert_eq!(report.boot.len(), 16);
+        assert!(c.acknowledge(&report.boot, report.seq));
         assert!(!c.unread(false) && c.unread(true));
         c.record(&answer(200, full));
         assert!(c.unread(false));

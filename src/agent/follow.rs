@@ -200,7 +200,7 @@ impl Follower {
             return Ok(());
         }
         let path = self.checkpoint.clone();
-        let offset = counters.persist(false, |c| write_checkpoint(&path, c))?.1;
+        let offset = counters.persist(|c| write_checkpoint(&path, c))?.1;
         self.checkpointed = offset;
         let to = offset & !(BLOCK - 1);
         if self.punch && to > self.punched {
@@ -351,7 +351,7 @@ mod tests {
 
         // Served counts are checkpointed first; a restart resumes from them with the same boot.
         let served = c
-            .persist(true, |cp| write_checkpoint(f.checkpoint_path(), cp))
+            .persist(|cp| write_checkpoint(f.checkpoint_path(), cp))
             .unwrap()
             .0;
         assert_eq!(served.counts["chat"]["zhipu"].tokens, 165);

@@ -85,13 +85,15 @@ async fn metrics(State(state): State<Arc<ManagerState>>) -> impl axum::response:
 
 /// `GET /usage`: the Pod's cumulative counts per route and backend, read by the operator leader
 /// for budgets (see `usage::ledger`). Counts of a usage log are checkpointed first (a restarted
-/// sidecar resumes from them); when that fails, none are served.
+/// sidecar resumes from them); when that fails, none are served. A read acknowledges nothing: only
+/// `POST /usage/ack` does ([`ack`]), so a scraper cannot make a draining Pod leave with counts the
+/// operator never stored.
 async fn usage(State(state): State<Arc<ManagerState>>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let report = tokio::task::spawn_blocking(move || match &state.checkpoint {
         Some(path) => state
             .usage
-            .persist(true, |c| follow::write_checkpoint(path, c))
+            .persist(|c| follow::write_checkpoint(path, c))
             .map(|(report, _)| report),
         None => Ok(state.usage.report()),
     })
@@ -114,8 +116,30 @@ async fn usage(State(state): State<Arc<ManagerState>>) -> axum::response::Respon
     }
 }
 
+/// What the reader acknowledges: the counts of `boot` up to `seq` answers are stored.
+#[derive(serde::Deserialize)]
+pub struct Ack {
+    pub boot: String,
+    pub seq: u64,
+}
+
+/// `POST /usage/ack` (JSON [`Ack`]): the operator leader stored the counts it read; a stopping
+/// sidecar waits for this before it exits. 409 when the boot id is not this process's.
+async fn ack(
+    State(state): State<Arc<ManagerState>>,
+    axum::Json(ack): axum::Json<Ack>,
+) -> StatusCode {
+    if state.usage.acknowledge(&ack.boot, ack.seq) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::CONFLICT
+    }
+}
+
 /// Path of the cumulative counts budgets are counted from.
 pub const USAGE_PATH: &str = objects::USAGE_PATH;
+/// Path of their acknowledgement.
+pub const USAGE_ACK_PATH: &str = objects::USAGE_ACK_PATH;
 
 /// Path of the usage metrics.
 pub const METRICS_PATH: &str = "/metrics";
@@ -126,6 +150,7 @@ fn router(state: Arc<ManagerState>) -> Router {
         .route(READY_PATH, get(ready))
         .route(METRICS_PATH, get(metrics))
         .route(USAGE_PATH, get(usage))
+        .route(USAGE_ACK_PATH, axum::routing::post(ack))
         .with_state(state)
 }
 

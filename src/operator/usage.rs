@@ -128,10 +128,13 @@ pub async fn collect(
         }))
         .await;
         let mut reports: BTreeMap<String, Vec<(String, Report)>> = BTreeMap::new();
+        let mut readers: BTreeMap<String, Vec<(SocketAddr, String, u64)>> = BTreeMap::new();
         for (source, report) in reads {
             match report {
                 Ok(r) => {
                     leaving.remove(&source);
+                    let reader = (source.2, r.boot.clone(), r.seq);
+                    readers.entry(source.0.clone()).or_default().push(reader);
                     reports.entry(source.0).or_default().push((source.1, r));
                 }
                 Err(e) => {
@@ -157,7 +160,14 @@ pub async fn collect(
             .collect();
         for ns in namespaces {
             let list = reports.remove(&ns).unwrap_or_default();
-            if let Some(stored) = update(&ctx, &mut held, &ns, &list).await {
+            let Ok(stored) = update(&ctx, &mut held, &ns, &list).await else {
+                continue;
+            };
+            // Stored (or nothing new): the replicas may let go of what they counted.
+            for (addr, boot, seq) in readers.remove(&ns).unwrap_or_default() {
+                acknowledge(&http, addr, &boot, seq).await;
+            }
+            if let Some(stored) = stored {
                 ctx.usage.set(&ns, Some(stored));
                 let _ = changed.send(ns);
             }
@@ -234,6 +244,17 @@ async fn sweep(ctx: &Context, held: &mut HashMap<String, Shards>) {
     }
 }
 
+/// Tells a replica's sidecar that its counts of `boot` up to `seq` answers are stored (a failure is
+/// only logged: the next round acknowledges again).
+async fn acknowledge(http: &reqwest::Client, addr: SocketAddr, boot: &str, seq: u64) {
+    let url = format!("http://{addr}{}", objects::USAGE_ACK_PATH);
+    let body = serde_json::json!({ "boot": boot, "seq": seq });
+    let sent = http.post(url).json(&body).send().await;
+    if let Err(e) = sent.and_then(|r| r.error_for_status()) {
+        debug!(%addr, error = %e, "usage counts stored but not acknowledged; again next round");
+    }
+}
+
 async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwest::Error> {
     http.get(format!("http://{addr}{}", objects::USAGE_PATH))
         .send()
@@ -244,19 +265,19 @@ async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwes
 }
 
 /// Adds `reports` to `ns`'s ledger and stores the shards that changed. Returns the route totals
-/// once stored.
+/// once stored (None: nothing changed); Err when the ledger could not be read or stored.
 async fn update(
     ctx: &Context,
     held: &mut HashMap<String, Shards>,
     ns: &str,
     reports: &[(String, Report)],
-) -> Option<BTreeMap<String, RouteTotals>> {
+) -> Result<Option<BTreeMap<String, RouteTotals>>, ()> {
     if !held.contains_key(ns) {
         match load(ctx, ns).await {
             Ok(shards) => held.insert(ns.to_string(), shards),
             Err(e) => {
                 warn!(namespace = %ns, error = %e, "cannot read the usage ledger; trying again next time");
-                return None;
+                return Err(());
             }
         };
     }
@@ -271,7 +292,7 @@ async fn update(
         .collect();
     if routes.is_empty() {
         // No route left: the sweep deletes the stored ledger.
-        return None;
+        return Ok(None);
     }
     let now = now_ms();
     let periods = RoutePeriods(routes);
@@ -286,7 +307,7 @@ async fn update(
         h.dirty |= h.ledger.prune(now, WATERMARK_TTL_MS, names.iter().copied());
     }
     if !shards.values().any(|h| h.dirty) {
-        return None;
+        return Ok(None);
     }
     let api = ledger_api(ctx);
     for (shard, h) in shards.iter_mut().filter(|(_, h)| h.dirty) {
@@ -309,11 +330,11 @@ async fn update(
                 // is missing.
                 warn!(namespace = %ns, shard, "the usage ledger changed under this leader; reading it again");
                 held.remove(ns);
-                return None;
+                return Err(());
             }
             Err(e) => {
                 warn!(namespace = %ns, shard, error = %e, "cannot store the usage ledger; trying again next time");
-                return None;
+                return Err(());
             }
         }
     }
@@ -321,5 +342,5 @@ async fn update(
     for h in shards.values() {
         totals.extend(h.ledger.routes.iter().map(|(r, t)| (r.clone(), t.clone())));
     }
-    Some(totals)
+    Ok(Some(totals))
 }

@@ -58,6 +58,11 @@ pub struct Report {
     /// Random id of the sidecar's process: another id means counts that started again at 0.
     pub boot: String,
     pub counts: Counts,
+    /// How many answers the counts include: what the reader acknowledges (`POST /usage/ack`) once
+    /// it stored them, so a draining sidecar knows its counts were handed over. A read alone
+    /// changes nothing.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl Report {
@@ -68,6 +73,7 @@ impl Report {
             let part = parts.entry(shard_of(route)).or_insert_with(|| Report {
                 boot: self.boot.clone(),
                 counts: Counts::new(),
+                seq: self.seq,
             });
             part.counts.insert(route.clone(), counts.clone());
         }
@@ -375,6 +381,7 @@ mod tests {
         let backends = ["zhipu-glm-4-plus", "qianfan-ernie-4", "deepseek-chat-v3"];
         let report = |boot: &str| Report {
             boot: boot.into(),
+            seq: 1,
             counts: (0..10_000)
                 .map(|i| {
                     let b = backends.iter().map(|b| {
@@ -420,6 +427,7 @@ mod tests {
 
     fn report(boot: &str, counts: &[(&str, &str, u64, f64)]) -> Report {
         let mut r = Report {
+            seq: 0,
             boot: boot.into(),
             counts: Counts::new(),
         };

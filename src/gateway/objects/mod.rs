@@ -79,6 +79,8 @@ pub fn usage_address_overlay(host: &str, port: u16) -> String {
 pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
 /// Path of the sidecar's cumulative usage counts, which the operator leader reads for budgets.
 pub const USAGE_PATH: &str = "/usage";
+/// Path the operator leader acknowledges the counts it stored at (`POST`, JSON `{boot, seq}`).
+pub const USAGE_ACK_PATH: &str = "/usage/ack";
 /// Where the sidecar's emptyDir holding the drain state is mounted.
 pub const SHUTDOWN_STATE_DIR: &str = "/var/run/llmroute-shutdown";
 
