@@ -359,8 +359,8 @@ mod tests {
             completion: Some(1),
             ..Default::default()
         };
-        c.record(&answer(200, usage.clone()));
-        c.record(&answer(200, usage.clone()));
+        c.record(&answer(200, usage));
+        c.record(&answer(200, usage));
         let read = c.report();
         assert_eq!(read.seq, 2);
         let _ = c.report();
