@@ -98,6 +98,10 @@ pub struct Metrics {
     /// From publishing a namespace's changed configuration until every connected replica of its
     /// gateway acknowledged it.
     pub xds_propagation: Histogram,
+    /// Failed reads of a gateway replica's usage counts, by namespace.
+    usage_read_errors: Family<NamespaceLabels, Counter>,
+    /// 1 while a namespace's usage is unknown (`UsageStale`), else 0.
+    usage_unknown: Family<NamespaceLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,8 +210,22 @@ impl Metrics {
             "Time from publishing a changed gateway configuration until every connected replica acknowledged it",
             xds_propagation.clone(),
         );
+        let usage_read_errors = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "usage_read_errors",
+            "Failed reads of a connected gateway replica's usage counts (budgets), by namespace",
+            usage_read_errors.clone(),
+        );
+        let usage_unknown = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "usage_unknown",
+            "1 while a namespace's usage has not been counted for two usage intervals (routes with budgets are UsageStale)",
+            usage_unknown.clone(),
+        );
         Metrics {
             registry,
+            usage_read_errors,
+            usage_unknown,
             xds_connected,
             xds_pushes,
             xds_rejections,
@@ -225,6 +243,24 @@ impl Metrics {
             probe_duration,
             probe_targets,
         }
+    }
+
+    /// A failed read of a replica's usage counts in `namespace`.
+    pub fn usage_read_errors(&self, namespace: &str) {
+        self.usage_read_errors
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.to_string(),
+            })
+            .inc();
+    }
+
+    /// `llmroute_usage_unknown` of `namespace`.
+    pub fn set_usage_unknown(&self, namespace: &str, unknown: bool) {
+        self.usage_unknown
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.to_string(),
+            })
+            .set(i64::from(unknown));
     }
 
     /// `llmroute_backend_state`: 1 for `state`, 0 for the other states this backend had.

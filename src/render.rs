@@ -267,6 +267,7 @@ pub fn offline_plan(ns: &NamespaceRender, opts: &RenderOptions) -> Plan {
         secrets,
         health: BTreeMap::new(),
         usage: BTreeMap::new(),
+        usage_unknown: None,
         now_ms: 0,
         certificate: crate::xds::tls::Pem {
             cert: ISSUED_BY_THE_OPERATOR.into(),

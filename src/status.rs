@@ -16,6 +16,9 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const PROGRAMMED: &str = "Programmed";
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
+/// On routes with a budget: True while their usage is not counted (a gateway replica's counts
+/// unread, or the ledger unstored, for two usage intervals), naming what and why.
+pub const USAGE_STALE: &str = "UsageStale";
 /// kstatus' abnormal-true condition: present (True) only while the route cannot become Ready without
 /// a change by its owner, so that Flux and `kstatus` report it Failed instead of waiting.
 pub const STALLED: &str = "Stalled";
@@ -337,7 +340,7 @@ pub fn route_status(
                     conditions.push(condition(
                         READY,
                         false,
-                        "BudgetExhausted",
+                        outcome.decision.over_budget_reason,
                         format!("the {why}: the gateway answers its requests with 429"),
                         generation,
                         &now,
@@ -395,6 +398,27 @@ pub fn route_status(
                     false,
                     "NoEligibleBackend",
                     "no backend can serve".into(),
+                    generation,
+                    &now,
+                )),
+            }
+            match &outcome.decision.usage {
+                None => {}
+                Some(Ok(())) => conditions.push(condition(
+                    USAGE_STALE,
+                    false,
+                    "UsageCounted",
+                    "every gateway replica's usage is counted".into(),
+                    generation,
+                    &now,
+                )),
+                Some(Err(why)) => conditions.push(condition(
+                    USAGE_STALE,
+                    true,
+                    "UsageUnknown",
+                    format!(
+                        "usage is not counted, so budgets may be overshot (onUnknownUsage: Deny refuses instead): {why}"
+                    ),
                     generation,
                     &now,
                 )),

@@ -900,6 +900,84 @@ async fn route_edits_under_continuous_load_fail_no_request() {
     leak_check(&s, ["a-key-0001", "b-key-0001", "c-key-0001"]);
 }
 
+/// A budget whose usage cannot be counted says so: with the gateway replica's sidecar killed (its
+/// counts unreadable), the route's `UsageStale` condition names the replica and the error within
+/// two usage intervals (1 s here), `onUnknownUsage: Deny` refuses with 429 meanwhile, and once the
+/// counts are read again the condition clears and the route serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_usage_is_a_condition_and_deny_refuses_until_it_is_counted() {
+    let mut s = Stack::start("dp-stale", "us").await;
+    s.start_sidecar();
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    let policy = "    budget: { tokens: 1000000, onUnknownUsage: Deny }\n";
+    let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
+    s.ns.apply(&route("metered", policy, &backends));
+    let w = s.serve("metered").await;
+    let body =
+        serde_json::json!({ "model": "chat", "messages": [{ "role": "user", "content": "hi" }] });
+    let status_of = || {
+        let (w, body) = (w.clone(), body.clone());
+        async move {
+            let r = w.chat_json(&body).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(status_of().await.0, 200);
+    let routes = s.routes();
+    let usage_stale = |want: &'static str| {
+        let routes = routes.clone();
+        async move {
+            support::cluster::eventually(
+                Duration::from_secs(30),
+                &format!("UsageStale={want}"),
+                || {
+                    let routes = routes.clone();
+                    async move {
+                        let status = routes.get("metered").await.ok()?.status?;
+                        let c = status.conditions.iter().find(|c| c.type_ == "UsageStale")?;
+                        (c.status == want).then(|| (c.reason.clone(), c.message.clone()))
+                    }
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(usage_stale("False").await.0, "UsageCounted");
+
+    s.kill_sidecar();
+    let killed = Instant::now();
+    let (reason, message) = usage_stale("True").await;
+    println!(
+        "UsageStale=True {:.1} s after the sidecar was killed: {message}",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(reason, "UsageUnknown");
+    assert!(
+        message.contains("cannot be read") && message.contains("since"),
+        "{message}"
+    );
+    let (status, text) = support::cluster::eventually(
+        Duration::from_secs(20),
+        "429 while the usage is unknown",
+        || {
+            let status_of = status_of.clone();
+            async move { Some(status_of().await).filter(|(status, _)| *status == 429) }
+        },
+    )
+    .await;
+    assert!(text.contains("usage is unknown"), "{status}: {text}");
+
+    s.start_sidecar();
+    assert_eq!(usage_stale("False").await.0, "UsageCounted");
+    support::cluster::eventually(Duration::from_secs(20), "served again", || {
+        let status_of = status_of.clone();
+        async move { Some(status_of().await).filter(|(status, _)| *status == 200) }
+    })
+    .await;
+}
+
 /// Budgets, counted across operator and sidecar restarts. A free-tier backend serves until its own
 /// budget is used, then the paid one serves; the counts in status equal what the providers
 /// reported, exactly, after a new leader and a restarted sidecar; once the route's own budget is

@@ -300,6 +300,12 @@ pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::time_zone")]
     pub time_zone: Option<String>,
+    /// What the gateway does while the usage this budget counts is unknown (a gateway replica's
+    /// counts could not be read, or the ledger not stored, for two `--usage-interval`s; the route's
+    /// `UsageStale` condition says which and why): `Allow` (default) keeps serving, `Deny` answers
+    /// 429 as if the budget were used up, until the usage is known again.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_unknown_usage: UnknownUsage,
     /// Tokens (prompt plus completion, as the providers report them) per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -309,6 +315,20 @@ pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"), length(max = 19))]
     pub cost: Option<String>,
+}
+
+/// What a budget does while its usage is unknown.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UnknownUsage {
+    /// Keep serving (the budget may be overshot by what is not counted).
+    #[default]
+    Allow,
+    /// Refuse as if the budget were used up (429), until the usage is known again.
+    Deny,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// A budget's period.

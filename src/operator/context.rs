@@ -179,6 +179,9 @@ fn new_route_key() -> String {
 #[derive(Default)]
 pub struct UsageBook {
     totals: Mutex<HashMap<String, BTreeMap<String, RouteTotals>>>,
+    /// Why a namespace's usage is not known (its counts unread or its ledger unstored for two
+    /// intervals), by namespace.
+    unknown: Mutex<HashMap<String, String>>,
 }
 
 impl UsageBook {
@@ -197,6 +200,32 @@ impl UsageBook {
             }
         }
         totals
+    }
+
+    /// Why `ns`'s usage is not known, if it is not.
+    pub fn unknown(&self, ns: &str) -> Option<String> {
+        self.unknown.lock().expect("usage unknown").get(ns).cloned()
+    }
+
+    /// Namespaces whose usage is not known.
+    pub(super) fn unknown_namespaces(&self) -> Vec<String> {
+        self.unknown
+            .lock()
+            .expect("usage unknown")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Sets why `ns`'s usage is not known (None: it is); true when that changed.
+    pub(super) fn set_unknown(&self, ns: &str, why: Option<String>) -> bool {
+        let mut all = self.unknown.lock().expect("usage unknown");
+        let before = all.get(ns).cloned();
+        match &why {
+            Some(w) => all.insert(ns.to_string(), w.clone()),
+            None => all.remove(ns),
+        };
+        before != why
     }
 
     pub(super) fn set(&self, ns: &str, totals: Option<BTreeMap<String, RouteTotals>>) {

@@ -62,9 +62,8 @@ fn condition_events(previous: Option<&LLMRouteStatus>, new: &LLMRouteStatus) -> 
         }
         let kind = match (c.type_.as_str(), c.status.as_str()) {
             (status::PROGRAMMED, "True") => Some((EventType::Normal, "Published")),
-            (status::ACCEPTED | status::RESOLVED_REFS | status::PROGRAMMED, "False") => {
-                Some((EventType::Warning, c.reason.as_str()))
-            }
+            (status::ACCEPTED | status::RESOLVED_REFS | status::PROGRAMMED, "False")
+            | (status::USAGE_STALE, "True") => Some((EventType::Warning, c.reason.as_str())),
             _ => None,
         };
         if let Some((type_, reason)) = kind {

@@ -59,6 +59,7 @@ pub fn namespace(
         route_keys,
         health: ctx.prober.health(ns),
         usage: ctx.usage.routes(ns, &ctx.caches.ledgers),
+        usage_unknown: ctx.usage.unknown(ns),
         now_ms: now_ms(),
         certificate: certificate(ctx, ns)?,
         ca_pem: ctx.xds.authority.cert_pem.clone(),

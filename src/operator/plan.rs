@@ -52,6 +52,8 @@ pub struct NamespaceFacts {
     pub health: BTreeMap<String, HealthView>,
     /// Counted usage per route (see [`Facts::usage`]).
     pub usage: BTreeMap<String, crate::usage::ledger::RouteTotals>,
+    /// Why the namespace's usage is not known, if it is not (see [`Facts::usage_unknown`]).
+    pub usage_unknown: Option<String>,
     /// The time of the decision, in milliseconds since the Unix epoch.
     pub now_ms: u64,
     /// The gateway's xDS client certificate (the current one, or one issued for this reconcile).
@@ -143,6 +145,7 @@ pub fn decide(facts: NamespaceFacts, settings: &Settings) -> Plan {
         usage: facts.usage.clone(),
         now_ms: facts.now_ms,
         secrets: present_keys(&facts.secrets),
+        usage_unknown: facts.usage_unknown.clone(),
     };
     let seeds = seed_from_status(&valid, &mut policy_facts);
     let translation = gateway::translate(ns, &valid, &policy_facts);
@@ -548,6 +551,7 @@ mod tests {
             secrets: BTreeMap::from([("keys".to_string(), data)]),
             health: BTreeMap::new(),
             usage: BTreeMap::new(),
+            usage_unknown: None,
             now_ms: 1_800_000_000_000,
             certificate: Pem {
                 cert: "CERT".into(),

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 use kube::api::Api;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::context::{Context, now_ms, stored_ledger};
 use crate::api::LLMRoute;
@@ -97,6 +97,9 @@ pub async fn collect(
     let mut leaving: HashMap<(String, String, SocketAddr), u32> = HashMap::new();
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first failure of each thing usage depends on, while it lasts: reading a connected
+    // replica (namespace, node) or storing a namespace's ledger (namespace, "").
+    let mut failing: HashMap<(String, String), Failure> = HashMap::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -133,12 +136,26 @@ pub async fn collect(
             match report {
                 Ok(r) => {
                     leaving.remove(&source);
+                    failing.remove(&(source.0.clone(), source.1.clone()));
                     let reader = (source.2, r.boot.clone(), r.seq);
                     readers.entry(source.0.clone()).or_default().push(reader);
                     reports.entry(source.0).or_default().push((source.1, r));
                 }
                 Err(e) => {
                     debug!(namespace = %source.0, node = %source.1, error = %e, "usage not read");
+                    if connected.contains(&source) {
+                        let key = (source.0.clone(), source.1.clone());
+                        failing.entry(key).or_insert_with(|| Failure {
+                            since_ms: now_ms(),
+                            what: format!(
+                                "the counts of gateway Pod {} ({}) cannot be read: {}",
+                                source.1,
+                                source.2,
+                                error_chain(&e)
+                            ),
+                        });
+                        ctx.opts.metrics.usage_read_errors(&source.0);
+                    }
                     if let Some(tries) = leaving.get_mut(&source) {
                         *tries += 1;
                         if *tries >= LAST_READS {
@@ -160,8 +177,20 @@ pub async fn collect(
             .collect();
         for ns in namespaces {
             let list = reports.remove(&ns).unwrap_or_default();
-            let Ok(stored) = update(&ctx, &mut held, &ns, &list).await else {
-                continue;
+            let stored = match update(&ctx, &mut held, &ns, &list).await {
+                Ok(stored) => {
+                    failing.remove(&(ns.clone(), String::new()));
+                    stored
+                }
+                Err(e) => {
+                    failing
+                        .entry((ns.clone(), String::new()))
+                        .or_insert_with(|| Failure {
+                            since_ms: now_ms(),
+                            what: format!("the usage ledger cannot be stored: {e}"),
+                        });
+                    continue;
+                }
             };
             // Stored (or nothing new): the replicas may let go of what they counted.
             for (addr, boot, seq) in readers.remove(&ns).unwrap_or_default() {
@@ -173,6 +202,71 @@ pub async fn collect(
             }
         }
         sweep(&ctx, &mut held).await;
+        // Replicas gone: what they did not answer no longer makes anything stale.
+        failing.retain(|(ns, node), _| {
+            node.is_empty() || connected.iter().any(|(n, d, _)| n == ns && d == node)
+        });
+        report_unknown(&ctx, &failing, interval, &changed);
+    }
+}
+
+/// The first failure of something usage depends on.
+struct Failure {
+    since_ms: u64,
+    what: String,
+}
+
+/// A failure and what caused it, in one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Marks each namespace's usage unknown while something it depends on has failed for two
+/// intervals (and known again once nothing has), asking for a reconcile when that changes.
+fn report_unknown(
+    ctx: &Context,
+    failing: &HashMap<(String, String), Failure>,
+    interval: Duration,
+    changed: &mpsc::UnboundedSender<String>,
+) {
+    let now = now_ms();
+    let limit = 2 * interval.as_millis() as u64;
+    let mut unknown: BTreeMap<&str, &Failure> = BTreeMap::new();
+    for ((ns, _), f) in failing {
+        if now.saturating_sub(f.since_ms) >= limit {
+            let first = unknown.entry(ns.as_str()).or_insert(f);
+            if f.since_ms < first.since_ms {
+                *first = f;
+            }
+        }
+    }
+    let namespaces: BTreeSet<String> = failing
+        .keys()
+        .map(|(ns, _)| ns.clone())
+        .chain(ctx.usage.unknown_namespaces())
+        .collect();
+    for ns in namespaces {
+        let why = unknown.get(ns.as_str()).map(|f| {
+            let since = k8s_openapi::jiff::Timestamp::from_millisecond(f.since_ms as i64)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            format!("{} (since {since})", f.what)
+        });
+        ctx.opts.metrics.set_usage_unknown(&ns, why.is_some());
+        if ctx.usage.set_unknown(&ns, why.clone()) {
+            match &why {
+                Some(w) => warn!(namespace = %ns, "usage unknown: {w}"),
+                None => info!(namespace = %ns, "usage known again"),
+            }
+            let _ = changed.send(ns);
+        }
     }
 }
 
@@ -265,19 +359,19 @@ async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwes
 }
 
 /// Adds `reports` to `ns`'s ledger and stores the shards that changed. Returns the route totals
-/// once stored (None: nothing changed); Err when the ledger could not be read or stored.
+/// once stored (None: nothing changed); Err (why) when the ledger could not be read or stored.
 async fn update(
     ctx: &Context,
     held: &mut HashMap<String, Shards>,
     ns: &str,
     reports: &[(String, Report)],
-) -> Result<Option<BTreeMap<String, RouteTotals>>, ()> {
+) -> Result<Option<BTreeMap<String, RouteTotals>>, String> {
     if !held.contains_key(ns) {
         match load(ctx, ns).await {
             Ok(shards) => held.insert(ns.to_string(), shards),
             Err(e) => {
                 warn!(namespace = %ns, error = %e, "cannot read the usage ledger; trying again next time");
-                return Err(());
+                return Err(format!("reading it: {e}"));
             }
         };
     }
@@ -330,11 +424,11 @@ async fn update(
                 // is missing.
                 warn!(namespace = %ns, shard, "the usage ledger changed under this leader; reading it again");
                 held.remove(ns);
-                return Err(());
+                return Err("another writer changed it".into());
             }
             Err(e) => {
                 warn!(namespace = %ns, shard, error = %e, "cannot store the usage ledger; trying again next time");
-                return Err(());
+                return Err(e.to_string());
             }
         }
     }

@@ -27,6 +27,9 @@ pub struct Facts {
     pub usage: BTreeMap<String, crate::usage::ledger::RouteTotals>,
     /// The time of the decision, in milliseconds since the Unix epoch.
     pub now_ms: u64,
+    /// Why the namespace's usage is not known (a replica's counts unread, or the ledger unstored,
+    /// for two intervals); None while it is counted.
+    pub usage_unknown: Option<String>,
 }
 
 /// The identity of what a probe of `backend` for `route` checks: the provider account (provider,
@@ -151,6 +154,11 @@ pub struct Decision {
     pub recheck_at_ms: Option<u64>,
     /// Why the route's own budget (`spec.policy.budget`) admits no more requests this period.
     pub over_budget: Option<String>,
+    /// `BudgetExhausted`, or `UsageUnknown` when the refusal is `onUnknownUsage: Deny`'s.
+    pub over_budget_reason: &'static str,
+    /// For a route with a budget (its own or a backend's): whether its usage is known, and if not,
+    /// why (`UsageStale`). None for a route without budgets.
+    pub usage: Option<Result<(), String>>,
 }
 
 impl Decision {
@@ -244,6 +252,12 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
                     reason: "BudgetExhausted",
                     message: format!("backend {why}"),
                 });
+            } else if let Some(why) = unknown_usage_denies(budget, facts) {
+                spent_backends.push(i);
+                excluded = Some(Exclusion {
+                    reason: "UsageUnknown",
+                    message: format!("backend {why}"),
+                });
             }
         }
         if excluded.as_ref().is_none_or(|e| !e.is_by_design()) {
@@ -304,10 +318,24 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             health_since_ms: view.and_then(|v| v.state_since_ms),
         });
     }
+    let mut over_budget_reason = "BudgetExhausted";
     let mut over_budget = route.spec.policy.budget.as_ref().and_then(|budget| {
-        let (why, resets_at) = spent(budget, usage.map(|u| &u.route), facts.now_ms)?;
-        recheck(resets_at);
-        Some(format!("route {why}"))
+        match spent(budget, usage.map(|u| &u.route), facts.now_ms) {
+            Some((why, resets_at)) => {
+                recheck(resets_at);
+                Some(format!("route {why}"))
+            }
+            None => unknown_usage_denies(budget, facts).map(|why| {
+                over_budget_reason = "UsageUnknown";
+                format!("route {why}")
+            }),
+        }
+    });
+    let budgeted = route.spec.policy.budget.is_some()
+        || route.spec.backends.iter().any(|b| b.budget.is_some());
+    let usage_known = budgeted.then(|| match &facts.usage_unknown {
+        Some(why) => Err(why.clone()),
+        None => Ok(()),
     });
     let mut plan = with_last_resorts(route, &usable, &demoted);
     if usable.is_empty() && demoted.is_empty() && !spent_backends.is_empty() {
@@ -317,11 +345,25 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
             .iter()
             .map(|&i| route.spec.backends[i].name.as_str())
             .collect();
+        let unknown = spent_backends.iter().all(|&i| {
+            backends[i]
+                .excluded
+                .as_ref()
+                .is_some_and(|e| e.reason == "UsageUnknown")
+        });
         over_budget.get_or_insert_with(|| {
-            format!(
-                "route has no backend left within its budget ({} used theirs; see status.usage)",
-                names.join(", ")
-            )
+            if unknown {
+                over_budget_reason = "UsageUnknown";
+                format!(
+                    "route has no backend whose budget can be held while the usage is unknown ({}: onUnknownUsage: Deny; see the UsageStale condition)",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "route has no backend left within its budget ({} used theirs; see status.usage)",
+                    names.join(", ")
+                )
+            }
         });
         plan = order_by_strategy(route, &spent_backends);
     }
@@ -335,7 +377,19 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         backends,
         recheck_at_ms,
         over_budget,
+        over_budget_reason,
+        usage: usage_known,
     }
+}
+
+/// Why `budget` refuses requests while the usage is unknown (`onUnknownUsage: Deny`), if it does.
+fn unknown_usage_denies(budget: &crate::api::Budget, facts: &Facts) -> Option<String> {
+    let why = facts.usage_unknown.as_ref()?;
+    (budget.on_unknown_usage == crate::api::UnknownUsage::Deny).then(|| {
+        format!(
+            "cannot be held to its budget while its usage is unknown (onUnknownUsage: Deny): {why}"
+        )
+    })
 }
 
 /// Whether `bucket` used up `budget` in the period current at `now_ms`: what it used and when the
