@@ -961,19 +961,15 @@ async fn unknown_usage_is_a_condition_and_deny_refuses_until_it_is_counted() {
     let (status, text) = support::cluster::eventually(
         Duration::from_secs(20),
         "429 while the usage is unknown",
-        || {
-            let status_of = status_of.clone();
-            async move { Some(status_of().await).filter(|(status, _)| *status == 429) }
-        },
+        || async move { Some(status_of().await).filter(|(status, _)| *status == 429) },
     )
     .await;
     assert!(text.contains("usage is unknown"), "{status}: {text}");
 
     s.start_sidecar();
     assert_eq!(usage_stale("False").await.0, "UsageCounted");
-    support::cluster::eventually(Duration::from_secs(20), "served again", || {
-        let status_of = status_of.clone();
-        async move { Some(status_of().await).filter(|(status, _)| *status == 200) }
+    support::cluster::eventually(Duration::from_secs(20), "served again", || async move {
+        Some(status_of().await).filter(|(status, _)| *status == 200)
     })
     .await;
 }
