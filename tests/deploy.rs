@@ -1280,7 +1280,8 @@ fn the_alerts_use_metrics_the_operator_exports() {
         })
         .inc();
     m.xds_propagation.observe(0.01);
-    support::alerts::assert_exported("llmroute_", &m.encode(), 6, "the operator");
+    m.set_usage_unknown("ns", true);
+    support::alerts::assert_exported("llmroute_", &m.encode(), 7, "the operator");
     // The dashboard's route and backend panels read the operator's series (its token panels the
     // gateways': tests/dataplane.rs).
     let mut operator_series = support::alerts::dashboard_metrics("llmroute_");
