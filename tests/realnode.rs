@@ -490,9 +490,13 @@ data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","to
         429
     );
 
-    // The namespace's ledger goes with its last route.
+    // The namespace's ledger goes with its last route (deleted here: the test control plane runs no
+    // namespace controller to empty a deleted namespace).
     let ns_name = ns.name.clone();
-    drop(ns);
+    routes
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
     eventually(
         Duration::from_secs(60),
         &format!("the usage ledger of {ns_name} deleted"),
@@ -510,6 +514,7 @@ data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","to
         },
     )
     .await;
+    drop(ns);
     realnode::uninstall_kustomize(c, &overlay).await;
 }
 
