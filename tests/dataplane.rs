@@ -974,6 +974,107 @@ async fn unknown_usage_is_a_condition_and_deny_refuses_until_it_is_counted() {
     .await;
 }
 
+/// A daily budget in `Asia/Shanghai` ends at Shanghai's midnight (16:00 UTC), not UTC's: with the
+/// operator's budget calendar started 30 s before that midnight (`--test-clock-start`), the spent
+/// route answers 429 naming the reset instant, `status.usage` says `period: 2026-12-07` and
+/// `resetsAt: 2026-12-07T16:00:00Z`; once the calendar passes midnight the route serves again with
+/// the next day's period and counts from 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shanghai_day_budget_resets_at_local_midnight() {
+    let mut s = Stack::start("dp-tz", "us").await;
+    s.restart_operator_at("2026-12-07T15:59:30Z");
+    let started = Instant::now();
+    let midnight = started + Duration::from_secs(30);
+    s.start_sidecar();
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    let policy = "    budget: { tokens: 40, period: Day, timeZone: Asia/Shanghai }\n";
+    let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
+    s.ns.apply(&route("daily", policy, &backends));
+    let w = s.serve("daily").await;
+    let body =
+        serde_json::json!({ "model": "chat", "messages": [{ "role": "user", "content": "hi" }] });
+    let send = || {
+        let (w, body) = (w.clone(), body.clone());
+        async move {
+            let r = w.chat_json(&body).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let routes = s.routes();
+    let usage = || {
+        let routes = routes.clone();
+        async move { routes.get("daily").await.ok()?.status?.usage }
+    };
+
+    // Spend the day's budget.
+    let mut refusal = None;
+    for _ in 0..200 {
+        let (status, text) = send().await;
+        if status == 429 {
+            refusal = Some(text);
+            break;
+        }
+        assert_eq!(status, 200, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refusal = refusal.expect("the daily budget never stopped the route");
+    assert!(
+        Instant::now() < midnight,
+        "the budget was spent only after Shanghai's midnight: start the calendar earlier"
+    );
+    assert!(
+        refusal.contains("resets at 2026-12-07T16:00:00Z"),
+        "{refusal}"
+    );
+    let before = usage().await.expect("status.usage");
+    assert_eq!(before.period, "2026-12-07");
+    assert_eq!(
+        before
+            .resets_at
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .as_deref(),
+        Some("2026-12-07T16:00:00Z")
+    );
+    assert!(before.tokens >= 40, "{before:?}");
+    println!(
+        "spent {} tokens of 40 by {:.1} s before Shanghai's midnight",
+        before.tokens,
+        midnight
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
+    );
+
+    // Still refused until the calendar reaches Shanghai's midnight, served after it.
+    let (status, _) = send().await;
+    assert_eq!(status, 429);
+    tokio::time::sleep_until(midnight.into()).await;
+    let served = support::cluster::eventually(
+        Duration::from_secs(20),
+        "served again after Shanghai's midnight",
+        || async move { Some(send().await).filter(|(status, _)| *status == 200) },
+    )
+    .await;
+    println!(
+        "served again {:.1} s after Shanghai's midnight",
+        Instant::now().duration_since(midnight).as_secs_f64()
+    );
+    assert!(served.1.contains("chat.completion"), "{}", served.1);
+    let after = support::cluster::eventually(
+        Duration::from_secs(20),
+        "the next day's usage",
+        || async move { usage().await.filter(|u| u.period == "2026-12-08") },
+    )
+    .await;
+    assert_eq!(
+        after.resets_at.as_ref().map(|t| t.0.to_string()).as_deref(),
+        Some("2026-12-08T16:00:00Z")
+    );
+    assert!(after.tokens < 40, "counts started again: {after:?}");
+}
+
 /// Budgets, counted across operator and sidecar restarts. A free-tier backend serves until its own
 /// budget is used, then the paid one serves; the counts in status equal what the providers
 /// reported, exactly, after a new leader and a restarted sidecar; once the route's own budget is

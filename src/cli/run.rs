@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use llmroute::gateway::envoy::{EnvoyOptions, XdsClient};
 use llmroute::gateway::objects::GatewayDeploymentOptions;
+use llmroute::operator::clock::Clock;
 
 use super::{duration_arg, init_logging, shutdown_signal};
 
@@ -98,6 +99,10 @@ pub struct RunArgs {
     /// overshoot a budget by this much. `0s`: never (no budgets, no status usage).
     #[arg(long, default_value = "10s")]
     usage_interval: String,
+    /// Tests only: the instant (RFC 3339) the calendar of budget periods reads at start; it then
+    /// advances with the wall clock. Lets a test cross a period's end (a local midnight) in seconds.
+    #[arg(long, hide = true, value_parser = parse_instant_ms)]
+    test_clock_start: Option<u64>,
     /// Extra CA certificates (PEM) trusted for providers' TLS besides the system's (private
     /// endpoints, a corporate CA): by the prober, and by the gateways (served to them over xDS with
     /// the system roots of --system-ca-file).
@@ -171,6 +176,14 @@ fn xds_options(args: &RunArgs) -> Result<llmroute::operator::xds::XdsOptions, Ex
     })
 }
 
+/// An RFC 3339 instant, in milliseconds since the Unix epoch.
+fn parse_instant_ms(text: &str) -> Result<u64, String> {
+    let at: jiff::Timestamp = text
+        .parse()
+        .map_err(|e| format!("not an RFC 3339 instant: {e}"))?;
+    u64::try_from(at.as_millisecond()).map_err(|_| "before 1970".to_string())
+}
+
 /// The operator's options from its flags.
 fn operator_options(
     args: &RunArgs,
@@ -200,6 +213,9 @@ fn operator_options(
         ledger_namespace: args.operator_namespace.clone(),
         reconcile_concurrency: args.reconcile_concurrency,
         usage_interval,
+        clock: args
+            .test_clock_start
+            .map_or_else(Clock::system, Clock::starting_at),
         prober: llmroute::probe::ProberOptions {
             concurrency: args.probe_concurrency,
             extra_ca: args.upstream_ca_file.clone(),

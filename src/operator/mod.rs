@@ -5,10 +5,11 @@
 //! - [`reconcile`]: one namespace at a time, in three phases: [`observe`] (caches → plain facts),
 //!   [`plan`] (decide, pure: objects, configuration, statuses, [`events`]), [`act`] (apply, publish,
 //!   write, emit). [`apply`] is the one place objects are written.
-//! - [`usage`]: the leader's usage collector (budgets); [`xds`]: the xDS server's set-up;
+//! - [`usage`]: the leader's usage collector (budgets), [`clock`] the calendar it counts in; [`xds`]: the xDS server's set-up;
 //!   [`leader`]: leader election; [`http`]: health and metrics endpoints.
 pub mod act;
 pub mod apply;
+pub mod clock;
 pub mod context;
 pub mod error;
 pub mod events;
@@ -62,6 +63,8 @@ pub struct Options {
     /// How often the leader reads the gateway replicas' usage counts (budgets, status usage);
     /// zero: never.
     pub usage_interval: std::time::Duration,
+    /// The calendar budget periods are counted in (the wall clock but in tests).
+    pub clock: clock::Clock,
     /// Where the operator records its metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Readiness, read by `/readyz`.
@@ -80,6 +83,7 @@ impl Default for Options {
             reconcile_concurrency: RECONCILE_CONCURRENCY,
             prober: Default::default(),
             usage_interval: usage::USAGE_INTERVAL,
+            clock: clock::Clock::system(),
             metrics: Default::default(),
             runtime: Default::default(),
         }

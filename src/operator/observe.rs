@@ -60,7 +60,7 @@ pub fn namespace(
         health: ctx.prober.health(ns),
         usage: ctx.usage.routes(ns, &ctx.caches.ledgers),
         usage_unknown: ctx.usage.unknown(ns),
-        now_ms: now_ms(),
+        now_ms: ctx.opts.clock.now_ms(),
         certificate: certificate(ctx, ns)?,
         ca_pem: ctx.xds.authority.cert_pem.clone(),
         previous: ctx.xds.server.current(ns),

@@ -388,7 +388,7 @@ async fn update(
         // No route left: the sweep deletes the stored ledger.
         return Ok(None);
     }
-    let now = now_ms();
+    let now = ctx.opts.clock.now_ms();
     let periods = RoutePeriods(routes);
     for (node, report) in reports {
         for (shard, part) in report.by_shard() {

@@ -35,6 +35,8 @@ pub struct Stack {
     sidecar: Option<Child>,
     /// The operator gives the gateway llmroute's stream usage module (as in a Pod).
     usage_module: bool,
+    /// The instant the operator's budget calendar starts at (`--test-clock-start`), if not now.
+    clock_start: Option<String>,
 }
 
 impl Stack {
@@ -63,6 +65,7 @@ impl Stack {
             envoy: None,
             sidecar: None,
             usage_module: true,
+            clock_start: None,
         };
         stack.start_operator(region);
         stack
@@ -94,6 +97,11 @@ impl Stack {
             .arg(format!("--http-addr={}", self.http_addr))
             // Usage counts are read every second (budgets and status usage within seconds).
             .arg("--usage-interval=1s")
+            .args(
+                self.clock_start
+                    .iter()
+                    .map(|at| format!("--test-clock-start={at}")),
+            )
             .env("KUBECONFIG", self.ns.cluster().kubeconfig())
             .env("LLMROUTE_LOG", "info,llmroute=debug")
             .stdout(Stdio::null())
@@ -107,6 +115,12 @@ impl Stack {
     /// (`--gateway-usage-module=`): a gateway as one run without it is configured.
     pub fn without_usage_module(&mut self) {
         self.usage_module = false;
+        self.restart_operator();
+    }
+
+    /// Runs the operator again with its budget calendar reading `instant` (RFC 3339) now.
+    pub fn restart_operator_at(&mut self, instant: &str) {
+        self.clock_start = Some(instant.to_string());
         self.restart_operator();
     }
 
