@@ -562,6 +562,7 @@ fn start_gateway(
             envoy: opts.clone(),
             xds: Default::default(),
             deployment: Default::default(),
+            operator_namespace: "llmroute-system".into(),
         },
     );
     assert_eq!(renders.len(), 1);

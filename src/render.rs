@@ -160,6 +160,8 @@ pub struct RenderOptions {
     /// The xDS server the gateways' bootstrap names.
     pub xds: XdsClient,
     pub deployment: GatewayDeploymentOptions,
+    /// The operator's namespace (named in the gateways' NetworkPolicy).
+    pub operator_namespace: String,
 }
 
 /// One namespace's translation, with the facts assumed offline.
@@ -283,6 +285,7 @@ pub fn offline_plan(ns: &NamespaceRender, opts: &RenderOptions) -> Plan {
         deployment: &opts.deployment,
         xds: &opts.xds,
         upstream_ca: None,
+        operator_namespace: &opts.operator_namespace,
     };
     plan::decide(facts, &settings)
 }
@@ -308,6 +311,11 @@ pub fn objects_yaml(renders: &[NamespaceRender], opts: &RenderOptions) -> String
             "policy/v1",
             "PodDisruptionBudget",
             to_value(&o.budget),
+        ));
+        docs.push(typed_doc(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            to_value(&o.network_policy),
         ));
         for route in &ns.routes {
             let name = kube::ResourceExt::name_any(route);

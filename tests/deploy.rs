@@ -779,6 +779,13 @@ fn helm_renders_the_same_operator_as_the_kustomize_base() {
             "container {field}"
         );
     }
+    // Both label the operator's Pods as the gateways' NetworkPolicy admits them to the usage port.
+    for d in [bd, cd] {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in llmroute::gateway::objects::operator_pod_labels() {
+            assert_eq!(labels[&k], v.as_str(), "operator Pod label {k}");
+        }
+    }
     // Both run the gateways' shutdown-manager sidecar with the operator's own image.
     for d in [bd, cd] {
         let image = container(d)["image"].as_str().unwrap().to_string();
@@ -829,6 +836,24 @@ fn helm_values_switch_what_they_should() {
     // The ServiceMonitor only when asked for.
     let off = yaml_docs(&helm_template("llmroute", "llmroute-system", &[]));
     assert!(!kinds(&off).contains(&"ServiceMonitor".to_string()));
+    // The operator's NetworkPolicy by default, selecting the operator's Pods and opening its
+    // xDS port to gateway Pods only; off when asked.
+    let policy = find(&off, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        find(&off, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "grpc-xds");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "llmroute-gateway"
+    );
+    let no_policy = yaml_docs(&helm_template(
+        "llmroute",
+        "llmroute-system",
+        &["--set", "networkPolicy.enabled=false"],
+    ));
+    assert!(!kinds(&no_policy).contains(&"NetworkPolicy".to_string()));
     let on = yaml_docs(&helm_template(
         "llmroute",
         "llmroute-system",

@@ -52,6 +52,7 @@ fn local_options() -> (EnvoyOptions, RenderOptions) {
         envoy: opts.clone(),
         xds: Default::default(),
         deployment: Default::default(),
+        operator_namespace: "llmroute-system".into(),
     };
     (opts, render_opts)
 }

@@ -65,6 +65,7 @@ spec:
             envoy: opts.clone(),
             xds: Default::default(),
             deployment: Default::default(),
+            operator_namespace: "llmroute-system".into(),
         },
     );
     render::write_gateway_dir(&renders[0], &gw, &opts).unwrap();
@@ -146,24 +147,36 @@ fn spawn(args: &[&str], log: PathBuf) -> Proc {
 
 /// Starts `llmroute gateway shutdown-manager` on 127.0.0.1 and waits (bounded) until it listens.
 async fn start_manager(port: u16, state_dir: &Path, ready_timeout: &str, log: PathBuf) -> Proc {
-    let manager = spawn(
-        &[
-            "gateway",
-            "shutdown-manager",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--ready-timeout",
-            ready_timeout,
-            // Its usage log in its own directory (tests run side by side).
-            "--usage-log",
-            state_dir.join("access.log").to_str().unwrap(),
-        ],
-        log,
-    );
+    // No usage endpoint (it would take its fixed port; these tests read no counts).
+    start_manager_with(port, state_dir, ready_timeout, log, &["--tls-dir="]).await
+}
+
+/// [`start_manager`] with `extra` flags.
+async fn start_manager_with(
+    port: u16,
+    state_dir: &Path,
+    ready_timeout: &str,
+    log: PathBuf,
+    extra: &[&str],
+) -> Proc {
+    let (port_text, log_file) = (port.to_string(), state_dir.join("access.log"));
+    let mut args = vec![
+        "gateway",
+        "shutdown-manager",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port_text,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--ready-timeout",
+        ready_timeout,
+        // Its usage log in its own directory (tests run side by side).
+        "--usage-log",
+        log_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let manager = spawn(&args, log);
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -540,4 +553,116 @@ async fn the_drain_gives_up_at_its_maximum() {
         .unwrap()
         .unwrap();
     assert!(!complete && !body.contains("[DONE]"), "{body}");
+}
+
+/// The usage endpoint answers the operator only: over mutual TLS with the gateway's certificate,
+/// to a client certificate of the same CA naming the operator. Plain HTTP, a client without a
+/// certificate, another CA's operator, and the gateway's own certificate used as a client get
+/// nothing; the operator that expects another namespace's gateway refuses the server; `/usage` is
+/// not on the manager's plain port.
+#[tokio::test]
+async fn the_usage_endpoint_answers_the_operator_only() {
+    use llmroute::operator::usage_read::UsageReader;
+    use llmroute::xds::tls::{Authority, gateway_identity};
+    use std::sync::Arc;
+    let scratch = tempfile::tempdir().unwrap();
+    let state_dir = scratch.path().join("state");
+    let certs = scratch.path().join("xds");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let now = std::time::SystemTime::now();
+    let ca = Arc::new(Authority::generate(now).unwrap());
+    let gateway = ca.issue_gateway("team-a", now).unwrap();
+    std::fs::write(certs.join("tls.crt"), &gateway.cert).unwrap();
+    std::fs::write(certs.join("tls.key"), &gateway.key).unwrap();
+    std::fs::write(certs.join("ca.crt"), &ca.cert_pem).unwrap();
+    let (port, usage_port) = (free_port(), free_port());
+    let usage_flag = format!("--usage-port={usage_port}");
+    let tls_flag = format!("--tls-dir={}", certs.display());
+    let _manager = start_manager_with(
+        port,
+        &state_dir,
+        "30s",
+        scratch.path().join("manager.log"),
+        &[&usage_flag, &tls_flag],
+    )
+    .await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], usage_port).into();
+
+    // The operator reads and acknowledges.
+    let operator = UsageReader::new(ca.clone()).unwrap();
+    let report = support::cluster::eventually(Duration::from_secs(10), "/usage", || async {
+        operator.read("team-a", addr).await.ok()
+    })
+    .await;
+    operator
+        .acknowledge("team-a", addr, &report.boot, report.seq)
+        .await
+        .unwrap();
+    assert!(
+        operator
+            .acknowledge("team-a", addr, "another-boot", 1)
+            .await
+            .unwrap_err()
+            .contains("409")
+    );
+    // ...but not from a server that is not the gateway of the namespace it expects.
+    let wrong = operator.read("team-b", addr).await.unwrap_err();
+    assert!(wrong.contains("TLS"), "{wrong}");
+    // Another CA's operator is refused in the handshake.
+    let stranger = UsageReader::new(Arc::new(Authority::generate(now).unwrap())).unwrap();
+    assert!(stranger.read("team-a", addr).await.is_err());
+
+    // Clients that are not the operator.
+    let url = format!("https://{}:{usage_port}/usage", gateway_identity("team-a"));
+    let client = |identity: Option<&llmroute::xds::tls::Pem>| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(pem) => builder
+                .with_client_auth_cert(
+                    vec![
+                        rustls::pki_types::CertificateDer::from_pem_slice(pem.cert.as_bytes())
+                            .unwrap(),
+                    ],
+                    rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        reqwest::Client::builder()
+            .use_preconfigured_tls(config)
+            .resolve(&gateway_identity("team-a"), addr)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    assert!(
+        client(None).get(&url).send().await.is_err(),
+        "no client certificate"
+    );
+    let as_gateway = client(Some(&gateway)).get(&url).send().await;
+    assert!(
+        as_gateway.is_err(),
+        "the gateway's certificate as a client: {as_gateway:?}"
+    );
+    let plain = llmroute_devkit::tls::http_client()
+        .get(format!("http://127.0.0.1:{usage_port}/usage"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP: {plain:?}");
+    let manager_port = llmroute_devkit::tls::http_client()
+        .get(format!("http://127.0.0.1:{port}/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manager_port.status(), 404);
 }

@@ -326,6 +326,7 @@ async fn the_operator_needs_exactly_the_rbac_of_deploy() {
         let owned_watch = (label.contains("configmaps")
             || label.contains("deployments")
             || label.contains("poddisruptionbudgets")
+            || label.contains("networkpolicies")
             || label.contains("\"pods\""))
             && label.ends_with("without \"watch\"");
         let ca_in_own_namespace = label.starts_with("lease rule") && label.contains("secrets");

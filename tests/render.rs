@@ -80,6 +80,7 @@ fn render_case(input: &Path) -> BTreeMap<String, String> {
         },
         xds: Default::default(),
         deployment: Default::default(),
+        operator_namespace: "llmroute-system".into(),
     };
     let renders = render::translate_offline(&routes, &opts);
     let mut out = BTreeMap::new();
@@ -595,6 +596,7 @@ fn render_prints_objects_with_secrets_redacted() {
             "kind: Deployment",
             "kind: Service",
             "kind: PodDisruptionBudget",
+            "kind: NetworkPolicy",
             "kind: Secret"
         ]
     );
@@ -638,6 +640,7 @@ fn render_handles_a_configuration_larger_than_a_config_map() {
         envoy: EnvoyOptions::default(),
         xds: Default::default(),
         deployment: Default::default(),
+        operator_namespace: "llmroute-system".into(),
     };
     let ns = &render::translate_offline(&routes, &opts)[0];
     let ads = envoy::ads_config(
@@ -701,8 +704,24 @@ fn the_gateway_deployment_drains_envoy_before_its_sigterm() {
     assert_eq!(command[..3], ["llmroute", "gateway", "shutdown-manager"]);
     assert!(command.windows(2).any(|w| w == ["--port", "19002"]));
     let ports = manager.ports.clone().unwrap();
-    assert_eq!(ports.len(), 1);
-    assert_eq!(ports[0].container_port, 19002);
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|p| (p.name.as_deref().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(ports, [("shutdown", 19002), ("usage", 19004)]);
+    // The usage endpoint serves with the gateway's certificate (mutual TLS, the operator only).
+    assert!(command.windows(2).any(|w| w == ["--usage-port", "19004"]));
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["--tls-dir", objects::XDS_CERT_DIR])
+    );
+    let mounts = manager.volume_mounts.clone().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.mount_path == objects::XDS_CERT_DIR && m.read_only == Some(true))
+    );
     let exec = manager
         .lifecycle
         .as_ref()

@@ -69,6 +69,7 @@ spec:
             envoy: opts.clone(),
             xds: XdsClient::default(),
             deployment: Default::default(),
+            operator_namespace: "llmroute-system".into(),
         },
     );
     let gw = &renders[0].translation.gateway;

@@ -33,3 +33,4 @@ pub mod drain;
 pub mod follow;
 pub mod modules;
 pub mod server;
+pub mod tls;

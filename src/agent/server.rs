@@ -1,7 +1,8 @@
 //! The sidecar's server (`llmroute gateway shutdown-manager`): `GET /shutdown/ready` (Envoy's
-//! preStop, answered once the drain is done), `GET /metrics` (the Pod's usage counters) and
-//! `GET /usage` (the counts budgets are counted from, read by the operator leader); it runs the
-//! usage-log follower ([`super::follow`]) beside it.
+//! preStop, answered once the drain is done) and `GET /metrics` (the Pod's usage counters) on its
+//! port; `GET /usage` (the counts budgets are counted from) and `POST /usage/ack` on a port of their
+//! own, over mutual TLS, for the operator leader only ([`super::tls`]). It runs the usage-log
+//! follower ([`super::follow`]) beside them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,17 @@ pub struct ManagerOptions {
     pub usage_log: Option<PathBuf>,
     /// The gateway's namespace (a label of the usage metrics).
     pub namespace: String,
+    /// Where the usage counts are served to the operator; None: they are not (counted for the
+    /// metrics only).
+    pub usage_endpoint: Option<UsageEndpoint>,
+}
+
+/// The usage endpoint: its address and the directory of the gateway's certificate (`tls.crt`,
+/// `tls.key`, `ca.crt`).
+#[derive(Clone, Debug)]
+pub struct UsageEndpoint {
+    pub addr: SocketAddr,
+    pub cert_dir: PathBuf,
 }
 
 struct ManagerState {
@@ -149,6 +161,12 @@ fn router(state: Arc<ManagerState>) -> Router {
     Router::new()
         .route(READY_PATH, get(ready))
         .route(METRICS_PATH, get(metrics))
+        .with_state(state)
+}
+
+/// The usage endpoint's routes: `GET` [`USAGE_PATH`], `POST` [`USAGE_ACK_PATH`].
+fn usage_router(state: Arc<ManagerState>) -> Router {
+    Router::new()
         .route(USAGE_PATH, get(usage))
         .route(USAGE_ACK_PATH, axum::routing::post(ack))
         .with_state(state)
@@ -195,6 +213,22 @@ pub async fn serve_manager(
         stopping: AtomicBool::new(false),
         logged: AtomicBool::new(false),
     });
+    // The usage endpoint outlives the manager's port: a stopping sidecar waits for the operator
+    // to read and acknowledge its last counts there.
+    let (usage_stop, usage_stopped) = tokio::sync::oneshot::channel::<()>();
+    let usage_server = match opts.usage_endpoint {
+        Some(endpoint) => {
+            let listener = super::tls::TlsListener::bind(endpoint.addr, endpoint.cert_dir).await?;
+            tracing::info!(addr = %endpoint.addr, path = USAGE_PATH, "usage counts served to the operator (mutual TLS)");
+            let served = axum::serve(listener, usage_router(state.clone())).with_graceful_shutdown(
+                async move {
+                    let _ = usage_stopped.await;
+                },
+            );
+            Some(tokio::spawn(async move { served.await }))
+        }
+        None => None,
+    };
     let on_stop = state.clone();
     let counting = opts.usage_log.is_some();
     let served = axum::serve(listener, router(state))
@@ -207,6 +241,10 @@ pub async fn serve_manager(
             }
         })
         .await;
+    let _ = usage_stop.send(());
+    if let Some(server) = usage_server {
+        let _ = server.await;
+    }
     // A last read of the log and a last checkpoint.
     stop_following.store(true, Ordering::SeqCst);
     if let Some(thread) = follower {

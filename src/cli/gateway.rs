@@ -52,6 +52,13 @@ pub struct ShutdownManagerArgs {
     /// The gateway's namespace, a label of the usage metrics.
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     namespace: String,
+    /// Port of the usage endpoint (`/usage`, `/usage/ack`: mutual TLS, the operator only).
+    #[arg(long, default_value_t = llmroute::gateway::objects::USAGE_PORT)]
+    usage_port: u16,
+    /// Directory of the gateway's certificate (`tls.crt`, `tls.key`, `ca.crt`: the xDS Secret)
+    /// the usage endpoint serves with; empty: no usage endpoint (counts only in /metrics).
+    #[arg(long, default_value = llmroute::gateway::objects::XDS_CERT_DIR)]
+    tls_dir: PathBuf,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
     log_level: String,
@@ -96,6 +103,12 @@ pub fn run(command: GatewayCommand) -> ExitCode {
                 ready_timeout,
                 usage_log: (!args.usage_log.as_os_str().is_empty()).then_some(args.usage_log),
                 namespace: args.namespace,
+                usage_endpoint: (!args.tls_dir.as_os_str().is_empty()).then(|| {
+                    server::UsageEndpoint {
+                        addr: std::net::SocketAddr::new(args.address, args.usage_port),
+                        cert_dir: args.tls_dir,
+                    }
+                }),
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             match runtime.block_on(server::serve_manager(opts, shutdown_signal())) {

@@ -19,6 +19,9 @@ pub struct RenderArgs {
     /// Region of routes whose spec has none (lower-case ISO 3166-1 alpha-2).
     #[arg(long, default_value = "us", env = "LLMROUTE_DEFAULT_REGION")]
     default_region: String,
+    /// Namespace the operator runs in (the gateways' NetworkPolicy lets its Pods read usage).
+    #[arg(long, default_value = "llmroute-system")]
+    operator_namespace: String,
     /// Write the gateway's files into DIR (keys as placeholders in DIR/keys) instead of printing objects.
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
@@ -120,6 +123,7 @@ pub fn run(args: RenderArgs) -> ExitCode {
             shutdown_manager_image: args.shutdown_manager_image,
             ..Default::default()
         },
+        operator_namespace: args.operator_namespace,
     };
     let renders = render::translate_offline(&routes, &opts);
     for ns in &renders {

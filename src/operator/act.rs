@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -129,6 +130,18 @@ async fn apply_gateway(ctx: &Context, ns: &str, o: &GatewayObjects) -> Result<()
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     let cur = c.budgets.get(&ObjectRef::new(GATEWAY_NAME).within(ns));
     apply(&budgets, &o.budget, cur.as_deref(), &[], &ctx.writes).await?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let cur = c
+        .network_policies
+        .get(&ObjectRef::new(GATEWAY_NAME).within(ns));
+    apply(
+        &policies,
+        &o.network_policy,
+        cur.as_deref(),
+        &[],
+        &ctx.writes,
+    )
+    .await?;
     Ok(())
 }
 

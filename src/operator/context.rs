@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -28,6 +29,7 @@ pub struct Caches {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub budgets: Store<PodDisruptionBudget>,
+    pub network_policies: Store<NetworkPolicy>,
     /// The gateways' Pods (status only).
     pub pods: Store<Pod>,
     /// The usage ledgers' shards, in the operator's namespace.
@@ -104,6 +106,7 @@ impl Context {
             c.deployments.wait_until_ready(),
             c.services.wait_until_ready(),
             c.budgets.wait_until_ready(),
+            c.network_policies.wait_until_ready(),
             c.pods.wait_until_ready(),
             c.ledgers.wait_until_ready(),
         );

@@ -19,6 +19,7 @@ pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod usage;
+pub mod usage_read;
 pub mod watches;
 pub mod xds;
 
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -264,7 +266,8 @@ pub async fn run(
     tokio::spawn(collector);
     let _readiness = ScopeReadiness::start(&ctx, w.routes_listed);
     let gateway = gateway_trigger(&routes);
-    let (g1, g2, g3, g4, g5) = (
+    let (g1, g2, g3, g4, g5, g6) = (
+        gateway.clone(),
         gateway.clone(),
         gateway.clone(),
         gateway.clone(),
@@ -292,6 +295,9 @@ pub async fn run(
             g4(Some(o.name_any()), o.namespace())
         })
         // Every Pod of the stream is a gateway Pod (label selector), whatever its name.
+        .watches_stream(w.network_policies, move |o: NetworkPolicy| {
+            g6(Some(o.name_any()), o.namespace())
+        })
         .watches_stream(w.pods, move |o: Pod| g5(None, o.namespace()))
         // The ledgers' cache is read by reconciles; the collector says when a ledger changed.
         .watches_stream(w.ledgers, |_: ConfigMap| None::<ObjectRef<LLMRoute>>)

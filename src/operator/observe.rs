@@ -69,7 +69,7 @@ pub fn namespace(
 }
 
 /// The namespace's xDS client certificate: the one in its Secret while it was issued by the current
-/// CA and has more than a third of its life left, else a new one (written by the act phase).
+/// CA for this namespace, serves the usage endpoint and has more than a third of its life left, else a new one (written by the act phase).
 fn certificate(ctx: &Context, ns: &str) -> Result<Pem, Error> {
     let authority = &ctx.xds.authority;
     let now_s = (now_ms() / 1000) as i64;
@@ -81,13 +81,15 @@ fn certificate(ctx: &Context, ns: &str) -> Result<Pem, Error> {
             .get(objects::CERT_NOT_AFTER_ANNOTATION)?
             .parse()
             .ok()?;
-        (text("ca.crt")? == authority.cert_pem && not_after - renew_margin_secs() > now_s).then(
-            || Pem {
-                cert: text("tls.crt").unwrap_or_default(),
+        let cert = text("tls.crt")?;
+        // A certificate of an earlier release cannot serve the usage endpoint: issued again.
+        let serves = authority.serves_gateway(&cert, ns, std::time::SystemTime::now());
+        (text("ca.crt")? == authority.cert_pem && serves && not_after - renew_margin_secs() > now_s)
+            .then(|| Pem {
+                cert,
                 key: text("tls.key").unwrap_or_default(),
                 not_after,
-            },
-        )
+            })
     });
     match reusable {
         Some(p) if !p.cert.is_empty() && !p.key.is_empty() => Ok(p),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference, Time};
 use kube::{Resource, ResourceExt};
@@ -36,6 +37,8 @@ pub struct Settings<'a> {
     pub xds: &'a XdsClient,
     /// The CA bundle providers are verified against, when not the system's.
     pub upstream_ca: Option<&'a str>,
+    /// The operator's namespace (the gateways' NetworkPolicy lets its Pods read usage counts).
+    pub operator_namespace: &'a str,
 }
 
 /// A namespace's facts: its live routes and what they reference, as plain values.
@@ -74,6 +77,7 @@ pub struct GatewayObjects {
     pub deployment: Deployment,
     pub service: Service,
     pub budget: PodDisruptionBudget,
+    pub network_policy: NetworkPolicy,
 }
 
 /// A route's workload side: what its workload reads, and whether its workloads restart on a change.
@@ -359,8 +363,8 @@ fn configuration(
     (snapshot, served)
 }
 
-/// The gateway's objects: its xDS client certificate, bootstrap, Deployment, Service and
-/// PodDisruptionBudget.
+/// The gateway's objects: its xDS client certificate, bootstrap, Deployment, Service,
+/// PodDisruptionBudget and NetworkPolicy.
 fn gateway_objects(
     facts: &NamespaceFacts,
     owners: &[OwnerReference],
@@ -380,6 +384,7 @@ fn gateway_objects(
         ),
         service: objects::service(ns, owners),
         budget: objects::pod_disruption_budget(ns, owners),
+        network_policy: objects::network_policy(ns, settings.operator_namespace, owners),
     }
 }
 
@@ -574,6 +579,7 @@ mod tests {
             deployment,
             xds,
             upstream_ca: None,
+            operator_namespace: "llmroute-system",
         }
     }
 

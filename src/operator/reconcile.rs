@@ -55,6 +55,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
         deployment: &ctx.opts.gateway,
         xds: &ctx.xds.client,
         upstream_ca: ctx.xds.upstream_ca.as_deref(),
+        operator_namespace: &ctx.opts.ledger_namespace,
     };
     // The plan is decided before the first await: a reconcile waits on the API server for most of
     // its time, up to `--reconcile-concurrency` of them at once, holding only the plan meanwhile.

@@ -1,6 +1,6 @@
 //! The leader's usage collector: every `--usage-interval` it reads each connected gateway
-//! replica's cumulative counts (`GET /usage` on its sidecar, at the address the replica gave in
-//! its xDS node metadata), adds what is new to its namespace's ledger (`usage::ledger`), stores
+//! replica's cumulative counts (`GET /usage` on its sidecar over mutual TLS, [`super::usage_read`],
+//! at the address the replica gave in its xDS node metadata), adds what is new to its namespace's ledger (`usage::ledger`), stores
 //! the ledger's changed shards in the operator's own namespace (ConfigMaps
 //! `llmroute-usage-<namespace>-<shard>`, out of tenants' reach) and asks for the namespace to be
 //! reconciled (status usage, budgets). Why the counts live there: docs/design/usage.md.
@@ -79,14 +79,10 @@ pub async fn collect(
     if interval.is_zero() {
         return;
     }
-    let http = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .no_proxy()
-        .build()
-    {
-        Ok(c) => c,
+    let reader = match super::usage_read::UsageReader::new(ctx.xds.authority.clone()) {
+        Ok(r) => Arc::new(r),
         Err(e) => {
-            warn!(error = %e, "cannot build the usage collector's HTTP client: budgets are not enforced");
+            warn!(error = %e, "cannot issue the usage reader's client certificate: budgets are not enforced");
             return;
         }
     };
@@ -123,9 +119,9 @@ pub async fn collect(
         connected = now;
         let sources: Vec<_> = connected.iter().chain(leaving.keys()).cloned().collect();
         let reads = futures::future::join_all(sources.into_iter().map(|source| {
-            let http = http.clone();
+            let reader = reader.clone();
             async move {
-                let report = read(&http, source.2).await;
+                let report = reader.read(&source.0, source.2).await;
                 (source, report)
             }
         }))
@@ -149,9 +145,7 @@ pub async fn collect(
                             since_ms: now_ms(),
                             what: format!(
                                 "the counts of gateway Pod {} ({}) cannot be read: {}",
-                                source.1,
-                                source.2,
-                                error_chain(&e)
+                                source.1, source.2, e
                             ),
                         });
                         ctx.opts.metrics.usage_read_errors(&source.0);
@@ -194,7 +188,9 @@ pub async fn collect(
             };
             // Stored (or nothing new): the replicas may let go of what they counted.
             for (addr, boot, seq) in readers.remove(&ns).unwrap_or_default() {
-                acknowledge(&http, addr, &boot, seq).await;
+                if let Err(e) = reader.acknowledge(&ns, addr, &boot, seq).await {
+                    debug!(%addr, error = %e, "usage counts stored but not acknowledged; again next round");
+                }
             }
             if let Some(stored) = stored {
                 ctx.usage.set(&ns, Some(stored));
@@ -214,18 +210,6 @@ pub async fn collect(
 struct Failure {
     since_ms: u64,
     what: String,
-}
-
-/// A failure and what caused it, in one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Marks each namespace's usage unknown while something it depends on has failed for two
@@ -336,26 +320,6 @@ async fn sweep(ctx: &Context, held: &mut HashMap<String, Shards>) {
         held.remove(ns);
         ctx.usage.set(ns, None);
     }
-}
-
-/// Tells a replica's sidecar that its counts of `boot` up to `seq` answers are stored (a failure is
-/// only logged: the next round acknowledges again).
-async fn acknowledge(http: &reqwest::Client, addr: SocketAddr, boot: &str, seq: u64) {
-    let url = format!("http://{addr}{}", objects::USAGE_ACK_PATH);
-    let body = serde_json::json!({ "boot": boot, "seq": seq });
-    let sent = http.post(url).json(&body).send().await;
-    if let Err(e) = sent.and_then(|r| r.error_for_status()) {
-        debug!(%addr, error = %e, "usage counts stored but not acknowledged; again next round");
-    }
-}
-
-async fn read(http: &reqwest::Client, addr: SocketAddr) -> Result<Report, reqwest::Error> {
-    http.get(format!("http://{addr}{}", objects::USAGE_PATH))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await
 }
 
 /// Adds `reports` to `ns`'s ledger and stores the shards that changed. Returns the route totals

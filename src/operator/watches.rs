@@ -6,6 +6,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -33,6 +34,7 @@ pub struct Watches {
     pub deployments: Changes<Deployment>,
     pub services: Changes<Service>,
     pub budgets: Changes<PodDisruptionBudget>,
+    pub network_policies: Changes<NetworkPolicy>,
     pub pods: Changes<Pod>,
     /// Polled to keep the ledgers' cache current; not a trigger.
     pub ledgers: Changes<ConfigMap>,
@@ -95,6 +97,8 @@ pub fn start(client: &Client, namespace: &Option<String>, ledger_namespace: &str
     let (deployments, dep_changes) = cached(client, namespace, managed(), drop_managed_fields);
     let (services, svc_changes) = cached(client, namespace, managed(), drop_managed_fields);
     let (budgets, pdb_changes) = cached(client, namespace, managed(), drop_managed_fields);
+    let (network_policies, netpol_changes) =
+        cached(client, namespace, managed(), drop_managed_fields);
     // The gateway's Pods: what keeps them from running goes into the routes' status.
     let pods_cfg =
         watcher::Config::default().labels(&format!("app.kubernetes.io/name={GATEWAY_NAME}"));
@@ -119,6 +123,7 @@ pub fn start(client: &Client, namespace: &Option<String>, ledger_namespace: &str
             deployments,
             services,
             budgets,
+            network_policies,
             pods,
             ledgers,
         },
@@ -130,6 +135,7 @@ pub fn start(client: &Client, namespace: &Option<String>, ledger_namespace: &str
         deployments: dep_changes,
         services: svc_changes,
         budgets: pdb_changes,
+        network_policies: netpol_changes,
         pods: pod_changes,
         ledgers: ledger_changes,
     }

@@ -4,6 +4,11 @@
 //! a server certificate for the address gateways dial. The server trusts only client certificates
 //! of that CA and serves a stream only the configuration of the namespace its certificate names, so
 //! one namespace's gateway can never read another namespace's provider keys.
+//!
+//! The same CA authenticates the other direction, the operator leader reading a gateway Pod's usage
+//! counts (the sidecar's `/usage`): the gateway's certificate also serves that endpoint (it is
+//! issued for both client and server use), and the leader presents a client certificate naming
+//! [`OPERATOR_IDENTITY`], the only client the sidecar answers.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -38,6 +43,10 @@ fn err(e: impl std::fmt::Display) -> TlsError {
 pub fn gateway_identity(ns: &str) -> String {
     format!("llmroute-gateway.{ns}.svc")
 }
+
+/// The name the operator's client certificate carries (reading gateways' usage counts). No
+/// gateway's name can equal it: those all begin with `llmroute-gateway.`.
+pub const OPERATOR_IDENTITY: &str = "llmroute-operator.llmroute.io";
 
 /// A certificate and its private key, PEM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,15 +132,82 @@ impl Authority {
         })
     }
 
-    /// The client certificate of namespace `ns`'s gateway.
+    /// The certificate of namespace `ns`'s gateway: its client certificate for xDS, and the
+    /// server certificate of its sidecar's usage endpoint.
     pub fn issue_gateway(&self, ns: &str, now: SystemTime) -> Result<Pem, TlsError> {
         let mut params = CertificateParams::new(vec![gateway_identity(ns)]).map_err(err)?;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::CommonName, gateway_identity(ns));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         self.issue(&mut params, now, CLIENT_VALIDITY)
+    }
+
+    /// The operator's client certificate ([`OPERATOR_IDENTITY`]): what gateways' sidecars answer
+    /// usage reads from.
+    pub fn issue_operator(&self, now: SystemTime) -> Result<Pem, TlsError> {
+        let mut params =
+            CertificateParams::new(vec![OPERATOR_IDENTITY.to_string()]).map_err(err)?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, OPERATOR_IDENTITY);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(&mut params, now, SERVER_VALIDITY)
+    }
+
+    /// Whether `pem` is a gateway certificate this CA issued for namespace `ns` that can serve
+    /// the usage endpoint, valid at `now` (certificates of earlier releases were for clients only).
+    pub fn serves_gateway(&self, pem: &str, ns: &str, now: SystemTime) -> bool {
+        let Ok(leaf) = rustls_pemfile_cert(pem) else {
+            return false;
+        };
+        let Ok(verifier) = self.server_verifier() else {
+            return false;
+        };
+        let Ok(name) = ServerName::try_from(gateway_identity(ns)) else {
+            return false;
+        };
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            epoch_seconds(now).max(0) as u64,
+        ));
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], at)
+            .is_ok()
+    }
+
+    fn server_verifier(&self) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pemfile_cert(&self.cert_pem)?)
+            .map_err(err)?;
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(err)
+    }
+
+    /// The operator's TLS client configuration for reading usage: `operator` (from
+    /// [`Authority::issue_operator`]) as its client certificate; servers verified against this CA
+    /// (the caller names the gateway it expects, [`gateway_identity`]). HTTP/1.1.
+    pub fn usage_client_config(&self, operator: &Pem) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = private_key(&operator.key)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(err)?
+            .with_webpki_verifier(self.server_verifier()?)
+            .with_client_auth_cert(vec![rustls_pemfile_cert(&operator.cert)?], key)
+            .map_err(err)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
     }
 
     /// The serving certificate for the host gateways dial (a DNS name or an IP address).
@@ -165,9 +241,7 @@ impl Authority {
         )
         .build()
         .map_err(err)?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            KeyPair::from_pem(&server.key).map_err(err)?.serialize_der(),
-        ));
+        let key = private_key(&server.key)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(err)?
@@ -179,6 +253,41 @@ impl Authority {
     }
 }
 
+/// The TLS configuration of a gateway sidecar's usage endpoint: the gateway's certificate and key
+/// (`cert_pem`, `key_pem`), client certificates required and verified against the CA (`ca_pem`);
+/// HTTP/1.1. Which client may read is checked after the handshake ([`certifies`] with
+/// [`OPERATOR_IDENTITY`]).
+pub fn usage_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pemfile_cert(ca_pem)?).map_err(err)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(err)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![rustls_pemfile_cert(cert_pem)?], private_key(key_pem)?)
+        .map_err(err)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A PEM private key (PKCS#8, as rcgen writes them).
+fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        KeyPair::from_pem(pem).map_err(err)?.serialize_der(),
+    )))
+}
+
 /// The DER of the first certificate of a PEM text.
 fn rustls_pemfile_cert(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
     use rustls::pki_types::pem::PemObject;
@@ -188,10 +297,15 @@ fn rustls_pemfile_cert(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
 /// Whether a client certificate (already verified against the CA by the TLS handshake) names the
 /// gateway of namespace `ns`.
 pub fn certifies_namespace(peer: &CertificateDer<'_>, ns: &str) -> bool {
+    certifies(peer, &gateway_identity(ns))
+}
+
+/// Whether a certificate (already verified against the CA by the TLS handshake) names `identity`.
+pub fn certifies(peer: &CertificateDer<'_>, identity: &str) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(peer) else {
         return false;
     };
-    let Ok(name) = ServerName::try_from(gateway_identity(ns)) else {
+    let Ok(name) = ServerName::try_from(identity.to_string()) else {
         return false;
     };
     cert.verify_is_valid_for_subject_name(&name).is_ok()
@@ -253,6 +367,33 @@ mod tests {
                 )
                 .unwrap_or_else(|e| panic!("{host}: {e}"));
         }
+    }
+
+    #[test]
+    fn gateway_certificates_serve_usage_and_only_the_operator_reads_it() {
+        let now = SystemTime::now();
+        let ca = Authority::generate(now).unwrap();
+        let gateway = ca.issue_gateway("team-a", now).unwrap();
+        assert!(ca.serves_gateway(&gateway.cert, "team-a", now));
+        assert!(!ca.serves_gateway(&gateway.cert, "team-b", now));
+        let later = now + CLIENT_VALIDITY + Duration::from_secs(3600);
+        assert!(!ca.serves_gateway(&gateway.cert, "team-a", later));
+        // Another CA's gateway certificate does not serve.
+        let other = Authority::generate(now).unwrap();
+        assert!(!ca.serves_gateway(
+            &other.issue_gateway("team-a", now).unwrap().cert,
+            "team-a",
+            now
+        ));
+        // The operator's certificate names the operator, and no gateway does.
+        let operator = ca.issue_operator(now).unwrap();
+        let der = rustls_pemfile_cert(&operator.cert).unwrap();
+        assert!(certifies(&der, OPERATOR_IDENTITY));
+        assert!(!certifies_namespace(&der, "llmroute-operator"));
+        let gw = rustls_pemfile_cert(&gateway.cert).unwrap();
+        assert!(!certifies(&gw, OPERATOR_IDENTITY));
+        ca.usage_client_config(&operator).unwrap();
+        usage_server_config(&gateway.cert, &gateway.key, &ca.cert_pem).unwrap();
     }
 
     #[test]

@@ -149,6 +149,12 @@ impl Stack {
         let child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
             .args(["gateway", "shutdown-manager", "--address=127.0.0.1"])
             .arg(format!("--port={}", ports.sidecar_port))
+            .arg(format!("--usage-port={}", ports.usage_port))
+            // The gateway's certificate, where the replica's files are (see `HostGateway`).
+            .arg(format!(
+                "--tls-dir={}",
+                self.gateway.dir.path().join("xds").display()
+            ))
             .arg(format!("--usage-log={}", ports.usage_log))
             .arg(format!("--namespace={}", self.ns.name))
             .arg(format!("--state-dir={}", d.join("shutdown").display()))
@@ -175,23 +181,28 @@ impl Stack {
         }
     }
 
-    /// The sidecar's `/usage`, once it answers.
+    /// The sidecar's `/usage`, once it answers, read as the operator reads it (mutual TLS with a
+    /// client certificate of the namespace's xDS CA).
     pub async fn sidecar_usage(&self) -> llmroute::usage::ledger::Report {
-        let url = format!("http://127.0.0.1:{}/usage", self.gateway.ports.sidecar_port);
+        let reader = llmroute::operator::usage_read::UsageReader::new(std::sync::Arc::new(
+            self.xds_authority().await,
+        ))
+        .unwrap();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], self.gateway.ports.usage_port).into();
         eventually(Duration::from_secs(10), "the sidecar's /usage", || {
-            let url = url.clone();
-            async move {
-                llmroute_devkit::tls::http_client()
-                    .get(url)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()
-            }
+            let reader = &reader;
+            async move { reader.read(&self.ns.name, addr).await.ok() }
         })
         .await
+    }
+
+    /// The operator's xDS CA (the Secret `llmroute-xds-ca` of the test's namespace).
+    pub async fn xds_authority(&self) -> llmroute::xds::tls::Authority {
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), &self.ns.name);
+        let data = secrets.get("llmroute-xds-ca").await.unwrap().data.unwrap();
+        let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+        llmroute::xds::tls::Authority::from_pem(&text("ca.crt"), &text("ca.key")).unwrap()
     }
 
     /// The sidecar's `/metrics` (empty when it does not answer).

@@ -25,9 +25,11 @@ pub struct GatewayPorts {
     pub usage_log: String,
     /// The usage log's directory, removed when the last copy of these ports goes.
     _usage_dir: std::sync::Arc<tempfile::TempDir>,
-    /// Where the replica's sidecar serves (its usage counts at `/usage`), as its Envoy tells the
-    /// operator in its node metadata.
+    /// Where the replica's sidecar serves (`/metrics`, `/shutdown/ready`).
     pub sidecar_port: u16,
+    /// Where its sidecar serves the usage counts (`/usage`, mutual TLS), as its Envoy tells the
+    /// operator in its node metadata.
+    pub usage_port: u16,
 }
 
 impl GatewayPorts {
@@ -40,6 +42,7 @@ impl GatewayPorts {
             usage_log: dir.path().join("access.log").display().to_string(),
             _usage_dir: std::sync::Arc::new(dir),
             sidecar_port: free_port(),
+            usage_port: free_port(),
         }
     }
 
@@ -186,7 +189,7 @@ pub async fn start(
         "--service-node".into(),
         node.to_string(),
         "--config-yaml".into(),
-        llmroute::gateway::objects::usage_address_overlay("127.0.0.1", ports.sidecar_port),
+        llmroute::gateway::objects::usage_address_overlay("127.0.0.1", ports.usage_port),
         llmroute::gateway::objects::ACCESS_LOG_FLUSH_FLAG.into(),
         llmroute::gateway::objects::ACCESS_LOG_FLUSH_MS.to_string(),
     ];

@@ -1,6 +1,6 @@
 //! Gateway IR → the Kubernetes objects the operator applies in a namespace: the ConfigMap with
 //! Envoy's bootstrap, the Secret with the gateway's xDS client certificate, the gateway Deployment,
-//! Service and PodDisruptionBudget, and one workload Secret per route. The configuration itself
+//! Service, PodDisruptionBudget and NetworkPolicy, and one workload Secret per route. The configuration itself
 //! (and every key) reaches the gateway over xDS, not through these objects. Pure: certificates and
 //! key material come in as data.
 
@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -50,6 +54,8 @@ pub const MAX_DRAIN_SECONDS: i64 = 300;
 pub const TERMINATION_GRACE_SECONDS: i64 = MAX_DRAIN_SECONDS + 30;
 /// Port of the shutdown manager (also the Pod's usage metrics, `/metrics`).
 pub const SHUTDOWN_MANAGER_PORT: u16 = 19002;
+/// Port of the sidecar's usage endpoint (`/usage`, `/usage/ack`; mutual TLS, the operator only).
+pub const USAGE_PORT: u16 = 19004;
 /// Envoy's flag of how often it writes its access log out, and the value the gateway gets: every
 /// second (Envoy's default is 10 s; there is no bootstrap field for it). The Pod's sidecar counts
 /// usage from the log (`crate::usage::log`): budgets, and a stopping sidecar's last read, should not
@@ -276,6 +282,76 @@ pub fn pod_disruption_budget(namespace: &str, owners: &[OwnerReference]) -> PodD
     }
 }
 
+/// The labels of the operator's Pods (deploy/ and the Helm chart give them both).
+pub fn operator_pod_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "llmroute".to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "operator".to_string(),
+        ),
+    ])
+}
+
+/// The gateway's NetworkPolicy: what its Pods need and nothing of the usage endpoint for anyone
+/// else. Ingress: the listener (`http`), Envoy's health and metrics port (`metrics`) and the
+/// sidecar's metrics and drain port (`shutdown`) from anywhere, as without a policy; the usage
+/// endpoint (`usage`, already mutual TLS) only from the operator's Pods in `operator_namespace`.
+/// Egress: anywhere (the providers a route names, DNS, the operator's xDS server), so a
+/// default-deny egress policy of the namespace does not cut the gateway off. Ports by name, so
+/// `--gateway-port` and friends need no change here.
+pub fn network_policy(
+    namespace: &str,
+    operator_namespace: &str,
+    owners: &[OwnerReference],
+) -> NetworkPolicy {
+    let ports = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| NetworkPolicyPort {
+                port: Some(IntOrString::String(n.to_string())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    let operator = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                operator_namespace.to_string(),
+            )])),
+            ..Default::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(operator_pod_labels()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: meta(GATEWAY_NAME, namespace, owners),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(ports(&["http", "metrics", "shutdown"])),
+                    from: None,
+                },
+                NetworkPolicyIngressRule {
+                    ports: Some(ports(&["usage"])),
+                    from: Some(vec![operator]),
+                },
+            ]),
+            egress: Some(vec![NetworkPolicyEgressRule::default()]),
+        }),
+    }
+}
+
 /// The gateway Service (port 8080).
 pub fn service(namespace: &str, owners: &[OwnerReference]) -> Service {
     Service {
@@ -424,4 +500,53 @@ pub fn selector_string(
         });
     }
     parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gateway's NetworkPolicy keeps open what was open (the listener, the metrics and drain
+    /// ports, every egress) and admits only the operator's Pods of its namespace to the usage port.
+    #[test]
+    fn the_usage_port_admits_the_operator_only() {
+        let policy = network_policy("team-a", "llmroute-system", &[]);
+        let spec = policy.spec.unwrap();
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels,
+            Some(selector_labels())
+        );
+        let rules = spec.ingress.unwrap();
+        let names = |rule: &NetworkPolicyIngressRule| -> Vec<String> {
+            rule.ports
+                .iter()
+                .flatten()
+                .map(|p| match p.port.as_ref().unwrap() {
+                    IntOrString::String(s) => s.clone(),
+                    IntOrString::Int(i) => i.to_string(),
+                })
+                .collect()
+        };
+        let open: Vec<_> = rules.iter().filter(|r| r.from.is_none()).collect();
+        assert_eq!(open.len(), 1);
+        assert_eq!(names(open[0]), ["http", "metrics", "shutdown"]);
+        let usage: Vec<_> = rules
+            .iter()
+            .filter(|r| names(r).contains(&"usage".to_string()))
+            .collect();
+        assert_eq!(usage.len(), 1);
+        let from = usage[0].from.as_ref().unwrap();
+        assert_eq!(from.len(), 1);
+        let ns = from[0].namespace_selector.as_ref().unwrap();
+        assert_eq!(
+            ns.match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"],
+            "llmroute-system"
+        );
+        assert_eq!(
+            from[0].pod_selector.as_ref().unwrap().match_labels,
+            Some(operator_pod_labels())
+        );
+        // Every egress: providers wherever routes say, DNS, the xDS server.
+        assert_eq!(spec.egress.unwrap(), [NetworkPolicyEgressRule::default()]);
+    }
 }

@@ -21,8 +21,8 @@ use super::{
     ACCESS_LOG_FLUSH_FLAG, ACCESS_LOG_FLUSH_MS, CERT_NOT_AFTER_ANNOTATION, CONFIG_DIR,
     GATEWAY_NAME, GatewayDeploymentOptions, MAX_DRAIN_SECONDS, MIN_DRAIN_SECONDS, MODULES_DIR,
     SHUTDOWN_MANAGER_PORT, SHUTDOWN_READY_PATH, SHUTDOWN_STATE_DIR, TERMINATION_GRACE_SECONDS,
-    USAGE_LOG_DIR, XDS_CERT_DIR, XDS_SECRET_NAME, gateway_labels, meta, quantity, selector_labels,
-    usage_address_overlay,
+    USAGE_LOG_DIR, USAGE_PORT, XDS_CERT_DIR, XDS_SECRET_NAME, gateway_labels, meta, quantity,
+    selector_labels, usage_address_overlay,
 };
 
 /// The gateway Deployment: Envoy started from the bootstrap in the ConfigMap, with the xDS client
@@ -200,7 +200,7 @@ fn envoy_args() -> Vec<String> {
         // Merged into the bootstrap's node metadata: where the operator reads this replica's usage
         // counts (the sidecar's port on the Pod's IP), for budgets.
         "--config-yaml",
-        &usage_address_overlay("$(POD_IP)", SHUTDOWN_MANAGER_PORT),
+        &usage_address_overlay("$(POD_IP)", USAGE_PORT),
         "--log-level",
         "info",
         "--disable-hot-restart",
@@ -257,10 +257,17 @@ fn sidecar_container(envoy: &EnvoyOptions, opts: &GatewayDeploymentOptions) -> C
             &format!("{}s", MAX_DRAIN_SECONDS + 10),
             "--usage-log",
             &envoy.usage_log,
+            "--usage-port",
+            &USAGE_PORT.to_string(),
+            "--tls-dir",
+            XDS_CERT_DIR,
         ])),
         // The gateway's namespace labels its usage metrics.
         env: Some(vec![field_env("POD_NAMESPACE", "metadata.namespace")]),
-        ports: Some(vec![port("shutdown", SHUTDOWN_MANAGER_PORT)]),
+        ports: Some(vec![
+            port("shutdown", SHUTDOWN_MANAGER_PORT),
+            port("usage", USAGE_PORT),
+        ]),
         // Drains Envoy, then lets the manager answer Envoy's preStop.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
@@ -287,6 +294,8 @@ fn sidecar_container(envoy: &EnvoyOptions, opts: &GatewayDeploymentOptions) -> C
         volume_mounts: Some(vec![
             mount("shutdown-state", SHUTDOWN_STATE_DIR, false),
             mount("usage-log", USAGE_LOG_DIR, false),
+            // Its certificate serves the usage endpoint.
+            mount("xds-certificate", XDS_CERT_DIR, true),
         ]),
         ..Default::default()
     }
