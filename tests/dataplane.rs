@@ -1075,6 +1075,71 @@ async fn a_shanghai_day_budget_resets_at_local_midnight() {
     assert!(after.tokens < 40, "counts started again: {after:?}");
 }
 
+/// A gateway Pod killed outright (Envoy and its sidecar SIGKILLed, its emptyDir gone: no drain, no
+/// last read) loses from the ledger only what it served after the leader's last read of it: at most
+/// one usage interval (1 s here), the access log's 1 s flush and the sidecar's 0.2 s poll of it. Traffic runs until the kill; the
+/// test prints what was lost and checks it against the tokens served in that window before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_outright_loses_at_most_its_last_interval() {
+    let mut s = Stack::start("dp-kill", "us").await;
+    s.start_sidecar();
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
+    s.ns.apply(&route("counted", "", &backends));
+    let w = s.serve("counted").await;
+    let body = serde_json::json!({
+        "model": "chat",
+        "messages": [{ "role": "user", "content": vec!["word"; 20].join(" ") }],
+    });
+    // Traffic for 4 s, every answer's completion time and the tokens served by then.
+    let mut served: Vec<(Instant, u64)> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let r = w.chat_json(&body).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+        served.push((Instant::now(), zhipu.usage_sent().total()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.kill_gateway_pod();
+    let killed = Instant::now();
+    let total = zhipu.usage_sent().total();
+
+    // The leader reads a replica that left a few more times, then the ledger stays as it is.
+    let routes = s.routes();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let counted = routes
+        .get("counted")
+        .await
+        .unwrap()
+        .status
+        .and_then(|st| st.usage)
+        .map_or(0, |u| u.tokens);
+    let lost = total - counted;
+    // The bound: what was served in the last interval, the access log's flush and the sidecar's
+    // poll of the log before the kill, and a margin for the read itself (on a loaded machine).
+    let window = Duration::from_millis(1000 + 1000 + 200 + 800);
+    let before_window = served
+        .iter()
+        .rev()
+        .find(|(at, _)| killed.duration_since(*at) > window)
+        .map_or(0, |(_, tokens)| *tokens);
+    let bound = total - before_window;
+    println!(
+        "served {total} tokens in {} answers; counted {counted}; lost {lost} (bound: the {bound} \
+         tokens served in the {:.1} s before the kill)",
+        served.len(),
+        window.as_secs_f64()
+    );
+    assert!(counted > 0, "nothing was counted before the kill");
+    assert!(
+        lost <= bound,
+        "lost {lost} tokens, more than the {bound} served in the last interval and flush"
+    );
+}
+
 /// Budgets, counted across operator and sidecar restarts. A free-tier backend serves until its own
 /// budget is used, then the paid one serves; the counts in status equal what the providers
 /// reported, exactly, after a new leader and a restarted sidecar; once the route's own budget is

@@ -181,6 +181,20 @@ impl Stack {
         }
     }
 
+    /// The gateway Pod killed outright: Envoy and the sidecar get SIGKILL and the Pod's emptyDir
+    /// (the usage log and the sidecar's checkpoint) goes with them.
+    pub fn kill_gateway_pod(&mut self) {
+        self.envoy = None;
+        self.kill_sidecar();
+        let dir = std::path::Path::new(&self.gateway.ports.usage_log)
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+    }
+
     /// The sidecar's `/usage`, once it answers, read as the operator reads it (mutual TLS with a
     /// client certificate of the namespace's xDS CA).
     pub async fn sidecar_usage(&self) -> llmroute::usage::ledger::Report {
