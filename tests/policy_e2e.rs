@@ -556,3 +556,49 @@ async fn direct_mode_switches_the_secret_and_restarts_the_selected_workloads() {
             .any(|(r, _)| r == "WorkloadRestarted")
     );
 }
+
+/// Deleting a namespace's last route stops its probes at once (each one spends the provider key's
+/// money, and nothing would stop them until the operator restarts) and withdraws its gateway
+/// configuration from the xDS server (the operator's `llmroute_probe_targets` falls to 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_route_s_deletion_stops_its_probes() {
+    let s = Stack::start("pol-gone", "us").await;
+    let (primary, backup) = two_providers(&s).await;
+    let policy = "    healthCheck: { interval: 500ms, timeout: 2s }\n";
+    s.ns.apply(&route("chat", policy, &primary, &backup, ""));
+    let probes = || primary.requests().len() + backup.requests().len();
+    eventually(Duration::from_secs(20), "both backends probed", || async {
+        (!primary.requests().is_empty() && !backup.requests().is_empty()).then_some(())
+    })
+    .await;
+    let targets = || async {
+        let text = s.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("llmroute_probe_targets "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(targets().await, Some(2));
+
+    s.routes()
+        .delete("chat", &Default::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "no probe target left", || async {
+        (targets().await == Some(0)).then_some(())
+    })
+    .await;
+    let after_deletion = probes();
+    // Six intervals: a probe still scheduled would have run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        probes(),
+        after_deletion,
+        "a deleted route's backends are still probed"
+    );
+    assert!(
+        s.operator_log()
+            .contains("the namespace's last route is gone"),
+        "{}",
+        s.operator_log()
+    );
+}

@@ -147,6 +147,16 @@ impl Context {
 
     /// What the operator keeps in memory per route (metric series, the route key read or
     /// generated) goes with the route.
+    /// `ns` has no route left: nothing of it is probed (a probe spends the provider key's money)
+    /// or served over xDS any more, and its route keys are forgotten. Its gateway objects are owned
+    /// by the routes: the garbage collector removes them; its usage ledger goes with the collector's
+    /// next sweep.
+    pub(super) fn forget_namespace(&self, ns: &str) {
+        self.prober.sync_namespace(ns, Vec::new());
+        self.xds.server.remove(ns);
+        self.forget_deleted_routes(ns, &[]);
+    }
+
     pub(super) fn forget_deleted_routes(&self, ns: &str, routes: &[Arc<LLMRoute>]) {
         let names: BTreeSet<String> = routes.iter().map(|r| r.name_any()).collect();
         self.opts.metrics.retain_routes(ns, &names);

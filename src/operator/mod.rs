@@ -146,6 +146,36 @@ fn namespace_triggers(
     .filter_map(move |ns| std::future::ready(namespace_ref(&routes, &ns)))
 }
 
+/// A deleted route's namespace is reconciled through another of its routes; when none is left,
+/// nothing can be reconciled (the controller reconciles only routes it holds) and the namespace is
+/// forgotten here: its probes stop and its configuration leaves the xDS server.
+fn deletion_triggers(
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    routes: Store<LLMRoute>,
+    ctx: Arc<Context>,
+) -> impl futures::Stream<Item = ObjectRef<LLMRoute>> + Send + 'static {
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|ns| (ns, rx)) },
+    )
+    .filter_map(move |ns| {
+        let next = namespace_ref(&routes, &ns);
+        if next.is_none() {
+            // After a reconcile still running for it (it would hand the prober its targets again).
+            let (ctx, routes) = (ctx.clone(), routes.clone());
+            tokio::spawn(async move {
+                let lock = ctx.namespace_lock(&ns);
+                let _guard = lock.lock().await;
+                if namespace_ref(&routes, &ns).is_none() {
+                    info!(namespace = %ns, "the namespace's last route is gone: its probes stop and its gateway configuration is withdrawn");
+                    ctx.forget_namespace(&ns);
+                }
+            });
+        }
+        std::future::ready(next)
+    })
+}
+
 /// A gateway object (or any gateway Pod: `name` None) stands for its namespace.
 fn gateway_trigger(
     routes: &Store<LLMRoute>,
@@ -279,7 +309,7 @@ pub async fn run(
         // acknowledged, rejected), a deleted route, new usage counts: any route stands for all.
         .reconcile_on(namespace_triggers(probed, routes.clone()))
         .reconcile_on(namespace_triggers(gateway_events, routes.clone()))
-        .reconcile_on(namespace_triggers(w.deleted, routes.clone()))
+        .reconcile_on(deletion_triggers(w.deleted, routes.clone(), ctx.clone()))
         .reconcile_on(namespace_triggers(usage_rx, routes.clone()))
         .watches_stream(w.secrets, secret_trigger(&routes))
         .watches_stream(w.config_maps, move |o: ConfigMap| {

@@ -45,7 +45,7 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     let routes = observe::routes(ctx, ns);
     ctx.forget_deleted_routes(ns, &routes);
     if routes.is_empty() {
-        // The gateway objects are owned by the routes: the garbage collector removes them.
+        ctx.forget_namespace(ns);
         return Ok(Action::await_change());
     }
     let facts = observe::namespace(ctx, ns, routes.clone())?;
