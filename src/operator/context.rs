@@ -52,6 +52,8 @@ pub struct Context {
     synced: tokio::sync::watch::Sender<bool>,
     /// One reconciliation per namespace at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Reconciles failed in a row, by namespace (the retry backs off).
+    failures: Mutex<HashMap<String, u32>>,
     /// Route keys generated or read, by (namespace, route uid).
     route_keys: Mutex<HashMap<(String, String), String>>,
 }
@@ -77,6 +79,7 @@ impl Context {
             usage: Default::default(),
             synced: tokio::sync::watch::Sender::new(false),
             locks: Mutex::default(),
+            failures: Default::default(),
             route_keys: Mutex::default(),
         }
     }
@@ -111,6 +114,18 @@ impl Context {
             c.ledgers.wait_until_ready(),
         );
         self.synced.send_replace(true);
+    }
+
+    /// Counts a failed reconcile of `ns` (Ok) or forgets its failures: how many in a row now.
+    pub(super) fn record_outcome(&self, ns: &str, ok: bool) -> u32 {
+        let mut failures = self.failures.lock().expect("failure counts");
+        if ok {
+            failures.remove(ns);
+            return 0;
+        }
+        let n = failures.entry(ns.to_string()).or_default();
+        *n = n.saturating_add(1);
+        *n
     }
 
     pub(super) fn namespace_lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -25,6 +25,9 @@ pub async fn reconcile(route: Arc<LLMRoute>, ctx: Arc<Context>) -> Result<Action
     let _guard = lock.lock().await;
     let started = Instant::now();
     let result = reconcile_namespace(&ns, &ctx).await;
+    if result.is_ok() {
+        ctx.record_outcome(&ns, true);
+    }
     let m = &ctx.opts.metrics;
     m.reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -64,8 +67,9 @@ async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(next))
 }
 
-/// Retry failed reconciliations with a short delay (conflicts, transient API errors).
-pub fn error_policy(route: Arc<LLMRoute>, error: &Error, _ctx: Arc<Context>) -> Action {
+/// Retry failed reconciliations (conflicts, transient API errors, a webhook or quota refusing a
+/// write), backing off per namespace while they keep failing ([`retry_delay`]).
+pub fn error_policy(route: Arc<LLMRoute>, error: &Error, ctx: Arc<Context>) -> Action {
     // A namespace being deleted takes its routes with it: nothing to retry.
     if let Error::Kube(kube::Error::Api(status)) = error
         && status.code == 403
@@ -74,6 +78,37 @@ pub fn error_policy(route: Arc<LLMRoute>, error: &Error, _ctx: Arc<Context>) -> 
         tracing::debug!(route = %route.name_any(), "namespace is terminating; not retrying");
         return Action::await_change();
     }
-    warn!(route = %route.name_any(), namespace = %route.namespace().unwrap_or_default(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+    let ns = route.namespace().unwrap_or_default();
+    let failures = ctx.record_outcome(&ns, false);
+    let delay = retry_delay(failures, rand::random());
+    warn!(route = %route.name_any(), namespace = %ns, %error, failures, retry_in_s = delay.as_secs_f64(), "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// The first retry after 2 s, each next one twice as late, at most 5 minutes; up to a quarter
+/// less at random (`jitter` in [0, 1)), so that namespaces failing together do not retry together.
+pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
+    const FIRST: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(300);
+    let exponent = failures.saturating_sub(1).min(16);
+    let full = FIRST.saturating_mul(1 << exponent).min(MAX);
+    full.mul_f64(1.0 - 0.25 * jitter.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_five_minutes_with_jitter() {
+        let secs = |n, j| retry_delay(n, j).as_secs_f64();
+        assert_eq!(secs(1, 0.0), 2.0);
+        assert_eq!(secs(2, 0.0), 4.0);
+        assert_eq!(secs(5, 0.0), 32.0);
+        assert_eq!(secs(9, 0.0), 300.0);
+        assert_eq!(secs(u32::MAX, 0.0), 300.0);
+        assert!((secs(1, 0.999_999) - 1.5).abs() < 1e-3);
+        assert!((secs(9, 0.5) - 262.5).abs() < 1e-6);
+        assert_eq!(secs(0, 0.0), 2.0);
+    }
 }
