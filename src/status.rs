@@ -19,6 +19,8 @@ pub const DEGRADED: &str = "Degraded";
 /// On routes with a budget: True while their usage is not counted (a gateway replica's counts
 /// unread, or the ledger unstored, for two usage intervals), naming what and why.
 pub const USAGE_STALE: &str = "UsageStale";
+/// `Ready=False` and `Degraded=True` reason: every backend that may serve fails its health checks.
+pub const NO_HEALTHY_BACKEND: &str = "NoHealthyBackend";
 /// kstatus' abnormal-true condition: present (True) only while the route cannot become Ready without
 /// a change by its owner, so that Flux and `kstatus` report it Failed instead of waiting.
 pub const STALLED: &str = "Stalled";
@@ -342,6 +344,37 @@ pub fn route_status(
                         false,
                         outcome.decision.over_budget_reason,
                         format!("the {why}: the gateway answers its requests with 429"),
+                        generation,
+                        &now,
+                    ));
+                    status.active_backend = Some(active.clone());
+                    status.endpoint = Some(endpoint.clone());
+                }
+                (Ok(_), Some(active))
+                    if let Some((verdict, failing)) = outcome
+                        .decision
+                        .active()
+                        .and_then(|v| Some((v, v.demoted.as_ref()?))) =>
+                {
+                    // Every backend that may serve fails its health checks: the gateway still
+                    // tries them in order, but nothing says a request will be answered.
+                    let message = format!(
+                        "no backend passes its health checks; the gateway still tries them in order, first {active:?} ({}, {}: {})",
+                        verdict.health, failing.reason, failing.message
+                    );
+                    conditions.push(condition(
+                        READY,
+                        false,
+                        NO_HEALTHY_BACKEND,
+                        message.clone(),
+                        generation,
+                        &now,
+                    ));
+                    conditions.push(condition(
+                        DEGRADED,
+                        true,
+                        NO_HEALTHY_BACKEND,
+                        message,
                         generation,
                         &now,
                     ));

@@ -674,6 +674,68 @@ mod tests {
         assert_eq!(plan.probes.len(), 1);
     }
 
+    /// Every backend failing its probes: the gateway still tries them, but the route is not Ready
+    /// and says so (it used to say `Ready=True "serving from backend zhipu"`).
+    #[test]
+    fn a_route_whose_backends_all_fail_their_probes_is_not_ready() {
+        let chat = route("chat", "Gateway");
+        let mut f = facts(vec![chat.clone()], &[("zhipu", "zk"), ("deepseek", "dk")]);
+        let now_ms = f.now_ms;
+        for b in &chat.spec.backends {
+            let view = crate::policy::health::HealthView::from_status(
+                "Unreachable",
+                Some(now_ms - 1_000),
+                Some(now_ms - 60_000),
+                None,
+                Some("probe failed: connection refused"),
+            )
+            .unwrap();
+            f.health.insert(crate::policy::probe_key(&chat, b), view);
+        }
+        let plan = decide_for(f);
+        let report = plan.route_report(&chat, &served("chat"), Time(Default::default()));
+        let ready = report
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::READY)
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", status::NO_HEALTHY_BACKEND)
+        );
+        assert!(
+            ready.message.contains("\"zhipu\"") && ready.message.contains("Unreachable"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(
+            condition(&report.status, status::DEGRADED),
+            status::NO_HEALTHY_BACKEND
+        );
+        // The gateway still serves from the head of the order.
+        assert_eq!(report.status.active_backend.as_deref(), Some("zhipu"));
+    }
+
+    /// A missing key is reported even when its backend is left out for another reason (a region
+    /// it does not serve): `ResolvedRefs` is about what the spec references.
+    #[test]
+    fn resolved_refs_names_a_missing_key_of_a_backend_excluded_by_region() {
+        let mut chat = (*route("chat", "Gateway")).clone();
+        chat.spec.backends[1].regions = Some(vec!["us".into()]);
+        let chat = Arc::new(chat);
+        let plan = decide_for(facts(vec![chat.clone()], &[("zhipu", "zk")]));
+        let outcome = &plan.outcomes[0];
+        let problem = outcome.resolved_refs.as_ref().unwrap_err();
+        assert_eq!(problem.reason, "SecretKeyNotFound");
+        assert!(
+            problem.message.contains("\"deepseek\""),
+            "{}",
+            problem.message
+        );
+        assert_eq!(outcome.active_backend.as_deref(), Some("zhipu"));
+    }
+
     #[test]
     fn an_invalid_route_is_reported_and_not_served() {
         let mut bad = (*route("bad", "Gateway")).clone();

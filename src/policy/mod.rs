@@ -159,15 +159,20 @@ pub struct Decision {
     /// For a route with a budget (its own or a backend's): whether its usage is known, and if not,
     /// why (`UsageStale`). None for a route without budgets.
     pub usage: Option<Result<(), String>>,
+    /// Every referenced Secret or key that is missing, whether or not its backend is excluded for
+    /// another reason (`ResolvedRefs` says what is missing, not only what is in use).
+    pub missing_refs: Vec<Exclusion>,
 }
 
 impl Decision {
-    /// Backends excluded because a referenced Secret or key is missing.
+    /// Referenced Secrets or keys that are missing ([`Decision::missing_refs`]).
     pub fn missing_refs(&self) -> impl Iterator<Item = &Exclusion> {
-        self.backends
-            .iter()
-            .filter_map(|b| b.excluded.as_ref())
-            .filter(|e| e.reason == "SecretNotFound" || e.reason == "SecretKeyNotFound")
+        self.missing_refs.iter()
+    }
+
+    /// The verdict of the backend that serves (the head of the plan), if any.
+    pub fn active(&self) -> Option<&BackendVerdict> {
+        self.plan.active().map(|i| &self.backends[i])
     }
 }
 
@@ -370,6 +375,16 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
     if !plan.chains.iter().all(|(_, m)| m.is_empty()) {
         plan.parked = parked;
     }
+    let mut missing_refs: Vec<Exclusion> = Vec::new();
+    for b in &route.spec.backends {
+        let missing = b
+            .credentials_secret_ref
+            .as_ref()
+            .and_then(|r| check_ref(namespace, r, facts));
+        if let Some(m) = missing.filter(|m| !missing_refs.contains(m)) {
+            missing_refs.push(m);
+        }
+    }
     Decision {
         region,
         plan,
@@ -379,6 +394,7 @@ pub fn decide(route: &LLMRoute, namespace: &str, facts: &Facts) -> Decision {
         over_budget,
         over_budget_reason,
         usage: usage_known,
+        missing_refs,
     }
 }
 
