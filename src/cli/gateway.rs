@@ -58,7 +58,7 @@ pub struct ShutdownManagerArgs {
     /// Directory of the gateway's certificate (`tls.crt`, `tls.key`, `ca.crt`: the xDS Secret)
     /// the usage endpoint serves with; empty: no usage endpoint (counts only in /metrics).
     #[arg(long, default_value = llmroute::gateway::objects::XDS_CERT_DIR)]
-    tls_dir: PathBuf,
+    tls_dir: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info", env = "LLMROUTE_LOG")]
     log_level: String,
@@ -103,11 +103,9 @@ pub fn run(command: GatewayCommand) -> ExitCode {
                 ready_timeout,
                 usage_log: (!args.usage_log.as_os_str().is_empty()).then_some(args.usage_log),
                 namespace: args.namespace,
-                usage_endpoint: (!args.tls_dir.as_os_str().is_empty()).then(|| {
-                    server::UsageEndpoint {
-                        addr: std::net::SocketAddr::new(args.address, args.usage_port),
-                        cert_dir: args.tls_dir,
-                    }
+                usage_endpoint: (!args.tls_dir.is_empty()).then(|| server::UsageEndpoint {
+                    addr: std::net::SocketAddr::new(args.address, args.usage_port),
+                    cert_dir: args.tls_dir.into(),
                 }),
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
