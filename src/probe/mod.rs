@@ -10,6 +10,7 @@
 //! [`QUOTA_COOLDOWN_FACTOR`] intervals later (a balance is not refilled in seconds, and every probe
 //! of an empty account is wasted).
 
+pub mod egress;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
@@ -104,7 +105,8 @@ impl Prober {
             .pool_max_idle_per_host(1)
             .pool_idle_timeout(Duration::from_secs(90))
             .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(egress::GuardedResolver);
         if let Some(path) = &opts.extra_ca {
             let pem = std::fs::read(path)
                 .map_err(|e| Error::Ca(path.display().to_string(), e.to_string()))?;
@@ -322,10 +324,14 @@ fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
     Some(Duration::from(d).as_millis() as u64)
 }
 
-/// The error code and message of an error body, in the OpenAI shape or a provider's own.
+/// The error code and message of an error body, in the OpenAI shape or a provider's own. Nothing
+/// else of the body reaches status: an endpoint that is not a provider (a route may name any
+/// address) gets its answer described, not copied; and per-request ids are taken out of the
+/// message ([`without_request_ids`]), so that the same failure reads the same at every probe and
+/// status is not written again for nothing.
 fn error_summary(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
-        return body.chars().take(200).collect();
+        return format!("a body of {} bytes that is not JSON", body.len());
     };
     let e = v.get("error").unwrap_or(&v);
     let code = e.get("code").or_else(|| e.get("type")).map(|c| {
@@ -336,18 +342,45 @@ fn error_summary(body: &str) -> String {
     let message = e
         .get("message")
         .or_else(|| v.get("message"))
-        .and_then(|m| m.as_str());
+        .and_then(|m| m.as_str())
+        .map(without_request_ids);
     match (code, message) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c,
-        (None, Some(m)) => m.to_string(),
-        (None, None) => body.chars().take(200).collect(),
+        (None, Some(m)) => m,
+        (None, None) => "no error code or message in the JSON body".into(),
     }
+}
+
+/// `text` without what differs from one request to the next: UUIDs, `req_...` ids, long hex runs,
+/// and the value after "request id".
+fn without_request_ids(text: &str) -> String {
+    static IDS: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = IDS.get_or_init(|| {
+        regex::Regex::new(
+            r"(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\breq_[a-z0-9]+|\b[0-9a-f]{16,}\b|(request[ _-]?id[\s:=]+)[A-Za-z0-9_-]+",
+        )
+        .expect("valid regex")
+    });
+    re.replace_all(text, |c: &regex::Captures| match c.get(1) {
+        Some(prefix) => format!("{}…", prefix.as_str()),
+        None => "…".to_string(),
+    })
+    .into_owned()
 }
 
 /// Sends one probe and classifies the answer.
 pub async fn probe_once(client: &reqwest::Client, t: &ProbeTarget) -> ProbeRecord {
     let started = Instant::now();
+    if let Err(why) = egress::check_url(&t.url) {
+        return ProbeRecord {
+            at_ms: now_ms(),
+            latency_ms: 0,
+            failure: Some(FailureClass::Unreachable),
+            message: why,
+            retry_after_ms: None,
+        };
+    }
     let mut req = match &t.body {
         Some(body) => client
             .post(&t.url)
@@ -417,6 +450,34 @@ mod tests {
         );
         assert!(!s.contains("sk-proj"), "{s}");
         assert!(!s.contains("mysecretvalue"), "{s}");
+    }
+
+    #[test]
+    fn error_summaries_copy_no_body_and_no_request_id() {
+        // An endpoint that is not a provider: described, not copied.
+        let html = "<html><body>internal admin page, secret stuff</body></html>";
+        let s = error_summary(html);
+        assert_eq!(
+            s,
+            format!("a body of {} bytes that is not JSON", html.len())
+        );
+        assert_eq!(
+            error_summary(r#"{"items":["private"]}"#),
+            "no error code or message in the JSON body"
+        );
+        // The same failure reads the same whatever the request id.
+        let a = error_summary(
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit reached (request id: req_8f3a9c2b71). Retry."}}"#,
+        );
+        let b = error_summary(
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit reached (request id: req_00aa11bb22). Retry."}}"#,
+        );
+        assert_eq!(a, b);
+        assert!(!a.contains("8f3a9c2b71"), "{a}");
+        let c = error_summary(
+            r#"{"error":{"message":"overloaded, trace 3f2b1c0a-9d8e-4f7a-b6c5-d4e3f2a1b0c9 id 0123456789abcdef0123"}}"#,
+        );
+        assert_eq!(c, "overloaded, trace … id …");
     }
 
     #[test]

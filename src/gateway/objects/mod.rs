@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -282,6 +282,14 @@ pub fn pod_disruption_budget(namespace: &str, owners: &[OwnerReference]) -> PodD
     }
 }
 
+/// The gateway's egress outside the cluster's Pods: everything but link-local addresses (the
+/// metadata service of AWS, GCP, Azure at 169.254.169.254) and the other clouds' metadata
+/// addresses (the prober refuses the same, `probe::egress`).
+pub const METADATA_EXCEPT: [(&str, &[&str]); 2] = [
+    ("0.0.0.0/0", &["169.254.0.0/16", "100.100.100.200/32"]),
+    ("::/0", &["fe80::/10", "fd00:ec2::254/128"]),
+];
+
 /// The labels of the operator's Pods (deploy/ and the Helm chart give them both).
 pub fn operator_pod_labels() -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -297,9 +305,10 @@ pub fn operator_pod_labels() -> BTreeMap<String, String> {
 /// else. Ingress: the listener (`http`), Envoy's health and metrics port (`metrics`) and the
 /// sidecar's metrics and drain port (`shutdown`) from anywhere, as without a policy; the usage
 /// endpoint (`usage`, already mutual TLS) only from the operator's Pods in `operator_namespace`.
-/// Egress: anywhere (the providers a route names, DNS, the operator's xDS server), so a
-/// default-deny egress policy of the namespace does not cut the gateway off. Ports by name, so
-/// `--gateway-port` and friends need no change here.
+/// Egress: every Pod of the cluster (DNS, the operator's xDS server, self-hosted backends) and any
+/// address outside it but link-local ones and the cloud metadata addresses ([`METADATA_EXCEPT`]):
+/// a route's endpoint is its namespace users' to write, and must not reach the node's metadata
+/// service through the gateway. Ports by name, so `--gateway-port` and friends need no change here.
 pub fn network_policy(
     namespace: &str,
     operator_namespace: &str,
@@ -347,7 +356,30 @@ pub fn network_policy(
                     from: Some(vec![operator]),
                 },
             ]),
-            egress: Some(vec![NetworkPolicyEgressRule::default()]),
+            egress: Some(vec![
+                NetworkPolicyEgressRule {
+                    to: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(LabelSelector::default()),
+                        ..Default::default()
+                    }]),
+                    ports: None,
+                },
+                NetworkPolicyEgressRule {
+                    to: Some(
+                        METADATA_EXCEPT
+                            .iter()
+                            .map(|(cidr, except)| NetworkPolicyPeer {
+                                ip_block: Some(IPBlock {
+                                    cidr: cidr.to_string(),
+                                    except: Some(except.iter().map(|e| e.to_string()).collect()),
+                                }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ports: None,
+                },
+            ]),
         }),
     }
 }
@@ -546,7 +578,26 @@ mod tests {
             from[0].pod_selector.as_ref().unwrap().match_labels,
             Some(operator_pod_labels())
         );
-        // Every egress: providers wherever routes say, DNS, the xDS server.
-        assert_eq!(spec.egress.unwrap(), [NetworkPolicyEgressRule::default()]);
+        // Egress: every Pod (DNS, xDS, self-hosted backends), and outside the cluster all but
+        // link-local and metadata addresses.
+        let egress = spec.egress.unwrap();
+        assert_eq!(egress.len(), 2);
+        let pods = egress[0].to.as_ref().unwrap();
+        assert_eq!(pods[0].namespace_selector, Some(LabelSelector::default()));
+        assert!(egress.iter().all(|r| r.ports.is_none()));
+        let blocks: Vec<(String, Vec<String>)> = egress[1]
+            .to
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let b = p.ip_block.clone().unwrap();
+                (b.cidr, b.except.unwrap())
+            })
+            .collect();
+        assert_eq!(blocks[0].0, "0.0.0.0/0");
+        assert!(blocks[0].1.contains(&"169.254.0.0/16".to_string()));
+        assert_eq!(blocks[1].0, "::/0");
+        assert!(blocks[1].1.contains(&"fe80::/10".to_string()));
     }
 }
