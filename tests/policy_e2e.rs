@@ -559,7 +559,8 @@ async fn direct_mode_switches_the_secret_and_restarts_the_selected_workloads() {
 
 /// Deleting a namespace's last route stops its probes at once (each one spends the provider key's
 /// money, and nothing would stop them until the operator restarts) and withdraws its gateway
-/// configuration from the xDS server (the operator's `llmroute_probe_targets` falls to 0).
+/// configuration from the xDS server (the operator's `llmroute_probe_targets` falls to 0). Before
+/// that: one apply, each event once (reconciles right after a status write used to emit it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_route_s_deletion_stops_its_probes() {
     let s = Stack::start("pol-gone", "us").await;
@@ -578,6 +579,22 @@ async fn the_last_route_s_deletion_stops_its_probes() {
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
     assert_eq!(targets().await, Some(2));
+    // The reconciles of one apply (the route, then its gateway objects, then the probes) emit
+    // each event once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = s.event_counts("chat").await;
+    assert!(
+        events.iter().any(|(reason, _)| reason == "GatewayPending"),
+        "{events:?}"
+    );
+    for (reason, count) in &events {
+        assert_eq!(*count, 1, "{reason} emitted {count} times: {events:?}");
+    }
+    let reasons: Vec<&String> = events.iter().map(|(r, _)| r).collect();
+    let mut unique = reasons.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(reasons.len(), unique.len(), "{events:?}");
 
     s.routes()
         .delete("chat", &Default::default())

@@ -263,6 +263,7 @@ async fn write_status(ctx: &Context, route: &LLMRoute, report: RouteReport) -> R
     )
     .await?;
     ctx.writes.add();
+    ctx.status_written(route, &new);
     let previous = route.status.as_ref();
     let changed: Vec<String> = new
         .conditions

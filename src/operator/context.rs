@@ -56,6 +56,11 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Route keys generated or read, by (namespace, route uid).
     route_keys: Mutex<HashMap<(String, String), String>>,
+    /// The status last written for each route (namespace, name), with the `resourceVersion` the
+    /// route had when it was read: until the cache shows a newer version, the written status is
+    /// the route's (a reconcile right after a write would otherwise report the same transitions
+    /// and emit the same events again).
+    written_status: Mutex<HashMap<(String, String), (Option<String>, crate::api::LLMRouteStatus)>>,
 }
 
 impl Context {
@@ -81,6 +86,7 @@ impl Context {
             locks: Mutex::default(),
             failures: Default::default(),
             route_keys: Mutex::default(),
+            written_status: Mutex::default(),
         }
     }
 
@@ -172,8 +178,42 @@ impl Context {
         self.forget_deleted_routes(ns, &[]);
     }
 
+    /// Remembers the status written for `route` (read at its current `resourceVersion`).
+    pub(super) fn status_written(&self, route: &LLMRoute, status: &crate::api::LLMRouteStatus) {
+        let key = (route.namespace().unwrap_or_default(), route.name_any());
+        let read_at = route.resource_version();
+        self.written_status
+            .lock()
+            .expect("written statuses")
+            .insert(key, (read_at, status.clone()));
+    }
+
+    /// `route` as this operator last left it: with the status it wrote, while the cache still
+    /// holds the version that status was written over.
+    pub(super) fn with_written_status(&self, route: Arc<LLMRoute>) -> Arc<LLMRoute> {
+        let key = (route.namespace().unwrap_or_default(), route.name_any());
+        let mut written = self.written_status.lock().expect("written statuses");
+        match written.get(&key) {
+            Some((read_at, status)) if *read_at == route.resource_version() => {
+                let mut newer = (*route).clone();
+                newer.status = Some(status.clone());
+                Arc::new(newer)
+            }
+            Some(_) => {
+                // The cache has caught up (or the route changed since).
+                written.remove(&key);
+                route
+            }
+            None => route,
+        }
+    }
+
     pub(super) fn forget_deleted_routes(&self, ns: &str, routes: &[Arc<LLMRoute>]) {
         let names: BTreeSet<String> = routes.iter().map(|r| r.name_any()).collect();
+        self.written_status
+            .lock()
+            .expect("written statuses")
+            .retain(|(key_ns, name), _| key_ns != ns || names.contains(name));
         self.opts.metrics.retain_routes(ns, &names);
         let uids: BTreeSet<String> = routes.iter().filter_map(|r| r.uid()).collect();
         self.route_keys

@@ -25,6 +25,7 @@ pub fn routes(ctx: &Context, ns: &str) -> Vec<Arc<LLMRoute>> {
         .state()
         .into_iter()
         .filter(|r| r.namespace().as_deref() == Some(ns) && r.meta().deletion_timestamp.is_none())
+        .map(|r| ctx.with_written_status(r))
         .collect();
     routes.sort_by_key(|r| r.name_any());
     routes

@@ -402,6 +402,21 @@ impl Stack {
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
     }
+
+    /// The events about `route`: reason and how many times it was emitted (a series counts more).
+    pub async fn event_counts(&self, route: &str) -> Vec<(String, i32)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns.name);
+        let list = api.list(&Default::default()).await.unwrap();
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(route))
+            .map(|e| {
+                let count = e.series.as_ref().map_or(1, |s| s.count);
+                (e.reason.unwrap_or_default(), count)
+            })
+            .collect()
+    }
 }
 
 impl Drop for Stack {
