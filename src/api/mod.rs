@@ -468,7 +468,9 @@ pub struct Timeouts {
     #[schemars(schema_with = "schema::duration")]
     pub request: String,
     /// Longest silence from one backend: before its first byte and between streamed chunks. When it
-    /// passes, the attempt counts as `Timeout` and the next backend is tried. Default `60s`.
+    /// passes before the backend's answer begins, the attempt counts as `Timeout` and the next
+    /// backend is tried; once an answer streams, a silence this long ends the stream where it is
+    /// (Envoy retries only before an answer's headers). Default `60s`.
     #[serde(default = "default_idle_timeout")]
     #[schemars(schema_with = "schema::duration")]
     pub idle: String,
