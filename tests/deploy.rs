@@ -267,9 +267,11 @@ fn secret_yaml(name: &str, value: &str) -> String {
     )
 }
 
+/// A route of Zhipu's real host, which cannot be reached from the test cluster: without health
+/// checks (with them, every probe fails and the route is `Ready=False NoHealthyBackend`).
 fn route_yaml(name: &str, secret: &str, model: &str) -> String {
     format!(
-        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  region: cn\n  defaultModel: chat\n  backends:\n    - {{ name: zhipu, provider: zhipu, credentialsSecretRef: {{ name: {secret}, key: api-key }}, models: {{ chat: {model} }} }}\n"
+        "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: {name} }}\nspec:\n  region: cn\n  defaultModel: chat\n  policy: {{ healthCheck: {{ enabled: false }} }}\n  backends:\n    - {{ name: zhipu, provider: zhipu, credentialsSecretRef: {{ name: {secret}, key: api-key }}, models: {{ chat: {model} }} }}\n"
     )
 }
 

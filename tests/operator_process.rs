@@ -97,6 +97,8 @@ apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
 metadata: { name: chat }
 spec:
+  # Zhipu's real host cannot be reached from here: with health checks it would be NoHealthyBackend.
+  policy: { healthCheck: { enabled: false } }
   backends:
     - name: zhipu
       provider: zhipu
