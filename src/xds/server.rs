@@ -405,9 +405,11 @@ impl XdsServer {
                 connected_at: Instant::now(),
             },
         );
-        let envoy = version
-            .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
-            .unwrap_or_default();
+        // A replica that does not say is refused just below, with the reason.
+        let envoy = version.map_or_else(
+            || "unknown (node.user_agent_build_version absent)".to_string(),
+            |v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch),
+        );
         info!(namespace = %ns, node = %node.id, %envoy, "gateway connected");
         self.update_connected_metric(&ns);
         self.event(&ns);
