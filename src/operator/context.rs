@@ -60,7 +60,7 @@ pub struct Context {
     /// route had when it was read: until the cache shows a newer version, the written status is
     /// the route's (a reconcile right after a write would otherwise report the same transitions
     /// and emit the same events again).
-    written_status: Mutex<HashMap<(String, String), (Option<String>, crate::api::LLMRouteStatus)>>,
+    written_status: Mutex<HashMap<(String, String), WrittenStatus>>,
 }
 
 impl Context {
@@ -222,6 +222,9 @@ impl Context {
             .retain(|(key_ns, uid), _| key_ns != ns || uids.contains(uid));
     }
 }
+
+/// A status this operator wrote, and the route's `resourceVersion` when it was read.
+type WrittenStatus = (Option<String>, crate::api::LLMRouteStatus);
 
 /// A Secret's data, by key.
 pub(super) fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
