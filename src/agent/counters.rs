@@ -136,6 +136,7 @@ impl UsageCounters {
             report: std::sync::Mutex::new(Reported {
                 report: ledger::Report {
                     seq: 0,
+                    acked: 0,
                     boot: format!("{:016x}", rand::random::<u64>()),
                     counts: Default::default(),
                 },
@@ -155,6 +156,7 @@ impl UsageCounters {
             r.recorded = u64::from(!checkpoint.counts.is_empty());
             r.report = ledger::Report {
                 seq: 0,
+                acked: 0,
                 boot: checkpoint.boot,
                 counts: checkpoint.counts,
             };
@@ -208,6 +210,7 @@ impl UsageCounters {
     fn snapshot(&self, r: &Reported) -> ledger::Report {
         ledger::Report {
             seq: r.recorded,
+            acked: r.read,
             ..r.report.clone()
         }
     }
@@ -367,14 +370,19 @@ mod tests {
         assert!(c.unread(false), "a read is no acknowledgement");
         assert!(!c.acknowledge("another-boot", read.seq));
         assert!(c.unread(false));
+        assert_eq!(c.report().acked, 0);
         c.record(&answer(200, usage));
         assert!(c.acknowledge(&read.boot, read.seq));
         assert!(
             c.unread(false),
             "the third answer was not in what was acknowledged"
         );
+        // A read says how far the counts are acknowledged: the reader acknowledges what is behind.
+        let after = c.report();
+        assert_eq!((after.seq, after.acked), (3, 2));
         assert!(c.acknowledge(&read.boot, 99));
         assert!(!c.unread(false));
+        assert_eq!(c.report().acked, 3, "never past what was counted");
     }
 
     #[test]

@@ -133,8 +133,10 @@ pub async fn collect(
                 Ok(r) => {
                     leaving.remove(&source);
                     failing.remove(&(source.0.clone(), source.1.clone()));
-                    let reader = (source.2, r.boot.clone(), r.seq);
-                    readers.entry(source.0.clone()).or_default().push(reader);
+                    if r.acked < r.seq {
+                        let ack = (source.2, r.boot.clone(), r.seq);
+                        readers.entry(source.0.clone()).or_default().push(ack);
+                    }
                     reports.entry(source.0).or_default().push((source.1, r));
                 }
                 Err(e) => {
@@ -186,12 +188,18 @@ pub async fn collect(
                     continue;
                 }
             };
-            // Stored (or nothing new): the replicas may let go of what they counted.
-            for (addr, boot, seq) in readers.remove(&ns).unwrap_or_default() {
-                if let Err(e) = reader.acknowledge(&ns, addr, &boot, seq).await {
-                    debug!(%addr, error = %e, "usage counts stored but not acknowledged; again next round");
+            // Stored (or nothing new): the replicas may let go of what they counted. Only those
+            // that do not know it yet are told, all at once.
+            let acks = readers.remove(&ns).unwrap_or_default();
+            futures::future::join_all(acks.iter().map(|(addr, boot, seq)| {
+                let (reader, ns) = (reader.clone(), ns.as_str());
+                async move {
+                    if let Err(e) = reader.acknowledge(ns, *addr, boot, *seq).await {
+                        debug!(%addr, error = %e, "usage counts stored but not acknowledged; again next round");
+                    }
                 }
-            }
+            }))
+            .await;
             if let Some(stored) = stored {
                 ctx.usage.set(&ns, Some(stored));
                 let _ = changed.send(ns);

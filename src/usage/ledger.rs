@@ -63,6 +63,10 @@ pub struct Report {
     /// changes nothing.
     #[serde(default)]
     pub seq: u64,
+    /// How many of those answers the sidecar knows are stored (acknowledged): the reader
+    /// acknowledges only when this is behind `seq`.
+    #[serde(default)]
+    pub acked: u64,
 }
 
 impl Report {
@@ -74,6 +78,7 @@ impl Report {
                 boot: self.boot.clone(),
                 counts: Counts::new(),
                 seq: self.seq,
+                acked: self.acked,
             });
             part.counts.insert(route.clone(), counts.clone());
         }
@@ -382,6 +387,7 @@ mod tests {
         let report = |boot: &str| Report {
             boot: boot.into(),
             seq: 1,
+            acked: 0,
             counts: (0..10_000)
                 .map(|i| {
                     let b = backends.iter().map(|b| {
@@ -428,6 +434,7 @@ mod tests {
     fn report(boot: &str, counts: &[(&str, &str, u64, f64)]) -> Report {
         let mut r = Report {
             seq: 0,
+            acked: 0,
             boot: boot.into(),
             counts: Counts::new(),
         };
