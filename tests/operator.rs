@@ -22,6 +22,9 @@ use support::gateway::GatewayPorts;
 
 const ZHIPU_KEY: &str = "zhipu-test-key-4f1c9a7e";
 const QIANFAN_KEY: &str = "bce-v3/qianfan-test-key-77aa";
+/// OpenAI's key: its backend is excluded in region cn, but the route references it, so it exists
+/// (a missing one makes `ResolvedRefs=False` whatever excludes its backend).
+const OPENAI_KEY: &str = "sk-openai-test-key-5e2d";
 
 struct Running {
     writes: Arc<WriteCounter>,
@@ -190,6 +193,7 @@ async fn operator_with_chat_route(
     let op = start_operator(&ns, &gw, 0).await;
     ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
     ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(&secret("openai-key", "api-key", OPENAI_KEY));
     ns.apply(ROUTE);
     let envoy = gw.start(&ns).await;
     (ns, client, op, gw, envoy)
@@ -243,6 +247,7 @@ async fn a_route_becomes_a_gateway_workload_secret_and_honest_status() {
     let op = start_operator(&ns, &gw, 0).await;
     // The zhipu key is missing at first.
     ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(&secret("openai-key", "api-key", OPENAI_KEY));
     ns.apply(ROUTE);
     let routes: Api<LLMRoute> = Api::namespaced(client.clone(), &ns.name);
 
@@ -727,7 +732,7 @@ async fn secrets_never_leak_into_config_status_or_events() {
         haystack.push_str(&serde_json::to_string(&e).unwrap());
     }
     assert!(haystack.len() > 1000);
-    for key in [ZHIPU_KEY, QIANFAN_KEY] {
+    for key in [ZHIPU_KEY, QIANFAN_KEY, OPENAI_KEY] {
         assert!(
             !haystack.contains(key),
             "a provider key leaked into a ConfigMap, status or Event"
@@ -745,6 +750,7 @@ async fn direct_mode_gives_workloads_the_active_backend_itself() {
     let op = start_operator(&ns, &gw, 0).await;
     ns.apply(&secret("zhipu-key", "api-key", ZHIPU_KEY));
     ns.apply(&secret("qianfan-key", "api-key", QIANFAN_KEY));
+    ns.apply(&secret("openai-key", "api-key", OPENAI_KEY));
     ns.apply(&ROUTE.replace(
         "  defaultModel: gpt-4o\n",
         "  defaultModel: gpt-4o\n  workloadSecret: { name: chat-direct, mode: Direct }\n",
