@@ -391,26 +391,29 @@ impl Stack {
             .unwrap()
     }
 
-    /// Event reasons and notes for `route`.
-    pub async fn events(&self, route: &str) -> Vec<(String, String)> {
+    /// The events about `route`.
+    pub async fn route_events(&self, route: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
             Api::namespaced(self.client.clone(), &self.ns.name);
         let list = api.list(&Default::default()).await.unwrap();
         list.items
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(route))
+            .collect()
+    }
+
+    /// Event reasons and notes for `route`.
+    pub async fn events(&self, route: &str) -> Vec<(String, String)> {
+        let events = self.route_events(route).await.into_iter();
+        events
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
     }
 
     /// The events about `route`: reason and how many times it was emitted (a series counts more).
     pub async fn event_counts(&self, route: &str) -> Vec<(String, i32)> {
-        let api: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), &self.ns.name);
-        let list = api.list(&Default::default()).await.unwrap();
-        list.items
-            .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(route))
+        let events = self.route_events(route).await.into_iter();
+        events
             .map(|e| {
                 let count = e.series.as_ref().map_or(1, |s| s.count);
                 (e.reason.unwrap_or_default(), count)
