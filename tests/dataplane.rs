@@ -989,12 +989,17 @@ async fn a_shanghai_day_budget_resets_at_local_midnight() {
     let zhipu = s
         .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
         .await;
-    let policy = "    budget: { tokens: 40, period: Day, timeZone: Asia/Shanghai }\n";
+    // One request fits: it reserves about 460 tokens (its body's bytes and 8 completion tokens)
+    // and costs 203 (200 words and 3 completion tokens); what is left after it fits no other.
+    let policy = "    budget: { tokens: 600, maxCompletionTokens: 8, period: Day, timeZone: Asia/Shanghai }\n";
     let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
     s.ns.apply(&route("daily", policy, &backends));
     let w = s.serve("daily").await;
-    let body =
-        serde_json::json!({ "model": "chat", "messages": [{ "role": "user", "content": "hi" }] });
+    s.leased("daily").await;
+    let body = serde_json::json!({
+        "model": "chat",
+        "messages": [{ "role": "user", "content": vec!["a"; 200].join(" ") }],
+    });
     let send = || {
         let (w, body) = (w.clone(), body.clone());
         async move {
@@ -1028,6 +1033,11 @@ async fn a_shanghai_day_budget_resets_at_local_midnight() {
         refusal.contains("resets at 2026-12-07T16:00:00Z"),
         "{refusal}"
     );
+    // Counted, and refused for good: what is left fits no request like it.
+    support::cluster::eventually(Duration::from_secs(10), "the answer counted", || async {
+        usage().await.filter(|u| u.tokens > 0)
+    })
+    .await;
     let before = usage().await.expect("status.usage");
     assert_eq!(before.period, "2026-12-07");
     assert_eq!(
@@ -1038,9 +1048,9 @@ async fn a_shanghai_day_budget_resets_at_local_midnight() {
             .as_deref(),
         Some("2026-12-07T16:00:00Z")
     );
-    assert!(before.tokens >= 40, "{before:?}");
+    assert_eq!(before.tokens, 203, "{before:?}");
     println!(
-        "spent {} tokens of 40 by {:.1} s before Shanghai's midnight",
+        "spent {} tokens of 600 by {:.1} s before Shanghai's midnight",
         before.tokens,
         midnight
             .saturating_duration_since(Instant::now())
@@ -1072,7 +1082,124 @@ async fn a_shanghai_day_budget_resets_at_local_midnight() {
         after.resets_at.as_ref().map(|t| t.0.to_string()).as_deref(),
         Some("2026-12-08T16:00:00Z")
     );
-    assert!(after.tokens < 40, "counts started again: {after:?}");
+    assert!(after.tokens < 600, "counts started again: {after:?}");
+}
+
+/// Admission holds a route's token budget under concurrency: 8 clients stream at once against a
+/// budget of 4,000 tokens. A request is forwarded only while what it may cost (its body's bytes
+/// plus its completion limit: the route's `maxCompletionTokens`, written into every request that
+/// sets none) fits what the replica was leased of what is left, so the tokens the provider
+/// reported never pass the budget, however many streams are in flight. Refusals are 429 in
+/// OpenAI's shape with `Retry-After`, saying when the budget resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_holds_a_budget_under_concurrent_streams() {
+    let mut s = Stack::start("dp-admit", "us").await;
+    s.start_sidecar();
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    const BUDGET: u64 = 4000;
+    const CLIENTS: usize = 8;
+    let policy = format!("    budget: {{ tokens: {BUDGET}, maxCompletionTokens: 16 }}\n");
+    let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
+    s.ns.apply(&route("admitted", &policy, &backends));
+    let w = s.serve("admitted").await;
+    // The replica holds a lease of the route before the traffic starts.
+    s.leased("admitted").await;
+    let body = serde_json::json!({
+        "model": "chat",
+        "stream": true,
+        "messages": [{ "role": "user", "content": vec!["a"; 60].join(" ") }],
+    });
+    let started = Instant::now();
+    let clients = (0..CLIENTS).map(|i| {
+        let (w, mut body) = (w.clone(), body.clone());
+        if i % 2 == 0 {
+            // Half the clients ask for the stream's usage; the provider reports the others' only
+            // when asked (the gateway estimates them, never past their reservation).
+            body["stream_options"] = serde_json::json!({ "include_usage": true });
+        }
+        tokio::spawn(async move {
+            let (mut served, mut refusals, mut refused_in_a_row) = (0u32, Vec::new(), 0);
+            while refused_in_a_row < 10 && started.elapsed() < Duration::from_secs(40) {
+                let r = w.chat_json(&body).await.unwrap();
+                let status = r.status().as_u16();
+                let header = |name: &str| {
+                    r.headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_string())
+                };
+                let (retry, failure) = (header("retry-after"), header("x-llmroute-failure"));
+                let text = r.text().await.unwrap();
+                if status == 429 {
+                    refused_in_a_row += 1;
+                    refusals.push((retry, failure, text));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    assert_eq!(status, 200, "{text}");
+                    assert!(text.contains("data: [DONE]"), "{text}");
+                    served += 1;
+                    refused_in_a_row = 0;
+                }
+            }
+            (served, refusals)
+        })
+    });
+    let mut served = 0;
+    let mut refusals = Vec::new();
+    for c in futures::future::join_all(clients).await {
+        let (n, r) = c.unwrap();
+        served += n;
+        refusals.extend(r);
+    }
+    let (retry, failure, text) = refusals.first().cloned().expect("no request was refused");
+    assert_eq!(failure.as_deref(), Some("BudgetExhausted"));
+    assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok_and(|s| s >= 1)));
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "budget_exceeded", "{text}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("The budget resets at 20"), "{message}");
+    // The route's cap was written into each request that set none.
+    let sent = zhipu.last_request().unwrap();
+    assert_eq!(sent.body["max_tokens"], 16, "{:?}", sent.body);
+    // Counted: what the provider reported and the gateway's estimates of streams it did not
+    // report, all answers counted (the sidecar's counts in status), never past the budget.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = s.sidecar_usage().await;
+    let counted: u64 = report.counts["admitted"].values().map(|t| t.tokens).sum();
+    let reported = zhipu.usage_sent().total();
+    let routes = s.routes();
+    let usage = support::cluster::eventually(
+        Duration::from_secs(20),
+        "status.usage counts every answer",
+        || {
+            let routes = routes.clone();
+            async move {
+                let u = routes.get("admitted").await.ok()?.status?.usage?;
+                (u.tokens == counted).then_some(u)
+            }
+        },
+    )
+    .await;
+    let held = report.leases.unwrap().routes["admitted"];
+    println!(
+        "admission: {CLIENTS} streaming clients, {served} answers served, {} refused in {:.1} s; \
+         {counted} tokens counted ({reported} reported by the provider, the rest estimated) of a \
+         budget of {BUDGET}: overshoot {}, stated bound 0 (every answer's usage within its \
+         reservation); reserved {} in all, refused {}",
+        refusals.len(),
+        started.elapsed().as_secs_f64(),
+        counted.saturating_sub(BUDGET),
+        held.reserved,
+        held.refused,
+    );
+    assert!(counted <= BUDGET, "{counted} tokens served of {BUDGET}");
+    assert!(reported > 0 && reported < counted);
+    assert!(served > 0);
+    assert_eq!(
+        usage.remaining.and_then(|r| r.tokens),
+        Some(BUDGET - counted)
+    );
 }
 
 /// A gateway Pod killed outright (Envoy and its sidecar SIGKILLed, its emptyDir gone: no drain, no
@@ -1155,9 +1282,9 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
         .provider("paid", SimProvider::Zhipu, "paid-key-0001")
         .await;
     const FREE_BUDGET: u64 = 150;
-    let spec = |route_budget: Option<u64>| {
+    let spec = |route_budget: Option<String>| {
         let policy = route_budget
-            .map(|t| format!("    budget: {{ tokens: {t} }}\n"))
+            .map(|b| format!("    budget: {{ {b} }}\n"))
             .unwrap_or_default();
         route(
             "metered",
@@ -1167,7 +1294,9 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
                     "free",
                     &free,
                     "gpt-4o-mini",
-                    &format!("      budget: {{ tokens: {FREE_BUDGET}, period: Day }}\n"),
+                    &format!(
+                        "      budget: {{ tokens: {FREE_BUDGET}, period: Day }}\n      cost: {{ input: \"0\", output: \"0\" }}\n"
+                    ),
                 ),
                 backend(
                     "paid",
@@ -1335,8 +1464,32 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
     let total = sent();
     usage_is(total, "exact counts after the sidecar was killed").await;
 
-    // The route's own budget: room for a few more requests, then 429s that say why.
-    s.ns.apply(&spec(Some(total + 60)));
+    // The route's own token budget, 60 tokens left: every request may cost more than that (its
+    // body's bytes plus the 4096 completion tokens written into it), so admission refuses it.
+    s.ns.apply(&spec(Some(format!("tokens: {}", total + 60))));
+    s.leased("metered").await;
+    let (status, _, failure, text) = send(i).await;
+    i += 1;
+    assert_eq!(
+        (status, failure.as_deref()),
+        (429, Some("BudgetExhausted")),
+        "{text}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{text}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("no budget left for this request"),
+        "{message}"
+    );
+    let u = usage_is(total, "nothing counted for a refused request").await;
+    assert_eq!(u.remaining.unwrap().tokens, Some(60));
+
+    // The route's own cost budget (not admitted by estimate: counted after the answers): room
+    // for a few more requests, then 429s that say why.
+    let spent: f64 = u.cost.as_deref().unwrap().parse().unwrap();
+    s.ns.apply(&spec(Some(format!("cost: \"{:.6}\"", spent + 0.0001))));
+    s.not_leased("metered").await;
     let mut refused = None;
     for _ in 0..100 {
         let (status, backend, failure, text) = send(i).await;
@@ -1356,11 +1509,10 @@ async fn budgets_move_traffic_off_a_spent_backend_and_stop_a_spent_route() {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("tokens for 20"),
+            .contains("of its cost budget"),
         "{text}"
     );
-    let u = usage_is(sent(), "exact counts with the route over its budget").await;
-    assert_eq!(u.remaining.unwrap().tokens, Some(0));
+    usage_is(sent(), "exact counts with the route over its budget").await;
     let ready = routes
         .get("metered")
         .await

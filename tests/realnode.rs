@@ -383,8 +383,9 @@ async fn a_user_installs_with_kustomize_and_workloads_use_the_gateway_pods() {
     }
 
     // A budget across both gateway replicas: the leader adds up what each replica's sidecar
-    // counted (4 tokens per answer here), so requests through either Pod use the same budget, and
-    // once it is used both answer 429.
+    // counted (4 tokens per answer here, at 1 per token), so requests through either Pod use the
+    // same budget, and once it is used both answer 429. A cost budget: counted after the answers
+    // (a token budget also admits each request by what it may cost, tests/dataplane.rs).
     ns.apply(&format!(
         r#"apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
@@ -393,13 +394,14 @@ spec:
   defaultModel: gpt-4o
   policy:
     healthCheck: {{ enabled: false }}
-    budget: {{ tokens: 40 }}
+    budget: {{ cost: "40" }}
   backends:
     - name: zhipu
       provider: zhipu
       endpoint: https://zhipu-sim.{}.svc/api/paas/v4
       credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
       models: {{ gpt-4o: glm-4-flash }}
+      cost: {{ input: "1000000", output: "1000000" }}
 "#,
         ns.name
     ));
@@ -439,7 +441,7 @@ spec:
         200
     );
     let u = usage_is(40).await;
-    assert_eq!(u.remaining.and_then(|r| r.tokens), Some(0));
+    assert_eq!(u.remaining.and_then(|r| r.cost).as_deref(), Some("0"));
     for (name, ip) in &replicas {
         eventually(
             Duration::from_secs(30),

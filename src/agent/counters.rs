@@ -5,6 +5,7 @@
 //! Counters are cumulative per Pod (Prometheus sums the replicas: `sum by (route)`); why they live
 //! here and not in Envoy's own stats is in docs/design/usage.md.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -64,6 +65,19 @@ pub struct Checkpoint {
     pub counts: Counts,
     /// Bytes of the log counted (always the end of a line).
     pub offset: u64,
+    /// The reservations the counted lines settled ([`Settled`]).
+    #[serde(default)]
+    pub settled: Settled,
+}
+
+/// The reservations settled by the counted lines of one Envoy process (its boot id), per route:
+/// what the operator subtracts from that process's reservations to know what is still in flight
+/// (docs/design/usage.md, "Admission control"). Lines of an earlier process are not kept: its
+/// requests in flight ended with it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settled {
+    pub boot: String,
+    pub routes: BTreeMap<String, u64>,
 }
 
 /// The gateway Pod's usage counters.
@@ -88,6 +102,7 @@ struct Reported {
     read: u64,
     /// Bytes of the usage log counted into `report` ([`super::follow::Follower`]).
     offset: u64,
+    settled: Settled,
 }
 
 impl UsageCounters {
@@ -139,10 +154,12 @@ impl UsageCounters {
                     acked: 0,
                     boot: format!("{:016x}", rand::random::<u64>()),
                     counts: Default::default(),
+                    leases: None,
                 },
                 recorded: 0,
                 read: 0,
                 offset: 0,
+                settled: Settled::default(),
             }),
         }
     }
@@ -159,8 +176,10 @@ impl UsageCounters {
                 acked: 0,
                 boot: checkpoint.boot,
                 counts: checkpoint.counts,
+                leases: None,
             };
             r.offset = checkpoint.offset;
+            r.settled = checkpoint.settled;
         }
         counters
     }
@@ -197,6 +216,7 @@ impl UsageCounters {
             boot: r.report.boot.clone(),
             counts: r.report.counts.clone(),
             offset: r.offset,
+            settled: r.settled.clone(),
         })?;
         Ok((self.snapshot(&r), r.offset))
     }
@@ -224,6 +244,16 @@ impl UsageCounters {
         }
         r.read = r.read.max(seq.min(r.recorded));
         true
+    }
+
+    /// The reservations the counted lines of Envoy process `boot` settled, per route.
+    pub fn settled(&self, boot: &str) -> BTreeMap<String, u64> {
+        let r = self.report.lock().expect("usage report");
+        if r.settled.boot == boot {
+            r.settled.routes.clone()
+        } else {
+            BTreeMap::new()
+        }
     }
 
     /// Whether answers were counted since the counts were last acknowledged (or ever, when `ever`).
@@ -315,6 +345,17 @@ impl UsageCounters {
 
 /// The budgets' counts of one answer: an answer of a backend with usage.
 fn add_to_report(reported: &mut Reported, answer: &Answer) {
+    if let Some((boot, tokens)) = &answer.reserved {
+        let settled = &mut reported.settled;
+        if settled.boot != *boot {
+            // A new Envoy process: the log is in order, the earlier one's lines are all counted.
+            *settled = Settled {
+                boot: boot.clone(),
+                routes: BTreeMap::new(),
+            };
+        }
+        *settled.routes.entry(answer.route.clone()).or_default() += tokens;
+    }
     let u = &answer.usage;
     if u.reported() && !answer.backend.is_empty() {
         reported.recorded += 1;
@@ -345,6 +386,7 @@ mod tests {
             failure: String::new(),
             usage,
             price: None,
+            reserved: None,
         }
     }
 

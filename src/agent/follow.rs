@@ -78,6 +78,7 @@ impl Follower {
                         boot: String::new(),
                         counts: Counts::new(),
                         offset: end,
+                        settled: Default::default(),
                     })
                 }
             },

@@ -31,6 +31,7 @@
 pub mod counters;
 pub mod drain;
 pub mod follow;
+pub mod leases;
 pub mod modules;
 pub mod server;
 pub mod tls;

@@ -54,6 +54,8 @@ struct ManagerState {
     stopping: AtomicBool,
     /// The drained file's content was logged.
     logged: AtomicBool,
+    /// Admission's files (with a usage log: in its directory).
+    leases: Option<super::leases::Leases>,
 }
 
 /// How often a waiting GET looks for the drained file.
@@ -102,12 +104,18 @@ async fn metrics(State(state): State<Arc<ManagerState>>) -> impl axum::response:
 /// operator never stored.
 async fn usage(State(state): State<Arc<ManagerState>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let report = tokio::task::spawn_blocking(move || match &state.checkpoint {
-        Some(path) => state
-            .usage
-            .persist(|c| follow::write_checkpoint(path, c))
-            .map(|(report, _)| report),
-        None => Ok(state.usage.report()),
+    let report = tokio::task::spawn_blocking(move || {
+        match &state.checkpoint {
+            Some(path) => state
+                .usage
+                .persist(|c| follow::write_checkpoint(path, c))
+                .map(|(report, _)| report),
+            None => Ok(state.usage.report()),
+        }
+        .map(|mut report| {
+            report.leases = state.leases.as_ref().and_then(|l| l.holding(&state.usage));
+            report
+        })
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -148,10 +156,34 @@ async fn ack(
     }
 }
 
+/// `POST /usage/lease` (JSON [`crate::usage::lease::Lease`]): the operator leader's grants for
+/// this Pod's Envoy, written for its admission filter. 409 when they are for another Envoy
+/// process than the one running.
+async fn lease(
+    State(state): State<Arc<ManagerState>>,
+    axum::Json(lease): axum::Json<crate::usage::lease::Lease>,
+) -> (StatusCode, String) {
+    let Some(leases) = &state.leases else {
+        return (StatusCode::NOT_FOUND, "no admission here\n".into());
+    };
+    match leases.grant(lease) {
+        Ok(()) => (StatusCode::NO_CONTENT, String::new()),
+        Err(e @ super::leases::LeaseError::OtherProcess { .. }) => {
+            (StatusCode::CONFLICT, format!("{e}\n"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the operator's lease");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+    }
+}
+
 /// Path of the cumulative counts budgets are counted from.
 pub const USAGE_PATH: &str = objects::USAGE_PATH;
 /// Path of their acknowledgement.
 pub const USAGE_ACK_PATH: &str = objects::USAGE_ACK_PATH;
+/// Path of the leases.
+pub const USAGE_LEASE_PATH: &str = objects::USAGE_LEASE_PATH;
 
 /// Path of the usage metrics.
 pub const METRICS_PATH: &str = "/metrics";
@@ -169,6 +201,7 @@ fn usage_router(state: Arc<ManagerState>) -> Router {
     Router::new()
         .route(USAGE_PATH, get(usage))
         .route(USAGE_ACK_PATH, axum::routing::post(ack))
+        .route(USAGE_LEASE_PATH, axum::routing::post(lease))
         .with_state(state)
 }
 
@@ -212,6 +245,11 @@ pub async fn serve_manager(
         ready_timeout: opts.ready_timeout,
         stopping: AtomicBool::new(false),
         logged: AtomicBool::new(false),
+        leases: opts
+            .usage_log
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .map(super::leases::Leases::new),
     });
     // The usage endpoint outlives the manager's port: a stopping sidecar waits for the operator
     // to read and acknowledge its last counts there.

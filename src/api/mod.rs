@@ -310,6 +310,13 @@ pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens: Option<u64>,
+    /// For a route's `tokens` budget: the completion tokens a request may ask for when it sets
+    /// no `max_tokens`, `max_completion_tokens` or `max_output_tokens`. The gateway writes it into
+    /// such a request as its limit, so that what it reserves at admission holds (requests are
+    /// admitted only while what they may cost fits what is left). Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_completion_tokens: Option<u64>,
     /// Cost per period at the backends' `cost` prices, as a decimal string in their currency (for
     /// example `"50.00"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -769,6 +769,19 @@ fn request_checker(opts: &EnvoyOptions) -> Option<Value> {
     module_filter(opts, REQUEST_FILTER, &REQUEST_BUFFER_LIMIT.to_string())
 }
 
+/// Admission against leased budgets (the same module's `admission` filter, after the front Lua:
+/// only requests with their route's key reserve): a request of a route with a token budget is
+/// forwarded only while this Envoy's reservations fit the grant the operator leased it, else
+/// answered 429 (`sse-usage/src/admission.rs`, docs/design/usage.md). Its configuration is the
+/// directory it shares with the sidecar (the usage log's); none without a usage log.
+fn admission(opts: &EnvoyOptions) -> Option<Value> {
+    let dir = std::path::Path::new(&opts.usage_log).parent()?.to_str()?;
+    if opts.usage_log.is_empty() || dir.is_empty() {
+        return None;
+    }
+    module_filter(opts, ADMISSION_FILTER, dir)
+}
+
 /// A filter of llmroute's module; none without a module (`usage_module` empty).
 fn module_filter(opts: &EnvoyOptions, name: &str, config: &str) -> Option<Value> {
     (!opts.usage_module.is_empty()).then(|| {
@@ -794,6 +807,7 @@ fn module_filter(opts: &EnvoyOptions, name: &str, config: &str) -> Option<Value>
 pub const SSE_USAGE_MODULE_FILE: &str = "libllmroute_sse_usage.so";
 const SSE_USAGE_FILTER: &str = "sse_usage";
 const REQUEST_FILTER: &str = "request";
+const ADMISSION_FILTER: &str = "admission";
 
 /// How much of a request or an answer the front listener may hold: the request module reads
 /// request bodies whole (up to [`REQUEST_BUFFER_LIMIT`]: this leaves room for Envoy's last read
@@ -825,6 +839,7 @@ fn front_filters(opts: &EnvoyOptions) -> Vec<Value> {
             "{}{LUA_FRONT}",
             front_lua_prelude(opts)
         ))),
+        admission(opts),
         usage_from_sse(opts),
         Some(router_filter()),
     ]
@@ -1102,6 +1117,7 @@ fn front_route<'a>(route: &'a RouteIr, key: &'a str) -> shapes::FrontRoute<'a> {
             })),
             endpoints: &route.endpoints,
             operations: &route.operations,
+            lease_required: route.lease_required,
         }),
         request_body_buffer_limit: FRONT_REQUEST_BUFFER_LIMIT,
         request_headers_to_add: [shapes::HeaderToAdd::overwrite(ROUTE_HEADER, &route.name)],

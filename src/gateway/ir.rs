@@ -48,6 +48,9 @@ pub struct RouteIr {
     pub failover_on: BTreeSet<FailureClass>,
     /// Why the route's budget admits no request now: the gateway answers 429 with it.
     pub over_budget: Option<String>,
+    /// The route has a token budget with `onUnknownUsage: Deny`: a replica that holds no lease of
+    /// it yet refuses its requests (with `Allow`, it admits them until its first lease).
+    pub lease_required: bool,
     /// The OpenAI operations some programmed backend serves (`chat/completions`, `embeddings`...).
     pub endpoints: Vec<&'static str>,
     /// Per logical model, the provider model every embeddings request must be answered with
@@ -438,6 +441,9 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
         idle_timeout_ms: duration_ms(&timeouts.idle)?,
         failover_on: route.spec.policy.failover_on.iter().copied().collect(),
         over_budget: None,
+        lease_required: route.spec.policy.budget.as_ref().is_some_and(|b| {
+            b.tokens.is_some() && b.on_unknown_usage == crate::api::UnknownUsage::Deny
+        }),
         endpoints: {
             let served: BTreeSet<crate::catalog::Endpoint> = accounts
                 .values()

@@ -217,6 +217,10 @@ pub struct FrontMetadata<'a> {
     /// route opts in to none.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub operations: &'a BTreeMap<&'static str, u64>,
+    /// Present (true) when a replica without a lease of the route's token budget refuses its
+    /// requests (`onUnknownUsage: Deny`): the front Lua tells the admission filter.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub lease_required: bool,
 }
 
 // ---- account listener routes ----
@@ -387,6 +391,7 @@ mod front_metadata_tests {
             backends: String::new(),
             endpoints: &["chat/completions"],
             operations,
+            lease_required: false,
         })
         .unwrap()
     }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod leader;
+pub mod leases;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::context::{Context, now_ms, stored_ledger};
+use super::leases::Known;
 use crate::api::LLMRoute;
 use crate::gateway::objects::{self, USAGE_OF_LABEL, USAGE_SHARD_LABEL};
 use crate::usage::ledger::{Ledger, Period, Periods, Report, RouteTotals};
@@ -96,6 +97,8 @@ pub async fn collect(
     // The first failure of each thing usage depends on, while it lasts: reading a connected
     // replica (namespace, node) or storing a namespace's ledger (namespace, "").
     let mut failing: HashMap<(String, String), Failure> = HashMap::new();
+    // What each replica's admission last reported, by namespace and node (leases).
+    let mut admission: HashMap<String, BTreeMap<String, Known>> = HashMap::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -137,6 +140,19 @@ pub async fn collect(
                         let ack = (source.2, r.boot.clone(), r.seq);
                         readers.entry(source.0.clone()).or_default().push(ack);
                     }
+                    if let Some(holding) = r.leases.clone() {
+                        let nodes = admission.entry(source.0.clone()).or_default();
+                        let known = nodes.entry(source.1.clone()).or_insert_with(|| Known {
+                            addr: source.2,
+                            holding: holding.clone(),
+                            asked: BTreeMap::new(),
+                        });
+                        if known.holding.boot != holding.boot {
+                            known.asked.clear();
+                        }
+                        known.addr = source.2;
+                        known.holding = holding;
+                    }
                     reports.entry(source.0).or_default().push((source.1, r));
                 }
                 Err(e) => {
@@ -165,6 +181,7 @@ pub async fn collect(
         let namespaces: HashSet<String> = reports
             .keys()
             .cloned()
+            .chain(admission.keys().cloned())
             .chain(
                 held.iter()
                     .filter(|(_, shards)| shards.values().any(|h| h.dirty))
@@ -173,7 +190,11 @@ pub async fn collect(
             .collect();
         for ns in namespaces {
             let list = reports.remove(&ns).unwrap_or_default();
-            let stored = match update(&ctx, &mut held, &ns, &list).await {
+            let updated = update(&ctx, &mut held, &ns, &list).await;
+            if let Some(nodes) = admission.get_mut(&ns) {
+                lease(&ctx, &reader, &held, &ns, nodes, interval).await;
+            }
+            let stored = match updated {
                 Ok(stored) => {
                     failing.remove(&(ns.clone(), String::new()));
                     stored
@@ -206,12 +227,55 @@ pub async fn collect(
             }
         }
         sweep(&ctx, &mut held).await;
+        // Replicas gone and not read any more: their admission is forgotten (what they held
+        // counted until then).
+        super::leases::keep_only(&mut admission, &|ns, node| {
+            connected
+                .iter()
+                .chain(leaving.keys())
+                .any(|(n, d, _)| n == ns && d == node)
+        });
         // Replicas gone: what they did not answer no longer makes anything stale.
         failing.retain(|(ns, node), _| {
             node.is_empty() || connected.iter().any(|(n, d, _)| n == ns && d == node)
         });
         report_unknown(&ctx, &failing, interval, &changed);
     }
+}
+
+/// Sends the namespace's replicas their leases (docs/design/usage.md, "Admission control"),
+/// computed from the ledger as this leader holds it (stored or not: the counts it has read).
+async fn lease(
+    ctx: &Context,
+    reader: &super::usage_read::UsageReader,
+    held: &HashMap<String, Shards>,
+    ns: &str,
+    nodes: &mut BTreeMap<String, Known>,
+    interval: Duration,
+) {
+    let routes: Vec<Arc<LLMRoute>> = ctx
+        .caches
+        .routes
+        .state()
+        .into_iter()
+        .filter(|r| r.namespace().as_deref() == Some(ns))
+        .collect();
+    // Without the ledger (not read yet), nothing is known to be left: replicas keep their leases.
+    let Some(shards) = held.get(ns) else {
+        return;
+    };
+    let shards = Some(shards);
+    let totals = |route: &str| -> Option<RouteTotals> {
+        let shard = shards?.get(&crate::usage::ledger::shard_of(route))?;
+        shard.ledger.routes.get(route).cloned()
+    };
+    let leases = super::leases::plan(&routes, &totals, nodes, ctx.opts.clock.now_ms(), interval);
+    futures::future::join_all(leases.iter().map(|(addr, lease)| async move {
+        if let Err(e) = reader.lease(ns, *addr, lease).await {
+            debug!(namespace = %ns, %addr, error = %e, "lease not delivered; the replica keeps its last one");
+        }
+    }))
+    .await;
 }
 
 /// The first failure of something usage depends on.

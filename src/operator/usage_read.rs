@@ -85,7 +85,29 @@ impl UsageReader {
         seq: u64,
     ) -> Result<(), String> {
         let body = serde_json::json!({ "boot": boot, "seq": seq }).to_string();
-        let request = http::Request::post(objects::USAGE_ACK_PATH)
+        self.post(ns, addr, objects::USAGE_ACK_PATH, body).await
+    }
+
+    /// Sends a replica its lease (`POST /usage/lease`).
+    pub async fn lease(
+        &self,
+        ns: &str,
+        addr: SocketAddr,
+        lease: &crate::usage::lease::Lease,
+    ) -> Result<(), String> {
+        let body = serde_json::to_string(lease).map_err(|e| e.to_string())?;
+        self.post(ns, addr, objects::USAGE_LEASE_PATH, body).await
+    }
+
+    /// `POST` of a JSON body; any answer but a success is an error.
+    async fn post(
+        &self,
+        ns: &str,
+        addr: SocketAddr,
+        path: &str,
+        body: String,
+    ) -> Result<(), String> {
+        let request = http::Request::post(path)
             .header(http::header::HOST, addr.to_string())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))

@@ -67,6 +67,9 @@ pub struct Report {
     /// acknowledges only when this is behind `seq`.
     #[serde(default)]
     pub acked: u64,
+    /// What the replica's Envoy holds of leased budgets (admission), read after the counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<super::lease::Holding>,
 }
 
 impl Report {
@@ -79,6 +82,7 @@ impl Report {
                 counts: Counts::new(),
                 seq: self.seq,
                 acked: self.acked,
+                leases: None,
             });
             part.counts.insert(route.clone(), counts.clone());
         }
@@ -388,6 +392,7 @@ mod tests {
             boot: boot.into(),
             seq: 1,
             acked: 0,
+            leases: None,
             counts: (0..10_000)
                 .map(|i| {
                     let b = backends.iter().map(|b| {
@@ -437,6 +442,7 @@ mod tests {
             acked: 0,
             boot: boot.into(),
             counts: Counts::new(),
+            leases: None,
         };
         for (route, backend, tokens, cost) in counts {
             r.counts.entry(route.to_string()).or_default().insert(

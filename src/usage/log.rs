@@ -32,6 +32,9 @@ pub const USAGE_KEY: &str = "usage";
 /// Key of a printed line naming the model the gateway asked the provider for
 /// ([`Answer::provider_model`]).
 pub const PROVIDER_MODEL_KEY: &str = "provider_model";
+/// Key of [`METADATA_NAMESPACE`] (and of a line) holding what admission reserved for the request:
+/// `<boot> <tokens>` (`sse-usage/src/admission.rs`); settled when the line is counted.
+pub const RESERVED_KEY: &str = "reserved";
 
 /// The counts a printed line has in place of the usage object's text, by key.
 const COUNT_KEYS: [&str; 4] = [
@@ -62,6 +65,7 @@ pub fn format() -> Value {
         "request_bytes": "%BYTES_RECEIVED%",
         "answer_bytes": "%BYTES_SENT%",
         USAGE_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{USAGE_KEY})%"),
+        RESERVED_KEY: format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:{RESERVED_KEY})%"),
     })
 }
 
@@ -109,7 +113,14 @@ pub fn answer_of(fields: &serde_json::Map<String, Value>) -> Answer {
         status,
         failure: text("failure"),
         backend,
+        reserved: reserved_of(&text(RESERVED_KEY)),
     }
+}
+
+/// A line's reservation, `<boot> <tokens>`.
+fn reserved_of(text: &str) -> Option<(String, u64)> {
+    let (boot, tokens) = text.split_once(' ')?;
+    Some((boot.to_string(), tokens.parse().ok()?))
 }
 
 /// The usage of a line, or the gateway's estimate ([`Usage::estimate`]) of a successful answer of
@@ -136,7 +147,22 @@ fn usage_or_estimate(fields: &serde_json::Map<String, Value>, status: u32, backe
         Some(Value::String(s)) => s.parse().unwrap_or(0),
         _ => 0,
     };
-    Usage::estimate(bytes("request_bytes"), bytes("answer_bytes"), completion)
+    let mut estimate = Usage::estimate(bytes("request_bytes"), bytes("answer_bytes"), completion);
+    // Admission reserved an upper bound of what the request can cost (its body's bytes and its
+    // completion limit): a guess from bytes never counts more than that.
+    let reserved = fields
+        .get(RESERVED_KEY)
+        .and_then(Value::as_str)
+        .and_then(reserved_of);
+    if let Some((_, reserved)) = reserved
+        && estimate.budgeted() > reserved
+    {
+        let prompt = estimate.prompt.unwrap_or(0).min(reserved);
+        estimate.prompt = Some(prompt);
+        estimate.completion = Some(reserved - prompt);
+        estimate.total = Some(reserved);
+    }
+    estimate
 }
 
 /// The usage of a line: the provider's usage object, as Envoy logged it (its text).
@@ -199,8 +225,24 @@ mod tests {
                     input: 0.27,
                     output: 1.1
                 }),
+                reserved: None,
             }
         );
+        let reserved = answer(br#"{"route":"chat","status":200,"reserved":"1f2e 4242"}"#).unwrap();
+        assert_eq!(reserved.reserved, Some(("1f2e".into(), 4242)));
+        // An estimate never counts more than the request's reservation.
+        let line = |reserved: &str| {
+            format!(
+                r#"{{"route":"chat","backend":"b","path":"/chat/v1/chat/completions","status":200,"request_bytes":400,"answer_bytes":4000,"reserved":"{reserved}"}}"#
+            )
+        };
+        let capped = answer(line("1f2e 300").as_bytes()).unwrap().usage;
+        assert_eq!(
+            (capped.prompt, capped.completion, capped.total),
+            (Some(100), Some(200), Some(300))
+        );
+        let under = answer(line("1f2e 9000").as_bytes()).unwrap().usage;
+        assert_eq!(under.total, Some(1100));
         // An answer of the gateway itself: nulls everywhere but the route and status.
         let own = answer(br#"{"backend":null,"failure":null,"model":null,"backends":null,"route":"chat","status":200,"usage":null}"#).unwrap();
         assert_eq!(own.backend, "");

@@ -7,6 +7,7 @@
 //! Counters are cumulative per Pod (Prometheus sums the replicas: `sum by (route)`); why they live
 //! here and not in Envoy's own stats is in docs/design/usage.md.
 
+pub mod lease;
 pub mod ledger;
 pub mod log;
 
@@ -35,6 +36,9 @@ pub struct Answer {
     pub usage: Usage,
     /// The answering backend's price, when its route gives one (`spec.backends[].cost`).
     pub price: Option<Price>,
+    /// What admission reserved for the request: the Envoy process's boot id and the tokens
+    /// (`sse-usage/src/admission.rs`); settled when the answer is counted.
+    pub reserved: Option<(String, u64)>,
 }
 
 /// Price per million input (prompt) and output (completion) tokens, in the route's currency.

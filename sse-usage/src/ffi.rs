@@ -30,6 +30,13 @@
 //!   namespace and key from registers and the value from the stack: structs, not pointer/length
 //!   pairs, which would put the value's pointer in a register).
 //!
+//! - `envoy_dynamic_module_callback_http_send_response(filter, status, headers*, count, body,
+//!   details)`: the disassembly of the pinned binary takes the filter in the first register, the
+//!   status in the second (as 16 bits), the header array and its count in the third and fourth,
+//!   the body as a `{ptr, length}` buffer by value in the fifth and sixth registers, and the
+//!   details buffer from the stack (an empty one becomes `dynamic_module`); each header is
+//!   `{key_ptr, key_len, value_ptr, value_len}` like the one `get_headers` fills.
+//!
 //! Envoy resolves every `envoy_dynamic_module_on_http_filter_*` event hook below when it loads
 //! the filter's configuration (missing ones fail the listener); the ones this module has no use
 //! for do nothing.
@@ -38,6 +45,7 @@
 
 use std::ffi::{c_char, c_void};
 
+use crate::admission::{Verdict, shared};
 use crate::request::{self, Operation, Stream};
 use crate::scan::UsageScanner;
 
@@ -89,6 +97,16 @@ const STOP_AND_BUFFER: u32 = 1;
 const VERDICT: &[u8] = b"x-llmroute-request";
 const MODEL: &[u8] = b"x-llmroute-model";
 const STREAM: &[u8] = b"x-llmroute-stream";
+/// And to the admission filter: what the request may cost, in tokens ([`request::Checked::estimate`]),
+/// empty when it has no bound (an uncapped request of a route that is not leased).
+const ESTIMATE: &[u8] = b"x-llmroute-estimate";
+/// Where the admission filter writes what it reserved for an admitted request
+/// (`<boot> <tokens>`), which the usage log carries to the sidecar (settled when counted).
+const RESERVED_KEY: &[u8] = b"reserved";
+/// What the front Lua tells the admission filter of a route whose token budget says
+/// `onUnknownUsage: Deny`: `required` (a replica without a lease of it refuses). The request
+/// filter dropped a client's own (it is not in [`request::REQUEST_HEADERS`]).
+const LEASE: &[u8] = b"x-llmroute-lease";
 
 /// The backend listener's mark on an answer whose provider the gateway asked for a stream's usage
 /// (`src/gateway/lua/backend.lua`): the client did not ask, so its usage-only event is taken out.
@@ -109,10 +127,23 @@ const KEY: &[u8] = b"usage";
 /// Envoy only warns on a difference.
 static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
+/// The module's filters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `request`: checks request bodies (first on the front listener).
+    Request,
+    /// `sse_usage`: reads the usage of streamed answers.
+    SseUsage,
+    /// `admission`: admits requests of leased routes (after the front Lua, which checks the key).
+    Admission,
+}
+
 /// A filter's configuration: which of the module's filters, and for `request` the largest body
-/// it reads (its configuration string, in bytes; larger bodies are refused with 413).
+/// it reads (its configuration string, in bytes; larger bodies are refused with 413). The
+/// `admission` filter's configuration is the directory it exchanges grants and reservations in
+/// with the Pod's sidecar (`crate::admission`).
 struct Config {
-    request: bool,
+    kind: Kind,
     max_body: usize,
 }
 
@@ -162,6 +193,14 @@ unsafe extern "C" {
         header_type: u32,
         result: *mut Header,
     ) -> bool;
+    fn envoy_dynamic_module_callback_http_send_response(
+        filter_envoy: *mut c_void,
+        status: u32,
+        headers: *const Header,
+        count: usize,
+        body: Buffer,
+        details: Buffer,
+    );
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
         filter: *mut c_void,
         namespace: Buffer,
@@ -185,16 +224,21 @@ extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 ) -> *const c_void {
     // SAFETY: Envoy's buffers, valid for the duration of the call.
     let (name, config) = unsafe { (bytes_of(name), bytes_of(config)) };
-    let request = match name {
-        b"request" => true,
-        b"sse_usage" => false,
+    let kind = match name {
+        b"request" => Kind::Request,
+        b"sse_usage" => Kind::SseUsage,
+        b"admission" => Kind::Admission,
         _ => return std::ptr::null(),
     };
-    let max_body = std::str::from_utf8(config)
-        .ok()
-        .and_then(|c| c.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX_BODY);
-    Box::into_raw(Box::new(Config { request, max_body })).cast()
+    let config = std::str::from_utf8(config).unwrap_or_default().trim();
+    if kind == Kind::Admission {
+        if config.is_empty() {
+            return std::ptr::null();
+        }
+        shared::start(config);
+    }
+    let max_body = config.parse().unwrap_or(DEFAULT_MAX_BODY);
+    Box::into_raw(Box::new(Config { kind, max_body })).cast()
 }
 
 #[unsafe(no_mangle)]
@@ -218,9 +262,9 @@ unsafe fn bytes_of<'a>(b: Buffer) -> &'a [u8] {
 
 /// One stream's state.
 struct Filter {
-    /// The `request` filter (the response hooks do nothing), or the `sse_usage` filter (the
-    /// request hooks do nothing).
-    request: bool,
+    /// The `request` filter (the response hooks do nothing), the `sse_usage` filter (the request
+    /// hooks do nothing) or the `admission` filter (request headers only).
+    kind: Kind,
     /// The `request` filter's: the operation whose body is being read, and the body's size so far.
     reading: Option<Operation>,
     max_body: usize,
@@ -243,7 +287,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_new(
     // Envoy has filters of it.
     let config = unsafe { &*config.cast::<Config>() };
     Box::into_raw(Box::new(Filter {
-        request: config.request,
+        kind: config.kind,
         reading: None,
         max_body: config.max_body,
         received: 0,
@@ -280,6 +324,19 @@ fn set_request_header(filter_envoy: *mut c_void, name: &[u8], value: &[u8]) {
             REQUEST_HEADERS,
             Buffer::of(name),
             Buffer::of(value),
+        );
+    }
+}
+
+/// Removes a request header.
+fn set_request_header_removed(filter_envoy: *mut c_void, name: &[u8]) {
+    // SAFETY: Envoy copies the name before returning; a null value removes the header.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(
+            filter_envoy,
+            REQUEST_HEADERS,
+            Buffer::of(name),
+            Buffer::EMPTY,
         );
     }
 }
@@ -331,6 +388,7 @@ fn tell(filter_envoy: *mut c_void, verdict: &[u8], model: &[u8], stream: &[u8]) 
     set_request_header(filter_envoy, VERDICT, verdict);
     set_request_header(filter_envoy, MODEL, model);
     set_request_header(filter_envoy, STREAM, stream);
+    set_request_header(filter_envoy, ESTIMATE, b"");
 }
 
 fn refuse(filter_envoy: *mut c_void, status: u16, code: &str, message: &str) {
@@ -347,6 +405,107 @@ fn refuse(filter_envoy: *mut c_void, status: u16, code: &str, message: &str) {
     );
 }
 
+/// The route a path names (`/<route>/v1/...`).
+fn route_of(path: &[u8]) -> Option<String> {
+    let rest = path.strip_prefix(b"/")?;
+    let end = rest.iter().position(|b| *b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok().map(str::to_string)
+}
+
+/// The admission filter (after the front Lua: the request has its route's key): a request of a
+/// leased route is admitted against the route's grant, what it reserves written for the usage
+/// log, or refused with an OpenAI-shaped 429 and `Retry-After`. A request the checker put no
+/// bound on (none of its body is read: an opted-in operation, a `GET`) reserves nothing.
+fn admit(filter_envoy: *mut c_void) -> u32 {
+    let estimate = request_header(filter_envoy, ESTIMATE);
+    let required = request_header(filter_envoy, LEASE).as_deref() == Some(b"required");
+    set_request_header_removed(filter_envoy, ESTIMATE);
+    set_request_header_removed(filter_envoy, LEASE);
+    let Some(route) = request_header(filter_envoy, b":path").and_then(|p| route_of(&p)) else {
+        return CONTINUE;
+    };
+    let estimate = estimate
+        .and_then(|e| std::str::from_utf8(&e).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let (verdict, boot, retry_after) = {
+        let mut state = shared::state();
+        let verdict = state.admit(&route, estimate);
+        (verdict, state.boot().to_string(), state.retry_after())
+    };
+    match verdict {
+        Verdict::NotLeased if required => {
+            let message = format!(
+                "llmroute: this gateway replica holds no lease of route '{route}''s token budget yet, and the budget says onUnknownUsage: Deny. Retry later."
+            );
+            too_many(filter_envoy, &message, retry_after, "usage_unknown");
+            STOP_ITERATION
+        }
+        Verdict::NotLeased => CONTINUE,
+        Verdict::Admitted(n) => {
+            let value = format!("{boot} {n}");
+            // SAFETY: Envoy's callback with the pointer it gave the running hook; it copies the
+            // three buffers before returning.
+            unsafe {
+                envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+                    filter_envoy,
+                    Buffer::of(NAMESPACE),
+                    Buffer::of(RESERVED_KEY),
+                    Buffer::of(value.as_bytes()),
+                );
+            }
+            CONTINUE
+        }
+        Verdict::Refused {
+            left,
+            retry_after,
+            resets_at,
+        } => {
+            let resets = if resets_at.is_empty() {
+                String::new()
+            } else {
+                format!(" The budget resets at {resets_at}.")
+            };
+            let message = format!(
+                "llmroute: route '{route}' has no budget left for this request: it may cost {estimate} tokens (its body's bytes plus its completion limit) and this gateway replica holds {left} of what is left of the route's token budget now. Retry later, or ask for fewer tokens (max_tokens).{resets}"
+            );
+            too_many(filter_envoy, &message, retry_after, "budget_exceeded");
+            STOP_ITERATION
+        }
+    }
+}
+
+/// Answers 429 in OpenAI's error shape (`insufficient_quota`, `code`) with `Retry-After` and
+/// `x-llmroute-failure: BudgetExhausted`.
+fn too_many(filter_envoy: *mut c_void, message: &str, retry_after: u64, code: &str) {
+    let mut body = br#"{"error":{"message":"#.to_vec();
+    request::json_string(message, &mut body);
+    body.extend_from_slice(br#","type":"insufficient_quota","param":null,"code":"#);
+    request::json_string(code, &mut body);
+    body.extend_from_slice(b"}}");
+    let retry = retry_after.to_string();
+    let headers = [
+        (b"content-type".as_slice(), b"application/json".as_slice()),
+        (b"retry-after", retry.as_bytes()),
+        (b"x-llmroute-failure", b"BudgetExhausted"),
+    ]
+    .map(|(k, v)| Header {
+        key: Buffer::of(k),
+        value: Buffer::of(v),
+    });
+    // SAFETY: Envoy's callback with the pointer it gave the running hook; the header array and
+    // the buffers outlive the call (Envoy copies them).
+    unsafe {
+        envoy_dynamic_module_callback_http_send_response(
+            filter_envoy,
+            429,
+            headers.as_ptr(),
+            headers.len(),
+            Buffer::of(&body),
+            Buffer::of(b"llmroute_budget_admission"),
+        );
+    }
+}
+
 /// A request's headers: a body of an operation the gateway reads is held until it is whole.
 #[unsafe(no_mangle)]
 extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
@@ -356,8 +515,10 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 ) -> u32 {
     // SAFETY: see `on_http_filter_response_body`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
-    if !state.request {
-        return CONTINUE;
+    match state.kind {
+        Kind::Request => {}
+        Kind::SseUsage => return CONTINUE,
+        Kind::Admission => return admit(filter_envoy),
     }
     // (Content-Encoding is not passed on: read it first.)
     let encoding = request_header(filter_envoy, b"content-encoding");
@@ -444,7 +605,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     for chunk in buffered.iter().chain(received.iter()) {
         body.extend_from_slice(chunk);
     }
-    match request::check(&body, op) {
+    let route = request_header(filter_envoy, b":path").and_then(|p| route_of(&p));
+    let cap = route.and_then(|r| shared::state().cap(&r));
+    match request::check_capped(&body, op, cap) {
         Err(r) => refuse(filter_envoy, r.status, r.code, &r.message),
         Ok(checked) => {
             // SAFETY: Envoy's callbacks; the slices read above are not used past this point.
@@ -469,6 +632,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
                 Stream::Asked => b"asked",
             };
             tell(filter_envoy, b"ok", checked.model.as_bytes(), stream);
+            if let Some(estimate) = checked.estimate() {
+                set_request_header(filter_envoy, ESTIMATE, estimate.to_string().as_bytes());
+            }
         }
     }
     CONTINUE
@@ -549,7 +715,10 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 ) -> u32 {
     // SAFETY: see `on_http_filter_response_body`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
-    if state.request {
+    if state.kind == Kind::Admission {
+        return CONTINUE;
+    }
+    if state.kind == Kind::Request {
         // Last on the way back (first in the chain): what the workload gets.
         keep_only(filter_envoy, RESPONSE_HEADERS, request::RESPONSE_HEADERS);
         return CONTINUE;
@@ -587,7 +756,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     // SAFETY: `filter` is the state this module made for the stream (`on_http_filter_new`),
     // used by the one worker that runs the stream and freed only in `on_http_filter_destroy`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
-    if state.request {
+    if state.kind != Kind::SseUsage {
         return CONTINUE;
     }
     let (scanner, out) = (&mut state.scanner, &mut state.out);

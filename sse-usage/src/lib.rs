@@ -18,6 +18,7 @@
 //! - [`request`], [`scan`]: the request checker and the stream scanner, pure and unit-tested.
 //! - `ffi`: the C ABI of Envoy 1.40.0's dynamic modules that Envoy calls.
 
+pub mod admission;
 pub mod request;
 pub mod scan;
 

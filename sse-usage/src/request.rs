@@ -88,7 +88,26 @@ pub struct Checked {
     pub body: Vec<u8>,
     pub model: String,
     pub stream: Stream,
+    /// The most completion tokens the request may cost, as it sets them (`max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`, times `n` or `best_of`) or as the gateway
+    /// capped it; none for an uncapped request (and 0 for embeddings, which complete nothing).
+    pub completion_limit: Option<u64>,
 }
+
+impl Checked {
+    /// What admission reserves for the request (`crate::admission`): its body's bytes, an upper
+    /// bound of its prompt tokens for text (a token is at least one byte of the text it stands
+    /// for, and the body holds the text and more), plus its completion limit.
+    pub fn estimate(&self) -> Option<u64> {
+        Some((self.body.len() as u64).saturating_add(self.completion_limit?))
+    }
+}
+
+/// Members that limit a request's completion tokens; the first is the one the gateway writes
+/// (`max_output_tokens` for the Responses API).
+const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+/// Members that multiply it (choices per request).
+const CHOICES: [&str; 2] = ["n", "best_of"];
 
 /// Why a body is refused: the HTTP status, an OpenAI-style error code and a message for the
 /// workload (no byte of the body in it beyond a key's name, cut short).
@@ -111,12 +130,38 @@ impl Refusal {
 
 /// Checks a request body of `operation` and writes it in its canonical form.
 pub fn check(body: &[u8], operation: Operation) -> Result<Checked, Refusal> {
+    check_capped(body, operation, None)
+}
+
+/// [`check`], and with `cap`, a request that sets no completion limit gets one: `cap` written as
+/// `max_tokens` (`max_output_tokens` for the Responses API), a `null` limit replaced.
+pub fn check_capped(
+    body: &[u8],
+    operation: Operation,
+    cap: Option<u64>,
+) -> Result<Checked, Refusal> {
     let members = parse_object(body)?;
     let mut model = None;
     let mut stream = false;
     let mut asked = false;
+    let mut limit: Option<u64> = None;
+    let mut choices = 1u64;
     for (key, value) in &members {
+        let count = |value: &RawValue| -> Result<Option<u64>, Refusal> {
+            match value.get() {
+                "null" => Ok(None),
+                v => v.parse::<u64>().map(Some).map_err(|_| {
+                    Refusal::invalid(format!("'{key}' must be a non-negative integer."))
+                }),
+            }
+        };
         match key.as_str() {
+            k if LIMITS.contains(&k) => {
+                if let Some(n) = count(value)? {
+                    limit = Some(limit.unwrap_or(0).max(n));
+                }
+            }
+            k if CHOICES.contains(&k) => choices = choices.max(count(value)?.unwrap_or(1)),
             "model" => model = Some(model_of(value)?),
             "stream" => {
                 stream = match value.get() {
@@ -147,8 +192,18 @@ pub fn check(body: &[u8], operation: Operation) -> Result<Checked, Refusal> {
     if stream != Stream::No {
         out.extend_from_slice(STREAM_OPTIONS);
     }
+    let completes = operation != Operation::Embeddings;
+    let capped = completes && limit.is_none() && cap.is_some();
+    if let (true, Some(cap)) = (capped, cap) {
+        let key = match operation {
+            Operation::Responses => LIMITS[2],
+            _ => LIMITS[0],
+        };
+        out.extend_from_slice(format!(",\"{key}\":{cap}").as_bytes());
+        limit = Some(cap);
+    }
     for (key, value) in &members {
-        if key == "model" || key == "stream_options" {
+        if key == "model" || key == "stream_options" || (capped && LIMITS.contains(&key.as_str())) {
             continue;
         }
         out.push(b',');
@@ -157,10 +212,16 @@ pub fn check(body: &[u8], operation: Operation) -> Result<Checked, Refusal> {
         out.extend_from_slice(value.get().as_bytes());
     }
     out.push(b'}');
+    let completion_limit = if completes {
+        limit.map(|l| l.saturating_mul(choices))
+    } else {
+        Some(0)
+    };
     Ok(Checked {
         body: out,
         model,
         stream,
+        completion_limit,
     })
 }
 
@@ -410,6 +471,82 @@ mod tests {
 
     fn text(c: &Checked) -> &str {
         std::str::from_utf8(&c.body).unwrap()
+    }
+
+    #[test]
+    fn completion_limits_are_read_capped_and_multiplied_by_choices() {
+        let c = ok(
+            r#"{"model":"m","max_tokens":100,"n":3}"#,
+            Operation::ChatCompletions,
+        );
+        assert_eq!(c.completion_limit, Some(300));
+        assert_eq!(c.estimate(), Some(c.body.len() as u64 + 300));
+        let uncapped = ok(
+            r#"{"model":"m","max_tokens":null}"#,
+            Operation::ChatCompletions,
+        );
+        assert_eq!(
+            (uncapped.completion_limit, uncapped.estimate()),
+            (None, None)
+        );
+        // A cap replaces a null limit and is written where each API reads it.
+        let capped = check_capped(
+            br#"{"model":"m","max_tokens":null,"messages":[]}"#,
+            Operation::ChatCompletions,
+            Some(64),
+        )
+        .unwrap();
+        assert_eq!(
+            text(&capped),
+            r#"{"model":"m","max_tokens":64,"messages":[]}"#
+        );
+        assert_eq!(capped.completion_limit, Some(64));
+        let responses = check_capped(
+            br#"{"model":"m","input":"hi"}"#,
+            Operation::Responses,
+            Some(64),
+        );
+        assert_eq!(
+            text(&responses.unwrap()),
+            r#"{"model":"m","max_output_tokens":64,"input":"hi"}"#
+        );
+        // A limit the request sets is kept, the cap not applied; embeddings complete nothing.
+        let own = check_capped(
+            br#"{"model":"m","max_completion_tokens":5}"#,
+            Operation::ChatCompletions,
+            Some(64),
+        )
+        .unwrap();
+        assert_eq!(
+            (text(&own), own.completion_limit),
+            (r#"{"model":"m","max_completion_tokens":5}"#, Some(5))
+        );
+        let emb = check_capped(
+            br#"{"model":"m","input":"x"}"#,
+            Operation::Embeddings,
+            Some(64),
+        )
+        .unwrap();
+        assert_eq!(
+            (text(&emb), emb.completion_limit),
+            (r#"{"model":"m","input":"x"}"#, Some(0))
+        );
+        // A limit that is not a count is refused (it could not be held to).
+        for body in [
+            r#"{"model":"m","max_tokens":"9"}"#,
+            r#"{"model":"m","max_tokens":-1}"#,
+            r#"{"model":"m","n":1.5}"#,
+            r#"{"model":"m","max_output_tokens":1e9}"#,
+        ] {
+            assert_eq!(refused(body.as_bytes()).status, 400, "{body}");
+        }
+        // Huge values saturate, never wrap.
+        let huge = ok(
+            r#"{"model":"m","max_tokens":18446744073709551615,"n":2}"#,
+            Operation::ChatCompletions,
+        );
+        assert_eq!(huge.completion_limit, Some(u64::MAX));
+        assert_eq!(huge.estimate(), Some(u64::MAX));
     }
 
     #[test]

@@ -210,6 +210,42 @@ impl Stack {
         .await
     }
 
+    /// Waits until the gateway's Envoy holds a lease of `route`'s token budget (admission), and
+    /// returns what it holds.
+    pub async fn leased(&self, route: &str) -> llmroute::usage::lease::Held {
+        let held = eventually(
+            Duration::from_secs(20),
+            &format!("route {route} leased"),
+            || async {
+                let report = self.sidecar_usage().await;
+                report
+                    .leases?
+                    .routes
+                    .get(route)
+                    .filter(|h| h.granted > 0)
+                    .copied()
+            },
+        )
+        .await;
+        // The sidecar wrote it; Envoy's module loads it within 200 ms.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held
+    }
+
+    /// Waits until the gateway's Envoy no longer holds a lease of `route` (its token budget went).
+    pub async fn not_leased(&self, route: &str) {
+        eventually(
+            Duration::from_secs(20),
+            &format!("route {route} released"),
+            || async {
+                let report = self.sidecar_usage().await;
+                (!report.leases?.routes.contains_key(route)).then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     /// The operator's xDS CA (the Secret `llmroute-xds-ca` of the test's namespace).
     pub async fn xds_authority(&self) -> llmroute::xds::tls::Authority {
         let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =

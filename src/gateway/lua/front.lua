@@ -56,6 +56,9 @@ function envoy_on_request(handle)
   local verdict = headers:get("x-llmroute-request")
   headers:remove("x-llmroute-request")
   headers:remove("authorization")
+  -- The admission filter (after this one) refuses a request of a route whose token budget says
+  -- onUnknownUsage: Deny while this replica holds no lease of it (sse-usage/src/admission.rs).
+  if md:get("lease_required") then headers:replace("x-llmroute-lease", "required") end
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
   local op = path:match("^/[^/]+/v1/([^?#]*)") or ""

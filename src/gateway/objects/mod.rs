@@ -87,6 +87,8 @@ pub const SHUTDOWN_READY_PATH: &str = "/shutdown/ready";
 pub const USAGE_PATH: &str = "/usage";
 /// Path the operator leader acknowledges the counts it stored at (`POST`, JSON `{boot, seq}`).
 pub const USAGE_ACK_PATH: &str = "/usage/ack";
+/// Path of the leases of budgets to the replica's admission (`POST`, over the same TLS).
+pub const USAGE_LEASE_PATH: &str = "/usage/lease";
 /// Where the sidecar's emptyDir holding the drain state is mounted.
 pub const SHUTDOWN_STATE_DIR: &str = "/var/run/llmroute-shutdown";
 
