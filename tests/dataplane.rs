@@ -1202,6 +1202,104 @@ async fn admission_holds_a_budget_under_concurrent_streams() {
     );
 }
 
+/// Rate limits per route: with `requestsPerMinute: 6` the gateway's replica (holding the whole
+/// limit as its share) serves 6 requests at once and answers the next 429 in OpenAI's shape
+/// (`type: requests`, `code: rate_limit_exceeded`) with `Retry-After` (a request per 10 s), without
+/// a call to the provider. With `tokensPerMinute`, each request takes what it may cost and gets
+/// back what its answer did not use once counted: refused while the minute's share is taken, served
+/// again a second or two later without waiting for the minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after_and_give_back_unused_tokens() {
+    let mut s = Stack::start("dp-rate", "us").await;
+    s.start_sidecar();
+    let zhipu = s
+        .provider("zhipu", SimProvider::Zhipu, "zhipu-key-0001")
+        .await;
+    let backends = [backend("zhipu", &zhipu, "glm-4-flash", "")];
+    s.ns.apply(&route(
+        "paced",
+        "    rateLimit: { requestsPerMinute: 6 }\n",
+        &backends,
+    ));
+    s.ns.apply(&route(
+        "tokened",
+        "    rateLimit: { tokensPerMinute: 600, maxCompletionTokens: 16 }\n",
+        &backends,
+    ));
+    let paced = s.serve("paced").await;
+    let tokened = s.serve("tokened").await;
+    s.rate_leased("paced").await;
+    s.rate_leased("tokened").await;
+    let body =
+        serde_json::json!({ "model": "chat", "messages": [{ "role": "user", "content": "hi" }] });
+    let send = |w: &support::e2e::Workload| {
+        let (w, body) = (w.clone(), body.clone());
+        async move {
+            let r = w.chat_json(&body).await.unwrap();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), retry, r.text().await.unwrap())
+        }
+    };
+
+    let before = zhipu.request_count();
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(send(&paced).await);
+    }
+    let served = answers
+        .iter()
+        .filter(|(status, _, _)| *status == 200)
+        .count();
+    assert_eq!(served, 6, "{answers:?}");
+    assert_eq!(
+        zhipu.request_count() - before,
+        6,
+        "refused requests reached the provider"
+    );
+    let (status, retry, text) = answers.last().unwrap();
+    assert_eq!(*status, 429);
+    let paced_retry: u64 = retry.as_deref().unwrap().parse().unwrap();
+    assert!((1..=10).contains(&paced_retry), "Retry-After {paced_retry}");
+    let error: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded", "{text}");
+    assert_eq!(error["error"]["type"], "requests", "{text}");
+
+    // Tokens: each request may cost about 110 (its body and 16 completion tokens) and costs 4.
+    let mut refused = None;
+    let mut served = 0;
+    for _ in 0..40 {
+        let (status, retry, text) = send(&tokened).await;
+        if status == 429 {
+            refused = Some((retry, text));
+            break;
+        }
+        assert_eq!(status, 200, "{text}");
+        served += 1;
+    }
+    let (retry, text) = refused.expect("the tokens per minute never refused");
+    assert!(retry.is_some(), "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["type"], "tokens", "{text}");
+    // What the answers did not use comes back within seconds (the minute's refill of one request
+    // would take 11 s).
+    let refused_at = Instant::now();
+    support::cluster::eventually(
+        Duration::from_secs(10),
+        "served again once unused tokens were given back",
+        || async { (send(&tokened).await.0 == 200).then_some(()) },
+    )
+    .await;
+    println!(
+        "rate limits: 6 of 10 requests served at 6/min (Retry-After {paced_retry}); {served} requests \
+         at 600 tokens/min before a 429, served again {:.1} s later",
+        refused_at.elapsed().as_secs_f64()
+    );
+    assert!(refused_at.elapsed() < Duration::from_secs(6));
+}
+
 /// A gateway Pod killed outright (Envoy and its sidecar SIGKILLed, its emptyDir gone: no drain, no
 /// last read) loses from the ledger only what it served after the leader's last read of it: at most
 /// one usage interval (1 s here), the access log's 1 s flush and the sidecar's 0.2 s poll of it. Traffic runs until the kill; the

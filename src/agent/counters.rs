@@ -78,6 +78,10 @@ pub struct Checkpoint {
 pub struct Settled {
     pub boot: String,
     pub routes: BTreeMap<String, u64>,
+    /// What the answers did not use of their reservations (given back to tokens-per-minute
+    /// buckets), per route.
+    #[serde(default)]
+    pub refunded: BTreeMap<String, u64>,
 }
 
 /// The gateway Pod's usage counters.
@@ -256,6 +260,16 @@ impl UsageCounters {
         }
     }
 
+    /// What the counted lines of Envoy process `boot` reserved and did not use, per route.
+    pub fn refunded(&self, boot: &str) -> BTreeMap<String, u64> {
+        let r = self.report.lock().expect("usage report");
+        if r.settled.boot == boot {
+            r.settled.refunded.clone()
+        } else {
+            BTreeMap::new()
+        }
+    }
+
     /// Whether answers were counted since the counts were last acknowledged (or ever, when `ever`).
     pub fn unread(&self, ever: bool) -> bool {
         let r = self.report.lock().expect("usage report");
@@ -351,10 +365,16 @@ fn add_to_report(reported: &mut Reported, answer: &Answer) {
             // A new Envoy process: the log is in order, the earlier one's lines are all counted.
             *settled = Settled {
                 boot: boot.clone(),
-                routes: BTreeMap::new(),
+                ..Settled::default()
             };
         }
         *settled.routes.entry(answer.route.clone()).or_default() += tokens;
+        let used = if answer.backend.is_empty() {
+            0
+        } else {
+            answer.usage.budgeted()
+        };
+        *settled.refunded.entry(answer.route.clone()).or_default() += tokens.saturating_sub(used);
     }
     let u = &answer.usage;
     if u.reported() && !answer.backend.is_empty() {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::counters::UsageCounters;
-use crate::usage::lease::{Held, Holding, Lease};
+use crate::usage::lease::{Held, Holding, Lease, RateHeld};
 
 /// The files, and the last lease written (the module may obey it before it says so).
 pub struct Leases {
@@ -33,22 +33,41 @@ fn reservations(dir: &Path) -> Option<Holding> {
     let text = std::fs::read_to_string(dir.join("reservations")).ok()?;
     let mut lines = text.lines();
     let boot = lines.next()?.strip_prefix("boot ")?.trim().to_string();
-    let routes = lines
-        .filter_map(|line| {
-            let mut w = line.split_ascii_whitespace();
-            let route = w.next()?.to_string();
-            let mut n = || w.next()?.parse::<u64>().ok();
-            let (reserved, granted, refused) = (n()?, n()?, n().unwrap_or(0));
-            let held = Held {
-                reserved,
-                refused,
-                granted,
-                settled: 0,
-            };
-            Some((route, held))
-        })
-        .collect();
-    Some(Holding { boot, routes })
+    let mut holding = Holding {
+        boot,
+        ..Holding::default()
+    };
+    for line in lines {
+        let mut w = line.split_ascii_whitespace();
+        let Some(first) = w.next() else { continue };
+        let rate = first == "@rate";
+        let Some(route) = (if rate { w.next() } else { Some(first) }) else {
+            continue;
+        };
+        let n: Vec<u64> = w.filter_map(|x| x.parse().ok()).collect();
+        match (rate, n.as_slice()) {
+            (true, [requests, requests_refused, tokens, tokens_refused]) => {
+                let held = RateHeld {
+                    requests: *requests,
+                    requests_refused: *requests_refused,
+                    tokens: *tokens,
+                    tokens_refused: *tokens_refused,
+                };
+                holding.rates.insert(route.to_string(), held);
+            }
+            (false, [reserved, granted, refused]) => {
+                let held = Held {
+                    reserved: *reserved,
+                    refused: *refused,
+                    granted: *granted,
+                    settled: 0,
+                };
+                holding.routes.insert(route.to_string(), held);
+            }
+            _ => {}
+        }
+    }
+    Some(holding)
 }
 
 impl Leases {
@@ -64,7 +83,11 @@ impl Leases {
     /// or not started yet). Read after the counts, so that what they settled is never newer than
     /// the reservations (docs/design/usage.md).
     pub fn holding(&self, counters: &UsageCounters) -> Option<Holding> {
-        let Holding { boot, routes } = reservations(&self.dir)?;
+        let Holding {
+            boot,
+            routes,
+            rates,
+        } = reservations(&self.dir)?;
         let settled = counters.settled(&boot);
         let written = self.written.lock().expect("lease");
         let pending = |route: &str| {
@@ -94,7 +117,36 @@ impl Leases {
                 });
             }
         }
-        Some(Holding { boot, routes: held })
+        Some(Holding {
+            boot,
+            routes: held,
+            rates,
+        })
+    }
+
+    /// Writes the tokens reserved and not used by the answers counted so far (per route,
+    /// cumulative for Envoy process `boot`), for the module's tokens-per-minute buckets; only when
+    /// they changed since `last`.
+    pub fn write_refunds(
+        &self,
+        counters: &UsageCounters,
+        last: &mut String,
+    ) -> std::io::Result<()> {
+        let Some(boot) = reservations(&self.dir).map(|h| h.boot) else {
+            return Ok(());
+        };
+        let mut text = format!("boot {boot}\n");
+        for (route, tokens) in counters.refunded(&boot) {
+            text.push_str(&format!("{route} {tokens}\n"));
+        }
+        if text == *last {
+            return Ok(());
+        }
+        let tmp = self.dir.join(".refunds.tmp");
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, self.dir.join("refunds"))?;
+        *last = text;
+        Ok(())
     }
 
     /// Writes `lease` for the module to load, if it is for the Envoy process running.
@@ -113,6 +165,12 @@ impl Leases {
                 .unwrap_or("-");
             text.push_str(&format!("{route} {} {} {resets}\n", g.granted, g.cap));
         }
+        for (route, r) in &lease.rates {
+            text.push_str(&format!(
+                "@rate {route} {} {} {}\n",
+                r.requests_per_minute, r.tokens_per_minute, r.cap
+            ));
+        }
         // Remembered first: from now on the module may obey it.
         *self.written.lock().expect("lease") = lease;
         let tmp = self.dir.join(".grants.tmp");
@@ -126,7 +184,7 @@ impl Leases {
 mod tests {
     use super::*;
     use crate::usage::Answer;
-    use crate::usage::lease::Grant;
+    use crate::usage::lease::{Grant, RateGrant};
 
     #[test]
     fn holdings_join_the_module_s_reservations_the_settlements_and_the_last_lease() {
@@ -136,7 +194,7 @@ mod tests {
         assert_eq!(leases.holding(&counters), None);
         std::fs::write(
             dir.path().join("reservations"),
-            "boot b1\nchat 900 1000 50\n",
+            "boot b1\nchat 900 1000 50\n@rate chat 9 2 720 10\n",
         )
         .unwrap();
         let settle = |boot: &str, tokens| Answer {
@@ -148,6 +206,15 @@ mod tests {
         let lease = |boot: &str, granted| Lease {
             boot: boot.into(),
             retry_after: 2,
+            rates: [(
+                "chat".to_string(),
+                RateGrant {
+                    requests_per_minute: 60,
+                    tokens_per_minute: 0,
+                    cap: 64,
+                },
+            )]
+            .into(),
             routes: [
                 (
                     "chat".to_string(),
@@ -175,7 +242,7 @@ mod tests {
         leases.grant(lease("b1", 1500)).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("grants")).unwrap(),
-            "boot b1\nretry 2\nchat 1500 64 2027-01-01T00:00:00Z\nnew 10 64 -\n"
+            "boot b1\nretry 2\nchat 1500 64 2027-01-01T00:00:00Z\nnew 10 64 -\n@rate chat 60 0 64\n"
         );
         let h = leases.holding(&counters).unwrap();
         assert_eq!(h.boot, "b1");
@@ -194,6 +261,22 @@ mod tests {
                 granted: 10,
                 ..Held::default()
             }
+        );
+        assert_eq!(
+            h.rates["chat"],
+            RateHeld {
+                requests: 9,
+                requests_refused: 2,
+                tokens: 720,
+                tokens_refused: 10
+            }
+        );
+        // What the counted answers did not use of their reservations (no usage here: all).
+        let mut last = String::new();
+        leases.write_refunds(&counters, &mut last).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("refunds")).unwrap(),
+            "boot b1\nchat 500\n"
         );
     }
 }

@@ -251,6 +251,24 @@ pub async fn serve_manager(
             .and_then(std::path::Path::parent)
             .map(super::leases::Leases::new),
     });
+    // What answers did not use of their reservations goes back to the module's tokens-per-minute
+    // buckets as they are counted.
+    if state.leases.is_some() {
+        let (s, stop) = (state.clone(), stop_following.clone());
+        std::thread::Builder::new()
+            .name("usage-refunds".into())
+            .spawn(move || {
+                let mut last = String::new();
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(leases) = &s.leases
+                        && let Err(e) = leases.write_refunds(&s.usage, &mut last)
+                    {
+                        tracing::debug!(error = %e, "cannot write the refunds file");
+                    }
+                    std::thread::sleep(REFUNDS_EVERY);
+                }
+            })?;
+    }
     // The usage endpoint outlives the manager's port: a stopping sidecar waits for the operator
     // to read and acknowledge its last counts there.
     let (usage_stop, usage_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -290,6 +308,9 @@ pub async fn serve_manager(
     }
     served
 }
+
+/// How often the refunds file is brought up to date (the log is read every 0.2 s too).
+const REFUNDS_EVERY: Duration = Duration::from_millis(200);
 
 /// How long a stopping sidecar waits for Envoy's last access-log lines (written out every second)
 /// to be counted.

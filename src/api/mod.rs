@@ -324,6 +324,26 @@ pub struct Budget {
     pub cost: Option<String>,
 }
 
+/// A route's rate limits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (prompt plus completion) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u64>,
+    /// The completion tokens written into a request that sets no limit, as the budget's
+    /// `maxCompletionTokens` (which wins when both are given). Default 4096: a request that may
+    /// cost more than a replica's share of `tokensPerMinute` is refused, so keep it well below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_completion_tokens: Option<u64>,
+}
+
 /// What a budget does while its usage is unknown.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum UnknownUsage {
@@ -412,6 +432,15 @@ pub struct Policy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
 
+    /// Requests and tokens per minute the whole route may use, across the gateway's replicas
+    /// (each holds a share the operator leases by demand, as a token bucket of a minute's share).
+    /// Over it, requests are answered 429 (`code: rate_limit_exceeded`) with `Retry-After`.
+    /// Tokens are counted as the budget admits them: what a request may cost when admitted (its
+    /// body's bytes plus its completion limit, the budget's `maxCompletionTokens` written into a
+    /// request that sets none), what the answer did not use given back once it is counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
     /// Which backends may answer an embeddings request. `SameModel` (default): only backends that
     /// map the requested model to the same provider model as the most preferred backend serving
     /// embeddings (the same embedding model at another account or region), because vectors of
@@ -442,6 +471,7 @@ impl Default for Policy {
             failback: Failback::default(),
             data_residency: None,
             budget: None,
+            rate_limit: None,
             embedding_failover: EmbeddingFailover::default(),
         }
     }

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::LLMRoute;
-use crate::usage::lease::{self, Grant, Holding, Lease, Replica};
+use crate::api::{LLMRoute, RateLimit};
+use crate::usage::lease::{self, Grant, Holding, Lease, RateGrant, Replica};
 use crate::usage::ledger::{Period, RouteTotals};
 
 /// Completion tokens written into a request of a budgeted route that sets no limit, by default.
@@ -39,6 +39,28 @@ fn budgeted(routes: &[Arc<LLMRoute>]) -> Vec<(String, u64, u64, Period)> {
         .collect()
 }
 
+/// The routes of a namespace with a rate limit: (name, limit, cap).
+fn limited(routes: &[Arc<LLMRoute>]) -> Vec<(String, RateLimit, u64)> {
+    routes
+        .iter()
+        .filter_map(|r| {
+            let limit = r.spec.policy.rate_limit.clone()?;
+            if limit.requests_per_minute.is_none() && limit.tokens_per_minute.is_none() {
+                return None;
+            }
+            let cap = r
+                .spec
+                .policy
+                .budget
+                .as_ref()
+                .and_then(|b| b.max_completion_tokens)
+                .or(limit.max_completion_tokens)
+                .unwrap_or(DEFAULT_CAP);
+            Some((r.metadata.name.clone()?, limit, cap))
+        })
+        .collect()
+}
+
 /// The leases of one namespace's replicas (`replicas` by node id), from its routes and its
 /// ledger's totals at `now_ms`; updates each replica's `asked`. A replica that reports no
 /// admission (no module filter) gets none; one that holds routes no longer budgeted gets a lease
@@ -51,18 +73,77 @@ pub fn plan(
     interval: Duration,
 ) -> Vec<(SocketAddr, Lease)> {
     let budgeted = budgeted(routes);
+    let limited = limited(routes);
     let mut leases: BTreeMap<String, Lease> = replicas
         .iter()
-        .filter(|(_, k)| !budgeted.is_empty() || !k.holding.routes.is_empty())
+        .filter(|(_, k)| {
+            !budgeted.is_empty()
+                || !limited.is_empty()
+                || !k.holding.routes.is_empty()
+                || !k.holding.rates.is_empty()
+        })
         .map(|(node, k)| {
             let lease = Lease {
                 boot: k.holding.boot.clone(),
                 retry_after: interval.as_secs_f64().ceil().max(1.0) as u64,
-                routes: BTreeMap::new(),
+                ..Lease::default()
             };
             (node.clone(), lease)
         })
         .collect();
+    let nodes: Vec<String> = leases.keys().cloned().collect();
+    for (route, limit, cap) in &limited {
+        // Demand since the last lease: requests (and tokens) admitted and refused.
+        let asked = |k: &Known, kind: &str| -> (u64, u64) {
+            let r = k.holding.rates.get(route).copied().unwrap_or_default();
+            let now = match kind {
+                "requests" => r.requests + r.requests_refused,
+                _ => r.tokens.saturating_add(r.tokens_refused),
+            };
+            let key = format!("@{kind} {route}");
+            (
+                now,
+                now.saturating_sub(k.asked.get(&key).copied().unwrap_or(now)),
+            )
+        };
+        let mut grant: Vec<RateGrant> = vec![
+            RateGrant {
+                cap: *cap,
+                ..RateGrant::default()
+            };
+            nodes.len()
+        ];
+        for (kind, limit) in [
+            ("requests", limit.requests_per_minute),
+            ("tokens", limit.tokens_per_minute),
+        ] {
+            let Some(limit) = limit else { continue };
+            let demand: Vec<u64> = nodes.iter().map(|n| asked(&replicas[n], kind).1).collect();
+            for ((n, g), share) in nodes
+                .iter()
+                .zip(&mut grant)
+                .zip(lease::shares(limit, &demand))
+            {
+                let (now, _) = asked(&replicas[n], kind);
+                replicas
+                    .get_mut(n)
+                    .expect("replica")
+                    .asked
+                    .insert(format!("@{kind} {route}"), now);
+                match kind {
+                    "requests" => g.requests_per_minute = share,
+                    _ => g.tokens_per_minute = share,
+                }
+            }
+        }
+        for (n, g) in nodes.iter().zip(grant) {
+            leases
+                .get_mut(n)
+                .expect("lease")
+                .rates
+                .insert(route.clone(), g);
+        }
+    }
     for (route, tokens, cap, period) in &budgeted {
         let (key, resets_ms) = period.key(now_ms);
         let resets_at = k8s_openapi::jiff::Timestamp::from_millisecond(resets_ms as i64)
@@ -141,6 +222,7 @@ mod tests {
             holding: Holding {
                 boot: boot.into(),
                 routes: routes.iter().map(|(r, h)| (r.to_string(), *h)).collect(),
+                rates: BTreeMap::new(),
             },
             asked: BTreeMap::new(),
         }
@@ -203,6 +285,43 @@ mod tests {
         // counted at its unused 500 until it loaded that; b gets the rest: its unused 100 + 400.
         assert_eq!(leases[0].1.routes["chat"].granted, 1);
         assert_eq!(leases[1].1.routes["chat"].granted, 400 + 500);
+    }
+
+    #[test]
+    fn rate_limits_are_shared_by_demand_with_the_route_s_cap() {
+        let routes = [route(
+            "chat",
+            serde_json::json!({ "maxCompletionTokens": 32, "tokens": 1000000 }),
+        )];
+        let mut routes = routes.to_vec();
+        Arc::make_mut(&mut routes[0]).spec.policy.rate_limit = Some(RateLimit {
+            requests_per_minute: Some(60),
+            tokens_per_minute: None,
+            max_completion_tokens: Some(8),
+        });
+        let mut replicas: BTreeMap<String, Known> = [
+            ("a".to_string(), known(1, "b1", &[])),
+            ("b".to_string(), known(2, "b2", &[])),
+        ]
+        .into();
+        let leases = plan(&routes, &|_| None, &mut replicas, 0, Duration::from_secs(1));
+        let g = |i: usize| leases[i].1.rates["chat"];
+        assert_eq!(
+            (g(0).requests_per_minute, g(0).tokens_per_minute, g(0).cap),
+            (30, 0, 32)
+        );
+        // b asked for 99 requests since: it gets nearly all.
+        replicas.get_mut("b").unwrap().holding.rates.insert(
+            "chat".into(),
+            crate::usage::lease::RateHeld {
+                requests: 30,
+                requests_refused: 69,
+                ..Default::default()
+            },
+        );
+        let leases = plan(&routes, &|_| None, &mut replicas, 0, Duration::from_secs(1));
+        let g = |i: usize| leases[i].1.rates["chat"].requests_per_minute;
+        assert_eq!((g(0), g(1)), (0, 59));
     }
 
     #[test]

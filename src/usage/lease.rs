@@ -22,11 +22,22 @@ pub struct Held {
     pub settled: u64,
 }
 
-/// A replica's admission: its Envoy process (boot id) and its leased routes.
+/// A replica's admission: its Envoy process (boot id), its leased routes' budgets and rates.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holding {
     pub boot: String,
     pub routes: BTreeMap<String, Held>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rates: BTreeMap<String, RateHeld>,
+}
+
+/// What one Envoy process admitted and refused under a route's rate shares, cumulative.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateHeld {
+    pub requests: u64,
+    pub requests_refused: u64,
+    pub tokens: u64,
+    pub tokens_refused: u64,
 }
 
 /// What the leader grants one replica (`POST /usage/lease`).
@@ -37,6 +48,30 @@ pub struct Lease {
     /// Seconds a refused client is told to wait.
     pub retry_after: u64,
     pub routes: BTreeMap<String, Grant>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rates: BTreeMap<String, RateGrant>,
+}
+
+/// One route's rate shares (0: no limit of that kind).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateGrant {
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    /// Completion tokens written into a request that sets no limit.
+    pub cap: u64,
+}
+
+/// Shares of a per-minute `limit` among replicas by their demand since the last lease
+/// (`w_i = demand_i + 1`): `⌊limit · w_i / Σ w⌋`, so that they never add up to more than the limit.
+/// (While a lease travels a replica may still use its previous share: for that interval the sum
+/// may be the old and new shares' larger; the bucket carries over what it held.)
+pub fn shares(limit: u64, demands: &[u64]) -> Vec<u64> {
+    let weights: Vec<u128> = demands.iter().map(|d| u128::from(*d) + 1).collect();
+    let total: u128 = weights.iter().sum::<u128>().max(1);
+    weights
+        .iter()
+        .map(|w| u64::try_from(u128::from(limit) * w / total).unwrap_or(u64::MAX))
+        .collect()
 }
 
 /// One route's grant.
@@ -157,6 +192,17 @@ mod tests {
             .sum();
         assert!(counted + worst <= budget, "{replicas:?} -> {new:?}");
         new
+    }
+
+    #[test]
+    fn rate_shares_follow_demand_and_never_add_up_past_the_limit() {
+        assert_eq!(shares(60, &[0, 0]), vec![30, 30]);
+        assert_eq!(shares(60, &[99, 0]), vec![59, 0]);
+        assert_eq!(shares(7, &[0, 0, 0]), vec![2, 2, 2]);
+        // Huge limits and demands do not overflow: the busy replica gets nearly all.
+        let huge = shares(u64::MAX, &[u64::MAX, 3]);
+        assert!(huge[0] > u64::MAX / 2 && huge[1] < 16, "{huge:?}");
+        assert!(shares(5, &[]).is_empty());
     }
 
     #[test]

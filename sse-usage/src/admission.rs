@@ -12,13 +12,22 @@
 //! a thread of this module the second, each replaced whole by a rename):
 //!
 //! ```text
-//! grants:        boot <boot>\nretry <seconds>\n<route> <granted> <cap> <resets-at|->\n...
-//! reservations:  boot <boot>\n<route> <reserved> <granted> <refused>\n...
+//! grants:        boot <boot>\nretry <seconds>\n<route> <granted> <cap> <resets-at|->\n
+//!                @rate <route> <requests/min> <tokens/min> <cap>\n...
+//! reservations:  boot <boot>\n<route> <reserved> <granted> <refused>\n
+//!                @rate <route> <requests> <requests refused> <tokens> <tokens refused>\n...
+//! refunds:       boot <boot>\n<route> <tokens>\n...      (the sidecar's, as it counts answers)
 //! ```
 //!
 //! A route listed in `grants` is *leased*: its requests are admitted against the grant. A grant
 //! file of another boot (a previous Envoy process of the Pod) grants nothing: its routes are
 //! refused until the operator leases this process. A route not listed is not budgeted here.
+//! (`@` starts no route name: they are DNS labels.)
+//!
+//! A route's rate limits are this process's shares of them, per minute, each held as a token
+//! bucket of a minute's share refilled continuously ([`Bucket`]). A request takes one request and
+//! its estimate in tokens; what the answer did not use comes back as the sidecar counts it
+//! (`refunds`, cumulative per boot).
 
 use std::collections::HashMap;
 
@@ -37,11 +46,80 @@ pub struct Lease {
     pub resets_at: String,
 }
 
+/// A token bucket of `per_minute` refilled continuously, holding at most a minute's worth
+/// (no limit when `per_minute` is 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bucket {
+    pub per_minute: u64,
+    level: f64,
+    at: f64,
+}
+
+impl Bucket {
+    fn new(per_minute: u64, now: f64) -> Bucket {
+        Bucket {
+            per_minute,
+            level: per_minute as f64,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: f64) {
+        let gained = (now - self.at).max(0.0) * self.per_minute as f64 / 60.0;
+        self.level = (self.level + gained).min(self.per_minute as f64);
+        self.at = now;
+    }
+
+    /// Seconds until `n` fit (None: never, more than a minute's share).
+    fn wait(&self, n: u64) -> Option<f64> {
+        if self.per_minute == 0 || n as f64 <= self.level {
+            return Some(0.0);
+        }
+        (n <= self.per_minute).then(|| (n as f64 - self.level) * 60.0 / self.per_minute as f64)
+    }
+
+    /// Refilled at the old share until `now`, then the new share, holding at most a minute of it.
+    fn reshare(&mut self, per_minute: u64, now: f64) {
+        self.refill(now);
+        self.per_minute = per_minute;
+        self.level = self.level.min(per_minute as f64);
+    }
+
+    fn take(&mut self, n: u64) {
+        if self.per_minute > 0 {
+            self.level -= n as f64;
+        }
+    }
+
+    fn give(&mut self, n: u64) {
+        self.level = (self.level + n as f64).min(self.per_minute as f64);
+    }
+}
+
+/// One route's rate limits in this process, and what it admitted and refused under them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rates {
+    pub requests: Bucket,
+    pub tokens: Bucket,
+    pub cap: u64,
+    pub admitted_requests: u64,
+    pub refused_requests: u64,
+    pub admitted_tokens: u64,
+    pub refused_tokens: u64,
+    /// Refunds taken so far (the sidecar's cumulative count).
+    refunded: u64,
+    /// Listed by a grants file of another boot: nothing is admitted until this one is leased.
+    pending: bool,
+    /// Shares set (the buckets started).
+    started: bool,
+}
+
 /// Admission's state: the boot id and each leased route.
 #[derive(Debug)]
 pub struct Admission {
     boot: String,
     routes: HashMap<String, Lease>,
+    rates: HashMap<String, Rates>,
     /// Seconds a refused client is told to wait (the operator's lease interval).
     retry_after: u64,
 }
@@ -59,6 +137,12 @@ pub enum Verdict {
         retry_after: u64,
         resets_at: String,
     },
+    /// Refused: over this process's share of a rate limit (`requests` or `tokens` per minute).
+    RateLimited {
+        kind: &'static str,
+        share: u64,
+        retry_after: u64,
+    },
 }
 
 impl Admission {
@@ -66,6 +150,7 @@ impl Admission {
         Admission {
             boot,
             routes: HashMap::new(),
+            rates: HashMap::new(),
             retry_after: 1,
         }
     }
@@ -79,28 +164,101 @@ impl Admission {
         self.retry_after
     }
 
-    /// The cap written into a request of `route` that sets no completion limit, if leased.
+    /// The cap written into a request of `route` that sets no completion limit, if the route
+    /// has a leased budget or a tokens-per-minute limit.
     pub fn cap(&self, route: &str) -> Option<u64> {
-        self.routes.get(route).map(|l| l.cap)
+        let lease = self.routes.get(route).map(|l| l.cap);
+        let rates = self
+            .rates
+            .get(route)
+            .filter(|r| r.tokens.per_minute > 0)
+            .map(|r| r.cap);
+        lease.into_iter().chain(rates).min()
     }
 
-    /// Admits a request of `route` estimated at `estimate` tokens, or refuses it.
-    pub fn admit(&mut self, route: &str, estimate: u64) -> Verdict {
-        let Some(lease) = self.routes.get_mut(route) else {
+    /// Admits a request of `route` estimated at `estimate` tokens at `now` (seconds of a
+    /// monotonic clock), or refuses it: rate limits first, then the budget; nothing is taken
+    /// unless all admit it.
+    pub fn admit(&mut self, route: &str, estimate: u64, now: f64) -> Verdict {
+        let lease = self.routes.get_mut(route);
+        let rates = self.rates.get_mut(route);
+        if lease.is_none() && rates.is_none() {
             return Verdict::NotLeased;
-        };
-        match lease.reserved.checked_add(estimate) {
-            Some(total) if total <= lease.granted => {
-                lease.reserved = total;
-                Verdict::Admitted(estimate)
-            }
-            _ => {
-                lease.refused = lease.refused.saturating_add(estimate);
-                Verdict::Refused {
-                    left: lease.granted.saturating_sub(lease.reserved),
+        }
+        let mut rates = rates;
+        if let Some(r) = rates.as_deref_mut() {
+            if r.pending {
+                r.refused_requests += 1;
+                r.refused_tokens = r.refused_tokens.saturating_add(estimate);
+                return Verdict::RateLimited {
+                    kind: "requests",
+                    share: 0,
                     retry_after: self.retry_after,
-                    resets_at: lease.resets_at.clone(),
+                };
+            }
+            r.requests.refill(now);
+            r.tokens.refill(now);
+            for (kind, bucket, n) in [
+                ("requests", &r.requests, 1),
+                ("tokens", &r.tokens, estimate),
+            ] {
+                let wait = bucket.wait(n);
+                if wait != Some(0.0) {
+                    let share = bucket.per_minute;
+                    if kind == "requests" {
+                        r.refused_requests += 1;
+                    } else {
+                        r.refused_tokens = r.refused_tokens.saturating_add(estimate);
+                    }
+                    let retry_after =
+                        wait.map_or(self.retry_after.max(60), |w| w.ceil().max(1.0) as u64);
+                    return Verdict::RateLimited {
+                        kind,
+                        share,
+                        retry_after,
+                    };
                 }
+            }
+        }
+        if let Some(lease) = lease {
+            match lease.reserved.checked_add(estimate) {
+                Some(total) if total <= lease.granted => lease.reserved = total,
+                _ => {
+                    lease.refused = lease.refused.saturating_add(estimate);
+                    return Verdict::Refused {
+                        left: lease.granted.saturating_sub(lease.reserved),
+                        retry_after: self.retry_after,
+                        resets_at: lease.resets_at.clone(),
+                    };
+                }
+            }
+        }
+        if let Some(r) = rates {
+            r.requests.take(1);
+            r.tokens.take(estimate);
+            r.admitted_requests += 1;
+            r.admitted_tokens = r.admitted_tokens.saturating_add(estimate);
+        }
+        Verdict::Admitted(estimate)
+    }
+
+    /// Takes the sidecar's refunds file: tokens reserved and not used by answers it counted,
+    /// cumulative for this boot, back into the routes' token buckets.
+    pub fn refund(&mut self, text: &str) {
+        let mut lines = text.lines();
+        if lines.next().and_then(|l| l.strip_prefix("boot ")) != Some(self.boot.as_str()) {
+            return;
+        }
+        for line in lines {
+            let mut w = line.split_ascii_whitespace();
+            let (Some(route), Some(Ok(total))) = (w.next(), w.next().map(str::parse::<u64>)) else {
+                continue;
+            };
+            if let Some(r) = self.rates.get_mut(route)
+                && total > r.refunded
+            {
+                r.tokens.give(total - r.refunded);
+                r.refunded = total;
             }
         }
     }
@@ -110,10 +268,11 @@ impl Admission {
     /// reports the smaller); a route no longer listed is no longer leased; a file of another boot
     /// leases its routes with nothing granted. Malformed lines are skipped (the route stays as it
     /// was).
-    pub fn load(&mut self, text: &str) {
+    pub fn load(&mut self, text: &str, now: f64) {
         let mut lines = text.lines();
         let mut ours = false;
         let mut listed: HashMap<String, (u64, u64, String)> = HashMap::new();
+        let mut rated: HashMap<String, (u64, u64, u64)> = HashMap::new();
         for line in lines.by_ref() {
             let mut words = line.split_ascii_whitespace();
             match (words.next(), words.next(), words.next(), words.next()) {
@@ -121,6 +280,12 @@ impl Admission {
                 (Some("retry"), Some(s), None, None) => {
                     if let Ok(s) = s.parse() {
                         self.retry_after = s;
+                    }
+                }
+                (Some("@rate"), Some(route), Some(rpm), Some(tpm)) => {
+                    let cap = words.next().and_then(|c| c.parse().ok());
+                    if let (Ok(rpm), Ok(tpm), Some(cap)) = (rpm.parse(), tpm.parse(), cap) {
+                        rated.insert(route.to_string(), (rpm, tpm, cap));
                     }
                 }
                 (Some(route), Some(granted), Some(cap), resets) => {
@@ -143,6 +308,24 @@ impl Admission {
             lease.cap = cap;
             lease.resets_at = resets_at;
         }
+        // Rates: a share of another boot is none (every request refused until leased).
+        self.rates.retain(|route, _| rated.contains_key(route));
+        for (route, (rpm, tpm, cap)) in rated {
+            let r = self.rates.entry(route).or_default();
+            r.cap = cap;
+            r.pending = !ours;
+            if !ours {
+                continue;
+            }
+            if r.started {
+                // A new share: what the bucket holds carries over, never above a minute of it.
+                r.requests.reshare(rpm, now);
+                r.tokens.reshare(tpm, now);
+            } else {
+                (r.requests, r.tokens, r.started) =
+                    (Bucket::new(rpm, now), Bucket::new(tpm, now), true);
+            }
+        }
     }
 
     /// The reservations file's text: this boot, and each leased route's reservations, grant and
@@ -155,6 +338,14 @@ impl Admission {
             out.push_str(&format!(
                 "{route} {} {} {}\n",
                 l.reserved, l.granted, l.refused
+            ));
+        }
+        let mut rates: Vec<_> = self.rates.iter().collect();
+        rates.sort_by(|a, b| a.0.cmp(b.0));
+        for (route, r) in rates {
+            out.push_str(&format!(
+                "@rate {route} {} {} {} {}\n",
+                r.admitted_requests, r.refused_requests, r.admitted_tokens, r.refused_tokens
             ));
         }
         out
@@ -176,6 +367,12 @@ pub mod shared {
 
     /// How often the grants are looked at and the reservations written.
     const EVERY: Duration = Duration::from_millis(200);
+
+    /// Seconds of the process's monotonic clock (the buckets' time).
+    pub fn now() -> f64 {
+        static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+        START.elapsed().as_secs_f64()
+    }
 
     /// The state (a panic elsewhere never poisons admission for good).
     pub fn state() -> MutexGuard<'static, Admission> {
@@ -211,8 +408,10 @@ pub mod shared {
 
     fn exchange(dir: &Path) {
         let (grants, reservations) = (dir.join("grants"), dir.join("reservations"));
+        let refunds = dir.join("refunds");
         let tmp = dir.join(".reservations.tmp");
         let mut seen: Option<(std::time::SystemTime, u64)> = None;
+        let mut refunds_seen: Option<(std::time::SystemTime, u64)> = None;
         let mut written = String::new();
         loop {
             if let Ok(meta) = std::fs::metadata(&grants) {
@@ -220,8 +419,17 @@ pub mod shared {
                 if seen != Some(stamp)
                     && let Ok(text) = std::fs::read_to_string(&grants)
                 {
-                    state().load(&text);
+                    state().load(&text, now());
                     seen = Some(stamp);
+                }
+            }
+            if let Ok(meta) = std::fs::metadata(&refunds) {
+                let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+                if refunds_seen != Some(stamp)
+                    && let Ok(text) = std::fs::read_to_string(&refunds)
+                {
+                    state().refund(&text);
+                    refunds_seen = Some(stamp);
                 }
             }
             let text = state().reservations();
@@ -242,7 +450,7 @@ mod tests {
 
     fn leased(text: &str) -> Admission {
         let mut a = Admission::new("b1".into());
-        a.load(text);
+        a.load(text, 0.0);
         a
     }
 
@@ -250,49 +458,128 @@ mod tests {
     fn requests_are_admitted_while_their_reservations_fit_the_grant() {
         let mut a = leased("boot b1\nretry 2\nchat 1000 256 2027-01-01T00:00:00Z\n");
         assert_eq!(a.cap("chat"), Some(256));
-        assert_eq!(a.admit("chat", 600), Verdict::Admitted(600));
+        assert_eq!(a.admit("chat", 600, 0.0), Verdict::Admitted(600));
         assert_eq!(
-            a.admit("chat", 600),
+            a.admit("chat", 600, 0.0),
             Verdict::Refused {
                 left: 400,
                 retry_after: 2,
                 resets_at: "2027-01-01T00:00:00Z".into(),
             }
         );
-        assert_eq!(a.admit("chat", 400), Verdict::Admitted(400));
-        assert_eq!(a.admit("other", 1 << 40), Verdict::NotLeased);
+        assert_eq!(a.admit("chat", 400, 0.0), Verdict::Admitted(400));
+        assert_eq!(a.admit("other", 1 << 40, 0.0), Verdict::NotLeased);
         assert_eq!(a.reservations(), "boot b1\nchat 1000 1000 600\n");
         // An estimate that would overflow is refused, never wrapped.
-        assert!(matches!(a.admit("chat", u64::MAX), Verdict::Refused { .. }));
+        assert!(matches!(
+            a.admit("chat", u64::MAX, 0.0),
+            Verdict::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn rate_shares_are_buckets_of_a_minute_refilled_and_refunded() {
+        let mut a = Admission::new("b1".into());
+        a.load("boot b1\n@rate chat 6 1000 64\n", 0.0);
+        assert_eq!(a.cap("chat"), Some(64));
+        for _ in 0..6 {
+            assert_eq!(a.admit("chat", 10, 0.0), Verdict::Admitted(10));
+        }
+        // The seventh request waits for a tenth of a minute.
+        assert_eq!(
+            a.admit("chat", 10, 1.0),
+            Verdict::RateLimited {
+                kind: "requests",
+                share: 6,
+                retry_after: 9
+            }
+        );
+        assert_eq!(a.admit("chat", 10, 10.0), Verdict::Admitted(10));
+        // Tokens (no request limit): 860 used of 1000; 200 waits, until the sidecar refunds 150.
+        a.load("boot b1\n@rate chat 6 1000 64\n@rate tok 0 1000 64\n", 20.0);
+        assert_eq!(a.admit("tok", 860, 20.0), Verdict::Admitted(860));
+        assert!(matches!(
+            a.admit("tok", 200, 20.0),
+            Verdict::RateLimited {
+                kind: "tokens",
+                share: 1000,
+                retry_after: 4
+            }
+        ));
+        a.refund("boot b1\ntok 150\n");
+        a.refund("boot b1\ntok 150\n");
+        a.refund("boot b0\ntok 9999\n");
+        assert_eq!(a.admit("tok", 200, 20.0), Verdict::Admitted(200));
+        assert!(matches!(
+            a.admit("tok", 100, 20.0),
+            Verdict::RateLimited { .. }
+        ));
+        // More than a minute's share never fits: retried after a lease, not spun on.
+        assert!(matches!(
+            a.admit("tok", 5000, 80.0),
+            Verdict::RateLimited {
+                kind: "tokens",
+                retry_after: 60,
+                ..
+            }
+        ));
+        // A smaller share keeps what the bucket holds, never above the new share.
+        a.load("boot b1\n@rate chat 2 0 64\n", 200.0);
+        assert_eq!(a.admit("chat", 1, 200.0), Verdict::Admitted(1));
+        assert_eq!(a.admit("chat", 1, 200.0), Verdict::Admitted(1));
+        assert!(matches!(
+            a.admit("chat", 1, 200.0),
+            Verdict::RateLimited { .. }
+        ));
+        assert_eq!(a.reservations(), "boot b1\n@rate chat 9 2 72 0\n");
+        // Another process's shares: refused until leased.
+        let mut fresh = Admission::new("b2".into());
+        fresh.load("boot b1\n@rate chat 600 0 64\n", 0.0);
+        assert!(matches!(
+            fresh.admit("chat", 1, 0.0),
+            Verdict::RateLimited { share: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_budget_refusal_takes_nothing_of_the_rates() {
+        let mut a = Admission::new("b1".into());
+        a.load("boot b1\nchat 100 64 -\n@rate chat 2 0 64\n", 0.0);
+        assert!(matches!(a.admit("chat", 150, 0.0), Verdict::Refused { .. }));
+        assert_eq!(a.admit("chat", 50, 0.0), Verdict::Admitted(50));
+        assert_eq!(a.admit("chat", 50, 0.0), Verdict::Admitted(50));
     }
 
     #[test]
     fn a_smaller_grant_takes_back_what_was_not_reserved_and_another_boot_s_grant_nothing() {
         let mut a = leased("boot b1\nchat 1000 256\n");
-        assert_eq!(a.admit("chat", 400), Verdict::Admitted(400));
-        a.load("boot b1\nchat 500 256\n");
+        assert_eq!(a.admit("chat", 400, 0.0), Verdict::Admitted(400));
+        a.load("boot b1\nchat 500 256\n", 0.0);
         assert!(matches!(
-            a.admit("chat", 101),
+            a.admit("chat", 101, 0.0),
             Verdict::Refused { left: 100, .. }
         ));
-        assert_eq!(a.admit("chat", 100), Verdict::Admitted(100));
+        assert_eq!(a.admit("chat", 100, 0.0), Verdict::Admitted(100));
         // Below what is reserved already: nothing more until it grows again.
-        a.load("boot b1\nchat 300 256\n");
+        a.load("boot b1\nchat 300 256\n", 0.0);
         assert!(matches!(
-            a.admit("chat", 0),
+            a.admit("chat", 0, 0.0),
             Verdict::Refused { left: 0, .. }
         ));
         assert!(matches!(
-            a.admit("chat", 1),
+            a.admit("chat", 1, 0.0),
             Verdict::Refused { left: 0, .. }
         ));
         // A previous process's file: the route is leased, nothing granted beyond what was.
         let mut fresh = leased("boot b0\nchat 1000000 256\n");
-        assert!(matches!(fresh.admit("chat", 1), Verdict::Refused { .. }));
+        assert!(matches!(
+            fresh.admit("chat", 1, 0.0),
+            Verdict::Refused { .. }
+        ));
         // Unlisted: no longer budgeted here; listed again: reservations start from zero.
-        a.load("boot b1\n");
-        assert_eq!(a.admit("chat", 1 << 30), Verdict::NotLeased);
-        a.load("boot b1\nchat 10 1\nbad line x\nchat2 x 1\n");
+        a.load("boot b1\n", 0.0);
+        assert_eq!(a.admit("chat", 1 << 30, 0.0), Verdict::NotLeased);
+        a.load("boot b1\nchat 10 1\nbad line x\nchat2 x 1\n", 0.0);
         assert_eq!(a.reservations(), "boot b1\nchat 0 10 0\n");
     }
 }

@@ -429,7 +429,7 @@ fn admit(filter_envoy: *mut c_void) -> u32 {
         .unwrap_or(0);
     let (verdict, boot, retry_after) = {
         let mut state = shared::state();
-        let verdict = state.admit(&route, estimate);
+        let verdict = state.admit(&route, estimate, shared::now());
         (verdict, state.boot().to_string(), state.retry_after())
     };
     match verdict {
@@ -437,10 +437,35 @@ fn admit(filter_envoy: *mut c_void) -> u32 {
             let message = format!(
                 "llmroute: this gateway replica holds no lease of route '{route}''s token budget yet, and the budget says onUnknownUsage: Deny. Retry later."
             );
-            too_many(filter_envoy, &message, retry_after, "usage_unknown");
+            too_many(
+                filter_envoy,
+                &message,
+                retry_after,
+                "usage_unknown",
+                "insufficient_quota",
+                "BudgetExhausted",
+            );
             STOP_ITERATION
         }
         Verdict::NotLeased => CONTINUE,
+        Verdict::RateLimited {
+            kind,
+            share,
+            retry_after,
+        } => {
+            let message = format!(
+                "llmroute: rate limit reached for {kind} per minute on route '{route}' (this gateway replica's share: {share} per minute; this request may cost {estimate} tokens: its body's bytes plus its completion limit). Please try again in {retry_after}s."
+            );
+            too_many(
+                filter_envoy,
+                &message,
+                retry_after,
+                "rate_limit_exceeded",
+                kind,
+                "RateLimited",
+            );
+            STOP_ITERATION
+        }
         Verdict::Admitted(n) => {
             let value = format!("{boot} {n}");
             // SAFETY: Envoy's callback with the pointer it gave the running hook; it copies the
@@ -468,25 +493,41 @@ fn admit(filter_envoy: *mut c_void) -> u32 {
             let message = format!(
                 "llmroute: route '{route}' has no budget left for this request: it may cost {estimate} tokens (its body's bytes plus its completion limit) and this gateway replica holds {left} of what is left of the route's token budget now. Retry later, or ask for fewer tokens (max_tokens).{resets}"
             );
-            too_many(filter_envoy, &message, retry_after, "budget_exceeded");
+            too_many(
+                filter_envoy,
+                &message,
+                retry_after,
+                "budget_exceeded",
+                "insufficient_quota",
+                "BudgetExhausted",
+            );
             STOP_ITERATION
         }
     }
 }
 
-/// Answers 429 in OpenAI's error shape (`insufficient_quota`, `code`) with `Retry-After` and
-/// `x-llmroute-failure: BudgetExhausted`.
-fn too_many(filter_envoy: *mut c_void, message: &str, retry_after: u64, code: &str) {
+/// Answers 429 in OpenAI's error shape (`type`, `code`) with `Retry-After` and
+/// `x-llmroute-failure` (`BudgetExhausted`, `RateLimited`).
+fn too_many(
+    filter_envoy: *mut c_void,
+    message: &str,
+    retry_after: u64,
+    code: &str,
+    kind: &str,
+    failure: &str,
+) {
     let mut body = br#"{"error":{"message":"#.to_vec();
     request::json_string(message, &mut body);
-    body.extend_from_slice(br#","type":"insufficient_quota","param":null,"code":"#);
+    body.extend_from_slice(br#","type":"#);
+    request::json_string(kind, &mut body);
+    body.extend_from_slice(br#","param":null,"code":"#);
     request::json_string(code, &mut body);
     body.extend_from_slice(b"}}");
     let retry = retry_after.to_string();
     let headers = [
         (b"content-type".as_slice(), b"application/json".as_slice()),
         (b"retry-after", retry.as_bytes()),
-        (b"x-llmroute-failure", b"BudgetExhausted"),
+        (b"x-llmroute-failure", failure.as_bytes()),
     ]
     .map(|(k, v)| Header {
         key: Buffer::of(k),

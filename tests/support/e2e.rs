@@ -232,6 +232,19 @@ impl Stack {
         held
     }
 
+    /// Waits until the gateway's Envoy holds its share of `route`'s rate limits.
+    pub async fn rate_leased(&self, route: &str) {
+        eventually(
+            Duration::from_secs(20),
+            &format!("route {route} rate-limited"),
+            || async {
+                let report = self.sidecar_usage().await;
+                report.leases?.rates.contains_key(route).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Waits until the gateway's Envoy no longer holds a lease of `route` (its token budget went).
     pub async fn not_leased(&self, route: &str) {
         eventually(
