@@ -492,6 +492,93 @@ data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","to
         429
     );
 
+    // Admission across both replicas: a token budget that 8 concurrent clients, half through each
+    // replica, try to pass. Each request reserves its body's bytes and 16 completion tokens against
+    // its replica's lease of what is left: the count never passes the budget.
+    ns.apply(&format!(
+        r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: admitted }}
+spec:
+  defaultModel: gpt-4o
+  policy:
+    healthCheck: {{ enabled: false }}
+    budget: {{ tokens: 3000, maxCompletionTokens: 16, onUnknownUsage: Deny }}
+    rateLimit: {{ requestsPerMinute: 10 }}
+  backends:
+    - name: zhipu
+      provider: zhipu
+      endpoint: https://zhipu-sim.{}.svc/api/paas/v4
+      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-flash }}
+"#,
+        ns.name
+    ));
+    let admitted_key = realnode::route_key(&client, &ns.name, "admitted").await;
+    let addrs: Vec<String> = replicas.iter().map(|(_, ip)| format!("{ip}:8080")).collect();
+    // Leased within a couple of usage intervals (2 s); until then Deny refuses.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let words = vec!["a"; 60].join(" ");
+    let body = serde_json::json!({ "model": "gpt-4o", "messages": [{ "role": "user", "content": words }] });
+    // The rate limit first: 10 per minute across both replicas, 5 each.
+    let answers = realnode::chats_via(&addrs, "admitted", &admitted_key, body.clone(), 16, 1).await;
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    let limited: Vec<_> = answers
+        .iter()
+        .filter(|a| a.0 == 429 && a.2.contains("rate_limit_exceeded"))
+        .collect();
+    println!(
+        "rate limit across 2 replicas: {served} of 16 requests served at 10/min, {} answered 429 rate_limit_exceeded",
+        limited.len()
+    );
+    assert!((8..=11).contains(&served), "{answers:?}");
+    assert!(
+        limited.iter().all(|a| a.1.as_deref().is_some_and(|r| r.parse::<u64>().is_ok())),
+        "{limited:?}"
+    );
+    // Both replicas refused (requests alternate between them).
+    assert!(answers.iter().skip(12).all(|a| a.0 == 429), "{answers:?}");
+
+    // The budget: lift the rate limit, spend with 8 clients at once.
+    ns.apply(&format!(
+        r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: admitted }}
+spec:
+  defaultModel: gpt-4o
+  policy:
+    healthCheck: {{ enabled: false }}
+    budget: {{ tokens: 3000, maxCompletionTokens: 16, onUnknownUsage: Deny }}
+  backends:
+    - name: zhipu
+      provider: zhipu
+      endpoint: https://zhipu-sim.{}.svc/api/paas/v4
+      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-flash }}
+"#,
+        ns.name
+    ));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.extend(realnode::chats_via(&addrs, "admitted", &admitted_key, body.clone(), 40, 8).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    let refused = answers.iter().filter(|a| a.0 == 429 && a.2.contains("budget_exceeded")).count();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let spent = eventually(Duration::from_secs(60), "the budget's usage counted", || {
+        let routes = routes.clone();
+        async move { Some(routes.get("admitted").await.ok()?.status?.usage?.tokens) }
+    })
+    .await;
+    println!(
+        "admission across 2 replicas x 8 clients: {served} served, {refused} refused; {spent} tokens counted of a budget of 3000 (overshoot {})",
+        spent.saturating_sub(3000)
+    );
+    assert!(served > 0 && refused > 0, "{answers:?}");
+    assert!(spent <= 3000, "{spent} tokens counted of 3000");
+
     // The namespace's ledger goes with its last route (deleted here: the test control plane runs no
     // namespace controller to empty a deleted namespace).
     let ns_name = ns.name.clone();

@@ -599,3 +599,68 @@ pub fn operator_writes(c: &TestCluster, mark: &AuditMark) -> Vec<AuditedWrite> {
     writes.retain(|w| w.resource != "leases");
     writes
 }
+
+/// An answer as a test reads it: status, `Retry-After`, body.
+pub type Answer = (u16, Option<String>, String);
+
+/// `body` posted as a chat completion to each of `addrs` in turn (gateway replicas' `ip:8080`),
+/// `count` times in all, `parallel` at once, from inside the node's network; every answer.
+pub async fn chats_via(
+    addrs: &[String],
+    route: &str,
+    key: &str,
+    body: serde_json::Value,
+    count: usize,
+    parallel: usize,
+) -> Vec<Answer> {
+    let (addrs, route, key) = (addrs.to_vec(), route.to_string(), key.to_string());
+    node::in_node(move || async move {
+        let client = llmroute_devkit::tls::http_client();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = (0..parallel).map(|_| {
+            let (client, addrs, route, key, body, next) = (
+                client.clone(),
+                addrs.clone(),
+                route.clone(),
+                key.clone(),
+                body.clone(),
+                next.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= count {
+                        return answers;
+                    }
+                    let url = format!("http://{}/{route}/v1/chat/completions", addrs[i % addrs.len()]);
+                    let r = client
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&body)
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await;
+                    answers.push(match r {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let retry = r
+                                .headers()
+                                .get("retry-after")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            (status, retry, r.text().await.unwrap_or_default())
+                        }
+                        Err(e) => (0, None, e.to_string()),
+                    });
+                }
+            })
+        });
+        let mut all = Vec::new();
+        for t in futures::future::join_all(tasks).await {
+            all.extend(t.unwrap());
+        }
+        all
+    })
+    .await
+}
