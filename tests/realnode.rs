@@ -492,8 +492,8 @@ data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","to
         429
     );
 
-    // Admission across both replicas: a token budget that 8 concurrent clients, half through each
-    // replica, try to pass. Each request reserves its body's bytes and 16 completion tokens against
+    // Admission across both replicas: a token budget that 64 concurrent streaming clients, half
+    // through each replica, try to pass. Each request reserves its body's bytes and 16 completion tokens against
     // its replica's lease of what is left: the count never passes the budget.
     ns.apply(&format!(
         r#"apiVersion: llmroute.io/v1alpha1
@@ -515,7 +515,10 @@ spec:
         ns.name
     ));
     let admitted_key = realnode::route_key(&client, &ns.name, "admitted").await;
-    let addrs: Vec<String> = replicas.iter().map(|(_, ip)| format!("{ip}:8080")).collect();
+    let addrs: Vec<String> = replicas
+        .iter()
+        .map(|(_, ip)| format!("{ip}:8080"))
+        .collect();
     // Leased within a couple of usage intervals (2 s); until then Deny refuses.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let words = vec!["a"; 60].join(" ");
@@ -533,13 +536,15 @@ spec:
     );
     assert!((8..=11).contains(&served), "{answers:?}");
     assert!(
-        limited.iter().all(|a| a.1.as_deref().is_some_and(|r| r.parse::<u64>().is_ok())),
+        limited
+            .iter()
+            .all(|a| a.1.as_deref().is_some_and(|r| r.parse::<u64>().is_ok())),
         "{limited:?}"
     );
     // Both replicas refused (requests alternate between them).
     assert!(answers.iter().skip(12).all(|a| a.0 == 429), "{answers:?}");
 
-    // The budget: lift the rate limit, spend with 8 clients at once.
+    // The budget: lift the rate limit, spend with 64 streams at once.
     ns.apply(&format!(
         r#"apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
@@ -559,21 +564,33 @@ spec:
         ns.name
     ));
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    streamed["stream_options"] = serde_json::json!({ "include_usage": true });
     let mut answers = Vec::new();
-    for _ in 0..6 {
-        answers.extend(realnode::chats_via(&addrs, "admitted", &admitted_key, body.clone(), 40, 8).await);
+    for _ in 0..5 {
+        answers.extend(
+            realnode::chats_via(&addrs, "admitted", &admitted_key, streamed.clone(), 128, 64).await,
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let served = answers.iter().filter(|a| a.0 == 200).count();
-    let refused = answers.iter().filter(|a| a.0 == 429 && a.2.contains("budget_exceeded")).count();
+    let refused = answers
+        .iter()
+        .filter(|a| a.0 == 429 && a.2.contains("budget_exceeded"))
+        .count();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let spent = eventually(Duration::from_secs(60), "the budget's usage counted", || {
-        let routes = routes.clone();
-        async move { Some(routes.get("admitted").await.ok()?.status?.usage?.tokens) }
-    })
+    let spent = eventually(
+        Duration::from_secs(60),
+        "the budget's usage counted",
+        || {
+            let routes = routes.clone();
+            async move { Some(routes.get("admitted").await.ok()?.status?.usage?.tokens) }
+        },
+    )
     .await;
     println!(
-        "admission across 2 replicas x 8 clients: {served} served, {refused} refused; {spent} tokens counted of a budget of 3000 (overshoot {})",
+        "admission across 2 replicas x 64 streams: {served} served, {refused} refused; {spent} tokens counted of a budget of 3000 (overshoot {}, stated bound 0: every answer within its reservation)",
         spent.saturating_sub(3000)
     );
     assert!(served > 0 && refused > 0, "{answers:?}");

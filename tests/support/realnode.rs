@@ -633,7 +633,10 @@ pub async fn chats_via(
                     if i >= count {
                         return answers;
                     }
-                    let url = format!("http://{}/{route}/v1/chat/completions", addrs[i % addrs.len()]);
+                    let url = format!(
+                        "http://{}/{route}/v1/chat/completions",
+                        addrs[i % addrs.len()]
+                    );
                     let r = client
                         .post(&url)
                         .bearer_auth(&key)
