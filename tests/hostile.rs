@@ -689,6 +689,9 @@ fn cases() -> Vec<Case> {
                     ("content-type", "application/json"),
                     ("x-llmroute-model", "o1-pro"),
                     ("x-llmroute-request", "ok"),
+                    // Admission's: a lease the route does not require, an estimate of nothing.
+                    ("x-llmroute-lease", "required"),
+                    ("x-llmroute-estimate", "0"),
                 ],
                 body.as_bytes().to_vec(),
             ),
@@ -696,6 +699,17 @@ fn cases() -> Vec<Case> {
                 mapped(r);
                 assert!(r.headers.keys().all(|h| !h.starts_with("x-llmroute")), "{:?}", r.headers);
             },
+        ),
+        refused(
+            "a completion limit that is not a count (it could not be held to)",
+            Send::Http(
+                "POST",
+                "chat/completions",
+                vec![("content-type", "application/json")],
+                br#"{"model":"chat","max_tokens":"100"}"#.to_vec(),
+            ),
+            400,
+            "invalid_request_body",
         ),
         refused(
             "a verdict header sent with a refused model",
