@@ -264,9 +264,8 @@ async fn lease(
     let Some(shards) = held.get(ns) else {
         return;
     };
-    let shards = Some(shards);
     let totals = |route: &str| -> Option<RouteTotals> {
-        let shard = shards?.get(&crate::usage::ledger::shard_of(route))?;
+        let shard = shards.get(&crate::usage::ledger::shard_of(route))?;
         shard.ledger.routes.get(route).cloned()
     };
     let leases = super::leases::plan(&routes, &totals, nodes, ctx.opts.clock.now_ms(), interval);

@@ -120,6 +120,9 @@ pub struct Admission {
     boot: String,
     routes: HashMap<String, Lease>,
     rates: HashMap<String, Rates>,
+    /// Every reservation written to the usage log per route in this process, leased or not: a
+    /// lease that starts counts from it, so that `reserved` is always the sum the sidecar settles.
+    admitted: HashMap<String, u64>,
     /// Seconds a refused client is told to wait (the operator's lease interval).
     retry_after: u64,
 }
@@ -151,6 +154,7 @@ impl Admission {
             boot,
             routes: HashMap::new(),
             rates: HashMap::new(),
+            admitted: HashMap::new(),
             retry_after: 1,
         }
     }
@@ -239,6 +243,8 @@ impl Admission {
             r.admitted_requests += 1;
             r.admitted_tokens = r.admitted_tokens.saturating_add(estimate);
         }
+        let admitted = self.admitted.entry(route.to_string()).or_default();
+        *admitted = admitted.saturating_add(estimate);
         Verdict::Admitted(estimate)
     }
 
@@ -301,7 +307,11 @@ impl Admission {
         }
         self.routes.retain(|route, _| listed.contains_key(route));
         for (route, (granted, cap, resets_at)) in listed {
-            let lease = self.routes.entry(route).or_default();
+            let before = self.admitted.get(&route).copied().unwrap_or(0);
+            let lease = self.routes.entry(route).or_insert_with(|| Lease {
+                reserved: before,
+                ..Lease::default()
+            });
             if ours {
                 lease.granted = granted;
             }
@@ -579,7 +589,9 @@ mod tests {
         // Unlisted: no longer budgeted here; listed again: reservations start from zero.
         a.load("boot b1\n", 0.0);
         assert_eq!(a.admit("chat", 1 << 30, 0.0), Verdict::NotLeased);
+        // Listed again: it counts from every reservation the log carries (400 + 100; a request
+        // of a route not leased reserves nothing), as the sidecar settles them.
         a.load("boot b1\nchat 10 1\nbad line x\nchat2 x 1\n", 0.0);
-        assert_eq!(a.reservations(), "boot b1\nchat 0 10 0\n");
+        assert_eq!(a.reservations(), "boot b1\nchat 500 10 0\n");
     }
 }
