@@ -495,8 +495,10 @@ data: {{ ledger.json: '{{"routes":{{"metered":{{"route":{{"period":"2000-01","to
     // Admission across both replicas: a token budget that 64 concurrent streaming clients, half
     // through each replica, try to pass. Each request reserves its body's bytes and 16 completion tokens against
     // its replica's lease of what is left: the count never passes the budget.
-    ns.apply(&format!(
-        r#"apiVersion: llmroute.io/v1alpha1
+    // One route, a token budget, and a rate limit in the first part only.
+    let admitted = |rate_limit: &str| {
+        format!(
+            r#"apiVersion: llmroute.io/v1alpha1
 kind: LLMRoute
 metadata: {{ name: admitted }}
 spec:
@@ -504,16 +506,17 @@ spec:
   policy:
     healthCheck: {{ enabled: false }}
     budget: {{ tokens: 3000, maxCompletionTokens: 16, onUnknownUsage: Deny }}
-    rateLimit: {{ requestsPerMinute: 10 }}
-  backends:
+{rate_limit}  backends:
     - name: zhipu
       provider: zhipu
       endpoint: https://zhipu-sim.{}.svc/api/paas/v4
       credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
       models: {{ gpt-4o: glm-4-flash }}
 "#,
-        ns.name
-    ));
+            ns.name
+        )
+    };
+    ns.apply(&admitted("    rateLimit: { requestsPerMinute: 10 }\n"));
     let admitted_key = realnode::route_key(&client, &ns.name, "admitted").await;
     let addrs: Vec<String> = replicas
         .iter()
@@ -545,24 +548,7 @@ spec:
     assert!(answers.iter().skip(12).all(|a| a.0 == 429), "{answers:?}");
 
     // The budget: lift the rate limit, spend with 64 streams at once.
-    ns.apply(&format!(
-        r#"apiVersion: llmroute.io/v1alpha1
-kind: LLMRoute
-metadata: {{ name: admitted }}
-spec:
-  defaultModel: gpt-4o
-  policy:
-    healthCheck: {{ enabled: false }}
-    budget: {{ tokens: 3000, maxCompletionTokens: 16, onUnknownUsage: Deny }}
-  backends:
-    - name: zhipu
-      provider: zhipu
-      endpoint: https://zhipu-sim.{}.svc/api/paas/v4
-      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
-      models: {{ gpt-4o: glm-4-flash }}
-"#,
-        ns.name
-    ));
+    ns.apply(&admitted(""));
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut streamed = body.clone();
     streamed["stream"] = true.into();

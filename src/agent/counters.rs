@@ -250,23 +250,14 @@ impl UsageCounters {
         true
     }
 
-    /// The reservations the counted lines of Envoy process `boot` settled, per route.
-    pub fn settled(&self, boot: &str) -> BTreeMap<String, u64> {
+    /// What the counted lines of Envoy process `boot` settled and gave back, per route (nothing
+    /// for another process).
+    pub fn settled(&self, boot: &str) -> Settled {
         let r = self.report.lock().expect("usage report");
         if r.settled.boot == boot {
-            r.settled.routes.clone()
+            r.settled.clone()
         } else {
-            BTreeMap::new()
-        }
-    }
-
-    /// What the counted lines of Envoy process `boot` reserved and did not use, per route.
-    pub fn refunded(&self, boot: &str) -> BTreeMap<String, u64> {
-        let r = self.report.lock().expect("usage report");
-        if r.settled.boot == boot {
-            r.settled.refunded.clone()
-        } else {
-            BTreeMap::new()
+            Settled::default()
         }
     }
 

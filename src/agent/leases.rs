@@ -88,7 +88,7 @@ impl Leases {
             routes,
             rates,
         } = reservations(&self.dir)?;
-        let settled = counters.settled(&boot);
+        let settled = counters.settled(&boot).routes;
         let written = self.written.lock().expect("lease");
         let pending = |route: &str| {
             (written.boot == boot)
@@ -136,7 +136,7 @@ impl Leases {
             return Ok(());
         };
         let mut text = format!("boot {boot}\n");
-        for (route, tokens) in counters.refunded(&boot) {
+        for (route, tokens) in counters.settled(&boot).refunded {
             text.push_str(&format!("{route} {tokens}\n"));
         }
         if text == *last {
