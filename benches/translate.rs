@@ -32,6 +32,7 @@ fn backend(name: &str, provider: &str, priority: u32, secret: &str, model: &str)
         cost: None,
         azure: None,
         budget: None,
+        rate_limit: None,
     }
 }
 

@@ -1300,6 +1300,120 @@ async fn rate_limits_answer_429_with_retry_after_and_give_back_unused_tokens() {
     assert!(refused_at.elapsed() < Duration::from_secs(6));
 }
 
+/// A backend's own rate limit (`backends[].rateLimit`) moves requests on to the next backend
+/// like a 429 from the provider, without calling it: a free tier of 3 requests per minute serves
+/// the first 3, the paid backend the rest, and the free provider sees exactly 3. A route whose
+/// only backend is over its tokens per minute answers the client 429 naming the backend's
+/// `RateLimited` attempt, with `Retry-After`, and serves again as the sidecar gives back what the
+/// answers did not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_s_rate_limit_moves_requests_to_the_next_backend() {
+    let mut s = Stack::start("dp-brate", "us").await;
+    s.start_sidecar();
+    let free = s
+        .provider("free", SimProvider::Zhipu, "free-key-0001")
+        .await;
+    let paid = s
+        .provider("paid", SimProvider::OpenAI, "paid-key-0001")
+        .await;
+    let tiers = [
+        backend(
+            "free",
+            &free,
+            "glm-4-flash",
+            "      rateLimit: { requestsPerMinute: 3 }\n",
+        ),
+        backend("paid", &paid, "gpt-4o-mini", "      priority: 1\n"),
+    ];
+    s.ns.apply(&route("tiered", "", &tiers));
+    let solo = [backend(
+        "free",
+        &free,
+        "glm-4-flash",
+        "      rateLimit: { tokensPerMinute: 400 }\n",
+    )];
+    s.ns.apply(&route(
+        "solo",
+        "    rateLimit: { maxCompletionTokens: 16 }\n",
+        &solo,
+    ));
+    let tiered = s.serve("tiered").await;
+    let single = s.serve("solo").await;
+    s.rate_leased("tiered/free").await;
+    s.rate_leased("solo/free").await;
+
+    let before = (free.request_count(), paid.request_count());
+    let mut served_by = Vec::new();
+    for _ in 0..6 {
+        let r = tiered.chat("chat").await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        served_by.push(backend_of(&r));
+    }
+    assert_eq!(
+        served_by,
+        ["free", "free", "free", "paid", "paid", "paid"],
+        "{served_by:?}"
+    );
+    assert_eq!(
+        (
+            free.request_count() - before.0,
+            paid.request_count() - before.1
+        ),
+        (3, 3),
+        "an attempt over the free tier's limit reached its provider"
+    );
+
+    // Tokens: each request may cost about 110 (its body and 16 completion tokens) and costs 4.
+    let body =
+        serde_json::json!({ "model": "chat", "messages": [{ "role": "user", "content": "hi" }] });
+    let before = free.request_count();
+    let mut refused = None;
+    let mut served = 0;
+    for _ in 0..20 {
+        let r = single.chat_json(&body).await.unwrap();
+        let status = r.status().as_u16();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = r.text().await.unwrap();
+        if status == 429 {
+            refused = Some((retry, text));
+            break;
+        }
+        assert_eq!(status, 200, "{text}");
+        served += 1;
+    }
+    let (retry, text) = refused.expect("the backend's tokens per minute never refused");
+    assert!((1..=60).contains(&retry.unwrap().parse::<u64>().unwrap()));
+    assert_eq!(
+        free.request_count() - before,
+        served,
+        "a refused attempt reached the provider"
+    );
+    // As when every backend failed at the provider: the route's summary names each attempt.
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "all_backends_failed", "{text}");
+    assert_eq!(error["error"]["backends"][0]["backend"], "free", "{text}");
+    assert_eq!(
+        error["error"]["backends"][0]["failure"], "RateLimited",
+        "{text}"
+    );
+    assert_eq!(error["error"]["backends"][0]["status"], 429, "{text}");
+    let refused_at = Instant::now();
+    support::cluster::eventually(
+        Duration::from_secs(10),
+        "served again once unused tokens were given back",
+        || async { (single.chat_json(&body).await.unwrap().status() == 200).then_some(()) },
+    )
+    .await;
+    println!(
+        "backend rate limits: 3 of 6 requests by the free tier at 3/min, the rest by paid; {served} \
+         requests at 400 tokens/min before a 429, served again {:.1} s later",
+        refused_at.elapsed().as_secs_f64()
+    );
+}
+
 /// A gateway Pod killed outright (Envoy and its sidecar SIGKILLed, its emptyDir gone: no drain, no
 /// last read) loses from the ledger only what it served after the leader's last read of it: at most
 /// one usage interval (1 s here), the access log's 1 s flush and the sidecar's 0.2 s poll of it. Traffic runs until the kill; the

@@ -692,6 +692,8 @@ fn cases() -> Vec<Case> {
                     // Admission's: a lease the route does not require, an estimate of nothing.
                     ("x-llmroute-lease", "required"),
                     ("x-llmroute-estimate", "0"),
+                    // A backend's rate key: another route's backend's limits to spend.
+                    ("x-llmroute-rate", "other/free"),
                 ],
                 body.as_bytes().to_vec(),
             ),

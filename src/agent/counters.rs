@@ -79,7 +79,7 @@ pub struct Settled {
     pub boot: String,
     pub routes: BTreeMap<String, u64>,
     /// What the answers did not use of their reservations (given back to tokens-per-minute
-    /// buckets), per route.
+    /// buckets), per route and per `<route>/<backend>` that answered.
     #[serde(default)]
     pub refunded: BTreeMap<String, u64>,
 }
@@ -365,7 +365,14 @@ fn add_to_report(reported: &mut Reported, answer: &Answer) {
         } else {
             answer.usage.budgeted()
         };
-        *settled.refunded.entry(answer.route.clone()).or_default() += tokens.saturating_sub(used);
+        let unused = tokens.saturating_sub(used);
+        *settled.refunded.entry(answer.route.clone()).or_default() += unused;
+        // And to the backend that answered, for its own tokens-per-minute limit (the module's
+        // key `<route>/<backend>`; ignored where the backend has none).
+        if !answer.backend.is_empty() {
+            let key = format!("{}/{}", answer.route, answer.backend);
+            *settled.refunded.entry(key).or_default() += unused;
+        }
     }
     let u = &answer.usage;
     if u.reported() && !answer.backend.is_empty() {

@@ -249,6 +249,29 @@ pub struct Backend {
     /// example a provider's free tier first, then a paid account). A `cost` budget needs `cost`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+
+    /// This backend's rate limits (for example the provider account's own limits), across every
+    /// gateway replica. An attempt over them is answered 429 `RateLimited` by the gateway without
+    /// calling the provider, which moves the request on to the next backend like the provider's
+    /// own 429 (when the route's `failoverOn` has `RateLimited`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<BackendRateLimit>,
+}
+
+/// A backend's rate limits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRateLimit {
+    /// Requests per minute (attempts sent to this backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (prompt plus completion) per minute, reserved at what each attempt may cost (its
+    /// body's bytes plus its completion limit: a request that sets none gets the route's
+    /// `maxCompletionTokens`) and given back as answers report what they used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u64>,
 }
 
 fn default_weight() -> u32 {
@@ -284,8 +307,10 @@ pub struct Cost {
 }
 
 /// A limit on the tokens or the cost used per period, counted from the usage the providers report
-/// in their answers, across every gateway replica. The count is updated every few seconds (the
-/// operator's `--usage-interval`), so traffic can overshoot a budget by that much.
+/// in their answers, across every gateway replica. A route's `tokens` budget is held at admission:
+/// a request is forwarded only while what it may cost fits what the operator leased the replica
+/// (docs/design/usage.md, "Admission control"); a `cost` budget, and a backend's, stop traffic once
+/// the counted usage reaches them (within a few seconds, the operator's `--usage-interval`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = rules::budget_rules_transform)]

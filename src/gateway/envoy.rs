@@ -142,6 +142,12 @@ pub const ROUTE_HEADER: &str = "x-llmroute-route";
 /// Request header with the model the front listener read from the body, for the account listeners
 /// (which then read the body only to rename the model in it).
 pub const MODEL_HEADER: &str = "x-llmroute-model";
+/// Request header with what a request may cost in tokens, from the request module to the
+/// admission filters (the front's, and each attempt's at a backend with rate limits).
+const ESTIMATE_HEADER: &str = "x-llmroute-estimate";
+/// Request header naming a backend with rate limits (`<route>/<backend>`), from the backend Lua
+/// to the backend admission filter.
+const RATE_HEADER: &str = "x-llmroute-rate";
 /// Response header naming the backend that answered.
 pub const BACKEND_HEADER: &str = "x-llmroute-backend";
 
@@ -225,7 +231,7 @@ fn resources<'a>(
     }
     let mut accounts = Vec::new();
     for account in &gw.accounts {
-        listeners.push(account_listener(account, delivery));
+        listeners.push(account_listener(opts, account, delivery));
         clusters.push(ClusterEntry::Other(internal_cluster(&account.name)));
         let entries = served
             .get(account.name.as_str())
@@ -775,11 +781,22 @@ fn request_checker(opts: &EnvoyOptions) -> Option<Value> {
 /// answered 429 (`sse-usage/src/admission.rs`, docs/design/usage.md). Its configuration is the
 /// directory it shares with the sidecar (the usage log's); none without a usage log.
 fn admission(opts: &EnvoyOptions) -> Option<Value> {
+    module_filter(opts, ADMISSION_FILTER, usage_dir(opts)?)
+}
+
+/// The directory of the usage log, which the module's admission filters share with the sidecar.
+fn usage_dir(opts: &EnvoyOptions) -> Option<&str> {
     let dir = std::path::Path::new(&opts.usage_log).parent()?.to_str()?;
-    if opts.usage_log.is_empty() || dir.is_empty() {
-        return None;
-    }
-    module_filter(opts, ADMISSION_FILTER, dir)
+    (!opts.usage_log.is_empty() && !dir.is_empty()).then_some(dir)
+}
+
+/// Admission of each attempt at a backend's rate limits (the module's `backend_admission` filter,
+/// after the backend Lua, which names a backend with limits in [`RATE_HEADER`]): over the
+/// replica's share of them, the attempt is answered 429 `RateLimited` and the front route moves
+/// on to the next backend. Its configuration is the directory shared with the sidecar, as the
+/// front's; none without a usage log.
+fn backend_admission(opts: &EnvoyOptions) -> Option<Value> {
+    module_filter(opts, BACKEND_ADMISSION_FILTER, usage_dir(opts)?)
 }
 
 /// A filter of llmroute's module; none without a module (`usage_module` empty).
@@ -808,6 +825,7 @@ pub const SSE_USAGE_MODULE_FILE: &str = "libllmroute_sse_usage.so";
 const SSE_USAGE_FILTER: &str = "sse_usage";
 const REQUEST_FILTER: &str = "request";
 const ADMISSION_FILTER: &str = "admission";
+const BACKEND_ADMISSION_FILTER: &str = "backend_admission";
 
 /// How much of a request or an answer the front listener may hold: the request module reads
 /// request bodies whole (up to [`REQUEST_BUFFER_LIMIT`]: this leaves room for Envoy's last read
@@ -975,11 +993,12 @@ fn credential_filter(account: &AccountIr, entry: &str, delivery: Delivery) -> Va
     })
 }
 
-fn account_listener(account: &AccountIr, delivery: Delivery) -> Value {
+fn account_listener(opts: &EnvoyOptions, account: &AccountIr, delivery: Delivery) -> Value {
     let mut filters = vec![lua_filter(&format!(
         "{}\n{LUA_BACKEND}",
         account_lua_prelude(account)
     ))];
+    filters.extend(backend_admission(opts));
     if let Some(entry) = &account.key_entry {
         filters.push(credential_filter(account, entry, delivery));
     }
@@ -1039,7 +1058,7 @@ fn account_route_config<'a>(
                     string_match: shapes::ExactMatch { exact: &route.name },
                 }],
             },
-            request_headers_to_remove: [ROUTE_HEADER, MODEL_HEADER],
+            request_headers_to_remove: [ROUTE_HEADER, MODEL_HEADER, ESTIMATE_HEADER, RATE_HEADER],
             request_headers_to_add: account
                 .provider
                 .headers
@@ -1066,6 +1085,7 @@ fn account_route_config<'a>(
                 passthrough: backend.passthrough,
                 failover_on: failover_classes(route),
                 embedding_family: &route.embedding_family,
+                rate_limited: backend.rate_limited,
             }),
             request_body_buffer_limit: REQUEST_BUFFER_LIMIT,
         })

@@ -82,6 +82,9 @@ pub struct BackendIr {
     pub passthrough: bool,
     /// Price per million input and output tokens (`spec.backends[].cost`), for the usage metrics.
     pub cost: Option<crate::api::Cost>,
+    /// The backend has rate limits (`spec.backends[].rateLimit`): each attempt at it is admitted
+    /// at the gateway replica's share of them.
+    pub rate_limited: bool,
 }
 
 /// A provider account: one provider at one base URL with one key. It is one internal listener (and
@@ -381,6 +384,10 @@ pub fn build_route(route: &LLMRoute, plan: &RoutePlan) -> Result<BuiltRoute, Str
                 .collect(),
             passthrough: b.models.contains_key("*"),
             cost: b.cost.clone(),
+            rate_limited: b
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| l.requests_per_minute.is_some() || l.tokens_per_minute.is_some()),
         });
         accounts.insert(i, account);
     }

@@ -232,7 +232,7 @@ pub struct AccountRoute<'a> {
     /// path to the provider's, which makes Envoy match the route again.
     #[serde(rename = "match")]
     pub match_: HeaderMatch<'a>,
-    pub request_headers_to_remove: [&'static str; 2],
+    pub request_headers_to_remove: [&'static str; 4],
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub request_headers_to_add: Vec<HeaderToAdd<'a>>,
     /// Names the backend on the provider's answers (the Lua code names it on failures).
@@ -282,6 +282,9 @@ pub struct AccountMetadata<'a> {
     /// `RouteIr::embedding_family`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub embedding_family: &'a BTreeMap<String, String>,
+    /// The backend has rate limits: the Lua names it for the backend admission filter.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub rate_limited: bool,
 }
 
 // ---- chain clusters ----

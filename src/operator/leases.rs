@@ -39,26 +39,43 @@ fn budgeted(routes: &[Arc<LLMRoute>]) -> Vec<(String, u64, u64, Period)> {
         .collect()
 }
 
-/// The routes of a namespace with a rate limit: (name, limit, cap).
+/// The rate limits of a namespace's routes and their backends: (key, limit, cap), keyed by the
+/// route's name, or `<route>/<backend>` for a backend's (the module's keys, see
+/// `sse-usage/src/admission.rs`). The cap is what a request that sets no completion limit gets
+/// written into it: the budget's, else the route limit's, else [`DEFAULT_CAP`].
 fn limited(routes: &[Arc<LLMRoute>]) -> Vec<(String, RateLimit, u64)> {
-    routes
-        .iter()
-        .filter_map(|r| {
-            let limit = r.spec.policy.rate_limit.clone()?;
-            if limit.requests_per_minute.is_none() && limit.tokens_per_minute.is_none() {
-                return None;
-            }
-            let cap = r
-                .spec
-                .policy
-                .budget
+    let mut out = Vec::new();
+    for r in routes {
+        let Some(name) = r.metadata.name.as_deref() else {
+            continue;
+        };
+        let policy = &r.spec.policy;
+        let cap = policy
+            .budget
+            .as_ref()
+            .and_then(|b| b.max_completion_tokens)
+            .or(policy
+                .rate_limit
                 .as_ref()
-                .and_then(|b| b.max_completion_tokens)
-                .or(limit.max_completion_tokens)
-                .unwrap_or(DEFAULT_CAP);
-            Some((r.metadata.name.clone()?, limit, cap))
-        })
-        .collect()
+                .and_then(|l| l.max_completion_tokens))
+            .unwrap_or(DEFAULT_CAP);
+        let own = policy.rate_limit.clone().map(|l| (name.to_string(), l));
+        let backends = r.spec.backends.iter().filter_map(|b| {
+            let l = b.rate_limit.as_ref()?;
+            let limit = RateLimit {
+                requests_per_minute: l.requests_per_minute,
+                tokens_per_minute: l.tokens_per_minute,
+                max_completion_tokens: None,
+            };
+            Some((format!("{name}/{}", b.name), limit))
+        });
+        for (key, limit) in own.into_iter().chain(backends) {
+            if limit.requests_per_minute.is_some() || limit.tokens_per_minute.is_some() {
+                out.push((key, limit, cap));
+            }
+        }
+    }
+    out
 }
 
 /// The leases of one namespace's replicas (`replicas` by node id), from its routes and its
@@ -322,6 +339,20 @@ mod tests {
         let leases = plan(&routes, &|_| None, &mut replicas, 0, Duration::from_secs(1));
         let g = |i: usize| leases[i].1.rates["chat"].requests_per_minute;
         assert_eq!((g(0), g(1)), (0, 59));
+        // A backend's limits are leased under `<route>/<backend>`, shared the same way.
+        let spec = &mut Arc::make_mut(&mut routes[0]).spec;
+        spec.backends[0].rate_limit = Some(crate::api::BackendRateLimit {
+            requests_per_minute: None,
+            tokens_per_minute: Some(1000),
+        });
+        let key = format!("chat/{}", spec.backends[0].name);
+        let leases = plan(&routes, &|_| None, &mut replicas, 0, Duration::from_secs(1));
+        let g = |i: usize| leases[i].1.rates[&key];
+        assert_eq!(
+            (g(0).requests_per_minute, g(0).tokens_per_minute, g(0).cap),
+            (0, 500, 32)
+        );
+        assert_eq!(g(0).tokens_per_minute + g(1).tokens_per_minute, 1000);
     }
 
     #[test]

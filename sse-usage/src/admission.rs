@@ -28,6 +28,14 @@
 //! bucket of a minute's share refilled continuously ([`Bucket`]). A request takes one request and
 //! its estimate in tokens; what the answer did not use comes back as the sidecar counts it
 //! (`refunds`, cumulative per boot).
+//!
+//! A backend's rate limits are keyed `<route>/<backend>` in the same lines (`/` is in no route
+//! name). They are checked per attempt, in the backend's account listener
+//! ([`Admission::admit_backend`]): a backend over its share answers that attempt 429
+//! `RateLimited`, which moves the request on to the next backend like a provider's own 429. A
+//! route whose backends have limits reserves its requests' estimates at the front even without a
+//! limit or budget of its own, so that the sidecar refunds what the answers did not use to the
+//! backend that served them.
 
 use std::collections::HashMap;
 
@@ -114,6 +122,56 @@ pub struct Rates {
     started: bool,
 }
 
+impl Rates {
+    /// The refusal of a request estimated at `estimate` tokens at `now`, if it does not fit
+    /// (counted as refused); None when it fits (nothing taken yet).
+    fn check(&mut self, estimate: u64, now: f64, retry_after: u64) -> Option<Verdict> {
+        if self.pending {
+            self.refused_requests += 1;
+            self.refused_tokens = self.refused_tokens.saturating_add(estimate);
+            return Some(Verdict::RateLimited {
+                kind: "requests",
+                share: 0,
+                retry_after,
+            });
+        }
+        self.requests.refill(now);
+        self.tokens.refill(now);
+        for (kind, n) in [("requests", 1), ("tokens", estimate)] {
+            let bucket = if kind == "requests" {
+                &self.requests
+            } else {
+                &self.tokens
+            };
+            let wait = bucket.wait(n);
+            if wait == Some(0.0) {
+                continue;
+            }
+            let share = bucket.per_minute;
+            if kind == "requests" {
+                self.refused_requests += 1;
+            } else {
+                self.refused_tokens = self.refused_tokens.saturating_add(estimate);
+            }
+            let retry_after = wait.map_or(retry_after.max(60), |w| w.ceil().max(1.0) as u64);
+            return Some(Verdict::RateLimited {
+                kind,
+                share,
+                retry_after,
+            });
+        }
+        None
+    }
+
+    /// Takes an admitted request of `estimate` tokens.
+    fn take(&mut self, estimate: u64) {
+        self.requests.take(1);
+        self.tokens.take(estimate);
+        self.admitted_requests += 1;
+        self.admitted_tokens = self.admitted_tokens.saturating_add(estimate);
+    }
+}
+
 /// Admission's state: the boot id and each leased route.
 #[derive(Debug)]
 pub struct Admission {
@@ -125,6 +183,9 @@ pub struct Admission {
     admitted: HashMap<String, u64>,
     /// Seconds a refused client is told to wait (the operator's lease interval).
     retry_after: u64,
+    /// Routes whose backends have rate limits, and the cap their leases name where tokens are
+    /// limited.
+    backend_rated: HashMap<String, Option<u64>>,
 }
 
 /// What admission says of a request.
@@ -156,6 +217,7 @@ impl Admission {
             rates: HashMap::new(),
             admitted: HashMap::new(),
             retry_after: 1,
+            backend_rated: HashMap::new(),
         }
     }
 
@@ -177,52 +239,24 @@ impl Admission {
             .get(route)
             .filter(|r| r.tokens.per_minute > 0)
             .map(|r| r.cap);
-        lease.into_iter().chain(rates).min()
+        let backends = self.backend_rated.get(route).copied().flatten();
+        lease.into_iter().chain(rates).chain(backends).min()
     }
 
     /// Admits a request of `route` estimated at `estimate` tokens at `now` (seconds of a
     /// monotonic clock), or refuses it: rate limits first, then the budget; nothing is taken
-    /// unless all admit it.
+    /// unless all admit it. A route with rate-limited backends only is admitted here (its
+    /// estimate reserved for the refunds), and checked per backend by [`Admission::admit_backend`].
     pub fn admit(&mut self, route: &str, estimate: u64, now: f64) -> Verdict {
         let lease = self.routes.get_mut(route);
-        let rates = self.rates.get_mut(route);
-        if lease.is_none() && rates.is_none() {
+        let mut rates = self.rates.get_mut(route);
+        if lease.is_none() && rates.is_none() && !self.backend_rated.contains_key(route) {
             return Verdict::NotLeased;
         }
-        let mut rates = rates;
-        if let Some(r) = rates.as_deref_mut() {
-            if r.pending {
-                r.refused_requests += 1;
-                r.refused_tokens = r.refused_tokens.saturating_add(estimate);
-                return Verdict::RateLimited {
-                    kind: "requests",
-                    share: 0,
-                    retry_after: self.retry_after,
-                };
-            }
-            r.requests.refill(now);
-            r.tokens.refill(now);
-            for (kind, bucket, n) in [
-                ("requests", &r.requests, 1),
-                ("tokens", &r.tokens, estimate),
-            ] {
-                let wait = bucket.wait(n);
-                if wait != Some(0.0) {
-                    let share = bucket.per_minute;
-                    if kind == "requests" {
-                        r.refused_requests += 1;
-                    } else {
-                        r.refused_tokens = r.refused_tokens.saturating_add(estimate);
-                    }
-                    let retry_after =
-                        wait.map_or(self.retry_after.max(60), |w| w.ceil().max(1.0) as u64);
-                    return Verdict::RateLimited {
-                        kind,
-                        share,
-                        retry_after,
-                    };
-                }
-            }
+        if let Some(r) = rates.as_deref_mut()
+            && let Some(refusal) = r.check(estimate, now, self.retry_after)
+        {
+            return refusal;
         }
         if let Some(lease) = lease {
             match lease.reserved.checked_add(estimate) {
@@ -238,13 +272,24 @@ impl Admission {
             }
         }
         if let Some(r) = rates {
-            r.requests.take(1);
-            r.tokens.take(estimate);
-            r.admitted_requests += 1;
-            r.admitted_tokens = r.admitted_tokens.saturating_add(estimate);
+            r.take(estimate);
         }
         let admitted = self.admitted.entry(route.to_string()).or_default();
         *admitted = admitted.saturating_add(estimate);
+        Verdict::Admitted(estimate)
+    }
+
+    /// Admits one attempt of a request estimated at `estimate` tokens at a backend's rate limits
+    /// (`key`: `<route>/<backend>`), or refuses it. A backend without limits admits everything
+    /// (its reservation is the route's, made at the front).
+    pub fn admit_backend(&mut self, key: &str, estimate: u64, now: f64) -> Verdict {
+        let Some(r) = self.rates.get_mut(key) else {
+            return Verdict::NotLeased;
+        };
+        if let Some(refusal) = r.check(estimate, now, self.retry_after) {
+            return refusal;
+        }
+        r.take(estimate);
         Verdict::Admitted(estimate)
     }
 
@@ -320,6 +365,16 @@ impl Admission {
         }
         // Rates: a share of another boot is none (every request refused until leased).
         self.rates.retain(|route, _| rated.contains_key(route));
+        self.backend_rated.clear();
+        for (key, (_, tpm, cap)) in &rated {
+            if let Some((route, _)) = key.split_once('/') {
+                let held = self.backend_rated.entry(route.to_string()).or_default();
+                // The cap bounds the estimate only where tokens are limited.
+                if *tpm > 0 {
+                    *held = Some(held.map_or(*cap, |c| c.min(*cap)));
+                }
+            }
+        }
         for (route, (rpm, tpm, cap)) in rated {
             let r = self.rates.entry(route).or_default();
             r.cap = cap;
@@ -549,6 +604,62 @@ mod tests {
             fresh.admit("chat", 1, 0.0),
             Verdict::RateLimited { share: 0, .. }
         ));
+    }
+
+    #[test]
+    fn a_backend_s_share_refuses_its_attempts_and_the_route_reserves_for_its_refunds() {
+        let mut a = Admission::new("b1".into());
+        a.load(
+            "boot b1\n@rate chat/free 2 0 64\n@rate chat/paid 0 1000 128\n",
+            0.0,
+        );
+        // The route has no limit of its own: admitted (reserved for the refunds), capped by the
+        // tokens-limited backend's cap.
+        assert_eq!(a.cap("chat"), Some(128));
+        assert_eq!(a.admit("chat", 100, 0.0), Verdict::Admitted(100));
+        assert_eq!(a.admit("other", 100, 0.0), Verdict::NotLeased);
+        assert_eq!(
+            a.admit_backend("chat/free", 100, 0.0),
+            Verdict::Admitted(100)
+        );
+        assert_eq!(
+            a.admit_backend("chat/free", 100, 0.0),
+            Verdict::Admitted(100)
+        );
+        assert_eq!(
+            a.admit_backend("chat/free", 100, 1.0),
+            Verdict::RateLimited {
+                kind: "requests",
+                share: 2,
+                retry_after: 29
+            }
+        );
+        assert_eq!(
+            a.admit_backend("chat/paid", 900, 1.0),
+            Verdict::Admitted(900)
+        );
+        assert!(matches!(
+            a.admit_backend("chat/paid", 200, 1.0),
+            Verdict::RateLimited { kind: "tokens", .. }
+        ));
+        a.refund("boot b1\nchat/paid 500\n");
+        assert_eq!(
+            a.admit_backend("chat/paid", 200, 1.0),
+            Verdict::Admitted(200)
+        );
+        assert_eq!(
+            a.admit_backend("chat/none", 1 << 40, 1.0),
+            Verdict::NotLeased
+        );
+        assert_eq!(
+            a.reservations(),
+            "boot b1\n@rate chat/free 2 1 200 0\n@rate chat/paid 2 0 1100 200\n"
+        );
+        // Backends without a tokens limit put no cap on the route.
+        a.load("boot b1\n@rate chat/free 2 0 64\n", 2.0);
+        assert_eq!(a.cap("chat"), None);
+        a.load("boot b1\n", 3.0);
+        assert_eq!(a.admit("chat", 100, 3.0), Verdict::NotLeased);
     }
 
     #[test]

@@ -107,6 +107,10 @@ const RESERVED_KEY: &[u8] = b"reserved";
 /// `onUnknownUsage: Deny`: `required` (a replica without a lease of it refuses). The request
 /// filter dropped a client's own (it is not in [`request::REQUEST_HEADERS`]).
 const LEASE: &[u8] = b"x-llmroute-lease";
+/// What the backend Lua tells the backend admission filter of a backend with rate limits: its
+/// key, `<route>/<backend>`. The estimate comes along from the front listener (the front
+/// admission filter leaves it; the account route removes both before the provider).
+const RATE_KEY: &[u8] = b"x-llmroute-rate";
 
 /// The backend listener's mark on an answer whose provider the gateway asked for a stream's usage
 /// (`src/gateway/lua/backend.lua`): the client did not ask, so its usage-only event is taken out.
@@ -136,6 +140,9 @@ enum Kind {
     SseUsage,
     /// `admission`: admits requests of leased routes (after the front Lua, which checks the key).
     Admission,
+    /// `backend_admission`: admits each attempt at its backend's rate limits (in the account
+    /// listener, after the backend Lua, which names the backend).
+    BackendAdmission,
 }
 
 /// A filter's configuration: which of the module's filters, and for `request` the largest body
@@ -228,10 +235,11 @@ extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         b"request" => Kind::Request,
         b"sse_usage" => Kind::SseUsage,
         b"admission" => Kind::Admission,
+        b"backend_admission" => Kind::BackendAdmission,
         _ => return std::ptr::null(),
     };
     let config = std::str::from_utf8(config).unwrap_or_default().trim();
-    if kind == Kind::Admission {
+    if matches!(kind, Kind::Admission | Kind::BackendAdmission) {
         if config.is_empty() {
             return std::ptr::null();
         }
@@ -417,9 +425,9 @@ fn route_of(path: &[u8]) -> Option<String> {
 /// log, or refused with an OpenAI-shaped 429 and `Retry-After`. A request the checker put no
 /// bound on (none of its body is read: an opted-in operation, a `GET`) reserves nothing.
 fn admit(filter_envoy: *mut c_void) -> u32 {
+    // The estimate stays for the backend admission filter of each attempt.
     let estimate = request_header(filter_envoy, ESTIMATE);
     let required = request_header(filter_envoy, LEASE).as_deref() == Some(b"required");
-    set_request_header_removed(filter_envoy, ESTIMATE);
     set_request_header_removed(filter_envoy, LEASE);
     let Some(route) = request_header(filter_envoy, b":path").and_then(|p| route_of(&p)) else {
         return CONTINUE;
@@ -506,6 +514,45 @@ fn admit(filter_envoy: *mut c_void) -> u32 {
     }
 }
 
+/// The backend admission filter: an attempt at a backend with rate limits (the backend Lua named
+/// it) is admitted at this process's share of them, or answered 429 `RateLimited`, which the
+/// backend Lua marks for the front route to retry on the next backend (when the route's
+/// `failoverOn` has `RateLimited`, the default).
+fn admit_backend(filter_envoy: *mut c_void) -> u32 {
+    let key = request_header(filter_envoy, RATE_KEY);
+    let estimate = request_header(filter_envoy, ESTIMATE);
+    set_request_header_removed(filter_envoy, RATE_KEY);
+    set_request_header_removed(filter_envoy, ESTIMATE);
+    let Some(key) = key.and_then(|k| String::from_utf8(k).ok()) else {
+        return CONTINUE;
+    };
+    let estimate = estimate
+        .and_then(|e| std::str::from_utf8(&e).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let verdict = shared::state().admit_backend(&key, estimate, shared::now());
+    let Verdict::RateLimited {
+        kind,
+        share,
+        retry_after,
+    } = verdict
+    else {
+        return CONTINUE;
+    };
+    let (route, backend) = key.split_once('/').unwrap_or((&key, ""));
+    let message = format!(
+        "llmroute: backend '{backend}' of route '{route}' is at its rate limit for {kind} per minute (this gateway replica's share: {share} per minute; this request may cost {estimate} tokens), and no other backend of the route took the request. Please try again in {retry_after}s."
+    );
+    too_many(
+        filter_envoy,
+        &message,
+        retry_after,
+        "rate_limit_exceeded",
+        kind,
+        "RateLimited",
+    );
+    STOP_ITERATION
+}
+
 /// Answers 429 in OpenAI's error shape (`type`, `code`) with `Retry-After` and
 /// `x-llmroute-failure` (`BudgetExhausted`, `RateLimited`).
 fn too_many(
@@ -560,6 +607,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         Kind::Request => {}
         Kind::SseUsage => return CONTINUE,
         Kind::Admission => return admit(filter_envoy),
+        Kind::BackendAdmission => return admit_backend(filter_envoy),
     }
     // (Content-Encoding is not passed on: read it first.)
     let encoding = request_header(filter_envoy, b"content-encoding");
@@ -756,7 +804,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 ) -> u32 {
     // SAFETY: see `on_http_filter_response_body`.
     let state = unsafe { &mut *filter.cast::<Filter>() };
-    if state.kind == Kind::Admission {
+    if matches!(state.kind, Kind::Admission | Kind::BackendAdmission) {
         return CONTINUE;
     }
     if state.kind == Kind::Request {

@@ -9,7 +9,7 @@
 -- to hide the extra chunk.
 -- One such listener serves a provider account for every route using it. The account's data (BASE_PATH,
 -- AZURE, API_VERSION, STREAM_USAGE, RULES) is generated above this code; per-route data comes from the route
--- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"). The provider key is
+-- metadata: route, backend, models, passthrough, failoverOn (",Class,Class,"), rateLimited. The provider key is
 -- not handled here: the listener's credential_injector filter sets it (an SDS secret).
 
 -- Responds that this backend cannot take the request (class `class`): the front route moves on to
@@ -38,6 +38,8 @@ function envoy_on_request(handle)
   local models = md:get("models")
   local passthrough = md:get("passthrough")
   local family = md:get("embeddingFamily")
+  -- A backend with rate limits: named for the backend admission filter after this one.
+  local rated = md:get("rateLimited") and (md:get("route") .. "/" .. backend) or nil
   local headers = handle:headers()
   -- `hide` or `asked`: a streamed chat or text completion, whose body carries STREAM_OPTIONS.
   local stream = headers:get("x-llmroute-stream")
@@ -107,6 +109,7 @@ function envoy_on_request(handle)
       return
     end
   end
+  if rated ~= nil then headers:replace("x-llmroute-rate", rated) end
   if AZURE then
     headers:replace(":path", BASE_PATH .. "/openai/deployments/" .. (provider_model or "") .. "/" .. op ..
       "?api-version=" .. API_VERSION)
