@@ -9,14 +9,16 @@
 # install, it answers 101 ("action forbidden") unless it already exists. `apt-get update` runs
 # only when an install fails (the package lists of a fresh machine may be stale or missing).
 
-NODE_PACKAGES=(containerd runc containernetworking-plugins iptables busybox-static)
+# ipset: kube-router's network policy firewall (tests/node/kube-router) keeps the Pods of each
+# policy in ipsets.
+NODE_PACKAGES=(containerd runc containernetworking-plugins iptables ipset busybox-static)
 
 # Files whose presence says every package above is installed (cheaper than dpkg-query).
 node_packages_present() {
   [[ -x /usr/bin/containerd && -x /usr/bin/ctr && -x /usr/bin/containerd-shim-runc-v2 \
     && -x /usr/sbin/runc && -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local \
     && -x /usr/lib/cni/loopback && -x /usr/lib/cni/portmap && -x /usr/sbin/iptables \
-    && -x /bin/busybox ]] \
+    && -x /usr/sbin/ipset && -x /bin/busybox ]] \
     && [[ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" == 'install ok installed' ]]
 }
 

@@ -7,8 +7,8 @@ source "$ROOT/scripts/lib/node-packages.sh"
 # shellcheck source=scripts/lib/images.sh
 source "$ROOT/scripts/lib/images.sh"
 
-# node_prepare DIR: installs the Debian packages, builds CoreDNS and the images the node imports
-# itself (all cached), and prints serve's node flags, one a line.
+# node_prepare DIR: installs the Debian packages, builds CoreDNS, kube-router and the images the
+# node imports itself (all cached), and prints serve's node flags, one a line.
 node_prepare() {
   [[ "$(id -u)" == 0 ]] || { log "error: --node needs root (namespaces, mounts, containerd)"; return 1; }
   command -v unshare >/dev/null && command -v nsenter >/dev/null && command -v ip >/dev/null \
@@ -16,6 +16,16 @@ node_prepare() {
   node_packages_ensure || return 1
   local name archive
   printf '%s\n' --node
+  # NetworkPolicies: kube-router's firewall (tests/node/kube-router); TESTCLUSTER_NETWORK_POLICY=0
+  # runs the node without it.
+  if [[ "${TESTCLUSTER_NETWORK_POLICY:-1}" != 0 ]]; then
+    local mod="$ROOT/tests/node/kube-router" pkg=github.com/cloudnativelabs/kube-router/v2 version kube_router
+    version="$(awk -v m="$pkg" '$1 == m { print $2; exit }' "$mod/go.mod")"
+    # shellcheck source=scripts/lib/go-tool.sh
+    source "$ROOT/scripts/lib/go-tool.sh"
+    kube_router="$(go_tool_build kube-router "$mod" "$pkg/cmd/kube-router" "-X $pkg/pkg/version.Version=$version")" || return 1
+    printf '%s\n' "--kube-router=$kube_router"
+  fi
   for name in pause coredns busybox; do
     archive="$(image_build "$name")" || return 1
     printf '%s\n' "--node-image=$archive" "--$name-image=$(image_ref "$name")"
@@ -70,14 +80,14 @@ node_cleanup() {
   fi
 }
 
-# Processes of DIR's node found by their command line: containerd (--config DIR/node/...) and its
-# shims (-address DIR/node/run/...).
+# Processes of DIR's node found by their command line: containerd (--config DIR/node/...), its
+# shims (-address DIR/node/run/...) and kube-router (--kubeconfig DIR/node/kube-router/...).
 node_pids() {
   local pattern pid comm
   pattern="$(printf '%s' "$1/node/" | sed 's/[][\.*^$+?(){}|]/\\&/g')"
   for pid in $(pgrep -f -- "$pattern" || true); do
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
-    case "$comm" in containerd*|runc*) echo "$pid" ;; esac
+    case "$comm" in containerd*|runc*|kube-router) echo "$pid" ;; esac
   done
 }
 

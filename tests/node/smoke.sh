@@ -17,6 +17,7 @@ own_dir=0
 if [[ $# -ge 1 ]]; then DIR="$1"; else DIR="$(mktemp -d /tmp/node-smoke.XXXXXX)"; own_dir=1; fi
 NS=smoke
 pass=0 fail=0 skip=0
+NP_ERR=""
 OUT="$(mktemp /tmp/node-smoke-out.XXXXXX)"
 
 ok() { pass=$((pass + 1)); echo "ok   - $*"; }
@@ -182,6 +183,147 @@ for i in $(seq 1 30); do wget -q -O - http://web.smoke.svc/host.txt; done | sort
     && [[ "$(grep -cE '^ +[0-9]+ web-' <<<"$log")" == 2 ]]
 }
 check "a client Pod resolves web.smoke.svc and reaches both replicas (ConfigMap + Secret files)" client_reaches_web
+
+# --- NetworkPolicy: kube-router's firewall enforces it (ingress and egress) -----------------------
+# np-server (httpd on 8080) and np-client (sleeps; the checks exec wget in it). A default-deny
+# policy selecting one of them blocks np-client -> np-server; deleting it lets traffic through
+# again. Each attempt is bounded (timeout 3, kubectl exec --request-timeout), each wait by time.
+np_pods() {
+  k apply -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: np-server, namespace: $NS, labels: {app: np-server}}
+spec:
+  terminationGracePeriodSeconds: 0
+  securityContext: {runAsUser: 65534, runAsGroup: 65534, runAsNonRoot: true}
+  containers:
+  - name: httpd
+    image: localhost/llmroute/busybox:test
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /tmp/www && echo np-server-ok >/tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
+    ports: [{containerPort: 8080}]
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-server, namespace: $NS}
+spec:
+  selector: {app: np-server}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: np-client, namespace: $NS, labels: {app: np-client}}
+spec:
+  terminationGracePeriodSeconds: 0
+  securityContext: {runAsUser: 65534, runAsGroup: 65534, runAsNonRoot: true}
+  containers:
+  - name: main
+    image: localhost/llmroute/busybox:test
+    imagePullPolicy: IfNotPresent
+    command: ["sleep", "3600"]
+EOF
+  k -n "$NS" wait --for=condition=Ready pod/np-server pod/np-client --timeout=60s
+}
+np_server_ip() { k -n "$NS" get pod np-server -o jsonpath='{.status.podIP}'; }
+# np_get URL: np-client fetches URL, for 3 s at most (busybox's own wget -T crashes here, so
+# `timeout`). Returns 0 if it got np-server's page, 1 if wget failed or timed out in the Pod
+# (why in NP_ERR), 2 if the exec itself failed.
+np_get() {
+  local out code
+  out="$(k --request-timeout=10s -n "$NS" exec np-client -- timeout 3 wget -q -O - "$1" 2>&1)"
+  [[ "$out" == np-server-ok ]] && return 0
+  code="$(sed -n 's/^command terminated with exit code \([0-9]*\)$/\1/p' <<<"$out")"
+  if [[ -n "$code" ]]; then
+    NP_ERR="$(grep -m1 '^wget:' <<<"$out")"
+    [[ "$code" == 143 ]] && NP_ERR="no answer within 3s"
+    NP_ERR="${NP_ERR:-wget exited $code}"
+    return 1
+  fi
+  NP_ERR="$out"
+  return 2
+}
+np_policy() { # np_policy NAME SELECTOR_APP TYPE: a default-deny policy of TYPE (Ingress|Egress)
+  k apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: $1, namespace: $NS}
+spec:
+  podSelector: {matchLabels: {app: $2}}
+  policyTypes: [$3]
+EOF
+}
+# np_until WANT SECONDS URL: polls np_get URL until it succeeds (WANT=open) or fails (WANT=closed);
+# prints how long after the call the first attempt that saw WANT started.
+np_until() {
+  local want="$1" limit="$2" url="$3" t0 now got
+  t0="$(date +%s%N)"
+  while :; do
+    now="$(date +%s%N)"
+    np_get "$url"
+    case $? in 0) got=open ;; 1) got=closed ;; *) got="exec failed ($NP_ERR)" ;; esac
+    if [[ "$got" == "$want" ]]; then
+      [[ "$want" == open ]] && NP_ERR=""
+      echo "$want: the first attempt that saw it started $(( (now - t0) / 1000000 )) ms after the change${NP_ERR:+ ($NP_ERR)}"
+      NP_ERR=""
+      return 0
+    fi
+    (( ($(date +%s%N) - t0) / 1000000000 < limit )) || { echo "still $got after ${limit}s"; return 1; }
+    sleep 0.2
+  done
+}
+np_stays() { # np_stays WANT URL: three more attempts, all WANT
+  local i rc
+  for i in 1 2 3; do
+    np_get "$2"; rc=$?
+    case "$1:$rc" in
+      open:0|closed:1) ;;
+      *) echo "attempt $i: wanted $1, got rc $rc ($NP_ERR)"; return 1 ;;
+    esac
+  done
+  NP_ERR=""
+}
+np_ingress() {
+  np_pods || return 1
+  local ip url svc=http://np-server.smoke.svc/index.html
+  ip="$(np_server_ip)"; url="http://$ip:8080/index.html"
+  echo "np-server $ip, np-client $(k -n "$NS" get pod np-client -o jsonpath='{.status.podIP}')"
+  np_until open 30 "$url" >/dev/null || return 1
+  np_get "$svc" || { echo "np-client cannot reach the Service np-server"; return 1; }
+  echo "before: np-client -> np-server (Pod IP :8080 and Service :80) connects"
+  np_policy deny-ingress np-server Ingress || return 1
+  echo "applied NetworkPolicy deny-ingress (podSelector app=np-server, policyTypes [Ingress], no rules)"
+  np_until closed 30 "$url" || return 1
+  np_stays closed "$url" || return 1
+  np_get "$svc"
+  [[ $? == 1 ]] || { echo "the Service: not blocked (or exec failed: $NP_ERR)"; return 1; }
+  echo "with the policy: Pod IP blocked (3 more attempts) and the Service blocked ($NP_ERR)"
+  # kube-router accepts traffic from the node itself (source address LOCAL), as kubelet probes need.
+  if [[ "$("$TC" node-exec "$DIR" -- curl -s -m 3 "$url")" == np-server-ok ]]; then
+    echo "from the node's own network namespace (10.88.0.1): still connects"
+  else
+    echo "from the node's own network namespace: blocked"; return 1
+  fi
+  k -n "$NS" delete networkpolicy deny-ingress >/dev/null || return 1
+  echo "deleted the policy"
+  np_until open 30 "$url" || return 1
+  np_stays open "$url" && np_get "$svc" && echo "after: Pod IP and Service connect again"
+}
+check "NetworkPolicy (kube-router): default-deny ingress blocks np-client -> np-server; deleting it restores" np_ingress
+sed 's/^/       /' "$OUT"
+np_egress() {
+  local url; url="http://$(np_server_ip):8080/index.html"
+  np_until open 30 "$url" >/dev/null || return 1
+  np_policy deny-egress np-client Egress || return 1
+  echo "applied NetworkPolicy deny-egress (podSelector app=np-client, policyTypes [Egress], no rules)"
+  np_until closed 30 "$url" && np_stays closed "$url" || return 1
+  k -n "$NS" delete networkpolicy deny-egress >/dev/null || return 1
+  echo "deleted the policy"
+  np_until open 30 "$url" && np_stays open "$url"
+}
+check "NetworkPolicy (kube-router): default-deny egress blocks np-client's connections; deleting it restores" np_egress
+sed 's/^/       /' "$OUT"
+k -n "$NS" delete pod np-server np-client --grace-period=0 >/dev/null 2>&1
 
 # --- a Secret file as runAsUser 101 sees it, with and without fsGroup --------------------------
 # These Pods mount the Secret of the web Deployment (defaultMode 0440, as the gateway's keys).

@@ -33,9 +33,10 @@ import (
 //  2. creates the bridge with the node's IP, and a route for the Service CIDR;
 //  3. starts containerd (configuration, state and images under DIR/node/containerd) and imports
 //     the images it is given;
-//  4. starts the kubelet and kube-proxy (children of this binary), and writes DIR/node/runtime-ready;
-//  5. on SIGTERM stops the kubelet and kube-proxy, every Pod (through CRI), containerd, kills what
-//     is still left in the Pods' cgroups and removes those cgroups.
+//  4. starts the kubelet and kube-proxy (children of this binary), and kube-router's network policy
+//     firewall (--kube-router), and writes DIR/node/runtime-ready;
+//  5. on SIGTERM stops the kubelet, kube-proxy and kube-router, every Pod (through CRI),
+//     containerd, kills what is still left in the Pods' cgroups and removes those cgroups.
 //
 // The namespaces end with their last process: the holder and its children.
 func runNode(args []string) error {
@@ -46,6 +47,8 @@ func runNode(args []string) error {
 	images := fs.StringArray("image", nil, "an OCI image archive to import before the kubelet starts (repeatable)")
 	kubeletArgs := fs.StringArray("kubelet-arg", nil, "extra kubelet flag (repeatable)")
 	proxyArgs := fs.StringArray("kube-proxy-arg", nil, "extra kube-proxy flag (repeatable)")
+	kubeRouter := fs.String("kube-router", "", "a kube-router binary to run as the network policy firewall")
+	kubeRouterArgs := fs.StringArray("kube-router-arg", nil, "extra kube-router flag (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -53,7 +56,7 @@ func runNode(args []string) error {
 		return errors.New("--dir and --pause-image are required")
 	}
 	l := newNodeLayout(*dir, *name)
-	h := &holder{l: l, pause: *pause}
+	h := &holder{l: l, pause: *pause, kubeRouterBin: *kubeRouter, kubeRouterArgs: *kubeRouterArgs}
 	return h.run(*images, *kubeletArgs, *proxyArgs)
 }
 
@@ -62,7 +65,10 @@ type holder struct {
 	pause       string
 	snapshotter string
 
-	containerd, kubelet, proxy *supervisor
+	kubeRouterBin  string
+	kubeRouterArgs []string
+
+	containerd, kubelet, proxy, kubeRouter *supervisor
 }
 
 func (h *holder) run(images, kubeletArgs, proxyArgs []string) error {
@@ -145,18 +151,51 @@ func (h *holder) run(images, kubeletArgs, proxyArgs []string) error {
 		}),
 	}
 	h.proxy.run()
+	if h.kubeRouterBin != "" {
+		h.kubeRouter = &supervisor{
+			name:    "kube-router",
+			logPath: filepath.Join(l.logDir(), "kube-router.log"),
+			grace:   5 * time.Second,
+			command: func(int) *exec.Cmd {
+				return exec.Command(h.kubeRouterBin, append(kubeRouterFlags(l), h.kubeRouterArgs...)...)
+			},
+		}
+		h.kubeRouter.run()
+	}
 	if err := writeFileAtomic(filepath.Join(l.dir, nodeReadyName), []byte(time.Now().UTC().Format(time.RFC3339)+"\n"), 0o644); err != nil {
 		return err
 	}
-	log.Printf("kubelet and kube-proxy started after %s", time.Since(t0).Round(time.Millisecond))
+	started := "kubelet and kube-proxy"
+	if h.kubeRouter != nil {
+		started = "kubelet, kube-proxy and kube-router"
+	}
+	log.Printf("%s started after %s", started, time.Since(t0).Round(time.Millisecond))
 
 	s := <-sigs
 	log.Printf("got %s, stopping the node", s)
 	return nil
 }
 
+// kubeRouterFlags run only kube-router's network policy controller ("firewall"): no routing, no
+// service proxy (kube-proxy is that), no CNI; no health or metrics listener. Its iptables rules
+// and ipsets live in the node's network namespace and go with it.
+func kubeRouterFlags(l nodeLayout) []string {
+	return []string{
+		"--run-firewall=true",
+		"--run-router=false",
+		"--run-service-proxy=false",
+		"--enable-cni=false",
+		"--kubeconfig=" + filepath.Join(l.kubeRouter, "kubeconfig"),
+		"--hostname-override=" + l.name,
+		"--service-cluster-ip-range=" + serviceCIDR,
+		"--health-port=0",
+		"--metrics-port=0",
+		"--v=1",
+	}
+}
+
 // shutdown stops everything the holder started, in an order in which nothing restarts a Pod:
-// the kubelet, kube-proxy, every Pod sandbox and container (through CRI), containerd; then it
+// the kubelet, kube-proxy, kube-router, every Pod sandbox and container (through CRI), containerd; then it
 // kills whatever is left in the Pods' cgroups and removes them.
 func (h *holder) shutdown() {
 	t0 := time.Now()
@@ -167,7 +206,7 @@ func (h *holder) shutdown() {
 	}()
 	os.Remove(filepath.Join(h.l.dir, nodeReadyName))
 	var wg sync.WaitGroup
-	for _, s := range []*supervisor{h.kubelet, h.proxy} {
+	for _, s := range []*supervisor{h.kubelet, h.proxy, h.kubeRouter} {
 		if s != nil {
 			wg.Add(1)
 			go func(s *supervisor) { defer wg.Done(); s.Stop() }(s)

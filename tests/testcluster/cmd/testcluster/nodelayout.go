@@ -42,6 +42,7 @@ type nodeLayout struct {
 	kubelet    string // config, kubeconfig, root dir, volume plugins, resolv.conf
 	podLogs    string // the kubelet's podLogsDir: container logs, readable from the host
 	proxy      string // kube-proxy's config and kubeconfig
+	kubeRouter string // kube-router's kubeconfig (the network policy firewall)
 	cni        string // CNI configuration and IPAM state
 	fakesys    string // files bind-mounted over /proc/sys entries the kubelet would change
 	cgroupRoot string // the kubelet's cgroupRoot (host-global: one per DIR)
@@ -59,6 +60,7 @@ func newNodeLayout(dir, name string) nodeLayout {
 		kubelet:    filepath.Join(root, "kubelet"),
 		podLogs:    filepath.Join(root, "pod-logs"),
 		proxy:      filepath.Join(root, "kube-proxy"),
+		kubeRouter: filepath.Join(root, "kube-router"),
 		cni:        filepath.Join(root, "cni"),
 		fakesys:    filepath.Join(root, "fakesys"),
 		cgroupRoot: "/llmroute-" + hex.EncodeToString(sum[:6]),

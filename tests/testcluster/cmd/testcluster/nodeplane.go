@@ -35,6 +35,9 @@ type nodeOptions struct {
 	kubeletArgs   []string
 	proxyArgs     []string
 	schedulerArgs []string
+	// kubeRouter, if set, is a kube-router binary: the node runs its network policy firewall.
+	kubeRouter     string
+	kubeRouterArgs []string
 }
 
 // The controllers a cluster with a node needs on top of defaultControllers: Service endpoints,
@@ -92,6 +95,14 @@ func newNodePlane(opts nodeOptions, dir, pkiDir string) (*nodePlane, error) {
 			return nil, fmt.Errorf("--node needs %s (scripts/testcluster installs the Debian packages)", bin)
 		}
 	}
+	if opts.kubeRouter != "" {
+		if _, err := exec.LookPath(opts.kubeRouter); err != nil {
+			return nil, fmt.Errorf("--kube-router: %w", err)
+		}
+		if _, err := exec.LookPath("ipset"); err != nil {
+			return nil, errors.New("--kube-router needs ipset (scripts/testcluster installs the Debian package)")
+		}
+	}
 	l := newNodeLayout(dir, opts.name)
 	if err := l.check(); err != nil {
 		return nil, err
@@ -108,7 +119,7 @@ func (n *nodePlane) servingHosts() []string { return []string{nodeIP} }
 func (n *nodePlane) prepare(ca *authority, port int) error {
 	n.port = port
 	l := n.l
-	for _, p := range []string{l.kubelet, l.podLogs, l.proxy, l.cni, l.fakesys, l.run,
+	for _, p := range []string{l.kubelet, l.podLogs, l.proxy, l.kubeRouter, l.cni, l.fakesys, l.run,
 		filepath.Join(l.dir, nodeReadyName), filepath.Join(l.dir, nodeEnvName), filepath.Join(l.root, "snapshotter")} {
 		if err := os.RemoveAll(p); err != nil {
 			return err
@@ -151,6 +162,19 @@ func (n *nodePlane) prepare(ca *authority, port int) error {
 	}
 	if err := writeKubeconfig(filepath.Join(l.proxy, "kubeconfig"), nodeServer, ca.certPEM, crt, key, "system:kube-proxy"); err != nil {
 		return err
+	}
+	// kube-router (the network policy firewall): the ClusterRole grantKubeRouter binds.
+	if n.opts.kubeRouter != "" {
+		if err := os.MkdirAll(l.kubeRouter, 0o755); err != nil {
+			return err
+		}
+		crt, key, err = ca.issue(kubeRouterUser, nil, nil, false, year)
+		if err != nil {
+			return err
+		}
+		if err := writeKubeconfig(filepath.Join(l.kubeRouter, "kubeconfig"), nodeServer, ca.certPEM, crt, key, kubeRouterUser); err != nil {
+			return err
+		}
 	}
 	// kube-scheduler (on the host): bootstrap bindings for system:kube-scheduler.
 	crt, key, err = ca.issue("system:kube-scheduler", nil, nil, false, year)
@@ -231,6 +255,12 @@ func (n *nodePlane) startHolder() {
 	for _, a := range n.opts.proxyArgs {
 		args = append(args, "--kube-proxy-arg="+a)
 	}
+	if n.opts.kubeRouter != "" {
+		args = append(args, "--kube-router="+n.opts.kubeRouter)
+		for _, a := range n.opts.kubeRouterArgs {
+			args = append(args, "--kube-router-arg="+a)
+		}
+	}
 	build := selfCommand("node", func(int) []string { return args })
 	n.holder = &supervisor{
 		name:    "node",
@@ -253,11 +283,17 @@ func (n *nodePlane) startHolder() {
 	n.holder.run()
 }
 
-// startHostSide starts kube-scheduler and the node-proxy, once the apiserver is ready.
-func (n *nodePlane) startHostSide() error {
+// startHostSide grants kube-router its permissions and starts kube-scheduler and the
+// node-proxy, once the apiserver is ready.
+func (n *nodePlane) startHostSide(ctx context.Context, client kubernetes.Interface) error {
 	pid, _ := n.holder.current()
 	if pid == 0 {
 		return errors.New("the node holder is not running")
+	}
+	if n.opts.kubeRouter != "" {
+		if err := grantKubeRouter(ctx, client); err != nil {
+			return fmt.Errorf("kube-router's RBAC: %w", err)
+		}
 	}
 	netns := fmt.Sprintf("/proc/%d/ns/net", pid)
 	n.proxy = &supervisor{
@@ -311,6 +347,11 @@ func (n *nodePlane) startHostSide() error {
 		"PAUSE_IMAGE":          n.opts.pauseImage,
 		"BUSYBOX_IMAGE":        n.opts.busyboxImage,
 		"COREDNS_IMAGE":        n.opts.corednsImage,
+		// What enforces NetworkPolicies on the node ("" when nothing does).
+		"NETWORK_POLICY": "",
+	}
+	if n.opts.kubeRouter != "" {
+		n.env["NETWORK_POLICY"] = "kube-router"
 	}
 	return nil
 }
@@ -372,8 +413,15 @@ func (n *nodePlane) bringUp(ctx context.Context, client kubernetes.Interface, wa
 	}); err != nil {
 		return err
 	}
-	// kube-proxy has the kube-dns Service's rules once a query to it from the node is answered.
 	pid, _ := n.holder.current()
+	if n.opts.kubeRouter != "" {
+		if err := waitFor("kube-router's network policy firewall synced", func() (bool, string) {
+			return kubeRouterSynced(pid)
+		}); err != nil {
+			return err
+		}
+	}
+	// kube-proxy has the kube-dns Service's rules once a query to it from the node is answered.
 	ns, err := openNetns(fmt.Sprintf("/proc/%d/ns/net", pid))
 	if err != nil {
 		return err
@@ -398,6 +446,63 @@ func (n *nodePlane) bringUp(ctx context.Context, client kubernetes.Interface, wa
 }
 
 const smokePodName = "llmroute-node-smoke"
+
+// kube-router's identity towards the apiserver, bound to the ClusterRole of the same name.
+const kubeRouterUser = "system:kube-router"
+
+// grantKubeRouter lets kube-router read what its informers watch (it starts informers for
+// Services, Endpoints and EndpointSlices too, though only the firewall runs) and its Node.
+func grantKubeRouter(ctx context.Context, client kubernetes.Interface) error {
+	read := []string{"get", "list", "watch"}
+	role := &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: kubeRouterUser},
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"pods", "namespaces", "nodes", "services", "endpoints"}, Verbs: read},
+			{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: read},
+			{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: read},
+		},
+	}
+	binding := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: kubeRouterUser},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: kubeRouterUser},
+		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: kubeRouterUser}},
+	}
+	for _, create := range []func(context.Context) error{
+		func(ctx context.Context) error {
+			_, err := client.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{})
+			return err
+		},
+		func(ctx context.Context) error {
+			_, err := client.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{})
+			return err
+		},
+	} {
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := create(rctx)
+		cancel()
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+	}
+	return nil
+}
+
+// kubeRouterSynced reports whether kube-router's network policy controller has done its first
+// full sync in the node's network namespace: only that adds the rule accepting traffic its
+// policy chains marked (mark 0x20000) to KUBE-ROUTER-FORWARD.
+func kubeRouterSynced(holderPid int) (bool, string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "nsenter", fmt.Sprintf("--net=/proc/%d/ns/net", holderPid), "--",
+		"iptables", "-w", "5", "-S", "KUBE-ROUTER-FORWARD").CombinedOutput()
+	if err != nil {
+		return false, fmt.Sprintf("iptables -S KUBE-ROUTER-FORWARD: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	if !strings.Contains(string(out), "0x20000/0x20000") {
+		return false, "no full sync yet"
+	}
+	return true, ""
+}
 
 // smoke runs a busybox Pod that resolves the `kubernetes` Service through CoreDNS and gets an
 // answer from the apiserver through it (kube-proxy, the node-proxy), and reads its log through

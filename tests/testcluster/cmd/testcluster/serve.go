@@ -69,6 +69,8 @@ func runServe(args []string) error {
 	fs.StringArrayVar(&c.node.kubeletArgs, "kubelet-arg", nil, "extra kubelet flag (repeatable)")
 	fs.StringArrayVar(&c.node.proxyArgs, "kube-proxy-arg", nil, "extra kube-proxy flag (repeatable)")
 	fs.StringArrayVar(&c.node.schedulerArgs, "scheduler-arg", nil, "extra kube-scheduler flag (repeatable)")
+	fs.StringVar(&c.node.kubeRouter, "kube-router", "", "a kube-router binary: the node enforces NetworkPolicies with its firewall (with --node)")
+	fs.StringArrayVar(&c.node.kubeRouterArgs, "kube-router-arg", nil, "extra kube-router flag (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -336,7 +338,7 @@ func serve(c serveConfig) error {
 	if node != nil {
 		kcmNodeArgs = node.controllerManagerArgs()
 		controllers = withNodeControllers(controllers)
-		if err := node.startHostSide(); err != nil {
+		if err := node.startHostSide(ctx, client); err != nil {
 			return fail(err)
 		}
 	}
