@@ -1,7 +1,12 @@
+// kube-router's network policy firewall for the test node (tests/node/README.md), built by
+// scripts/lib/node.sh with `go build github.com/cloudnativelabs/kube-router/v2/cmd/kube-router`
+// from this module. The requirements below are kube-router v2.1.0's own go.mod's, so the build
+// list is exactly the release's; go.sum is committed (no checksum database needed).
 module llmroute.io/testnode/kube-router
 
 go 1.24
 
+// kube-router v2.1.0's go.mod says go 1.21: the same run-time defaults.
 godebug default=go1.21
 
 tool github.com/cloudnativelabs/kube-router/v2/cmd/kube-router

@@ -195,8 +195,8 @@ func kubeRouterFlags(l nodeLayout) []string {
 }
 
 // shutdown stops everything the holder started, in an order in which nothing restarts a Pod:
-// the kubelet, kube-proxy, kube-router, every Pod sandbox and container (through CRI), containerd; then it
-// kills whatever is left in the Pods' cgroups and removes them.
+// the kubelet, kube-proxy, kube-router, every Pod sandbox and container (through CRI),
+// containerd; then it kills whatever is left in the Pods' cgroups and removes them.
 func (h *holder) shutdown() {
 	t0 := time.Now()
 	go func() {
