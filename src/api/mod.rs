@@ -326,7 +326,7 @@ pub struct Budget {
     #[schemars(schema_with = "schema::time_zone")]
     pub time_zone: Option<String>,
     /// What the gateway does while the usage this budget counts is unknown (a gateway replica's
-    /// counts could not be read, or the ledger not stored, for two `--usage-interval`s; the route's
+    /// counts could not be read, or the ledger not stored, twice in a row (within two `--usage-interval`s of the fault); the route's
     /// `UsageStale` condition says which and why): `Allow` (default) keeps serving, `Deny` answers
     /// 429 as if the budget were used up, until the usage is known again.
     #[serde(default, skip_serializing_if = "is_default")]

@@ -159,13 +159,11 @@ pub async fn collect(
                     debug!(namespace = %source.0, node = %source.1, error = %e, "usage not read");
                     if connected.contains(&source) {
                         let key = (source.0.clone(), source.1.clone());
-                        failing.entry(key).or_insert_with(|| Failure {
-                            since_ms: now_ms(),
-                            what: format!(
-                                "the counts of gateway Pod {} ({}) cannot be read: {}",
-                                source.1, source.2, e
-                            ),
-                        });
+                        let what = format!(
+                            "the counts of gateway Pod {} ({}) cannot be read: {}",
+                            source.1, source.2, e
+                        );
+                        Failure::again(failing.entry(key), what);
                         ctx.opts.metrics.usage_read_errors(&source.0);
                     }
                     if let Some(tries) = leaving.get_mut(&source) {
@@ -200,12 +198,8 @@ pub async fn collect(
                     stored
                 }
                 Err(e) => {
-                    failing
-                        .entry((ns.clone(), String::new()))
-                        .or_insert_with(|| Failure {
-                            since_ms: now_ms(),
-                            what: format!("the usage ledger cannot be stored: {e}"),
-                        });
+                    let what = format!("the usage ledger cannot be stored: {e}");
+                    Failure::again(failing.entry((ns.clone(), String::new())), what);
                     continue;
                 }
             };
@@ -239,7 +233,7 @@ pub async fn collect(
         failing.retain(|(ns, node), _| {
             node.is_empty() || connected.iter().any(|(n, d, _)| n == ns && d == node)
         });
-        report_unknown(&ctx, &failing, interval, &changed);
+        report_unknown(&ctx, &failing, &changed);
     }
 }
 
@@ -277,25 +271,40 @@ async fn lease(
     .await;
 }
 
-/// The first failure of something usage depends on.
+/// Something usage depends on that failed: since when, how many times in a row, the last error.
 struct Failure {
     since_ms: u64,
+    times: u32,
     what: String,
 }
 
-/// Marks each namespace's usage unknown while something it depends on has failed for two
-/// intervals (and known again once nothing has), asking for a reconcile when that changes.
+impl Failure {
+    /// One more failure in a row (the first starts the count).
+    fn again(
+        entry: std::collections::hash_map::Entry<'_, (String, String), Failure>,
+        what: String,
+    ) {
+        let f = entry.or_insert_with(|| Failure {
+            since_ms: now_ms(),
+            times: 0,
+            what: String::new(),
+        });
+        f.times += 1;
+        f.what = what;
+    }
+}
+
+/// Marks each namespace's usage unknown while something it depends on has failed twice in a row
+/// (two reads or stores an interval apart: so within two intervals of the fault), and known again
+/// once nothing has, asking for a reconcile when that changes.
 fn report_unknown(
     ctx: &Context,
     failing: &HashMap<(String, String), Failure>,
-    interval: Duration,
     changed: &mpsc::UnboundedSender<String>,
 ) {
-    let now = now_ms();
-    let limit = 2 * interval.as_millis() as u64;
     let mut unknown: BTreeMap<&str, &Failure> = BTreeMap::new();
     for ((ns, _), f) in failing {
-        if now.saturating_sub(f.since_ms) >= limit {
+        if f.times >= 2 {
             let first = unknown.entry(ns.as_str()).or_insert(f);
             if f.since_ms < first.since_ms {
                 *first = f;

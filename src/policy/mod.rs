@@ -28,7 +28,7 @@ pub struct Facts {
     /// The time of the decision, in milliseconds since the Unix epoch.
     pub now_ms: u64,
     /// Why the namespace's usage is not known (a replica's counts unread, or the ledger unstored,
-    /// for two intervals); None while it is counted.
+    /// twice in a row); None while it is counted.
     pub usage_unknown: Option<String>,
 }
 

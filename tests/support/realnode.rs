@@ -227,6 +227,27 @@ spec:
     }
 }
 
+/// The route `name` of one backend, Zhipu through its simulator (`gpt-4o` → `glm-4-flash`),
+/// without probes, with `policy` lines (each indented by four spaces, ending in a newline).
+pub fn zhipu_route(ns: &str, name: &str, policy: &str) -> String {
+    format!(
+        r#"apiVersion: llmroute.io/v1alpha1
+kind: LLMRoute
+metadata: {{ name: {name} }}
+spec:
+  defaultModel: gpt-4o
+  policy:
+    healthCheck: {{ enabled: false }}
+{policy}  backends:
+    - name: zhipu
+      provider: zhipu
+      endpoint: https://zhipu-sim.{ns}.svc/api/paas/v4
+      credentialsSecretRef: {{ name: zhipu-key, key: api-key }}
+      models: {{ gpt-4o: glm-4-flash }}
+"#
+    )
+}
+
 /// The route `chat`: OpenAI through its simulator first, Zhipu next; probes every second.
 pub fn chat_route(ns: &str) -> String {
     format!(
@@ -588,6 +609,30 @@ pub fn operator_memory() -> Vec<OperatorMemory> {
         .map(|status| OperatorMemory {
             rss_kib: field(&status, "VmRSS:"),
             peak_kib: field(&status, "VmHWM:"),
+        })
+        .collect()
+}
+
+/// CPU time (user and system, seconds) of each operator process on this machine, from
+/// `/proc/<pid>/stat`.
+pub fn operator_cpu_seconds() -> Vec<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            cmdline.starts_with(b"/usr/local/bin/llmroute\0run")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command's closing parenthesis; utime and stime are the 12th and
+            // 13th of them.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let (u, s): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+            Some((u + s) / ticks)
         })
         .collect()
 }
