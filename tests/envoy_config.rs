@@ -94,6 +94,27 @@ fn every_golden_input_and_example_passes_envoy_validate() {
     }
 }
 
+/// A namespace of many routes loads whole: nothing of the configuration grows with the number of
+/// routes past one of Envoy's own limits (the catch-all's 404 once listed every route, and Envoy
+/// rejects a direct response over 4 KiB: a namespace of some 150 routes lost its whole gateway).
+#[test]
+fn a_namespace_of_many_routes_passes_envoy_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("many.yaml");
+    let routes: Vec<String> = (0..300)
+        .map(|i| {
+            format!(
+                "apiVersion: llmroute.io/v1alpha1\nkind: LLMRoute\nmetadata: {{ name: route-with-a-long-name-{i:04}, namespace: many }}\nspec:\n  region: cn\n  defaultModel: chat\n  backends:\n    - name: vllm\n      provider: openai-compatible\n      endpoint: http://vllm.many.svc:8000/v1\n      models: {{ chat: qwen2.5-7b-instruct }}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&input, routes.join("---\n")).unwrap();
+    let r = render_dir(&input);
+    if let Err(out) = validate(&r.path().join(VALIDATE_FILE)) {
+        panic!("300 routes: envoy --mode validate failed:\n{out}");
+    }
+}
+
 #[test]
 fn every_example_loads_from_files_with_nothing_rejected() {
     for input in yaml_files("examples")

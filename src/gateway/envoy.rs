@@ -1189,14 +1189,13 @@ fn front_route_config<'a>(
             }
         })
         .collect();
-    let names: Vec<&str> = gw.routes.iter().map(|r| r.name.as_str()).collect();
-    let message = if names.is_empty() {
-        "No llmroute route is programmed on this gateway.".to_string()
+    // Names no route: a caller without a route's key learns nothing of the namespace's routes,
+    // and the body stays far below Envoy's 4 KiB limit of a direct response, whatever their
+    // number (listing them made a namespace of some 150 routes reject its whole configuration).
+    let message = if gw.routes.is_empty() {
+        "No llmroute route is programmed on this gateway."
     } else {
-        format!(
-            "No llmroute route serves this path. Routes: /{}/v1.",
-            names.join("/v1, /")
-        )
+        "No llmroute route serves this path: a route serves /<route>/v1/..., with its base URL in the route's workload Secret (OPENAI_BASE_URL)."
     };
     routes.push(FrontEntry::Other(json!({
         "name": "not-found",
