@@ -613,26 +613,27 @@ pub fn operator_memory() -> Vec<OperatorMemory> {
         .collect()
 }
 
-/// CPU time (user and system, seconds) of each operator process on this machine, from
-/// `/proc/<pid>/stat`.
-pub fn operator_cpu_seconds() -> Vec<f64> {
+/// CPU time (user and system, seconds) of each operator process on this machine by process id,
+/// from `/proc/<pid>/stat`.
+pub fn operator_cpu_seconds() -> std::collections::BTreeMap<u32, f64> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(_, path)| {
+            let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
             cmdline.starts_with(b"/usr/local/bin/llmroute\0run")
         })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter_map(|stat| {
+        .filter_map(|(pid, path)| {
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
             // Fields after the command's closing parenthesis; utime and stime are the 12th and
             // 13th of them.
             let rest = stat.rsplit_once(')')?.1;
             let f: Vec<&str> = rest.split_whitespace().collect();
             let (u, s): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-            Some((u + s) / ticks)
+            Some((pid, (u + s) / ticks))
         })
         .collect()
 }
