@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, PostParams};
 use llmroute::api::LLMRoute;
 use support::cluster::TestNamespace;
 use support::realnode::{self, Sims, ZHIPU_KEY};
@@ -150,32 +150,14 @@ async fn main() {
 
     let start = Instant::now();
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
-    let all: Api<LLMRoute> = Api::all(client.clone());
-    let mut ready = 0;
-    while start.elapsed() < Duration::from_secs(900) {
-        let list = all.list(&ListParams::default()).await.unwrap();
-        ready = list
-            .items
-            .iter()
-            .filter(|r| {
-                r.metadata
-                    .namespace
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with(&format!("bench-{run}-")))
-            })
-            .filter(|r| {
-                r.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .count();
-        if ready == routes_n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
+    let ready = realnode::routes_ready(
+        &client,
+        &format!("bench-{run}-"),
+        routes_n,
+        Duration::from_secs(5),
+        Duration::from_secs(900),
+    )
+    .await;
     println!(
         "{ready} of {routes_n} routes Ready {:.0} s after kubectl apply -k",
         start.elapsed().as_secs_f64()

@@ -128,33 +128,15 @@ async fn main() {
     let mark = c.audit_mark();
     let start = Instant::now();
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
-    let routes: Api<LLMRoute> = Api::all(client.clone());
-    let mut ready = 0;
-    while start.elapsed() < Duration::from_secs(600) {
-        let list = routes.list(&ListParams::default()).await.unwrap();
-        ready = list
-            .items
-            .iter()
-            .filter(|r| {
-                r.metadata
-                    .namespace
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with(&format!("bench-{run}-")))
-            })
-            .filter(|r| {
-                r.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .count();
-        if ready == ROUTES {
-            break;
-        }
-        // Each poll lists 1,000 routes; poll gently so the measurement does not load the API server.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Each poll lists 1,000 routes; poll gently so the measurement does not load the API server.
+    let ready = realnode::routes_ready(
+        &client,
+        &format!("bench-{run}-"),
+        ROUTES,
+        Duration::from_millis(500),
+        Duration::from_secs(600),
+    )
+    .await;
     let elapsed = start.elapsed();
     let leader = realnode::operator_ready(&client, "llmroute-system", 2).await;
     let metrics = realnode::operator_metrics(&client, &leader).await;

@@ -613,6 +613,46 @@ pub fn operator_memory() -> Vec<OperatorMemory> {
         .collect()
 }
 
+/// Waits (polling every `every`, at most `limit`) until `count` LLMRoutes of namespaces whose name
+/// starts with `prefix` are `Ready=True`; returns how many were.
+pub async fn routes_ready(
+    client: &kube::Client,
+    prefix: &str,
+    count: usize,
+    every: Duration,
+    limit: Duration,
+) -> usize {
+    let routes: Api<LLMRoute> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        let list = routes
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap();
+        let ready = list
+            .items
+            .iter()
+            .filter(|r| {
+                r.metadata
+                    .namespace
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .filter(|r| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready == count || start.elapsed() >= limit {
+            return ready;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// CPU time (user and system, seconds) of each operator process on this machine by process id,
 /// from `/proc/<pid>/stat`.
 pub fn operator_cpu_seconds() -> std::collections::BTreeMap<u32, f64> {
